@@ -1,0 +1,61 @@
+"""SQLAlchemy 2.0 typed models: the only place escrowd's tables are defined."""
+
+from models.api import (
+    ApiKey,
+    IdempotencyKey,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookEvent,
+)
+from models.audit import AuditHead, AuditLog
+from models.base import (
+    AccountKind,
+    ApiScope,
+    Base,
+    Chain,
+    DeliveryStatus,
+    DepositStatus,
+    EscrowStatus,
+    PayoutReason,
+    PayoutStatus,
+    TransferCode,
+    utcnow,
+)
+from models.chain import Agent, Asset, ChainBlock, ChainCursor, Deposit, DepositAddress
+from models.escrow import Escrow, Payout, PayoutTransaction, SenderNonce
+from models.ledger import LedgerAccount, LedgerTransfer
+
+__all__ = [
+    "AccountKind",
+    "Agent",
+    "ApiKey",
+    "ApiScope",
+    "Asset",
+    "AuditHead",
+    "AuditLog",
+    "Base",
+    "Chain",
+    "ChainBlock",
+    "ChainCursor",
+    "DeliveryStatus",
+    "Deposit",
+    "DepositAddress",
+    "DepositStatus",
+    "Escrow",
+    "EscrowStatus",
+    "IdempotencyKey",
+    "LedgerAccount",
+    "LedgerTransfer",
+    "Payout",
+    "PayoutReason",
+    "PayoutStatus",
+    "PayoutTransaction",
+    "SenderNonce",
+    "TransferCode",
+    "WebhookAttempt",
+    "WebhookDelivery",
+    "WebhookEndpoint",
+    "WebhookEvent",
+    "utcnow",
+]

@@ -1,0 +1,62 @@
+"""structlog set-up: JSON lines for services, readable lines for people; secrets redacted."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+# Field names whose values are never written, whatever logs them.
+SECRET_FIELDS = frozenset(
+    {
+        "api_key",
+        "key",
+        "mnemonic",
+        "passphrase",
+        "password",
+        "private_key",
+        "secret",
+        "seed",
+        "signing_secret",
+        "authorization",
+    }
+)
+REDACTED = "[redacted]"
+
+
+def redact_secrets(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for name in list(event_dict):
+        if name.lower() in SECRET_FIELDS:
+            event_dict[name] = REDACTED
+    return event_dict
+
+
+def configure_logging(*, fmt: str = "auto", level: str = "info") -> None:
+    """`fmt` is json, console, or auto (console on a terminal, JSON otherwise)."""
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    numeric_level = logging.getLevelName(level.upper())
+    logging.basicConfig(level=numeric_level, stream=sys.stderr, format="%(message)s")
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact_secrets,
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )

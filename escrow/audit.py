@@ -1,0 +1,269 @@
+"""Tamper-evident audit trail: per-stream hash chains anchored by checkpoints.
+
+Each row's hash covers its content and the previous row's hash in the same stream, so an
+edited, deleted, inserted or reordered row breaks the chain. Streams are per business
+object (an escrow, a deposit, a payout), so writers of unrelated objects never wait on one
+chain head. A checkpoint row records a digest of every stream's head as of a moment when
+no writer is in flight, which exposes a stream deleted whole or cut short.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from models import AuditHead, AuditLog, utcnow
+
+GENESIS_HASH = "0" * 64
+CHECKPOINT_STREAM = "checkpoint"
+_VERIFY_BATCH_ROWS = 5_000
+
+
+def canonical_json(value: Mapping[str, Any]) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _timestamp(value: datetime) -> str:
+    return value.isoformat(timespec="microseconds")
+
+
+def row_digest(
+    *,
+    stream: str,
+    seq: int,
+    actor: str,
+    action: str,
+    asset: str | None,
+    amount: int | None,
+    details: str,
+    created_at: datetime,
+    prev_hash: str,
+) -> str:
+    material = json.dumps(
+        [stream, seq, actor, action, asset, amount, details, _timestamp(created_at), prev_hash],
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def _lock_head(session: Session, stream: str) -> AuditHead:
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    session.execute(
+        insert(AuditHead)
+        .values(stream=stream, seq=0, row_hash=GENESIS_HASH)
+        .on_conflict_do_nothing(index_elements=["stream"])
+    )
+    head = session.scalars(
+        select(AuditHead)
+        .where(AuditHead.stream == stream)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).one()
+    return head
+
+
+def append(
+    session: Session,
+    *,
+    stream: str,
+    actor: str,
+    action: str,
+    details: Mapping[str, Any],
+    asset: str | None = None,
+    amount: int | None = None,
+) -> AuditLog:
+    """Append one row to `stream` in the caller's transaction."""
+    assert stream, "audit stream must be named"
+    head = _lock_head(session, stream)
+    created_at = utcnow()
+    details_json = canonical_json(details)
+    seq = head.seq + 1
+    row_hash = row_digest(
+        stream=stream,
+        seq=seq,
+        actor=actor,
+        action=action,
+        asset=asset,
+        amount=amount,
+        details=details_json,
+        created_at=created_at,
+        prev_hash=head.row_hash,
+    )
+    row = AuditLog(
+        stream=stream,
+        seq=seq,
+        actor=actor,
+        action=action,
+        asset=asset,
+        amount=amount,
+        details=details_json,
+        created_at=created_at,
+        prev_hash=head.row_hash,
+        row_hash=row_hash,
+    )
+    session.add(row)
+    head.seq = seq
+    head.row_hash = row_hash
+    session.flush()
+    return row
+
+
+def _heads_digest(heads: Iterator[tuple[str, int, str]]) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    count = 0
+    for stream, seq, row_hash in heads:
+        digest.update(f"{stream}\x1f{seq}\x1f{row_hash}\x1e".encode())
+        count += 1
+    return digest.hexdigest(), count
+
+
+def write_checkpoint(session: Session, *, actor: str = "escrowd") -> AuditLog:
+    """Anchor every stream head. Briefly excludes writers so the snapshot is consistent."""
+    if session.get_bind().dialect.name == "postgresql":
+        # Writers hold ROW EXCLUSIVE on audit_heads while appending; EXCLUSIVE waits for them
+        # to commit and holds new ones back until this transaction ends.
+        session.execute(text("LOCK TABLE audit_heads IN EXCLUSIVE MODE"))
+    max_id = session.scalar(select(func.max(AuditLog.id))) or 0
+    rows = session.execute(
+        select(AuditHead.stream, AuditHead.seq, AuditHead.row_hash)
+        .where(AuditHead.stream != CHECKPOINT_STREAM, AuditHead.seq > 0)
+        .order_by(AuditHead.stream)
+    )
+    digest, streams = _heads_digest((r.stream, r.seq, r.row_hash) for r in rows)
+    return append(
+        session,
+        stream=CHECKPOINT_STREAM,
+        actor=actor,
+        action="audit_checkpoint",
+        details={"max_id": max_id, "streams": streams, "heads_digest": digest},
+    )
+
+
+@dataclass
+class AuditReport:
+    rows_checked: int = 0
+    streams_checked: int = 0
+    problems: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def first_problem(self) -> str | None:
+        if not self.problems:
+            return None
+        return min(self.problems)[1]
+
+
+def _iter_rows(session: Session) -> Iterator[AuditLog]:
+    # Keyset pagination keeps memory flat however long the trail grows.
+    last: tuple[str, int] = ("", 0)
+    while True:
+        batch = session.scalars(
+            select(AuditLog)
+            .where(
+                (AuditLog.stream > last[0])
+                | ((AuditLog.stream == last[0]) & (AuditLog.seq > last[1]))
+            )
+            .order_by(AuditLog.stream, AuditLog.seq)
+            .limit(_VERIFY_BATCH_ROWS)
+        ).all()
+        if not batch:
+            return
+        yield from batch
+        last = (batch[-1].stream, batch[-1].seq)
+        session.expunge_all()
+
+
+def verify(session: Session) -> AuditReport:
+    """Walk every stream's chain, the heads table and the latest checkpoint."""
+    report = AuditReport()
+    heads = {h.stream: (h.seq, h.row_hash) for h in session.scalars(select(AuditHead))}
+    last_seen: dict[str, tuple[int, str, int]] = {}
+    latest_checkpoint: AuditLog | None = None
+    stream: str | None = None
+    expected_seq, expected_prev = 1, GENESIS_HASH
+    for row in _iter_rows(session):
+        report.rows_checked += 1
+        if row.stream != stream:
+            stream = row.stream
+            expected_seq, expected_prev = 1, GENESIS_HASH
+            report.streams_checked += 1
+        where = f"audit row id={row.id} (stream {row.stream!r}, seq {row.seq})"
+        if row.seq != expected_seq:
+            report.problems.append(
+                (row.id, f"{where}: expected seq {expected_seq}; rows are missing or moved")
+            )
+        if row.prev_hash != expected_prev:
+            report.problems.append((row.id, f"{where}: prev_hash does not match the row before"))
+        recomputed = row_digest(
+            stream=row.stream,
+            seq=row.seq,
+            actor=row.actor,
+            action=row.action,
+            asset=row.asset,
+            amount=row.amount,
+            details=row.details,
+            created_at=row.created_at,
+            prev_hash=row.prev_hash,
+        )
+        if recomputed != row.row_hash:
+            report.problems.append((row.id, f"{where}: content does not match its hash"))
+        expected_seq, expected_prev = row.seq + 1, row.row_hash
+        last_seen[row.stream] = (row.seq, row.row_hash, row.id)
+        if row.stream == CHECKPOINT_STREAM:
+            latest_checkpoint = row
+    for head_stream, (seq, row_hash) in heads.items():
+        seen = last_seen.get(head_stream)
+        if seq == 0:
+            continue
+        if seen is None:
+            report.problems.append((0, f"stream {head_stream!r}: all {seq} rows are missing"))
+        elif (seen[0], seen[1]) != (seq, row_hash):
+            report.problems.append(
+                (seen[2], f"stream {head_stream!r}: ends at seq {seen[0]} but its head says {seq}")
+            )
+    for seen_stream, (_, _, row_id) in last_seen.items():
+        if seen_stream not in heads:
+            report.problems.append((row_id, f"stream {seen_stream!r} has no head: rows inserted"))
+    if latest_checkpoint is not None:
+        _verify_checkpoint(session, latest_checkpoint, report)
+    return report
+
+
+def _verify_checkpoint(session: Session, checkpoint: AuditLog, report: AuditReport) -> None:
+    recorded = json.loads(checkpoint.details)
+    max_id = int(recorded["max_id"])
+    last_per_stream = (
+        select(AuditLog.stream, func.max(AuditLog.seq).label("seq"))
+        .where(AuditLog.id <= max_id, AuditLog.stream != CHECKPOINT_STREAM)
+        .group_by(AuditLog.stream)
+        .subquery()
+    )
+    rows = session.execute(
+        select(AuditLog.stream, AuditLog.seq, AuditLog.row_hash)
+        .join(
+            last_per_stream,
+            (AuditLog.stream == last_per_stream.c.stream) & (AuditLog.seq == last_per_stream.c.seq),
+        )
+        .order_by(AuditLog.stream)
+    )
+    digest, streams = _heads_digest((r.stream, r.seq, r.row_hash) for r in rows)
+    if digest != recorded["heads_digest"]:
+        report.problems.append(
+            (
+                checkpoint.id,
+                f"checkpoint id={checkpoint.id}: rows up to id {max_id} differ from the "
+                f"{recorded['streams']} stream heads it anchored ({streams} found)",
+            )
+        )

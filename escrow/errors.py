@@ -1,0 +1,41 @@
+"""Errors of the ledger and escrow service."""
+
+from __future__ import annotations
+
+from config.errors import (
+    Conflict,
+    IdempotencyConflict,
+    InsufficientFunds,
+    NotFound,
+    ValidationFailed,
+)
+
+__all__ = [
+    "AssetMismatch",
+    "EscrowConflict",
+    "EscrowNotFound",
+    "IdempotencyConflict",
+    "InsufficientFunds",
+    "InvalidAmount",
+    "UnknownAccount",
+]
+
+
+class InvalidAmount(ValidationFailed):
+    type = "invalid_amount"
+
+
+class AssetMismatch(ValidationFailed):
+    type = "asset_mismatch"
+
+
+class UnknownAccount(NotFound):
+    type = "unknown_account"
+
+
+class EscrowNotFound(NotFound):
+    type = "escrow_not_found"
+
+
+class EscrowConflict(Conflict):
+    type = "escrow_conflict"

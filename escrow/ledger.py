@@ -1,0 +1,387 @@
+"""Double-entry ledger postings, balances and invariant checks.
+
+Every posting runs in the caller's transaction. A batch of transfers is linked: all legs
+are written or none. No-overdraft accounts are checked and updated in one conditional
+UPDATE per account, taken in account-id order so concurrent postings never deadlock on
+them. Accounts without that flag are never updated (their balance is the sum of their
+transfers), so platform fees and custody never turn unrelated postings into a queue.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from escrow import audit
+from escrow.errors import (
+    AssetMismatch,
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidAmount,
+    UnknownAccount,
+)
+from models import AccountKind, LedgerAccount, LedgerTransfer, TransferCode
+from models.base import utcnow
+
+# Kinds whose balance must never go below zero.
+NO_OVERDRAFT_KINDS = frozenset({AccountKind.AGENT_AVAILABLE, AccountKind.ESCROW})
+MAX_TRANSFERS_PER_BATCH = 64
+
+
+@dataclass(frozen=True)
+class TransferSpec:
+    idempotency_key: str
+    debit_account_id: int
+    credit_account_id: int
+    amount: int
+    code: TransferCode
+    ref_type: str
+    ref_id: str
+
+    def matches(self, row: LedgerTransfer) -> bool:
+        return (
+            row.debit_account_id == self.debit_account_id
+            and row.credit_account_id == self.credit_account_id
+            and row.amount == self.amount
+            and row.code == self.code
+            and row.ref_type == self.ref_type
+            and row.ref_id == self.ref_id
+        )
+
+
+def _insert_for(session: Session) -> type[postgresql.Insert] | type[sqlite.Insert]:
+    return postgresql.Insert if session.get_bind().dialect.name == "postgresql" else sqlite.Insert
+
+
+def get_or_create_account(
+    session: Session,
+    kind: AccountKind,
+    owner: str,
+    asset: str,
+    *,
+    no_overdraft: bool | None = None,
+) -> LedgerAccount:
+    """The account for (kind, owner, asset), created on first use; safe under races."""
+    flag = kind in NO_OVERDRAFT_KINDS if no_overdraft is None else no_overdraft
+    insert = _insert_for(session)(LedgerAccount).values(
+        kind=kind.value,
+        owner=owner,
+        asset=asset,
+        no_overdraft=flag,
+        debits_posted=0,
+        credits_posted=0,
+        created_at=utcnow(),
+    )
+    session.execute(insert.on_conflict_do_nothing(index_elements=["kind", "owner", "asset"]))
+    account = session.scalars(
+        select(LedgerAccount).where(
+            LedgerAccount.kind == kind.value,
+            LedgerAccount.owner == owner,
+            LedgerAccount.asset == asset,
+        )
+    ).one()
+    return account
+
+
+def find_account(
+    session: Session, kind: AccountKind, owner: str, asset: str
+) -> LedgerAccount | None:
+    return session.scalars(
+        select(LedgerAccount).where(
+            LedgerAccount.kind == kind.value,
+            LedgerAccount.owner == owner,
+            LedgerAccount.asset == asset,
+        )
+    ).one_or_none()
+
+
+def _validate(specs: Sequence[TransferSpec]) -> None:
+    if not specs:
+        raise InvalidAmount("a posting needs at least one transfer")
+    if len(specs) > MAX_TRANSFERS_PER_BATCH:
+        raise InvalidAmount(f"at most {MAX_TRANSFERS_PER_BATCH} transfers can be linked")
+    keys = [spec.idempotency_key for spec in specs]
+    if len(set(keys)) != len(keys):
+        raise IdempotencyConflict("each transfer in a batch needs its own idempotency key")
+    for spec in specs:
+        if not spec.idempotency_key:
+            raise InvalidAmount("every transfer needs an idempotency key")
+        if isinstance(spec.amount, bool) or not isinstance(spec.amount, int):
+            raise InvalidAmount(f"amount must be an integer in base units, got {spec.amount!r}")
+        if spec.amount <= 0:
+            raise InvalidAmount(f"amount must be greater than zero, got {spec.amount}")
+        if spec.debit_account_id == spec.credit_account_id:
+            raise InvalidAmount("a transfer needs two different accounts")
+
+
+def _existing(session: Session, specs: Sequence[TransferSpec]) -> list[LedgerTransfer] | None:
+    """The original transfers if this batch was posted before; None if it is new."""
+    keys = [spec.idempotency_key for spec in specs]
+    found = {
+        row.idempotency_key: row
+        for row in session.scalars(
+            select(LedgerTransfer).where(LedgerTransfer.idempotency_key.in_(keys))
+        )
+    }
+    if not found:
+        return None
+    if len(found) != len(specs):
+        raise IdempotencyConflict(
+            "some of these idempotency keys were already used by another posting"
+        )
+    originals = [found[spec.idempotency_key] for spec in specs]
+    if not all(spec.matches(row) for spec, row in zip(specs, originals, strict=True)):
+        raise IdempotencyConflict(
+            "these idempotency keys were already used for a different transfer; "
+            "use new keys for a new posting"
+        )
+    return originals
+
+
+def post(
+    session: Session,
+    specs: Sequence[TransferSpec],
+    *,
+    actor: str,
+    audit_stream: str | None = None,
+) -> list[LedgerTransfer]:
+    """Post linked transfers atomically; a repeat of the same batch returns the originals."""
+    _validate(specs)
+    originals = _existing(session, specs)
+    if originals is not None:
+        return originals
+    try:
+        with session.begin_nested():
+            return _post_new(session, specs, actor=actor, audit_stream=audit_stream)
+    except IntegrityError:
+        # A concurrent posting took one of the keys between our check and our insert.
+        originals = _existing(session, specs)
+        if originals is None:
+            raise
+        return originals
+
+
+def _post_new(
+    session: Session, specs: Sequence[TransferSpec], *, actor: str, audit_stream: str | None
+) -> list[LedgerTransfer]:
+    account_ids = sorted(
+        {spec.debit_account_id for spec in specs} | {spec.credit_account_id for spec in specs}
+    )
+    accounts = {
+        account.id: account
+        for account in session.scalars(
+            select(LedgerAccount).where(LedgerAccount.id.in_(account_ids))
+        )
+    }
+    missing = [account_id for account_id in account_ids if account_id not in accounts]
+    if missing:
+        raise UnknownAccount(f"no ledger account with id {missing[0]}")
+    for spec in specs:
+        debit, credit = accounts[spec.debit_account_id], accounts[spec.credit_account_id]
+        if debit.asset != credit.asset:
+            raise AssetMismatch(
+                f"cannot move {debit.asset} from account {debit.id} into {credit.asset} "
+                f"account {credit.id}: both sides of a transfer must hold the same asset"
+            )
+
+    debits: dict[int, int] = defaultdict(int)
+    credits: dict[int, int] = defaultdict(int)
+    for spec in specs:
+        debits[spec.debit_account_id] += spec.amount
+        credits[spec.credit_account_id] += spec.amount
+    for account_id in account_ids:
+        account = accounts[account_id]
+        if not account.no_overdraft:
+            continue
+        debit_total, credit_total = debits[account_id], credits[account_id]
+        result = session.execute(
+            update(LedgerAccount)
+            .where(
+                LedgerAccount.id == account_id,
+                LedgerAccount.credits_posted + credit_total - LedgerAccount.debits_posted
+                >= debit_total,
+            )
+            .values(
+                debits_posted=LedgerAccount.debits_posted + debit_total,
+                credits_posted=LedgerAccount.credits_posted + credit_total,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            raise InsufficientFunds(
+                f"account {account_id} ({account.kind} {account.owner} {account.asset}) "
+                f"cannot cover {debit_total - credit_total} base units"
+            )
+
+    batch_id = str(uuid.uuid4())
+    rows = [
+        LedgerTransfer(
+            idempotency_key=spec.idempotency_key,
+            debit_account_id=spec.debit_account_id,
+            credit_account_id=spec.credit_account_id,
+            asset=accounts[spec.debit_account_id].asset,
+            amount=spec.amount,
+            code=spec.code.value,
+            ref_type=spec.ref_type,
+            ref_id=spec.ref_id,
+            batch_id=batch_id,
+        )
+        for spec in specs
+    ]
+    session.add_all(rows)
+    session.flush()
+    for row in rows:
+        audit.append(
+            session,
+            stream=audit_stream or f"{row.ref_type}:{row.ref_id}",
+            actor=actor,
+            action=f"ledger_{row.code}",
+            asset=row.asset,
+            amount=row.amount,
+            details={
+                "transfer_id": row.id,
+                "debit_account_id": row.debit_account_id,
+                "credit_account_id": row.credit_account_id,
+                "idempotency_key": row.idempotency_key,
+                "batch_id": batch_id,
+                "ref": f"{row.ref_type}:{row.ref_id}",
+            },
+        )
+    return rows
+
+
+def balance(session: Session, account: LedgerAccount) -> int:
+    """credits - debits. Tracked accounts read their row; hot accounts sum their transfers."""
+    if account.no_overdraft:
+        posted = session.execute(
+            select(LedgerAccount.credits_posted - LedgerAccount.debits_posted).where(
+                LedgerAccount.id == account.id
+            )
+        ).scalar_one()
+        return int(posted)
+    return _summed_balances(session, [account.id])[account.id]
+
+
+def _summed_balances(session: Session, account_ids: Sequence[int]) -> dict[int, int]:
+    result = dict.fromkeys(account_ids, 0)
+    credited = session.execute(
+        select(LedgerTransfer.credit_account_id, func.sum(LedgerTransfer.amount))
+        .where(LedgerTransfer.credit_account_id.in_(account_ids))
+        .group_by(LedgerTransfer.credit_account_id)
+    )
+    for account_id, total in credited:
+        result[account_id] += int(total)
+    debited = session.execute(
+        select(LedgerTransfer.debit_account_id, func.sum(LedgerTransfer.amount))
+        .where(LedgerTransfer.debit_account_id.in_(account_ids))
+        .group_by(LedgerTransfer.debit_account_id)
+    )
+    for account_id, total in debited:
+        result[account_id] -= int(total)
+    return result
+
+
+@dataclass(frozen=True)
+class Violation:
+    check: str
+    message: str
+
+
+def check(session: Session) -> list[Violation]:
+    """Verify the ledger's invariants; an empty list means all hold."""
+    violations: list[Violation] = []
+    accounts = {
+        a.id: a
+        for a in session.scalars(select(LedgerAccount).execution_options(populate_existing=True))
+    }
+    summed = _all_summed(session)
+
+    mismatched = session.execute(
+        select(LedgerTransfer.id, LedgerTransfer.asset)
+        .join(LedgerAccount, LedgerAccount.id == LedgerTransfer.debit_account_id)
+        .where(LedgerAccount.asset != LedgerTransfer.asset)
+        .union_all(
+            select(LedgerTransfer.id, LedgerTransfer.asset)
+            .join(LedgerAccount, LedgerAccount.id == LedgerTransfer.credit_account_id)
+            .where(LedgerAccount.asset != LedgerTransfer.asset)
+        )
+    ).all()
+    for transfer_id, asset in mismatched:
+        violations.append(
+            Violation(
+                "transfer_balanced",
+                f"transfer {transfer_id} moves {asset} to or from an account of another asset",
+            )
+        )
+    bad_amounts = session.scalars(select(LedgerTransfer.id).where(LedgerTransfer.amount <= 0)).all()
+    violations.extend(
+        Violation("transfer_positive", f"transfer {tid} has a non-positive amount")
+        for tid in bad_amounts
+    )
+
+    per_asset: dict[str, int] = defaultdict(int)
+    for account in accounts.values():
+        debit_sum, credit_sum = summed.get(account.id, (0, 0))
+        bal = credit_sum - debit_sum
+        per_asset[account.asset] += bal
+        if account.no_overdraft:
+            if (account.debits_posted, account.credits_posted) != (debit_sum, credit_sum):
+                violations.append(
+                    Violation(
+                        "posted_totals",
+                        f"account {account.id} ({account.kind} {account.owner}) records "
+                        f"debits {account.debits_posted} credits {account.credits_posted} "
+                        f"but its transfers sum to {debit_sum} and {credit_sum}",
+                    )
+                )
+            if bal < 0:
+                violations.append(
+                    Violation(
+                        "no_overdraft",
+                        f"account {account.id} ({account.kind} {account.owner} "
+                        f"{account.asset}) is negative: {bal}",
+                    )
+                )
+    for asset, total in sorted(per_asset.items()):
+        if total != 0:
+            violations.append(
+                Violation("sum_zero", f"balances of {asset} sum to {total}, not zero")
+            )
+    return violations
+
+
+def _all_summed(session: Session) -> dict[int, tuple[int, int]]:
+    """(debits, credits) of every account, summed from its transfers in one pass each way."""
+    totals: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for account_id, total in session.execute(
+        select(LedgerTransfer.debit_account_id, func.sum(LedgerTransfer.amount)).group_by(
+            LedgerTransfer.debit_account_id
+        )
+    ):
+        totals[account_id][0] = int(total)
+    for account_id, total in session.execute(
+        select(LedgerTransfer.credit_account_id, func.sum(LedgerTransfer.amount)).group_by(
+            LedgerTransfer.credit_account_id
+        )
+    ):
+        totals[account_id][1] = int(total)
+    return {account_id: (d, c) for account_id, (d, c) in totals.items()}
+
+
+__all__ = [
+    "NO_OVERDRAFT_KINDS",
+    "TransferSpec",
+    "Violation",
+    "balance",
+    "check",
+    "find_account",
+    "get_or_create_account",
+    "post",
+]

@@ -1,0 +1,102 @@
+"""Escrows (one per job), on-chain payouts and the nonces escrowd owns."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import CheckConstraint, ForeignKey, Index, Integer, LargeBinary, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base, BigIntPK, EscrowStatus, PayoutReason, PayoutStatus, check_in, utcnow
+
+
+class Escrow(Base):
+    __tablename__ = "escrows"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="amount_positive"),
+        CheckConstraint("fee_bps >= 0 AND fee_bps <= 10000", name="fee_bps_range"),
+        CheckConstraint(check_in("status", EscrowStatus), name="status_valid"),
+        CheckConstraint("buyer_agent_id <> worker_agent_id", name="distinct_parties"),
+        Index("ix_escrows_status_expires_at", "status", "expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(128), unique=True)
+    buyer_agent_id: Mapped[int] = mapped_column(ForeignKey("agents.id"))
+    worker_agent_id: Mapped[int] = mapped_column(ForeignKey("agents.id"))
+    asset: Mapped[str] = mapped_column(String(16))
+    amount: Mapped[int]
+    fee_bps: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=EscrowStatus.FUNDED)
+    # Outcome, set once when the escrow reaches a terminal state.
+    worker_amount: Mapped[int | None]
+    fee_amount: Mapped[int | None]
+    refund_amount: Mapped[int | None]
+    expires_at: Mapped[datetime | None]
+    resolved_at: Mapped[datetime | None]
+    payout_tx_hash: Mapped[str | None] = mapped_column(String(100))
+    refund_tx_hash: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Payout(Base):
+    __tablename__ = "payouts"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="amount_positive"),
+        CheckConstraint(check_in("status", PayoutStatus), name="status_valid"),
+        CheckConstraint(check_in("reason", PayoutReason), name="reason_valid"),
+        Index("ix_payouts_status_chain", "status", "chain"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(160), unique=True)
+    chain: Mapped[str] = mapped_column(String(32))
+    asset_id: Mapped[int] = mapped_column(ForeignKey("assets.id"))
+    agent_id: Mapped[int | None] = mapped_column(ForeignKey("agents.id"))
+    escrow_id: Mapped[int | None] = mapped_column(ForeignKey("escrows.id"))
+    reason: Mapped[str] = mapped_column(String(16))
+    # Sweeps move funds from a deposit address; every other payout leaves the hot wallet.
+    source_address: Mapped[str] = mapped_column(String(64))
+    destination: Mapped[str] = mapped_column(String(64))
+    amount: Mapped[int]
+    status: Mapped[str] = mapped_column(String(16), default=PayoutStatus.REQUESTED)
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claimed_until: Mapped[datetime | None]
+    nonce: Mapped[int | None]
+    tx_hash: Mapped[str | None] = mapped_column(String(100))
+    raw_tx: Mapped[bytes | None] = mapped_column(LargeBinary)
+    max_fee_per_gas: Mapped[int | None]
+    last_valid_block_height: Mapped[int | None]
+    block_number: Mapped[int | None]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    broadcast_at: Mapped[datetime | None]
+    confirmed_at: Mapped[datetime | None]
+
+
+class PayoutTransaction(Base):
+    """Every signed transaction of a payout (replacements included), stored before sending."""
+
+    __tablename__ = "payout_transactions"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    payout_id: Mapped[int] = mapped_column(ForeignKey("payouts.id"), index=True)
+    tx_hash: Mapped[str] = mapped_column(String(100), unique=True)
+    raw_tx: Mapped[bytes] = mapped_column(LargeBinary)
+    nonce: Mapped[int | None]
+    max_fee_per_gas: Mapped[int | None]
+    last_valid_block_height: Mapped[int | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SenderNonce(Base):
+    """The next nonce of each EVM sending address; escrowd owns it, not the node."""
+
+    __tablename__ = "sender_nonces"
+
+    chain: Mapped[str] = mapped_column(String(32), primary_key=True)
+    address: Mapped[str] = mapped_column(String(64), primary_key=True)
+    next_nonce: Mapped[int]
