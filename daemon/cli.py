@@ -202,8 +202,8 @@ def audit_checkpoint(ctx: typer.Context) -> None:
     state = state_of(ctx)
     require_schema(state)
     with make_session_factory(state.engine)() as session, session.begin():
-        row = audit.write_checkpoint(session, actor="cli")
-    typer.echo(f"audit checkpoint: row {row.id}")
+        row_id = audit.write_checkpoint(session, actor="cli")
+    typer.echo(f"audit checkpoint: row {row_id}")
 
 
 def main() -> None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
+from sqlalchemy import insert as insert_rows
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -54,21 +55,81 @@ def row_digest(
     return hashlib.sha256(material.encode()).hexdigest()
 
 
-def _lock_head(session: Session, stream: str) -> AuditHead:
+@dataclass(frozen=True)
+class Entry:
+    """One audit row to append: who did what, for how much, with which references."""
+
+    actor: str
+    action: str
+    details: Mapping[str, Any]
+    asset: str | None = None
+    amount: int | None = None
+
+
+def _lock_head(session: Session, stream: str) -> tuple[int, str]:
+    """Lock the stream's head row (creating it at genesis) and return (seq, hash).
+
+    One statement: the upsert's DO UPDATE takes the row lock even when nothing changes,
+    so concurrent appenders to the same stream queue here and nowhere else."""
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    session.execute(
-        insert(AuditHead)
-        .values(stream=stream, seq=0, row_hash=GENESIS_HASH)
-        .on_conflict_do_nothing(index_elements=["stream"])
-    )
-    head = session.scalars(
-        select(AuditHead)
-        .where(AuditHead.stream == stream)
-        .with_for_update()
-        .execution_options(populate_existing=True)
+    statement = insert(AuditHead).values(stream=stream, seq=0, row_hash=GENESIS_HASH)
+    row = session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["stream"], set_={"seq": AuditHead.seq}
+        ).returning(AuditHead.seq, AuditHead.row_hash)
     ).one()
-    return head
+    return int(row.seq), str(row.row_hash)
+
+
+def append_many(session: Session, stream: str, entries: Sequence[Entry]) -> list[int]:
+    """Append rows to `stream` in the caller's transaction; returns their ids in order."""
+    assert stream, "audit stream must be named"
+    assert entries, "nothing to append"
+    seq, prev_hash = _lock_head(session, stream)
+    rows: list[dict[str, Any]] = []
+    for entry in entries:
+        seq += 1
+        created_at = utcnow()
+        details_json = canonical_json(entry.details)
+        row_hash = row_digest(
+            stream=stream,
+            seq=seq,
+            actor=entry.actor,
+            action=entry.action,
+            asset=entry.asset,
+            amount=entry.amount,
+            details=details_json,
+            created_at=created_at,
+            prev_hash=prev_hash,
+        )
+        rows.append(
+            {
+                "stream": stream,
+                "seq": seq,
+                "actor": entry.actor,
+                "action": entry.action,
+                "asset": entry.asset,
+                "amount": entry.amount,
+                "details": details_json,
+                "created_at": created_at,
+                "prev_hash": prev_hash,
+                "row_hash": row_hash,
+            }
+        )
+        prev_hash = row_hash
+    ids = list(
+        session.scalars(
+            insert_rows(AuditLog).returning(AuditLog.id, sort_by_parameter_order=True), rows
+        )
+    )
+    session.execute(
+        update(AuditHead)
+        .where(AuditHead.stream == stream)
+        .values(seq=seq, row_hash=prev_hash)
+        .execution_options(synchronize_session=False)
+    )
+    return ids
 
 
 def append(
@@ -80,41 +141,10 @@ def append(
     details: Mapping[str, Any],
     asset: str | None = None,
     amount: int | None = None,
-) -> AuditLog:
-    """Append one row to `stream` in the caller's transaction."""
-    assert stream, "audit stream must be named"
-    head = _lock_head(session, stream)
-    created_at = utcnow()
-    details_json = canonical_json(details)
-    seq = head.seq + 1
-    row_hash = row_digest(
-        stream=stream,
-        seq=seq,
-        actor=actor,
-        action=action,
-        asset=asset,
-        amount=amount,
-        details=details_json,
-        created_at=created_at,
-        prev_hash=head.row_hash,
-    )
-    row = AuditLog(
-        stream=stream,
-        seq=seq,
-        actor=actor,
-        action=action,
-        asset=asset,
-        amount=amount,
-        details=details_json,
-        created_at=created_at,
-        prev_hash=head.row_hash,
-        row_hash=row_hash,
-    )
-    session.add(row)
-    head.seq = seq
-    head.row_hash = row_hash
-    session.flush()
-    return row
+) -> int:
+    """Append one row to `stream` in the caller's transaction; returns its id."""
+    entry = Entry(actor=actor, action=action, details=details, asset=asset, amount=amount)
+    return append_many(session, stream, [entry])[0]
 
 
 def _heads_digest(heads: Iterator[tuple[str, int, str]]) -> tuple[str, int]:
@@ -126,7 +156,7 @@ def _heads_digest(heads: Iterator[tuple[str, int, str]]) -> tuple[str, int]:
     return digest.hexdigest(), count
 
 
-def write_checkpoint(session: Session, *, actor: str = "escrowd") -> AuditLog:
+def write_checkpoint(session: Session, *, actor: str = "escrowd") -> int:
     """Anchor every stream head. Briefly excludes writers so the snapshot is consistent."""
     if session.get_bind().dialect.name == "postgresql":
         # Writers hold ROW EXCLUSIVE on audit_heads while appending; EXCLUSIVE waits for them

@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -53,6 +53,37 @@ class TransferSpec:
             and row.code == self.code
             and row.ref_type == self.ref_type
             and row.ref_id == self.ref_id
+        )
+
+
+@dataclass(frozen=True)
+class Posted:
+    """A transfer as stored."""
+
+    id: int
+    idempotency_key: str
+    debit_account_id: int
+    credit_account_id: int
+    asset: str
+    amount: int
+    code: str
+    ref_type: str
+    ref_id: str
+    batch_id: str
+
+    @classmethod
+    def of(cls, row: LedgerTransfer) -> Posted:
+        return cls(
+            id=row.id,
+            idempotency_key=row.idempotency_key,
+            debit_account_id=row.debit_account_id,
+            credit_account_id=row.credit_account_id,
+            asset=row.asset,
+            amount=row.amount,
+            code=row.code,
+            ref_type=row.ref_type,
+            ref_id=row.ref_id,
+            batch_id=row.batch_id,
         )
 
 
@@ -121,7 +152,7 @@ def _validate(specs: Sequence[TransferSpec]) -> None:
             raise InvalidAmount("a transfer needs two different accounts")
 
 
-def _existing(session: Session, specs: Sequence[TransferSpec]) -> list[LedgerTransfer] | None:
+def _existing(session: Session, specs: Sequence[TransferSpec]) -> list[Posted] | None:
     """The original transfers if this batch was posted before; None if it is new."""
     keys = [spec.idempotency_key for spec in specs]
     found = {
@@ -142,7 +173,7 @@ def _existing(session: Session, specs: Sequence[TransferSpec]) -> list[LedgerTra
             "these idempotency keys were already used for a different transfer; "
             "use new keys for a new posting"
         )
-    return originals
+    return [Posted.of(row) for row in originals]
 
 
 def post(
@@ -151,7 +182,7 @@ def post(
     *,
     actor: str,
     audit_stream: str | None = None,
-) -> list[LedgerTransfer]:
+) -> list[Posted]:
     """Post linked transfers atomically; a repeat of the same batch returns the originals."""
     _validate(specs)
     originals = _existing(session, specs)
@@ -170,14 +201,20 @@ def post(
 
 def _post_new(
     session: Session, specs: Sequence[TransferSpec], *, actor: str, audit_stream: str | None
-) -> list[LedgerTransfer]:
+) -> list[Posted]:
     account_ids = sorted(
         {spec.debit_account_id for spec in specs} | {spec.credit_account_id for spec in specs}
     )
     accounts = {
-        account.id: account
-        for account in session.scalars(
-            select(LedgerAccount).where(LedgerAccount.id.in_(account_ids))
+        row.id: row
+        for row in session.execute(
+            select(
+                LedgerAccount.id,
+                LedgerAccount.kind,
+                LedgerAccount.owner,
+                LedgerAccount.asset,
+                LedgerAccount.no_overdraft,
+            ).where(LedgerAccount.id.in_(account_ids))
         )
     }
     missing = [account_id for account_id in account_ids if account_id not in accounts]
@@ -196,6 +233,7 @@ def _post_new(
     for spec in specs:
         debits[spec.debit_account_id] += spec.amount
         credits[spec.credit_account_id] += spec.amount
+    # Ascending id order: concurrent postings lock shared accounts in the same order.
     for account_id in account_ids:
         account = accounts[account_id]
         if not account.no_overdraft:
@@ -221,40 +259,54 @@ def _post_new(
             )
 
     batch_id = str(uuid.uuid4())
-    rows = [
-        LedgerTransfer(
-            idempotency_key=spec.idempotency_key,
-            debit_account_id=spec.debit_account_id,
-            credit_account_id=spec.credit_account_id,
-            asset=accounts[spec.debit_account_id].asset,
-            amount=spec.amount,
-            code=spec.code.value,
-            ref_type=spec.ref_type,
-            ref_id=spec.ref_id,
-            batch_id=batch_id,
-        )
+    now = utcnow()
+    values = [
+        {
+            "idempotency_key": spec.idempotency_key,
+            "debit_account_id": spec.debit_account_id,
+            "credit_account_id": spec.credit_account_id,
+            "asset": accounts[spec.debit_account_id].asset,
+            "amount": spec.amount,
+            "code": spec.code.value,
+            "ref_type": spec.ref_type,
+            "ref_id": spec.ref_id,
+            "batch_id": batch_id,
+            "created_at": now,
+        }
         for spec in specs
     ]
-    session.add_all(rows)
-    session.flush()
-    for row in rows:
-        audit.append(
-            session,
-            stream=audit_stream or f"{row.ref_type}:{row.ref_id}",
-            actor=actor,
-            action=f"ledger_{row.code}",
-            asset=row.asset,
-            amount=row.amount,
-            details={
-                "transfer_id": row.id,
-                "debit_account_id": row.debit_account_id,
-                "credit_account_id": row.credit_account_id,
-                "idempotency_key": row.idempotency_key,
-                "batch_id": batch_id,
-                "ref": f"{row.ref_type}:{row.ref_id}",
-            },
+    ids = list(
+        session.scalars(
+            insert(LedgerTransfer).returning(LedgerTransfer.id, sort_by_parameter_order=True),
+            values,
         )
-    return rows
+    )
+    posted = [
+        Posted(id=i, **{k: v for k, v in row.items() if k != "created_at"})
+        for i, row in zip(ids, values, strict=True)
+    ]
+    entries_by_stream: dict[str, list[audit.Entry]] = defaultdict(list)
+    for transfer in posted:
+        stream = audit_stream or f"{transfer.ref_type}:{transfer.ref_id}"
+        entries_by_stream[stream].append(
+            audit.Entry(
+                actor=actor,
+                action=f"ledger_{transfer.code}",
+                asset=transfer.asset,
+                amount=transfer.amount,
+                details={
+                    "transfer_id": transfer.id,
+                    "debit_account_id": transfer.debit_account_id,
+                    "credit_account_id": transfer.credit_account_id,
+                    "idempotency_key": transfer.idempotency_key,
+                    "batch_id": batch_id,
+                    "ref": f"{transfer.ref_type}:{transfer.ref_id}",
+                },
+            )
+        )
+    for stream in sorted(entries_by_stream):
+        audit.append_many(session, stream, entries_by_stream[stream])
+    return posted
 
 
 def balance(session: Session, account: LedgerAccount) -> int:
@@ -377,6 +429,7 @@ def _all_summed(session: Session) -> dict[int, tuple[int, int]]:
 
 __all__ = [
     "NO_OVERDRAFT_KINDS",
+    "Posted",
     "TransferSpec",
     "Violation",
     "balance",

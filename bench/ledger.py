@@ -1,0 +1,184 @@
+"""Two-leg ledger transfers/s on PostgreSQL at 1 and 16 clients, beside pgbench TPC-B.
+
+Usage: python bench/ledger.py [--seconds 20] [--accounts 1000] [--record]
+
+Each escrowd operation is one transaction posting two linked transfers (a payment and its
+fee: buyer -> seller, buyer -> platform fees) with their audit rows, through the same
+`escrow.ledger.post` the service uses. pgbench runs its builtin tpcb-like script with the
+same client count against the same server in the same run. Target: escrowd at 16 clients
+>= 50 % of pgbench's tps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import random
+import re
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+from sqlalchemy.orm import Session
+
+from escrow import ledger
+from escrow.accounts import platform_fees
+from escrow.errors import InsufficientFunds
+from escrow.uow import in_transaction
+from migrations.runner import upgrade_to_head
+from models import AccountKind, TransferCode
+from models.db import make_engine, make_session_factory
+
+ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+URL_BASE = "postgresql+psycopg://postgres@127.0.0.1:5432"
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def _admin(sql: str) -> None:
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(sql)  # type: ignore[arg-type]
+
+
+def run_escrowd(clients: int, seconds: float, accounts_n: int) -> tuple[float, int]:
+    name = f"bench_ledger_{uuid.uuid4().hex[:8]}"
+    _admin(f'CREATE DATABASE "{name}"')
+    engine = make_engine(f"{URL_BASE}/{name}", pool_size=clients + 2)
+    try:
+        upgrade_to_head(engine)
+        sessions = make_session_factory(engine)
+        with sessions() as session:
+            world = ledger.get_or_create_account(session, AccountKind.CUSTODY, "bench", "USDC")
+            ids = []
+            for i in range(accounts_n):
+                acct = ledger.get_or_create_account(
+                    session, AccountKind.AGENT_AVAILABLE, f"a{i}", "USDC"
+                )
+                ids.append(acct.id)
+                ledger.post(
+                    session,
+                    [
+                        ledger.TransferSpec(
+                            f"seed-{i}", world.id, acct.id, 10**12, TransferCode.DEPOSIT, "b", "s"
+                        )
+                    ],
+                    actor="bench",
+                )
+            fees_id = platform_fees(session, "USDC").id
+            session.commit()
+        done = [0] * clients
+        deadline = time.monotonic() + seconds
+
+        def client(n: int) -> None:
+            rng = random.Random(n)
+            i = 0
+            while time.monotonic() < deadline:
+                src, dst = rng.sample(ids, 2)
+                amount = rng.randint(1_000, 1_000_000)
+                key = f"{n}-{i}"
+                specs = [
+                    ledger.TransferSpec(
+                        f"p-{key}", src, dst, amount, TransferCode.ESCROW_RELEASE, "bench", key
+                    ),
+                    ledger.TransferSpec(
+                        f"f-{key}", src, fees_id, amount // 40 + 1, TransferCode.FEE, "bench", key
+                    ),
+                ]
+
+                def work(session: Session, specs: list[ledger.TransferSpec] = specs) -> None:
+                    try:
+                        ledger.post(session, specs, actor="bench", audit_stream=f"bench:{key}")
+                    except InsufficientFunds:
+                        pass
+
+                in_transaction(sessions, work)
+                i += 1
+                done[n] += 1
+
+        started = time.monotonic()
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - started
+        with sessions() as session:
+            violations = ledger.check(session)
+        return sum(done) / elapsed, len(violations)
+    finally:
+        engine.dispose()
+        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def run_pgbench(clients: int, seconds: int) -> float:
+    name = f"bench_pgbench_{uuid.uuid4().hex[:8]}"
+    _admin(f'CREATE DATABASE "{name}"')
+    try:
+        common = ["-h", "127.0.0.1", "-U", "postgres"]
+        subprocess.run(
+            ["pgbench", *common, "-i", "-q", "-s", "10", name], check=True, capture_output=True
+        )
+        out = subprocess.run(
+            [
+                "pgbench",
+                *common,
+                "-b",
+                "tpcb-like",
+                "-c",
+                str(clients),
+                "-j",
+                str(min(clients, 2)),
+                "-T",
+                str(seconds),
+                "-n",
+                name,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        match = re.search(r"tps = ([0-9.]+)", out)
+        assert match, out
+        return float(match.group(1))
+    finally:
+        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--accounts", type=int, default=1000)
+    parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
+    args = parser.parse_args()
+    rows = []
+    for clients in (1, 16):
+        escrowd_tps, violations = run_escrowd(clients, args.seconds, args.accounts)
+        pgbench_tps = run_pgbench(clients, int(args.seconds))
+        ratio = escrowd_tps / pgbench_tps
+        rows.append((clients, escrowd_tps, pgbench_tps, ratio, violations))
+        print(
+            f"clients={clients:2d}  escrowd two-leg transfers/s={escrowd_tps:8.1f}  "
+            f"pgbench tpcb-like tps={pgbench_tps:8.1f}  ratio={ratio:5.2f}  "
+            f"ledger violations={violations}"
+        )
+    if args.record:
+        lines = [
+            "",
+            f"## bench/ledger.py — {dt.date.today().isoformat()}",
+            f"Machine: {platform.node()}, {platform.processor() or platform.machine()}, "
+            "2 cores, PostgreSQL 15 on the same host. "
+            f"{args.seconds:.0f} s per run, {args.accounts} accounts.",
+            "",
+            "| clients | escrowd two-leg postings/s | pgbench tpcb-like tps | ratio | violations |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [f"| {c} | {e:.1f} | {p:.1f} | {r:.2f} | {v} |" for c, e, p, r, v in rows]
+        with RESULTS.open("a", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

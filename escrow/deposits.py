@@ -1,0 +1,174 @@
+"""Crediting deposits: the one place a chain deposit becomes an agent balance."""
+
+from __future__ import annotations
+
+import structlog
+from prometheus_client import Counter
+from sqlalchemy.orm import Session
+
+from escrow import accounts, audit, events, ledger
+from escrow.errors import InsufficientFunds
+from models import Asset, Deposit, DepositStatus, TransferCode
+
+log = structlog.get_logger(__name__)
+
+DEEP_REORG_REVERSALS = Counter(
+    "escrowd_deep_reorg_reversals_total",
+    "Credited deposits orphaned by a reorg deeper than the confirmation depth.",
+    ["chain", "outcome"],
+)
+DEPOSITS_CREDITED = Counter(
+    "escrowd_deposits_credited_total", "Deposits credited to agents.", ["chain", "asset"]
+)
+
+
+def _stream(deposit: Deposit) -> str:
+    return f"deposit:{deposit.chain}:{deposit.id}"
+
+
+def _event_data(deposit: Deposit, asset: Asset) -> dict[str, object]:
+    return {
+        "deposit_id": deposit.id,
+        "agent_id": deposit.agent_id,
+        "chain": deposit.chain,
+        "asset": asset.symbol,
+        "amount_base_units": str(deposit.amount),
+        "tx_hash": deposit.tx_hash,
+        "log_index": deposit.log_index,
+        "block_number": deposit.block_number,
+        "status": deposit.status,
+    }
+
+
+class LedgerDepositSink:
+    """Credits confirmed deposits into the ledger with audit rows and webhook events."""
+
+    def recorded(self, session: Session, deposit: Deposit) -> None:
+        asset = session.get_one(Asset, deposit.asset_id)
+        audit.append(
+            session,
+            stream=_stream(deposit),
+            actor="indexer",
+            action="deposit_seen",
+            asset=asset.symbol,
+            amount=deposit.amount,
+            details={
+                "tx_hash": deposit.tx_hash,
+                "log_index": deposit.log_index,
+                "block_number": deposit.block_number,
+                "block_hash": deposit.block_hash,
+                "agent_id": deposit.agent_id,
+            },
+        )
+        events.emit(session, "deposit.pending", _event_data(deposit, asset))
+
+    def confirmed(self, session: Session, deposit: Deposit) -> None:
+        assert deposit.status == DepositStatus.PENDING, "only pending deposits are confirmed"
+        assert not deposit.credited
+        asset = session.get_one(Asset, deposit.asset_id)
+        ledger.post(
+            session,
+            [
+                ledger.TransferSpec(
+                    idempotency_key=f"deposit:{deposit.chain}:{deposit.id}",
+                    debit_account_id=accounts.custody(session, deposit.chain, asset.symbol).id,
+                    credit_account_id=accounts.agent_available(
+                        session, deposit.agent_id, asset.symbol
+                    ).id,
+                    amount=deposit.amount,
+                    code=TransferCode.DEPOSIT,
+                    ref_type="deposit",
+                    ref_id=str(deposit.id),
+                )
+            ],
+            actor="indexer",
+            audit_stream=_stream(deposit),
+        )
+        deposit.status = DepositStatus.CONFIRMED
+        deposit.credited = True
+        session.flush()
+        events.emit(session, "deposit.confirmed", _event_data(deposit, asset))
+        DEPOSITS_CREDITED.labels(deposit.chain, asset.symbol).inc()
+        log.info(
+            "deposit_credited",
+            chain=deposit.chain,
+            tx_hash=deposit.tx_hash,
+            log_index=deposit.log_index,
+            agent_id=deposit.agent_id,
+            amount_base_units=deposit.amount,
+            asset=asset.symbol,
+        )
+
+    def orphaned(self, session: Session, deposit: Deposit) -> None:
+        asset = session.get_one(Asset, deposit.asset_id)
+        was_credited = deposit.credited and not deposit.reversed
+        deposit.status = DepositStatus.ORPHANED
+        session.flush()
+        audit.append(
+            session,
+            stream=_stream(deposit),
+            actor="indexer",
+            action="deposit_orphaned",
+            asset=asset.symbol,
+            amount=deposit.amount,
+            details={"tx_hash": deposit.tx_hash, "block_hash": deposit.block_hash},
+        )
+        events.emit(session, "deposit.orphaned", _event_data(deposit, asset))
+        if was_credited:
+            self._reverse(session, deposit, asset)
+
+    def _reverse(self, session: Session, deposit: Deposit, asset: Asset) -> None:
+        # A reorg deeper than the confirmation depth took back money we already credited.
+        log.error(
+            "deep_reorg_credited_deposit_orphaned",
+            chain=deposit.chain,
+            tx_hash=deposit.tx_hash,
+            agent_id=deposit.agent_id,
+            amount_base_units=deposit.amount,
+        )
+        try:
+            with session.begin_nested():
+                ledger.post(
+                    session,
+                    [
+                        ledger.TransferSpec(
+                            idempotency_key=f"deposit-reversal:{deposit.chain}:{deposit.id}",
+                            debit_account_id=accounts.agent_available(
+                                session, deposit.agent_id, asset.symbol
+                            ).id,
+                            credit_account_id=accounts.custody(
+                                session, deposit.chain, asset.symbol
+                            ).id,
+                            amount=deposit.amount,
+                            code=TransferCode.DEPOSIT_REVERSAL,
+                            ref_type="deposit",
+                            ref_id=str(deposit.id),
+                        )
+                    ],
+                    actor="indexer",
+                    audit_stream=_stream(deposit),
+                )
+        except InsufficientFunds:
+            DEEP_REORG_REVERSALS.labels(deposit.chain, "shortfall").inc()
+            audit.append(
+                session,
+                stream=_stream(deposit),
+                actor="indexer",
+                action="deposit_reversal_shortfall",
+                asset=asset.symbol,
+                amount=deposit.amount,
+                details={
+                    "tx_hash": deposit.tx_hash,
+                    "reason": "agent balance no longer covers the orphaned credit",
+                },
+            )
+            log.error(
+                "deposit_reversal_shortfall",
+                chain=deposit.chain,
+                tx_hash=deposit.tx_hash,
+                agent_id=deposit.agent_id,
+            )
+            return
+        deposit.reversed = True
+        session.flush()
+        DEEP_REORG_REVERSALS.labels(deposit.chain, "reversed").inc()

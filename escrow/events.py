@@ -1,0 +1,44 @@
+"""The webhook outbox: events are written in the same transaction as the change they report."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from escrow.audit import canonical_json
+from models import WebhookEvent
+
+# Bumped only when a field is removed or changes meaning; adding fields keeps the version.
+API_VERSION = "2026-11-01"
+
+EVENT_TYPES = frozenset(
+    {
+        "deposit.pending",
+        "deposit.confirmed",
+        "deposit.orphaned",
+        "escrow.funded",
+        "escrow.released",
+        "escrow.refunded",
+        "escrow.resolved",
+        "escrow.expired",
+        "payout.requested",
+        "payout.signed",
+        "payout.broadcast",
+        "payout.confirmed",
+        "payout.failed",
+    }
+)
+
+
+def emit(session: Session, event_type: str, data: Mapping[str, Any]) -> WebhookEvent:
+    assert event_type in EVENT_TYPES, f"unknown event type {event_type}"
+    event = WebhookEvent(
+        type=event_type,
+        api_version=API_VERSION,
+        payload=canonical_json({"type": event_type, "api_version": API_VERSION, "data": data}),
+    )
+    session.add(event)
+    session.flush()
+    return event
