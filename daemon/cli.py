@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 
 from config.errors import EscrowdError
 from config.settings import Settings, SettingsError, default_data_dir, load_settings
+from daemon.cli_devnet import devnet_app
 from daemon.logs import configure_logging
 from escrow import audit, ledger
 from migrations.runner import current_revision, head_revision, upgrade_to_head
@@ -39,6 +40,7 @@ ledger_app = typer.Typer(help="Ledger invariants.", no_args_is_help=True)
 audit_app = typer.Typer(help="The tamper-evident audit trail.", no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(audit_app, name="audit")
+app.add_typer(devnet_app, name="devnet")
 
 
 def package_version() -> str:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import structlog
 from prometheus_client import Counter
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from escrow import accounts, audit, events, ledger
 from escrow.errors import InsufficientFunds
-from models import Asset, Deposit, DepositStatus, TransferCode
+from models import Asset, Deposit, DepositStatus, LedgerTransfer, TransferCode
 
 log = structlog.get_logger(__name__)
 
@@ -20,6 +21,21 @@ DEEP_REORG_REVERSALS = Counter(
 DEPOSITS_CREDITED = Counter(
     "escrowd_deposits_credited_total", "Deposits credited to agents.", ["chain", "asset"]
 )
+
+
+def _generation(session: Session, deposit: Deposit) -> int:
+    """How many times this deposit was credited before: a deposit re-mined after a deep
+    reorg reversed its credit is credited again under a new idempotency key."""
+    count = session.scalar(
+        select(func.count())
+        .select_from(LedgerTransfer)
+        .where(
+            LedgerTransfer.ref_type == "deposit",
+            LedgerTransfer.ref_id == str(deposit.id),
+            LedgerTransfer.code == TransferCode.DEPOSIT,
+        )
+    )
+    return int(count or 0)
 
 
 def _stream(deposit: Deposit) -> str:
@@ -66,11 +82,13 @@ class LedgerDepositSink:
         assert deposit.status == DepositStatus.PENDING, "only pending deposits are confirmed"
         assert not deposit.credited
         asset = session.get_one(Asset, deposit.asset_id)
+        generation = _generation(session, deposit)
+        suffix = f":{generation}" if generation else ""
         ledger.post(
             session,
             [
                 ledger.TransferSpec(
-                    idempotency_key=f"deposit:{deposit.chain}:{deposit.id}",
+                    idempotency_key=f"deposit:{deposit.chain}:{deposit.id}{suffix}",
                     debit_account_id=accounts.custody(session, deposit.chain, asset.symbol).id,
                     credit_account_id=accounts.agent_available(
                         session, deposit.agent_id, asset.symbol
@@ -132,7 +150,10 @@ class LedgerDepositSink:
                     session,
                     [
                         ledger.TransferSpec(
-                            idempotency_key=f"deposit-reversal:{deposit.chain}:{deposit.id}",
+                            idempotency_key=(
+                                f"deposit-reversal:{deposit.chain}:{deposit.id}:"
+                                f"{_generation(session, deposit)}"
+                            ),
                             debit_account_id=accounts.agent_available(
                                 session, deposit.agent_id, asset.symbol
                             ).id,

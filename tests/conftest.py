@@ -26,6 +26,8 @@ PG_ADMIN_DSN = os.environ.get(
 PG_URL_BASE = os.environ.get("ESCROWD_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432")
 IN_CI = os.environ.get("CI") == "true"
 
+pytest_plugins = ["tests.evm_fixtures"]
+
 
 def skip_or_fail(reason: str) -> None:
     """Skip locally; under CI=true a missing real part is a failure, never a silent skip."""
