@@ -122,6 +122,8 @@ class WebhookSettings(_Section):
     timeout_s: PositiveFloat = 10.0
     batch_size: Annotated[int, Field(ge=1, le=10_000)] = 100
     signature_tolerance_s: PositiveInt = 300
+    # AEAD key for endpoint signing secrets at rest; default <data_dir>/webhook-secret.key.
+    secret_key_file: PathValue | None = None
 
 
 class DaemonSettings(_Section):
