@@ -20,6 +20,7 @@ from sqlalchemy.exc import OperationalError
 from config.errors import EscrowdError
 from config.settings import Settings, SettingsError, default_data_dir, load_settings
 from daemon.cli_devnet import devnet_app
+from daemon.cli_keys import address_app, keys_app
 from daemon.logs import configure_logging
 from escrow import audit, ledger
 from migrations.runner import current_revision, head_revision, upgrade_to_head
@@ -41,6 +42,8 @@ audit_app = typer.Typer(help="The tamper-evident audit trail.", no_args_is_help=
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(audit_app, name="audit")
 app.add_typer(devnet_app, name="devnet")
+app.add_typer(keys_app, name="keys")
+app.add_typer(address_app, name="address")
 
 
 def package_version() -> str:
