@@ -1,6 +1,6 @@
 """Two-leg ledger transfers/s on PostgreSQL at 1 and 16 clients, beside pgbench TPC-B.
 
-Usage: python bench/ledger.py [--seconds 20] [--accounts 1000] [--record]
+Usage: python -m bench.ledger [--seconds 20] [--accounts 1000] [--record]
 
 Each escrowd operation is one transaction posting two linked transfers (a payment and its
 fee: buyer -> seller, buyer -> platform fees) with their audit rows, through the same
