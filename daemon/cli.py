@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 
 from config.errors import EscrowdError
 from config.settings import Settings, SettingsError, default_data_dir, load_settings
+from daemon.cli_backfill import backfill_app
 from daemon.cli_devnet import devnet_app
 from daemon.cli_keys import address_app, keys_app
 from daemon.logs import configure_logging
@@ -44,6 +45,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(devnet_app, name="devnet")
 app.add_typer(keys_app, name="keys")
 app.add_typer(address_app, name="address")
+app.add_typer(backfill_app, name="backfill")
 
 
 def package_version() -> str:

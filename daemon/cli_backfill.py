@@ -1,0 +1,148 @@
+"""`escrowd backfill evm --chain NAME --from N [--to M]`: scan a historical block range for
+deposits with the live poller's code, under a cursor of its own.
+
+Mount in daemon/cli.py:
+
+    from daemon.cli_backfill import backfill_app
+    app.add_typer(backfill_app, name="backfill")
+
+The range's cursor is committed with each window's deposits, so an interrupted backfill
+(Ctrl-C, crash) resumes where it stopped when the same command is run again. Deposits it
+finds are recorded pending and credited by the confirmation step at the end (and by the
+daemon's confirmation job in any case).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Protocol
+
+import typer
+from sqlalchemy import Engine
+
+from config.settings import EvmChainSettings, Settings
+from escrow.deposits import LedgerDepositSink
+from indexer.evm_poller import EvmPoller
+from indexer.evm_source import JsonRpcEvmSource, RetryPolicy
+from models.db import make_session_factory
+
+EXIT_PROBLEMS = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+# Consecutive failed windows before the backfill gives up (the source already retried).
+MAX_FAILURES = 5
+
+backfill_app = typer.Typer(help="Scan historical block ranges for deposits.", no_args_is_help=True)
+
+
+class _State(Protocol):
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def engine(self) -> Engine: ...
+
+
+def _state(ctx: typer.Context) -> _State:
+    state = ctx.find_root().obj
+    if state is None or not hasattr(state, "engine"):
+        typer.echo("escrowd: backfill must run under the escrowd command", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    return state  # type: ignore[no-any-return]
+
+
+def _chain(settings: Settings, name: str) -> EvmChainSettings:
+    for chain in settings.evm_chains:
+        if chain.name == name:
+            return chain
+    known = ", ".join(c.name for c in settings.evm_chains) or "none configured"
+    typer.echo(f"escrowd: no EVM chain named {name!r} in the config ({known})", err=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+def backfill_key(from_block: int, to_block: int | None) -> str:
+    """One cursor per requested range: re-running the same command resumes it."""
+    return f"backfill:{from_block}-{'head' if to_block is None else to_block}"
+
+
+def _progress(done: int, total: int, found: int, elapsed_s: float) -> str:
+    rate = done / elapsed_s if elapsed_s > 0 else 0.0
+    eta = f"{(total - done) / rate:.0f}s" if rate > 0 else "?"
+    percent = 100 * done // total if total else 100
+    return (
+        f"\rblocks {done}/{total} ({percent}%)  {rate:,.0f} blocks/s  "
+        f"deposits {found}  ETA {eta}   "
+    )
+
+
+@backfill_app.command("evm")
+def backfill_evm(
+    ctx: typer.Context,
+    chain: Annotated[str, typer.Option("--chain", help="Name of a configured EVM chain.")],
+    from_block: Annotated[int, typer.Option("--from", min=0, help="First block to scan.")],
+    to_block: Annotated[
+        int | None, typer.Option("--to", min=0, help="Last block (default: the head).")
+    ] = None,
+    confirm: Annotated[
+        bool, typer.Option(help="Credit the deposits that are deep enough when done.")
+    ] = True,
+) -> None:
+    """Scan [FROM, TO] for USDC deposits into watched addresses; resumable."""
+    state = _state(ctx)
+    settings = _chain(state.settings, chain)
+    if to_block is not None and to_block < from_block:
+        typer.echo(f"escrowd: --to {to_block} is before --from {from_block}", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    policy = RetryPolicy(
+        timeout_s=settings.rpc_timeout_s, attempts_per_url=max(1, settings.rpc_max_retries)
+    )
+    sessions = make_session_factory(state.engine)
+    with JsonRpcEvmSource(settings.rpc_urls, policy=policy, chain=settings.name) as source:
+        poller = EvmPoller(
+            settings,
+            source,
+            sessions,
+            LedgerDepositSink(),
+            cursor_key=backfill_key(from_block, to_block),
+            start_block=from_block,
+            stop_block=to_block,
+            track_reorgs=False,
+        )
+        started = time.monotonic()
+        scanned = found = failures = 0
+        try:
+            while True:
+                result = poller.poll_once(max_windows=1)
+                if result.error is not None:
+                    failures += 1
+                    typer.echo(f"\nwindow failed ({failures}): {result.error}", err=True)
+                    if failures >= MAX_FAILURES:
+                        typer.echo("escrowd: giving up; run again to resume", err=True)
+                        raise typer.Exit(EXIT_PROBLEMS)
+                    continue
+                failures = 0
+                scanned += result.blocks_scanned
+                found += result.deposits_found
+                assert result.head is not None
+                last = result.head if to_block is None else min(to_block, result.head)
+                done = (result.cursor or from_block - 1) - from_block + 1
+                total = last - from_block + 1
+                typer.echo(
+                    _progress(done, total, found, time.monotonic() - started), err=True, nl=False
+                )
+                if result.done:
+                    break
+        except KeyboardInterrupt:
+            typer.echo(
+                f"\ninterrupted after {scanned} blocks; run the same command to resume", err=True
+            )
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        elapsed_s = time.monotonic() - started
+        typer.echo(
+            f"\nbackfill {settings.name} [{from_block}, {last}]: {scanned} blocks scanned, "
+            f"{found} new deposits in {elapsed_s:.1f}s",
+            err=True,
+        )
+        if confirm:
+            confirmed = poller.confirm_once()
+            typer.echo(f"confirmed {confirmed.confirmed}, orphaned {confirmed.orphaned}", err=True)

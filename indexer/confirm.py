@@ -1,0 +1,90 @@
+"""The confirmation step: a pending EVM deposit is credited once it is `confirmations`
+blocks deep and its block hash is still the canonical one at that moment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from indexer.evm_source import EvmSource
+from indexer.reorg import headers_of, rewind_below
+from indexer.sink import DepositSink
+from models import Deposit, DepositStatus
+
+log = structlog.get_logger(__name__)
+
+# Deposits confirmed per database transaction: bounds the transaction, not the work.
+CONFIRM_BATCH = 200
+
+
+@dataclass(frozen=True)
+class ConfirmResult:
+    head: int
+    confirmed: int
+    orphaned: int
+
+
+def confirm_once(
+    sessions: sessionmaker[Session],
+    source: EvmSource,
+    sink: DepositSink,
+    *,
+    chain: str,
+    confirmations: int,
+    cursor_key: str = "",
+    batch: int = CONFIRM_BATCH,
+) -> ConfirmResult:
+    """Confirm (credit) or orphan every pending deposit at least ``confirmations`` deep.
+
+    Each batch: one batched header fetch, then one transaction in which each deposit's
+    status change and its credit (by the sink) commit together. RPC errors propagate
+    before anything is written."""
+    head = source.head()
+    deepest = head - confirmations
+    confirmed = orphaned = 0
+    last_id = 0
+    while True:
+        with sessions() as session:
+            rows = session.execute(
+                select(Deposit.id, Deposit.block_number)
+                .where(
+                    Deposit.chain == chain,
+                    Deposit.status == DepositStatus.PENDING,
+                    Deposit.block_number <= deepest,
+                    Deposit.id > last_id,
+                )
+                .order_by(Deposit.id)
+                .limit(batch)
+            ).all()
+        if not rows:
+            break
+        last_id = rows[-1].id
+        numbers = sorted({row.block_number for row in rows})
+        canonical = {header.number: header.hash for header in headers_of(source, numbers)}
+        with sessions() as session, session.begin():
+            for row in rows:
+                deposit = session.get(Deposit, row.id, with_for_update=True)
+                # Another instance (or the poller's reorg handling) may have got here first.
+                if deposit is None or deposit.status != DepositStatus.PENDING:
+                    continue
+                if canonical.get(deposit.block_number) == deposit.block_hash:
+                    sink.confirmed(session, deposit)
+                    confirmed += 1
+                    continue
+                log.warning(
+                    "deposit_block_replaced",
+                    chain=chain,
+                    tx_hash=deposit.tx_hash,
+                    block_number=deposit.block_number,
+                )
+                sink.orphaned(session, deposit)
+                rewind_below(session, chain, cursor_key, deposit.block_number)
+                orphaned += 1
+        if len(rows) < batch:
+            break
+    if confirmed or orphaned:
+        log.info("deposits_confirmed", chain=chain, confirmed=confirmed, orphaned=orphaned)
+    return ConfirmResult(head=head, confirmed=confirmed, orphaned=orphaned)

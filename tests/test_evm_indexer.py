@@ -1,0 +1,201 @@
+"""EVM indexer on eth-tester: deposits credited exactly once, filtering, adaptive window,
+crash between fetching logs and committing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from devnet.evm import deploy_test_usdc
+from indexer import evm_poller, store
+from indexer.errors import RangeTooLarge
+from indexer.evm_poller import ChainIdMismatch
+from indexer.evm_source import BlockHeader, EthTesterSource, TransferLog
+from indexer.store import get_cursor
+from models import ChainBlock, DepositStatus
+from models.db import make_engine, make_session_factory
+from tests.evm_fixtures import EvmChain
+from tests.evm_indexer_helpers import (
+    CHAIN,
+    assert_books_clean,
+    available,
+    deposits,
+    make_poller,
+    poll_until_done,
+    watch,
+)
+
+
+def test_deposits_to_watched_addresses_are_credited_once(
+    eth_tester_chain: EvmChain, sessions: sessionmaker[Session]
+) -> None:
+    chain = eth_tester_chain
+    token, sender = chain.token, chain.accounts[1]
+    alice, alice_addr = watch(sessions)
+    bob, bob_addr = watch(sessions)
+    stranger = chain.accounts[5]
+    other_token = deploy_test_usdc(chain.w3)
+    other_token.mint(alice_addr, 999_000_000)
+
+    token.transfer(sender, alice_addr, 5_000_000)
+    token.batch_transfer(sender, [alice_addr, bob_addr, stranger, bob_addr], [1, 2, 3, 4])
+    token.transfer(sender, alice_addr, 0)
+    token.transfer(sender, stranger, 77)
+
+    poller = make_poller(chain, sessions, confirmations=5)
+    result = poller.poll_once()
+    assert result.error is None and result.done
+    assert result.deposits_found == 4
+    assert [d.status for d in deposits(sessions)] == [DepositStatus.PENDING] * 4
+    # Not deep enough yet (5 confirmations): nothing is credited.
+    assert poller.confirm_once().confirmed == 0
+    assert available(sessions, alice) == 0
+
+    chain.source.mine_blocks(5)  # type: ignore[union-attr]
+    assert poller.confirm_once().confirmed == 4
+    assert available(sessions, alice) == 5_000_001
+    assert available(sessions, bob) == 6
+    # One transaction with several Transfer logs gave one deposit per log.
+    batch = [d for d in deposits(sessions) if d.amount in (1, 2, 4)]
+    assert len({d.tx_hash for d in batch}) == 1 and len({d.log_index for d in batch}) == 3
+
+    # Polling and confirming again changes nothing.
+    again = poller.poll_once()
+    assert again.deposits_found == 0 and again.error is None
+    assert poller.confirm_once().confirmed == 0
+    assert available(sessions, alice) == 5_000_001
+    assert available(sessions, bob) == 6
+    assert {d.status for d in deposits(sessions)} == {DepositStatus.CONFIRMED}
+    assert_books_clean(sessions)
+
+
+@pytest.fixture
+def lite(sqlite_url: str) -> Iterator[sessionmaker[Session]]:
+    """SQLite only: the tests that exercise the scan logic rather than the database."""
+    engine = make_engine(sqlite_url)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def test_address_added_later_is_watched_from_the_next_poll(
+    eth_tester_chain: EvmChain, lite: sessionmaker[Session]
+) -> None:
+    chain = eth_tester_chain
+    poller = make_poller(chain, lite, confirmations=0)
+    poller.poll_once()
+    carol, carol_addr = watch(lite)
+    chain.token.transfer(chain.accounts[2], carol_addr, 123)
+    assert poller.poll_once().deposits_found == 1
+    poller.confirm_once()
+    assert available(lite, carol) == 123
+
+
+def test_wrong_chain_id_is_refused(eth_tester_chain: EvmChain, lite: sessionmaker[Session]) -> None:
+    poller = make_poller(eth_tester_chain, lite, chain_id=1)
+    with pytest.raises(ChainIdMismatch, match="chain_id 1"):
+        poller.poll_once()
+    with lite() as session:
+        assert get_cursor(session, CHAIN).block_number is None
+
+
+class LimitedSource(EthTesterSource):
+    """Refuses log queries wider than ``limit`` blocks, like a hosted provider."""
+
+    def __init__(self, inner: EthTesterSource, *, limit: int, suggest: bool = False) -> None:
+        super().__init__(inner.tester)
+        self.limit = limit
+        self.suggest = suggest
+        self.widths: list[int] = []
+
+    def logs_with_end_header(
+        self, contract: str, from_block: int, to_block: int
+    ) -> tuple[list[TransferLog], BlockHeader]:
+        width = to_block - from_block + 1
+        self.widths.append(width)
+        if width > self.limit:
+            suggested = from_block + self.limit - 1 if self.suggest else None
+            raise RangeTooLarge("block range too large", suggested_to_block=suggested)
+        return super().logs_with_end_header(contract, from_block, to_block)
+
+
+@pytest.mark.parametrize("suggest", [False, True])
+def test_window_shrinks_on_refusals_covers_every_block_and_grows_back(
+    eth_tester_chain: EvmChain, lite: sessionmaker[Session], suggest: bool
+) -> None:
+    chain = eth_tester_chain
+    agent, address = watch(lite)
+    for amount in range(1, 9):
+        chain.token.transfer(chain.accounts[1], address, amount)
+        chain.source.mine_blocks(3)  # type: ignore[union-attr]
+    source = LimitedSource(chain.source, limit=5, suggest=suggest)  # type: ignore[arg-type]
+    poller = make_poller(chain, lite, source, max_block_window=64, confirmations=0)
+    poll_until_done(poller)
+    assert sorted(d.amount for d in deposits(lite)) == list(range(1, 9))
+    accepted = [w for w in source.widths if w <= 5]
+    refused = [w for w in source.widths if w > 5]
+    # The provider's suggestion is used as is; without one the window halves (64 -> 4).
+    assert max(accepted) == (5 if suggest else 4)
+    assert len(refused) < len(accepted)  # it does not keep hammering the limit
+
+    source.limit = 10_000
+    source.widths.clear()
+    chain.source.mine_blocks(300)  # type: ignore[union-attr]
+    poll_until_done(poller)
+    assert max(source.widths) == 64  # grew back to max_block_window
+    assert not poller.poll_once().error
+    poller.confirm_once()
+    assert available(lite, agent) == sum(range(1, 9))
+
+
+def test_crash_between_fetching_logs_and_committing_loses_and_doubles_nothing(
+    eth_tester_chain: EvmChain, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chain = eth_tester_chain
+    agent, address = watch(sessions)
+    for amount in (10, 20, 30):
+        chain.token.transfer(chain.accounts[1], address, amount)
+    real_record = store.record_deposit
+    calls: list[int] = []
+
+    def dying_record(*args: object, **kwargs: object) -> bool:
+        calls.append(1)
+        if len(calls) == 2:
+            raise SystemExit("killed mid-commit")
+        return real_record(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(evm_poller, "record_deposit", dying_record)
+    poller = make_poller(chain, sessions, confirmations=0)
+    with pytest.raises(SystemExit):
+        poller.poll_once()
+    # The first deposit was rolled back with the cursor: nothing half-committed.
+    assert deposits(sessions) == []
+    with sessions() as session:
+        assert get_cursor(session, CHAIN).block_number is None
+
+    monkeypatch.setattr(evm_poller, "record_deposit", real_record)
+    restarted = make_poller(chain, sessions, confirmations=0)
+    poll_until_done(restarted)
+    restarted.confirm_once()
+    assert sorted(d.amount for d in deposits(sessions)) == [10, 20, 30]
+    assert available(sessions, agent) == 60
+    assert_books_clean(sessions)
+
+
+def test_recent_block_hashes_are_kept_and_bounded(
+    eth_tester_chain: EvmChain, lite: sessionmaker[Session]
+) -> None:
+    chain = eth_tester_chain
+    chain.source.mine_blocks(40)  # type: ignore[union-attr]
+    poller = make_poller(chain, lite, max_reorg_depth=8, max_block_window=7)
+    poll_until_done(poller)
+    head = chain.source.head()
+    with lite() as session:
+        stored: Sequence[int] = session.scalars(
+            select(ChainBlock.block_number).order_by(ChainBlock.block_number)
+        ).all()
+    assert stored[-1] == head
+    assert stored[0] >= head - 8
+    assert list(stored) == list(range(stored[0], head + 1))  # contiguous near the head
