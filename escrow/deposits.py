@@ -78,6 +78,48 @@ class LedgerDepositSink:
         )
         events.emit(session, "deposit.pending", _event_data(deposit, asset))
 
+    def recorded_many(self, session: Session, deposits: list[Deposit]) -> None:
+        """Audit rows and events for a batch of new deposits, in a few statements.
+
+        Sightings of one chain share a stream: the chain's poller is the only writer, so it
+        costs no contention, and one head lock covers the whole batch."""
+        if not deposits:
+            return
+        assets = {
+            asset.id: asset
+            for asset in session.scalars(
+                select(Asset).where(Asset.id.in_({d.asset_id for d in deposits}))
+            )
+        }
+        chains = {d.chain for d in deposits}
+        for chain in sorted(chains):
+            audit.append_many(
+                session,
+                f"deposits-seen:{chain}",
+                [
+                    audit.Entry(
+                        actor="indexer",
+                        action="deposit_seen",
+                        asset=assets[d.asset_id].symbol,
+                        amount=d.amount,
+                        details={
+                            "deposit_id": d.id,
+                            "tx_hash": d.tx_hash,
+                            "log_index": d.log_index,
+                            "block_number": d.block_number,
+                            "block_hash": d.block_hash,
+                            "agent_id": d.agent_id,
+                        },
+                    )
+                    for d in deposits
+                    if d.chain == chain
+                ],
+            )
+        events.emit_many(
+            session,
+            [("deposit.pending", _event_data(d, assets[d.asset_id])) for d in deposits],
+        )
+
     def confirmed(self, session: Session, deposit: Deposit) -> None:
         assert deposit.status == DepositStatus.PENDING, "only pending deposits are confirmed"
         assert not deposit.credited

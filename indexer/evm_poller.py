@@ -23,7 +23,7 @@ from indexer import confirm, reorg
 from indexer.errors import NodeBehind, RangeTooLarge, RpcError, RpcUnavailable
 from indexer.evm_source import BlockHeader, EvmSource, TransferLog
 from indexer.sink import DepositSink
-from indexer.store import FoundDeposit, WatchedAddresses, get_cursor, record_deposit
+from indexer.store import FoundDeposit, WatchedAddresses, get_cursor, record_deposits
 from models import ChainBlock, Deposit, DepositStatus
 from models.registry import ensure_asset
 
@@ -359,11 +359,12 @@ class EvmPoller:
                     f"while this poller scanned from {expected_cursor}; retrying next poll"
                 )
             known = self._known(session, deposits)
-            for deposit in deposits:
-                if (deposit.tx_hash, deposit.log_index) in known:
-                    continue
-                if record_deposit(session, self.chain, deposit, self.sink):
-                    new += 1
+            new = record_deposits(
+                session,
+                self.chain,
+                [d for d in deposits if (d.tx_hash, d.log_index) not in known],
+                self.sink,
+            )
             if self.track_reorgs:
                 self._store_blocks(session, headers or [end], head)
             cursor.block_number = to_block

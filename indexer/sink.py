@@ -14,6 +14,9 @@ class DepositSink(Protocol):
     def recorded(self, session: Session, deposit: Deposit) -> None:
         """A new pending deposit was stored (first sighting)."""
 
+    def recorded_many(self, session: Session, deposits: list[Deposit]) -> None:
+        """Several new pending deposits of one chain were stored together."""
+
     def confirmed(self, session: Session, deposit: Deposit) -> None:
         """`deposit` is final: credit it exactly once, in the caller's transaction."""
 

@@ -25,17 +25,31 @@ class WatchedAddresses:
     """The deposit addresses of one chain, in memory, refreshed incrementally by id.
 
     A lookup is a dict probe, so a poll costs the same with a thousand or a million
-    addresses; a refresh reads only rows added since the last one."""
+    addresses; a refresh reads only rows added since the last one. Entries are kept
+    compact (EVM addresses as 20 raw bytes, ids packed into one int) so a million
+    addresses fit in about 150 MB."""
 
     def __init__(self, chain: str, *, normalize: bool = False) -> None:
         self.chain = chain
-        # EVM addresses compare case-insensitively; Solana base58 is case-sensitive.
-        self._normalize = normalize
-        self._by_address: dict[str, Watched] = {}
+        # EVM addresses compare case-insensitively (kept as raw bytes); Solana base58 is
+        # case-sensitive and kept as given.
+        self._evm = normalize
+        self._wallets: dict[bytes | str, int] = {}
+        self._token_owner: dict[str, str] = {}
+        self._token_of: dict[bytes | str, str] = {}
         self._last_id = 0
 
-    def _key(self, address: str) -> str:
-        return address.lower() if self._normalize else address
+    def _key(self, address: str) -> bytes | str | None:
+        if not self._evm:
+            return address
+        try:
+            raw = bytes.fromhex(address[2:] if address[:2] in ("0x", "0X") else address)
+        except ValueError:
+            return None
+        return raw if len(raw) == 20 else None
+
+    def _address_of(self, key: bytes | str) -> str:
+        return "0x" + key.hex() if isinstance(key, bytes) else key
 
     def refresh(self, session: Session, *, batch: int = 50_000) -> int:
         added = 0
@@ -52,26 +66,44 @@ class WatchedAddresses:
                 .limit(batch)
             ).all()
             for row in rows:
-                watched = Watched(row.id, row.agent_id, row.address, row.token_account)
-                self._by_address[self._key(row.address)] = watched
+                key = self._key(row.address)
+                assert key is not None, f"stored deposit address {row.address!r} is malformed"
+                assert 0 < row.agent_id < 2**32, "agent ids are packed into 32 bits"
+                self._wallets[key] = (row.id << 32) | row.agent_id
                 if row.token_account:
-                    self._by_address[self._key(row.token_account)] = watched
+                    self._token_owner[row.token_account] = row.address
+                    self._token_of[key] = row.token_account
                 self._last_id = row.id
             added += len(rows)
             if len(rows) < batch:
                 return added
 
+    def _watched(self, key: bytes | str, address: str) -> Watched:
+        packed = self._wallets[key]
+        return Watched(packed >> 32, packed & 0xFFFFFFFF, address, self._token_of.get(key))
+
     def get(self, address: str) -> Watched | None:
-        return self._by_address.get(self._key(address))
+        """The entry for a wallet address, or for a wallet's token account (then `address`
+        is the owning wallet and `token_account` the queried one)."""
+        key = self._key(address)
+        if key is not None and key in self._wallets:
+            return self._watched(key, address)
+        owner = self._token_owner.get(address)
+        if owner is None:
+            return None
+        owner_key = self._key(owner)
+        assert owner_key is not None
+        return self._watched(owner_key, owner)
 
     def __contains__(self, address: str) -> bool:
-        return self._key(address) in self._by_address
+        return self.get(address) is not None
 
     def __len__(self) -> int:
-        return len({w.deposit_address_id for w in self._by_address.values()})
+        return len(self._wallets)
 
     def owners(self) -> list[Watched]:
-        return list({w.deposit_address_id: w for w in self._by_address.values()}.values())
+        """Every watched wallet (EVM addresses in lower case)."""
+        return [self._watched(key, self._address_of(key)) for key in self._wallets]
 
 
 def get_cursor(session: Session, chain: str, key: str = "", *, lock: bool = False) -> ChainCursor:
@@ -149,3 +181,53 @@ def record_deposit(session: Session, chain: str, found: FoundDeposit, sink: Depo
     session.flush()
     sink.recorded(session, deposit)
     return True
+
+
+def record_deposits(
+    session: Session, chain: str, found: list[FoundDeposit], sink: DepositSink
+) -> int:
+    """Store many deposits as pending in a few statements; returns how many are new.
+
+    New keys are inserted together and reported to the sink in one batch; keys already
+    stored go through `record_deposit` (a no-op, or the revival of an orphaned one)."""
+    if not found:
+        return 0
+    tx_hashes = sorted({f.tx_hash for f in found})
+    stored: set[tuple[str, int]] = set()
+    for start in range(0, len(tx_hashes), 500):
+        stored.update(
+            (row.tx_hash, row.log_index)
+            for row in session.execute(
+                select(Deposit.tx_hash, Deposit.log_index).where(
+                    Deposit.chain == chain, Deposit.tx_hash.in_(tx_hashes[start : start + 500])
+                )
+            )
+        )
+    revived = 0
+    fresh: dict[tuple[str, int], Deposit] = {}
+    for item in found:
+        key = (item.tx_hash, item.log_index)
+        if key in stored:
+            revived += record_deposit(session, chain, item, sink)
+            continue
+        if key in fresh:
+            continue
+        assert item.amount > 0, "only positive transfers are deposits"
+        fresh[key] = Deposit(
+            chain=chain,
+            tx_hash=item.tx_hash,
+            log_index=item.log_index,
+            asset_id=item.asset_id,
+            agent_id=item.watched.agent_id,
+            deposit_address_id=item.watched.deposit_address_id,
+            from_address=item.from_address,
+            amount=item.amount,
+            block_number=item.block_number,
+            block_hash=item.block_hash,
+            status=DepositStatus.PENDING,
+        )
+    if fresh:
+        session.add_all(fresh.values())
+        session.flush()
+        sink.recorded_many(session, list(fresh.values()))
+    return revived + len(fresh)
