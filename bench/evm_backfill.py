@@ -30,7 +30,7 @@ from escrow.deposits import LedgerDepositSink
 from indexer.evm_poller import EvmPoller
 from indexer.evm_source import JsonRpcEvmSource
 from migrations.runner import upgrade_to_head
-from models import Agent, Deposit, DepositAddress
+from models import Agent, Chain, Deposit, DepositAddress
 from models.db import make_engine, make_session_factory
 
 PG_ADMIN_DSN = os.environ.get(
@@ -101,7 +101,7 @@ def escrowd_backfill(
                 session.flush()
                 session.add(
                     DepositAddress(
-                        agent_id=agent.id, chain=CHAIN, address=address, derivation_index=i
+                        agent_id=agent.id, chain=Chain.EVM, address=address, derivation_index=i
                     )
                 )
         settings = EvmChainSettings(
@@ -201,7 +201,7 @@ def poll_cost(url: str, token: str, watched_count: int) -> tuple[float, float, f
                     "created_at) SELECT id, :chain, '0x' || lpad(to_hex(id), 40, '0'), id, now() "
                     "FROM agents"
                 ),
-                {"chain": CHAIN},
+                {"chain": Chain.EVM.value},
             )
         sessions = make_session_factory(engine)
         settings = EvmChainSettings(

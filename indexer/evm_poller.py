@@ -24,7 +24,7 @@ from indexer.errors import NodeBehind, RangeTooLarge, RpcError, RpcUnavailable
 from indexer.evm_source import BlockHeader, EvmSource, TransferLog
 from indexer.sink import DepositSink
 from indexer.store import FoundDeposit, WatchedAddresses, get_cursor, record_deposits
-from models import ChainBlock, Deposit, DepositStatus
+from models import Chain, ChainBlock, Deposit, DepositStatus
 from models.registry import ensure_asset
 
 log = structlog.get_logger(__name__)
@@ -129,7 +129,9 @@ class EvmPoller:
         self.track_reorgs = cursor_key == "" if track_reorgs is None else track_reorgs
         self.contract = settings.usdc_address.lower()
         self.window = AdaptiveWindow(settings.max_block_window)
-        self.watched = WatchedAddresses(self.chain, normalize=True)
+        # Deposit addresses belong to the EVM family: one address per agent serves every
+        # EVM chain, so the watched set is the family's, whatever this chain is named.
+        self.watched = WatchedAddresses(Chain.EVM, normalize=True)
         self._asset_id: int | None = None
 
     # start-up ---------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def require_postgres() -> None:
 
 def _admin(sql: str) -> None:
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(sql)  # type: ignore[arg-type]
+        conn.execute(sql.encode())
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from escrow import accounts, audit, ledger
 from escrow.deposits import LedgerDepositSink
 from indexer.evm_poller import EvmPoller
 from indexer.evm_source import EvmSource
-from models import Agent, Deposit, DepositAddress
+from models import Agent, Chain, Deposit, DepositAddress
 from tests.evm_fixtures import EvmChain
 
 CHAIN = "testevm"
@@ -55,7 +55,9 @@ def watch(sessions: sessionmaker[Session], address: str | None = None) -> tuple[
         session.add(agent)
         session.flush()
         session.add(
-            DepositAddress(agent_id=agent.id, chain=CHAIN, address=address, derivation_index=index)
+            DepositAddress(
+                agent_id=agent.id, chain=Chain.EVM, address=address, derivation_index=index
+            )
         )
         return agent.id, address
 
