@@ -114,6 +114,7 @@ class PayoutSettings(_Section):
     min_usdc_base_units: NonNegativeInt = 10_000
     min_sol_lamports: NonNegativeInt = 1_000_000
     stuck_after_s: PositiveFloat = 120.0
+    sweep_interval_s: PositiveFloat = 300.0
 
 
 class WebhookSettings(_Section):

@@ -19,9 +19,12 @@ from sqlalchemy.exc import OperationalError
 
 from config.errors import EscrowdError
 from config.settings import Settings, SettingsError, default_data_dir, load_settings
+from daemon.cli_api import apikey_app
 from daemon.cli_backfill import backfill_app
 from daemon.cli_devnet import devnet_app
 from daemon.cli_keys import address_app, keys_app
+from daemon.cli_payouts import payouts_app, reconcile
+from daemon.cli_run import register as register_run
 from daemon.logs import configure_logging
 from escrow import audit, ledger
 from migrations.runner import current_revision, head_revision, upgrade_to_head
@@ -46,6 +49,10 @@ app.add_typer(devnet_app, name="devnet")
 app.add_typer(keys_app, name="keys")
 app.add_typer(address_app, name="address")
 app.add_typer(backfill_app, name="backfill")
+app.add_typer(apikey_app, name="apikey")
+app.add_typer(payouts_app, name="payouts")
+app.command(name="reconcile")(reconcile)
+register_run(app)
 
 
 def package_version() -> str:

@@ -11,6 +11,7 @@ from config.errors import (
 )
 
 __all__ = [
+    "AgentNotFound",
     "AssetMismatch",
     "EscrowConflict",
     "EscrowNotFound",
@@ -18,6 +19,7 @@ __all__ = [
     "InsufficientFunds",
     "InvalidAmount",
     "UnknownAccount",
+    "UnknownAsset",
 ]
 
 
@@ -39,3 +41,11 @@ class EscrowNotFound(NotFound):
 
 class EscrowConflict(Conflict):
     type = "escrow_conflict"
+
+
+class AgentNotFound(NotFound):
+    type = "agent_not_found"
+
+
+class UnknownAsset(ValidationFailed):
+    type = "unknown_asset"

@@ -27,6 +27,7 @@ from indexer.errors import BlockNotAvailable, RpcError, RpcUnavailable, SlotSkip
 log = structlog.get_logger(__name__)
 
 Commitment = Literal["processed", "confirmed", "finalized"]
+TransactionDetails = Literal["full", "none"]
 
 TOKEN_PROGRAM_ID = "TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA"
 SKIPPED_CODES = frozenset({-32007, -32009})
@@ -134,8 +135,17 @@ class SolanaSource(Protocol):
         self, start_slot: int, end_slot: int | None = None, commitment: Commitment = "finalized"
     ) -> list[int]: ...
 
-    def get_block(self, slot: int, commitment: Commitment = "finalized") -> SolanaBlock:
-        """Raises ``SlotSkipped`` or ``BlockNotAvailable`` for slots without a block."""
+    def get_block(
+        self,
+        slot: int,
+        commitment: Commitment = "finalized",
+        *,
+        transaction_details: TransactionDetails = "full",
+    ) -> SolanaBlock:
+        """Raises ``SlotSkipped`` or ``BlockNotAvailable`` for slots without a block.
+
+        ``transaction_details="none"`` reads only the header (hash, parent): no transactions.
+        """
         ...
 
     def get_balance(self, address: str, commitment: Commitment = "finalized") -> int: ...
@@ -350,10 +360,16 @@ class SolanaRpcSource:
         params.append({"commitment": commitment})
         return [int(slot) for slot in self.call("getBlocks", params)]
 
-    def get_block(self, slot: int, commitment: Commitment = "finalized") -> SolanaBlock:
+    def get_block(
+        self,
+        slot: int,
+        commitment: Commitment = "finalized",
+        *,
+        transaction_details: TransactionDetails = "full",
+    ) -> SolanaBlock:
         config = {
             "encoding": "json",
-            "transactionDetails": "full",
+            "transactionDetails": transaction_details,
             "rewards": False,
             "commitment": commitment,
             "maxSupportedTransactionVersion": 0,

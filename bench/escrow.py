@@ -1,0 +1,348 @@
+"""Escrow fund + release pairs/s on PostgreSQL, 16 clients, beside pgbench TPC-B.
+
+Usage: python -m bench.escrow [--seconds 15] [--clients 16] [--record]
+
+Three runs against the same PostgreSQL server in one invocation:
+1. service layer: each client funds an escrow and releases it, each step one transaction
+   (escrow.service through escrow.uow.in_transaction), its own buyer and worker;
+2. HTTP: the same pairs as POST /v1/escrows and POST /v1/escrows/{job}/release through a
+   real uvicorn server on localhost (httpx clients, one per thread, API key + idempotency);
+3. pgbench builtin tpcb-like with the same client count (scale = clients, so pgbench does
+   not serialize on its branch rows).
+Then `ledger.check` over the escrow databases must find zero violations. Target: service
+layer escrow operations/s (fund or release, each one transaction) >= 50 % of pgbench tps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import platform
+import re
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import uvicorn
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.settings import Settings
+from daemon.api import create_app
+from daemon.logs import configure_logging
+from escrow import accounts, apikeys, ledger, service
+from escrow.uow import in_transaction
+from migrations.runner import upgrade_to_head
+from models import Agent, ApiScope, TransferCode
+from models.db import make_engine, make_session_factory
+from models.registry import ensure_asset
+
+ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+URL_BASE = "postgresql+psycopg://postgres@127.0.0.1:5432"
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+AMOUNT = 1_000_000
+
+
+def _admin(sql: str) -> None:
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(sql.encode())
+
+
+def _setup(engine: Engine, clients: int) -> sessionmaker[Session]:
+    upgrade_to_head(engine)
+    sessions = make_session_factory(engine)
+    with sessions() as s, s.begin():
+        ensure_asset(s, chain="base", symbol="USDC", decimals=6, token_address="0x" + "ab" * 20)
+        for n in range(clients):
+            buyer = service.register_agent(s, f"buyer-{n}")
+            service.register_agent(s, f"worker-{n}")
+            ledger.post(
+                s,
+                [
+                    ledger.TransferSpec(
+                        idempotency_key=f"seed-{n}",
+                        debit_account_id=accounts.custody(s, "base", "USDC").id,
+                        credit_account_id=accounts.agent_available(s, buyer.id, "USDC").id,
+                        amount=10**15,
+                        code=TransferCode.DEPOSIT,
+                        ref_type="bench",
+                        ref_id=str(n),
+                    )
+                ],
+                actor="bench",
+            )
+    return sessions
+
+
+def _run_clients(
+    clients: int, seconds: float, make: Callable[[int], Callable[[int], None]]
+) -> float:
+    """Run `clients` threads for `seconds`; each calls its pair function repeatedly.
+    Returns completed pairs per second."""
+    done = [0] * clients
+    deadline = time.monotonic() + seconds
+    barrier = threading.Barrier(clients + 1)
+
+    def client(n: int) -> None:
+        pair = make(n)
+        barrier.wait()
+        i = 0
+        while time.monotonic() < deadline:
+            pair(i)
+            i += 1
+        done[n] = i
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.monotonic()
+    for thread in threads:
+        thread.join()
+    return sum(done) / (time.monotonic() - started)
+
+
+def _service_pairs(
+    url: str, first: int, count: int, seconds: float, ready: Callable[[], None]
+) -> int:
+    """`count` client threads (clients first..first+count-1) doing fund + release pairs
+    for `seconds` after `ready()` returns. Returns the pairs completed."""
+    configure_logging(level="warning")
+    engine = make_engine(url, pool_size=count + 2)
+    sessions = make_session_factory(engine)
+    with sessions() as s:
+        ids = [
+            (service.get_agent(s, f"buyer-{n}").id, service.get_agent(s, f"worker-{n}").id)
+            for n in range(first, first + count)
+        ]
+    done = [0] * count
+    ready()
+    deadline = time.monotonic() + seconds
+
+    def client(slot: int) -> None:
+        buyer_id, worker_id = ids[slot]
+        i = 0
+        while time.monotonic() < deadline:
+            job = f"svc-{first + slot}-{i}"
+
+            def fund(s: Session, job: str = job) -> None:
+                service.fund_escrow(
+                    s,
+                    job_id=job,
+                    buyer=s.get_one(Agent, buyer_id),
+                    worker=s.get_one(Agent, worker_id),
+                    asset="USDC",
+                    amount=AMOUNT,
+                    fee_bps=250,
+                )
+
+            def release(s: Session, job: str = job) -> None:
+                service.release_escrow(s, job)
+
+            in_transaction(sessions, fund)
+            in_transaction(sessions, release)
+            i += 1
+        done[slot] = i
+
+    threads = [threading.Thread(target=client, args=(slot,)) for slot in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    engine.dispose()
+    return sum(done)
+
+
+def _service_process(
+    url: str, first: int, count: int, seconds: float, barrier: Any, results: Any
+) -> None:
+    results.put(_service_pairs(url, first, count, seconds, barrier.wait))
+
+
+def bench_service(engine: Engine, clients: int, seconds: float, processes: int) -> float:
+    """Service-layer pairs/s: `clients` threads spread over `processes` processes (the
+    daemons are stateless, so more processes is how a deployment uses more cores)."""
+    _setup(engine, clients)
+    url = engine.url.render_as_string(hide_password=False)
+    if processes == 1:
+        return _service_pairs(url, 0, clients, seconds, lambda: None) / seconds
+    per = clients // processes
+    assert per * processes == clients, "clients must divide evenly over processes"
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    workers = [
+        ctx.Process(target=_service_process, args=(url, p * per, per, seconds, barrier, results))
+        for p in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    total = sum(results.get(timeout=seconds + 300) for _ in workers)
+    for worker in workers:
+        worker.join()
+    return float(total) / seconds
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def bench_http(engine: Engine, clients: int, seconds: float, data_dir: Path) -> float:
+    sessions = _setup(engine, clients)
+    with sessions() as s, s.begin():
+        _, key = apikeys.create_key(s, name="bench", scope=ApiScope.WRITE)
+    app = create_app(Settings(data_dir=data_dir), engine)
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}/v1"
+    auth = {"Authorization": f"Bearer {key}"}
+
+    def make(n: int) -> Callable[[int], None]:
+        http = httpx.Client(timeout=30)
+
+        def pair(i: int) -> None:
+            job = f"http-{n}-{i}"
+            body = {
+                "job_id": job,
+                "buyer": f"buyer-{n}",
+                "worker": f"worker-{n}",
+                "asset": "USDC",
+                "amount": "1",
+                "fee_bps": 250,
+            }
+            funded = http.post(
+                f"{base}/escrows", json=body, headers={**auth, "Idempotency-Key": f"f-{job}"}
+            )
+            assert funded.status_code == 201, funded.text
+            released = http.post(
+                f"{base}/escrows/{job}/release", headers={**auth, "Idempotency-Key": f"r-{job}"}
+            )
+            assert released.status_code == 200, released.text
+
+        return pair
+
+    try:
+        return _run_clients(clients, seconds, make)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def bench_pgbench(clients: int, seconds: int) -> float:
+    name = f"bench_pgbench_{uuid.uuid4().hex[:8]}"
+    _admin(f'CREATE DATABASE "{name}"')
+    try:
+        common = ["-h", "127.0.0.1", "-U", "postgres"]
+        subprocess.run(
+            ["pgbench", *common, "-i", "-q", "-s", str(clients), name],
+            check=True,
+            capture_output=True,
+        )
+        out = subprocess.run(
+            [
+                "pgbench",
+                *common,
+                "-b",
+                "tpcb-like",
+                "-c",
+                str(clients),
+                "-j",
+                "2",
+                "-T",
+                str(seconds),
+                "-n",
+                name,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        match = re.search(r"tps = ([0-9.]+)", out)
+        assert match, out
+        return float(match.group(1))
+    finally:
+        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _with_database(run: Callable[[Engine], float], clients: int) -> tuple[float, int]:
+    name = f"bench_escrow_{uuid.uuid4().hex[:8]}"
+    _admin(f'CREATE DATABASE "{name}"')
+    engine = make_engine(f"{URL_BASE}/{name}", pool_size=clients + 4)
+    try:
+        rate = run(engine)
+        with make_session_factory(engine, read_only=True)() as s:
+            violations = len(ledger.check(s))
+        return rate, violations
+    finally:
+        engine.dispose()
+        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--processes", type=int, default=1, help="service-layer processes")
+    parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
+    args = parser.parse_args()
+    # Per-operation info logs would measure the terminal, not escrowd.
+    configure_logging(level="warning")
+    clients, seconds = args.clients, args.seconds
+    data_dir = Path(f"/tmp/escrowd-bench-{uuid.uuid4().hex[:8]}")
+
+    svc_pairs, svc_violations = _with_database(
+        lambda e: bench_service(e, clients, seconds, args.processes), clients
+    )
+    http_pairs, http_violations = _with_database(
+        lambda e: bench_http(e, clients, seconds, data_dir), clients
+    )
+    pgbench_tps = bench_pgbench(clients, int(seconds))
+    ratio = 2 * svc_pairs / pgbench_tps
+    print(f"service layer: {svc_pairs:8.1f} fund+release pairs/s ({2 * svc_pairs:.1f} escrow tx/s)")
+    print(
+        f"HTTP:          {http_pairs:8.1f} fund+release pairs/s ({2 * http_pairs:.1f} requests/s)"
+    )
+    print(f"pgbench tpcb-like, {clients} clients: {pgbench_tps:.1f} tps")
+    print(f"service escrow tx/s / pgbench tps = {ratio:.2f} (target >= 0.50)")
+    print(f"ledger check violations: service {svc_violations}, HTTP {http_violations}")
+    if args.record:
+        lines = [
+            "",
+            "## Escrow fund + release (bench/escrow.py)",
+            "",
+            f"Machine: 2-core python-svc ({platform.machine()}), date 2026-11-23, PostgreSQL 15 "
+            f"on the same host, {clients} concurrent clients, {seconds:.0f} s per run, one "
+            "buyer/worker pair per client, fee 250 bps. Each pair = fund (1 transaction) + "
+            "release (1 transaction).",
+            "",
+            "| path | pairs/s | escrow transactions/s | ledger violations |",
+            "|---|---:|---:|---:|",
+            f"| service layer (escrow.service + uow) | {svc_pairs:.1f} | {2 * svc_pairs:.1f} "
+            f"| {svc_violations} |",
+            f"| HTTP (uvicorn, httpx, API key + Idempotency-Key) | {http_pairs:.1f} "
+            f"| {2 * http_pairs:.1f} | {http_violations} |",
+            f"| pgbench tpcb-like -c {clients} -s {clients} | | {pgbench_tps:.1f} tps | |",
+            "",
+            f"Service-layer escrow transactions/s / pgbench tps = {ratio:.2f} (target >= 0.50).",
+        ]
+        with RESULTS.open("a", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,606 @@
+"""Scheduled jobs: what a job is, how one tick runs, and who may run it.
+
+A job is a name, an interval and a callable. Each tick runs under a lock named after the
+job: a PostgreSQL session-level advisory lock held on a dedicated connection for the
+tick, so with several daemons on one database a job runs in exactly one of them at a time,
+and when that daemon dies its connection closes, the lock is released and another daemon
+takes the job on its next tick. SQLite is single-instance: the scheduler's own
+`max_instances=1` is the lock there.
+
+Every tick records its outcome (progress tracking for the systemd watchdog, Prometheus
+metrics) and, for chain pollers, the lag the poll reported (for /readyz).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Protocol
+
+import httpx
+import structlog
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.settings import EvmChainSettings, Settings, SolanaSettings
+from escrow import audit, service
+from escrow.deposits import LedgerDepositSink
+from escrow.uow import in_transaction
+from escrow.webhook_delivery import run_webhooks
+from escrow.webhooks import SecretCipher
+from indexer.evm_source import EvmSource, JsonRpcEvmSource, RetryPolicy
+from indexer.solana_source import SolanaRpcSource, SolanaSource
+from models import utcnow
+from wallets.keystore import UnlockedKeystore
+
+log = structlog.get_logger(__name__)
+
+JOB_DURATION = Histogram(
+    "escrowd_job_duration_seconds",
+    "Wall time of one completed scheduler job tick.",
+    ["job"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+JOB_RUNS = Counter(
+    "escrowd_job_runs_total",
+    "Scheduler job ticks by outcome (ok, failed, skipped_locked: another instance has it).",
+    ["job", "outcome"],
+)
+JOB_FAILURES = Counter("escrowd_job_failures_total", "Scheduler job ticks that raised.", ["job"])
+JOB_LAST_SUCCESS = Gauge(
+    "escrowd_job_last_success_timestamp_seconds",
+    "Unix time of the job's last successful tick in this instance.",
+    ["job"],
+)
+CHAIN_LAG = Gauge(
+    "escrowd_chain_lag",
+    "Blocks (EVM) or slots (Solana) between the chain head and what the poller has scanned.",
+    ["chain", "unit"],
+)
+
+# A poll result -> its lag in blocks or slots, or why the poll could not tell (its error).
+LagOf = Callable[[object], int | str]
+
+
+@dataclass(frozen=True)
+class LagProbe:
+    chain: str
+    unit: str
+    max_lag: int
+    lag_of: LagOf
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    interval_s: float
+    run: Callable[[], object]
+    lag: LagProbe | None = None
+
+    def __post_init__(self) -> None:
+        assert self.interval_s > 0, f"job {self.name}: interval must be positive"
+
+
+def advisory_key(job_name: str) -> int:
+    """A stable signed 64-bit key for pg_try_advisory_lock, namespaced to escrowd jobs."""
+    digest = hashlib.sha256(b"escrowd-job:" + job_name.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class JobLocks(Protocol):
+    def hold(self, job_name: str) -> AbstractContextManager[bool]:
+        """True while this instance holds the job's lock."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalLocks:
+    """SQLite: one instance, so every tick may run (APScheduler prevents overlap)."""
+
+    @contextmanager
+    def hold(self, job_name: str) -> Iterator[bool]:
+        yield True
+
+    def close(self) -> None:
+        return None
+
+
+class PgAdvisoryLocks:
+    """pg_try_advisory_lock on a dedicated autocommit connection held for the tick.
+
+    The lock connections come from a pool of their own, one per job, so holding them
+    never starves the jobs' and the API's own connections."""
+
+    def __init__(self, engine: Engine, max_holders: int) -> None:
+        assert max_holders >= 1
+        self._engine = create_engine(
+            engine.url,
+            pool_size=max_holders,
+            max_overflow=0,
+            pool_pre_ping=True,
+            isolation_level="AUTOCOMMIT",
+        )
+
+    @contextmanager
+    def hold(self, job_name: str) -> Iterator[bool]:
+        key = advisory_key(job_name)
+        with self._engine.connect() as connection:
+            acquired = bool(
+                connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar()
+            )
+            try:
+                yield acquired
+            finally:
+                if acquired:
+                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+
+def locks_for(engine: Engine, max_holders: int) -> JobLocks:
+    if engine.dialect.name == "postgresql":
+        return PgAdvisoryLocks(engine, max_holders)
+    return LocalLocks()
+
+
+@dataclass
+class _JobState:
+    last_progress: float
+    interval_s: float
+    running_since: float | None = None
+    last_error: str | None = None
+    consecutive_failures: int = 0
+
+
+class JobProgress:
+    """When each job last completed a tick; the watchdog pings only while all are fresh.
+
+    A tick skipped because another instance holds the lock counts as progress: this
+    instance is healthy and the job is being done. A tick that raises does not."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._jobs: dict[str, _JobState] = {}
+
+    def register(self, name: str, interval_s: float) -> None:
+        with self._lock:
+            self._jobs.setdefault(
+                name, _JobState(last_progress=self._clock(), interval_s=interval_s)
+            )
+
+    def started(self, name: str) -> None:
+        with self._lock:
+            self._jobs[name].running_since = self._clock()
+
+    def finished(self, name: str, error: str | None) -> None:
+        with self._lock:
+            state = self._jobs[name]
+            state.running_since = None
+            state.last_error = error
+            if error is None:
+                state.last_progress = self._clock()
+                state.consecutive_failures = 0
+            else:
+                state.consecutive_failures += 1
+
+    def stale(self, stale_after_s: float) -> list[str]:
+        """Jobs (wedged or failing) whose last completed tick is more than `stale_after_s`
+        older than their next tick was due: a job every 5 minutes is not stale at 3."""
+        now = self._clock()
+        with self._lock:
+            return sorted(
+                name
+                for name, state in self._jobs.items()
+                if now - state.last_progress > state.interval_s + stale_after_s
+            )
+
+    def running(self) -> list[str]:
+        with self._lock:
+            return sorted(
+                name for name, state in self._jobs.items() if state.running_since is not None
+            )
+
+
+@dataclass
+class _Lag:
+    unit: str
+    max_lag: int
+    value: int | None = None
+    error: str | None = None
+    elsewhere: bool = False
+
+
+@dataclass
+class LagTracker:
+    """The last lag each poller reported, against its threshold."""
+
+    _lags: dict[str, _Lag] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def expect(self, chain: str, unit: str, max_lag: int) -> None:
+        with self._lock:
+            self._lags.setdefault(chain, _Lag(unit=unit, max_lag=max_lag))
+
+    def record(self, chain: str, lag: int | str) -> None:
+        """`lag` in blocks/slots, or the error that kept the poll from measuring it."""
+        with self._lock:
+            entry = self._lags[chain]
+            entry.elsewhere = False
+            if isinstance(lag, str):
+                entry.value, entry.error = None, lag
+                return
+            entry.value, entry.error = lag, None
+        CHAIN_LAG.labels(chain, entry.unit).set(lag)
+
+    def polled_elsewhere(self, chain: str) -> None:
+        """Another instance holds this poller; its lag is that instance's to report."""
+        with self._lock:
+            self._lags[chain].elsewhere = True
+
+    def problems(self) -> dict[str, str]:
+        """chain -> why it is not ready; empty when every poller is within its threshold."""
+        found: dict[str, str] = {}
+        with self._lock:
+            for chain, entry in self._lags.items():
+                if entry.elsewhere:
+                    continue
+                if entry.error is not None:
+                    found[chain] = f"last poll failed: {entry.error}"
+                elif entry.value is None:
+                    found[chain] = "no completed poll yet"
+                elif entry.value > entry.max_lag:
+                    found[chain] = (
+                        f"{entry.value} {entry.unit} behind head (threshold {entry.max_lag})"
+                    )
+        return found
+
+
+class JobRunner:
+    """Runs one tick of a job: lock, time, record; never lets an exception escape, so a
+    failing job is logged with its traceback and simply runs again on its next tick."""
+
+    def __init__(self, locks: JobLocks, progress: JobProgress, lags: LagTracker) -> None:
+        self.locks = locks
+        self.progress = progress
+        self.lags = lags
+
+    def register(self, job: Job) -> None:
+        self.progress.register(job.name, job.interval_s)
+        if job.lag is not None:
+            self.lags.expect(job.lag.chain, job.lag.unit, job.lag.max_lag)
+
+    def tick(self, job: Job) -> None:
+        self.progress.started(job.name)
+        error: str | None = None
+        try:
+            with self.locks.hold(job.name) as acquired:
+                if not acquired:
+                    JOB_RUNS.labels(job.name, "skipped_locked").inc()
+                    if job.lag is not None:
+                        self.lags.polled_elsewhere(job.lag.chain)
+                    log.debug("job_skipped_locked", job=job.name)
+                    return
+                started = time.perf_counter()
+                result = job.run()
+                elapsed_s = time.perf_counter() - started
+            JOB_DURATION.labels(job.name).observe(elapsed_s)
+            JOB_RUNS.labels(job.name, "ok").inc()
+            JOB_LAST_SUCCESS.labels(job.name).set_to_current_time()
+            if job.lag is not None:
+                self.lags.record(job.lag.chain, job.lag.lag_of(result))
+            log.debug("job_done", job=job.name, duration_s=round(elapsed_s, 4))
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            JOB_RUNS.labels(job.name, "failed").inc()
+            JOB_FAILURES.labels(job.name).inc()
+            log.error(
+                "job_failed",
+                job=job.name,
+                error=error,
+                traceback="".join(traceback.format_exception(exc)),
+            )
+        finally:
+            self.progress.finished(job.name, error)
+
+
+# --- the registry: which jobs this daemon runs ------------------------------------------
+
+
+class JobUnavailable(Exception):
+    """The module a job needs is not part of this build; the job is not scheduled."""
+
+    def __init__(self, job: str, module: str, reason: str) -> None:
+        super().__init__(f"{job}: {module} {reason}")
+        self.job = job
+        self.module = module
+        self.reason = reason
+
+
+@dataclass
+class JobContext:
+    """What job builders need. `evm_sources` / `solana_source` override the RPC sources
+    built from settings (`escrowd dev` passes its in-process simulators)."""
+
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    evm_sources: dict[str, EvmSource] = field(default_factory=dict)
+    solana_source: SolanaSource | None = None
+    keystore: UnlockedKeystore | None = None
+    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+
+def _require(job: str, module: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        raise JobUnavailable(job, module, "is not available") from None
+
+
+def _poll_and_confirm(poller: Any) -> Callable[[], object]:
+    """One tick of a chain poller: scan for new deposits, then credit the confirmed ones."""
+
+    def run() -> object:
+        polled = poller.poll_once()
+        poller.confirm_once()
+        return polled
+
+    return run
+
+
+def _evm_lag(result: object) -> int | str:
+    error = getattr(result, "error", None)
+    lag = getattr(result, "lag_blocks", None)
+    if error is not None or lag is None:
+        return str(error or "poll reported no lag")
+    return int(lag)
+
+
+def _evm_source(ctx: JobContext, chain: EvmChainSettings) -> EvmSource:
+    source = ctx.evm_sources.get(chain.name)
+    if source is None:
+        rpc = JsonRpcEvmSource(
+            chain.rpc_urls, policy=RetryPolicy(timeout_s=chain.rpc_timeout_s), chain=chain.name
+        )
+        ctx.closers.append(rpc.close)
+        ctx.evm_sources[chain.name] = source = rpc
+    return source
+
+
+def _solana_source(ctx: JobContext, solana: SolanaSettings) -> SolanaSource:
+    if ctx.solana_source is None:
+        rpc = SolanaRpcSource(
+            solana.rpc_urls, timeout_s=solana.rpc_timeout_s, max_rounds=solana.rpc_max_retries + 1
+        )
+        ctx.closers.append(rpc.close)
+        ctx.solana_source = rpc
+    return ctx.solana_source
+
+
+def evm_jobs(ctx: JobContext) -> list[Job]:
+    jobs: list[Job] = []
+    for chain in ctx.settings.evm_chains:
+        name = f"evm_poll:{chain.name}"
+        module = _require(name, "indexer.evm_poller")
+        poller = module.EvmPoller(chain, _evm_source(ctx, chain), ctx.sessions, LedgerDepositSink())
+        probe = LagProbe(chain.name, "blocks", chain.max_lag_blocks, _evm_lag)
+        jobs.append(Job(name, chain.poll_interval_s, _poll_and_confirm(poller), probe))
+    return jobs
+
+
+def _solana_lag(chain: str) -> LagOf:
+    def lag_of(result: object) -> int | str:
+        error = getattr(result, "error", None)
+        if error is not None:
+            return str(error)
+        # The Solana poller publishes its lag as a gauge rather than in its result.
+        value = REGISTRY.get_sample_value("escrowd_solana_slots_behind", {"chain": chain})
+        return "poll reported no lag" if value is None else int(value)
+
+    return lag_of
+
+
+def solana_jobs(ctx: JobContext) -> list[Job]:
+    solana = ctx.settings.solana
+    if solana is None:
+        return []
+    name = f"solana_poll:{solana.name}"
+    module = _require(name, "indexer.solana_indexer")
+    poller = module.SolanaPoller(
+        solana, _solana_source(ctx, solana), ctx.sessions, LedgerDepositSink()
+    )
+    probe = LagProbe(solana.name, "slots", solana.max_lag_slots, _solana_lag(solana.name))
+    return [Job(name, solana.poll_interval_s, _poll_and_confirm(poller), probe)]
+
+
+def payout_jobs(ctx: JobContext) -> list[Job]:
+    """One payout worker per chain, signing with the keystore's hot wallets."""
+    module = _require("payouts", "escrow.payout_worker")
+    if ctx.keystore is None:
+        raise JobUnavailable("payouts", "keystore", "is not unlocked (no keystore file)")
+    worker_id = f"{socket.gethostname()}:{os.getpid()}"
+    chains: list[tuple[str, Any]] = []
+    for evm in ctx.settings.evm_chains:
+        evm_sender = _require("payouts", "indexer.evm_sender")
+        sender = evm_sender.EvmSender(
+            _evm_source(ctx, evm),
+            ctx.keystore.evm_hot_wallet,
+            chain=evm.name,
+            chain_id=evm.chain_id,
+            max_fee_gwei=evm.max_fee_gwei,
+            confirmations=evm.confirmations,
+        )
+        chains.append((evm.name, module.EvmPayoutChain(sender)))
+    solana = ctx.settings.solana
+    if solana is not None:
+        solana_sender = _require("payouts", "indexer.solana_sender")
+        sender = solana_sender.SolanaSender(
+            _solana_source(ctx, solana), ctx.keystore.solana_hot_wallet, chain=solana.name
+        )
+        # With the deposit keys the Solana worker also sends the sweeps the sweep job queues.
+        chains.append(
+            (
+                solana.name,
+                module.SolanaPayoutChain(sender, deposit_key=ctx.keystore.derive_solana),
+            )
+        )
+    jobs = []
+    for chain_name, chain in chains:
+        options = module.WorkerOptions(
+            worker_id=worker_id, stuck_after_s=ctx.settings.payouts.stuck_after_s
+        )
+        worker = module.PayoutWorker(ctx.sessions, chain, options)
+        jobs.append(Job(f"payouts:{chain_name}", ctx.settings.payouts.interval_s, worker.run_once))
+    return jobs
+
+
+def sweep_jobs(ctx: JobContext) -> list[Job]:
+    """Consolidate deposit-address balances into the hot wallet: EVM sweeps are sent by
+    their own sweeper; Solana sweeps are queued here and sent by the payout worker."""
+    module = _require("sweeps", "escrow.sweeps")
+    if ctx.keystore is None:
+        raise JobUnavailable("sweeps", "keystore", "is not unlocked (no keystore file)")
+    keystore = ctx.keystore
+    interval_s = ctx.settings.payouts.sweep_interval_s
+    jobs: list[Job] = []
+    for evm in ctx.settings.evm_chains:
+        sweeper = module.build_evm_sweeper(
+            ctx.sessions, ctx.settings, evm.name, keystore, _evm_source(ctx, evm)
+        )
+        jobs.append(Job(f"sweeps:{evm.name}", interval_s, sweeper.run_once))
+    solana = ctx.settings.solana
+    if solana is not None:
+        source = _solana_source(ctx, solana)
+        minimums = {
+            "SOL": ctx.settings.payouts.min_sol_lamports,
+            "USDC": ctx.settings.payouts.min_usdc_base_units,
+        }
+
+        def discover() -> int:
+            count: int = module.discover_solana_sweeps(
+                ctx.sessions,
+                source,
+                chain=solana.name,
+                hot_wallet=keystore.solana_hot_wallet.address,
+                min_base_units=minimums,
+            )
+            return count
+
+        jobs.append(Job(f"sweeps:{solana.name}", interval_s, discover))
+    return jobs
+
+
+def expiry_jobs(ctx: JobContext) -> list[Job]:
+    def run() -> object:
+        return in_transaction(
+            ctx.sessions, lambda session: service.expire_due_escrows(session, utcnow())
+        )
+
+    return [Job("escrow_expiry", ctx.settings.escrow.expiry_interval_s, run)]
+
+
+def webhook_jobs(ctx: JobContext) -> list[Job]:
+    settings = ctx.settings.webhooks
+    client = httpx.Client(timeout=httpx.Timeout(settings.timeout_s), follow_redirects=False)
+    ctx.closers.append(client.close)
+    cipher_holder: list[SecretCipher] = []
+
+    def run() -> object:
+        # The key file is read on first use, so a daemon without webhooks never needs it.
+        if not cipher_holder:
+            cipher_holder.append(SecretCipher.from_settings(ctx.settings))
+        return run_webhooks(ctx.sessions, cipher_holder[0], settings, client=client)
+
+    return [Job("webhooks", settings.interval_s, run)]
+
+
+def audit_checkpoint_jobs(ctx: JobContext) -> list[Job]:
+    def run() -> object:
+        return in_transaction(
+            ctx.sessions, lambda session: audit.write_checkpoint(session, actor="scheduler")
+        )
+
+    return [Job("audit_checkpoint", ctx.settings.daemon.audit_checkpoint_interval_s, run)]
+
+
+TEST_WEDGE_ENV = "ESCROWD_TEST_WEDGE_JOB"
+TEST_PROBE_ENV = "ESCROWD_TEST_PROBE"
+TEST_PROBE_INSTANCE_ENV = "ESCROWD_TEST_INSTANCE"
+TEST_PROBE_INTERVAL_ENV = "ESCROWD_TEST_PROBE_INTERVAL_S"
+TEST_PROBE_HOLD_ENV = "ESCROWD_TEST_PROBE_HOLD_S"
+
+
+def probe_jobs(ctx: JobContext) -> list[Job]:
+    """For the daemon's own tests: a job that records when it ran in which instance, so a
+    test can check from the database that ticks never overlap across instances. The test
+    creates the table escrowd_test_probe(instance, started_at, ended_at)."""
+    if ctx.environ.get(TEST_PROBE_ENV) != "1":
+        return []
+    instance = ctx.environ.get(TEST_PROBE_INSTANCE_ENV, str(os.getpid()))
+    interval_s = float(ctx.environ.get(TEST_PROBE_INTERVAL_ENV, "0.5"))
+    hold_s = float(ctx.environ.get(TEST_PROBE_HOLD_ENV, "0.3"))
+    insert = text(
+        "INSERT INTO escrowd_test_probe (instance, started_at, ended_at) VALUES (:i, :s, :e)"
+    )
+
+    def run() -> object:
+        started = time.time()
+        time.sleep(hold_s)
+        with ctx.engine.begin() as connection:
+            connection.execute(insert, {"i": instance, "s": started, "e": time.time()})
+        return None
+
+    return [Job("test_probe", interval_s, run)]
+
+
+JobBuilder = Callable[[JobContext], list[Job]]
+BUILDERS: tuple[tuple[str, JobBuilder], ...] = (
+    ("evm", evm_jobs),
+    ("solana", solana_jobs),
+    ("payouts", payout_jobs),
+    ("sweeps", sweep_jobs),
+    ("escrow_expiry", expiry_jobs),
+    ("webhooks", webhook_jobs),
+    ("audit_checkpoint", audit_checkpoint_jobs),
+    ("test_probe", probe_jobs),
+)
+
+
+def _wedged(job: Job) -> Job:
+    def run() -> object:
+        log.warning("job_wedged_by_test_hook", job=job.name)
+        threading.Event().wait()
+        return None
+
+    return Job(job.name, job.interval_s, run, job.lag)
+
+
+def build_jobs(ctx: JobContext) -> list[Job]:
+    """Every job this build can run; a job whose module is missing is logged once
+    (`job_unavailable`) and left out, so the daemon runs with what exists."""
+    jobs: list[Job] = []
+    for group, builder in BUILDERS:
+        try:
+            jobs.extend(builder(ctx))
+        except JobUnavailable as exc:
+            log.warning("job_unavailable", job=exc.job, module=exc.module, reason=exc.reason)
+        else:
+            log.debug("job_group_built", group=group)
+    wedge = ctx.environ.get(TEST_WEDGE_ENV)
+    return [_wedged(job) if job.name == wedge else job for job in jobs]

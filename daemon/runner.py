@@ -1,0 +1,291 @@
+"""`escrowd run`: the scheduler, the HTTP API and the systemd protocol in one process.
+
+Start-up: check the schema is at head, build the jobs, schedule them, serve the API,
+then tell systemd READY=1. While running, ping the watchdog only while every job keeps
+completing ticks. On SIGTERM/SIGINT: stop accepting requests and scheduling ticks, let
+the ticks in flight finish (each is one or more committed transactions), and exit 0; if
+they do not finish within `daemon.shutdown_timeout_s`, exit 1 and let the database roll
+back whatever was still open.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import FrameType
+
+import structlog
+import uvicorn
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+from fastapi import FastAPI
+from sqlalchemy import Engine
+
+from config.errors import Unavailable
+from config.settings import Settings
+from daemon.api import create_app
+from daemon.health import ReadinessProbe, mount_health
+from daemon.jobs import (
+    Job,
+    JobContext,
+    JobProgress,
+    JobRunner,
+    LagTracker,
+    build_jobs,
+    locks_for,
+)
+from daemon.notify import Notifier
+from indexer.evm_source import EvmSource
+from indexer.solana_source import SolanaSource
+from migrations.runner import current_revision, head_revision
+from models.db import make_session_factory
+from wallets.allocation import AddressDeriver
+from wallets.keystore import UnlockedKeystore
+
+log = structlog.get_logger(__name__)
+
+EXIT_OK = 0
+EXIT_SHUTDOWN_TIMEOUT = 1
+API_START_TIMEOUT_S = 15.0
+# Without a systemd watchdog the loop still wakes up to refresh STATUS and the log.
+IDLE_LOOP_S = 1.0
+
+
+class SchemaNotAtHead(Unavailable):
+    type = "schema_not_at_head"
+
+
+class ApiStartFailed(Unavailable):
+    type = "api_start_failed"
+
+
+@dataclass
+class DaemonParts:
+    """Optional pieces `escrowd dev` and tests swap in: simulator sources, an unlocked
+    keystore, extra jobs (e.g. mining the simulators)."""
+
+    evm_sources: Mapping[str, EvmSource] = field(default_factory=dict)
+    solana_source: SolanaSource | None = None
+    keystore: UnlockedKeystore | None = None
+    extra_jobs: list[Job] = field(default_factory=list)
+    environ: Mapping[str, str] | None = None
+
+
+def derivers_of(keystore: UnlockedKeystore | None, settings: Settings) -> dict[str, AddressDeriver]:
+    if keystore is None:
+        return {}
+    mint = settings.solana.usdc_mint if settings.solana is not None else None
+    return {"evm": keystore.evm_deriver(), "solana": keystore.solana_deriver(mint)}
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        *,
+        parts: DaemonParts | None = None,
+        notifier: Notifier | None = None,
+        serve_api: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.parts = parts or DaemonParts()
+        self.notifier = notifier or Notifier()
+        self.serve_api = serve_api
+        self.stop_event = threading.Event()
+        self.progress = JobProgress()
+        self.lags = LagTracker()
+        self.runner: JobRunner | None = None
+        self.jobs: list[Job] = []
+        self.api_port: int | None = None
+        self._scheduler: BackgroundScheduler | None = None
+        self._server: uvicorn.Server | None = None
+        self._server_thread: threading.Thread | None = None
+        self._closers: list[Callable[[], None]] = []
+        self._status = ""
+        self._running_status = ""
+
+    # ---- start-up -----------------------------------------------------------------------
+
+    def check_schema(self) -> None:
+        current, head = current_revision(self.engine), head_revision()
+        if current != head:
+            raise SchemaNotAtHead(
+                f"database schema is at {current or 'nothing'}, expected {head}: "
+                "run `escrowd migrate` (or `escrowd run --migrate`)"
+            )
+
+    def app(self) -> FastAPI:
+        derivers = derivers_of(self.parts.keystore, self.settings)
+        app = create_app(self.settings, self.engine, deriver=derivers)
+        return mount_health(app, ReadinessProbe(self.engine, self.lags))
+
+    def start(self) -> None:
+        self._set_status("starting")
+        self.check_schema()
+        if self.engine.dialect.name == "sqlite":
+            log.warning(
+                "sqlite_single_instance",
+                detail="SQLite has no advisory locks: run exactly one daemon on this database",
+            )
+        ctx = JobContext(
+            settings=self.settings,
+            engine=self.engine,
+            sessions=make_session_factory(self.engine),
+            evm_sources=dict(self.parts.evm_sources),
+            solana_source=self.parts.solana_source,
+            keystore=self.parts.keystore,
+        )
+        if self.parts.environ is not None:
+            ctx.environ = self.parts.environ
+        self.jobs = build_jobs(ctx) + list(self.parts.extra_jobs)
+        self._closers.extend(ctx.closers)
+        locks = locks_for(self.engine, max_holders=max(1, len(self.jobs)))
+        self._closers.append(locks.close)
+        self.runner = JobRunner(locks, self.progress, self.lags)
+        if self.serve_api:
+            self._start_api()
+        self._start_scheduler()
+        where = f"; API on {self.settings.api.host}:{self.api_port}" if self.serve_api else ""
+        self._running_status = f"running {len(self.jobs)} jobs{where}"
+        self._status = self._running_status
+        self.notifier.ready(self._running_status)
+        log.info("daemon_ready", jobs=[job.name for job in self.jobs], api_port=self.api_port)
+
+    def _start_scheduler(self) -> None:
+        runner = self.runner
+        assert runner is not None, "start() builds the runner first"
+        # APScheduler warns on every tick a long job makes it skip; JobProgress and the
+        # watchdog report a job that stops completing, once, as a fact.
+        logging.getLogger("apscheduler").setLevel(logging.ERROR)
+        scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(max_workers=max(1, len(self.jobs)))},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            timezone="UTC",
+        )
+        for job in self.jobs:
+            runner.register(job)
+            scheduler.add_job(
+                runner.tick,
+                IntervalTrigger(seconds=job.interval_s),
+                args=[job],
+                id=job.name,
+                name=job.name,
+                next_run_time=datetime.now(UTC),
+            )
+            log.info("job_scheduled", job=job.name, interval_s=job.interval_s)
+        scheduler.start()
+        self._scheduler = scheduler
+
+    def _start_api(self) -> None:
+        config = uvicorn.Config(
+            self.app(),
+            host=self.settings.api.host,
+            port=self.settings.api.port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, name="api", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + API_START_TIMEOUT_S
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise ApiStartFailed(
+                    f"the HTTP API did not start on {self.settings.api.host}:"
+                    f"{self.settings.api.port}: is the port in use? (see the log above)"
+                )
+            time.sleep(0.02)
+        self.api_port = int(server.servers[0].sockets[0].getsockname()[1])
+        self._server, self._server_thread = server, thread
+        log.info("api_listening", host=self.settings.api.host, port=self.api_port)
+
+    # ---- running ------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        def handle(signum: int, _frame: FrameType | None) -> None:
+            log.info("shutdown_requested", signal=signal.Signals(signum).name)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+    def watch(self) -> None:
+        """Until asked to stop: ping the watchdog while all jobs make progress."""
+        interval_s = self.notifier.watchdog_interval_s or IDLE_LOOP_S
+        stale_after_s = self.settings.daemon.watchdog_stale_s
+        withheld: list[str] = []
+        while not self.stop_event.wait(min(interval_s, IDLE_LOOP_S)):
+            stale = self.progress.stale(stale_after_s)
+            if stale:
+                if stale != withheld:
+                    log.error("watchdog_withheld", stale_jobs=stale, stale_after_s=stale_after_s)
+                self._set_status(f"jobs not progressing: {', '.join(stale)}")
+            else:
+                if withheld:
+                    log.info("watchdog_resumed")
+                self.notifier.watchdog()
+                self._set_status(self._running_status)
+            withheld = stale
+
+    def _set_status(self, status: str) -> None:
+        if status != self._status:
+            self._status = status
+            self.notifier.status(status)
+
+    # ---- shutdown -----------------------------------------------------------------------
+
+    def shutdown(self) -> int:
+        timeout_s = self.settings.daemon.shutdown_timeout_s
+        deadline = time.monotonic() + timeout_s
+        self.notifier.stopping("stopping: finishing jobs in flight")
+        log.info("daemon_stopping", timeout_s=timeout_s)
+        if self._server is not None:
+            self._server.should_exit = True
+        stopper: threading.Thread | None = None
+        if self._scheduler is not None:
+            scheduler = self._scheduler
+            # shutdown(wait=True) returns once the ticks in flight have finished.
+            stopper = threading.Thread(
+                target=lambda: scheduler.shutdown(wait=True), name="scheduler-stop", daemon=True
+            )
+            stopper.start()
+            stopper.join(max(0.0, deadline - time.monotonic()))
+        if self._server_thread is not None:
+            self._server_thread.join(max(0.0, deadline - time.monotonic()))
+        unfinished = [
+            thread.name for thread in (stopper, self._server_thread) if thread and thread.is_alive()
+        ]
+        if unfinished:
+            log.error(
+                "shutdown_timeout",
+                timeout_s=timeout_s,
+                waiting_on=unfinished,
+                running_jobs=self.progress.running(),
+            )
+            return EXIT_SHUTDOWN_TIMEOUT
+        for close in self._closers:
+            close()
+        log.info("daemon_stopped")
+        return EXIT_OK
+
+
+def run_daemon(daemon: Daemon) -> int:
+    """Start, run until SIGTERM/SIGINT, shut down; the process exit code."""
+    daemon.install_signal_handlers()
+    try:
+        daemon.start()
+    except Exception:
+        daemon.stop_event.set()
+        daemon.shutdown()
+        raise
+    daemon.watch()
+    return daemon.shutdown()

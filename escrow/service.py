@@ -1,0 +1,563 @@
+"""Escrow use cases: one function per use case over the caller's session.
+
+The HTTP API, the CLI, the scheduler and `escrow.EscrowService` all call these; the
+transaction boundary is the caller's. Every change posts its ledger transfers, appends an
+audit row for the state change and writes a webhook event in that one transaction.
+
+States: funded -> released | refunded | resolved, and funded -> expired -> refunded.
+Terminal states (released, refunded, resolved) never change. A change locks the escrow
+row first (SELECT ... FOR UPDATE), so two racing changes of one escrow serialize there and
+the later one sees the new state and gets EscrowConflict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import structlog
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, aliased
+
+from config.errors import ValidationFailed
+from escrow import accounts, audit, events, ledger
+from escrow.errors import (
+    AgentNotFound,
+    EscrowConflict,
+    EscrowNotFound,
+    InsufficientFunds,
+    InvalidAmount,
+    UnknownAsset,
+)
+from escrow.payouts import request_payout
+from models import (
+    AccountKind,
+    Agent,
+    Asset,
+    Deposit,
+    Escrow,
+    EscrowStatus,
+    LedgerAccount,
+    Payout,
+    PayoutReason,
+    TransferCode,
+    utcnow,
+)
+
+log = structlog.get_logger(__name__)
+
+BPS_DENOMINATOR = 10_000
+MAX_EXTERNAL_ID_LENGTH = 128
+MAX_PAGE_SIZE = 1_000
+OPEN_STATES = (EscrowStatus.FUNDED, EscrowStatus.EXPIRED)
+
+
+# --- agents -------------------------------------------------------------------------------
+
+
+def register_agent(session: Session, external_id: str, name: str | None = None) -> Agent:
+    """The agent with this external id, created on first call (idempotent, race-safe).
+    A later call with another name keeps the agent and updates its name."""
+    if not external_id or len(external_id) > MAX_EXTERNAL_ID_LENGTH:
+        raise ValidationFailed(f"agent id must be 1 to {MAX_EXTERNAL_ID_LENGTH} characters")
+    query = select(Agent).where(Agent.external_id == external_id)
+    agent = session.scalars(query).one_or_none()
+    if agent is None:
+        try:
+            with session.begin_nested():
+                agent = Agent(external_id=external_id, name=name)
+                session.add(agent)
+            log.info("agent_registered", agent_id=agent.id, external_id=external_id)
+            return agent
+        except IntegrityError:
+            agent = session.scalars(query).one()
+    if name is not None and agent.name != name:
+        agent.name = name
+        session.flush()
+    return agent
+
+
+def get_agent(session: Session, external_id: str) -> Agent:
+    agent = session.scalars(select(Agent).where(Agent.external_id == external_id)).one_or_none()
+    if agent is None:
+        raise AgentNotFound(f"no agent {external_id!r}; register it with POST /v1/agents first")
+    return agent
+
+
+# Registered assets never change their decimals (models.registry refuses it), so a known
+# symbol's decimals can be remembered for the life of the process.
+_decimals_cache: dict[str, int] = {}
+
+
+def asset_decimals(session: Session, symbol: str) -> int:
+    """Decimals of a ledger asset (the same symbol has the same decimals on every chain)."""
+    cached = _decimals_cache.get(symbol)
+    if cached is not None:
+        return cached
+    decimals = session.scalars(
+        select(Asset.decimals).where(Asset.symbol == symbol).limit(1)
+    ).one_or_none()
+    if decimals is None:
+        raise UnknownAsset(f"unknown asset {symbol!r}; use a configured asset such as USDC")
+    _decimals_cache[symbol] = decimals
+    return decimals
+
+
+def _accounts(
+    session: Session, asset: str, wanted: Sequence[tuple[AccountKind, str]]
+) -> dict[tuple[AccountKind, str], LedgerAccount]:
+    """Several accounts of one asset in one SELECT; missing ones are created."""
+    found = {
+        (AccountKind(account.kind), account.owner): account
+        for account in session.scalars(
+            select(LedgerAccount).where(
+                LedgerAccount.asset == asset,
+                or_(
+                    *(
+                        and_(LedgerAccount.kind == kind.value, LedgerAccount.owner == owner)
+                        for kind, owner in wanted
+                    )
+                ),
+            )
+        )
+    }
+    for kind, owner in wanted:
+        if (kind, owner) not in found:
+            found[kind, owner] = ledger.get_or_create_account(session, kind, owner, asset)
+    return found
+
+
+@dataclass(frozen=True)
+class AssetBalance:
+    asset: str
+    decimals: int
+    available: int
+    escrowed_as_buyer: int
+
+
+def balances(session: Session, agent: Agent) -> list[AssetBalance]:
+    """Per asset: what the agent can spend, and what it has locked in open escrows."""
+    available = {
+        account.asset: ledger.balance(session, account)
+        for account in session.scalars(
+            select(LedgerAccount).where(
+                LedgerAccount.kind == AccountKind.AGENT_AVAILABLE.value,
+                LedgerAccount.owner == str(agent.id),
+            )
+        )
+    }
+    escrowed = {
+        asset: int(total)
+        for asset, total in session.execute(
+            select(Escrow.asset, func.sum(Escrow.amount))
+            .where(Escrow.buyer_agent_id == agent.id, Escrow.status.in_(OPEN_STATES))
+            .group_by(Escrow.asset)
+        )
+    }
+    decimals = dict(
+        session.execute(select(Asset.symbol, func.max(Asset.decimals)).group_by(Asset.symbol)).all()
+    )
+    return [
+        AssetBalance(
+            asset=symbol,
+            decimals=int(decimals.get(symbol, 0)),
+            available=available.get(symbol, 0),
+            escrowed_as_buyer=escrowed.get(symbol, 0),
+        )
+        for symbol in sorted(set(available) | set(escrowed))
+    ]
+
+
+def list_deposits(
+    session: Session,
+    *,
+    agent: Agent | None = None,
+    chain: str | None = None,
+    status: str | None = None,
+    after_id: int | None = None,
+    limit: int = 100,
+) -> Sequence[Deposit]:
+    """Deposits in id order after `after_id` (the cursor), at most `limit`."""
+    assert 1 <= limit <= MAX_PAGE_SIZE
+    query = select(Deposit).order_by(Deposit.id).limit(limit)
+    if agent is not None:
+        query = query.where(Deposit.agent_id == agent.id)
+    if chain is not None:
+        query = query.where(Deposit.chain == chain)
+    if status is not None:
+        query = query.where(Deposit.status == status)
+    if after_id is not None:
+        query = query.where(Deposit.id > after_id)
+    return session.scalars(query).all()
+
+
+# --- escrows ------------------------------------------------------------------------------
+
+
+def fee_for(amount: int, fee_bps: int) -> int:
+    """The platform fee: floor(amount * fee_bps / 10000). Rounding favours the worker:
+    the remainder of the division stays with the worker, so 1 base unit at 250 bps has
+    fee 0 and 999_999 at 333 bps has fee 33_299 (worker 966_700)."""
+    assert amount >= 0 and 0 <= fee_bps <= BPS_DENOMINATOR
+    return amount * fee_bps // BPS_DENOMINATOR
+
+
+def _insert_for(session: Session) -> Any:
+    dialect = session.get_bind().dialect.name
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+def _stream(job_id: str) -> str:
+    return f"escrow:{job_id}"
+
+
+def get_escrow(session: Session, job_id: str) -> Escrow:
+    escrow = session.scalars(select(Escrow).where(Escrow.job_id == job_id)).one_or_none()
+    if escrow is None:
+        raise EscrowNotFound(f"no escrow for job {job_id!r}")
+    return escrow
+
+
+def _lock_escrow(session: Session, job_id: str) -> tuple[Escrow, Agent, Agent]:
+    """The escrow row, locked until commit, with both agents loaded in the same query."""
+    buyer, worker = aliased(Agent), aliased(Agent)
+    row = session.execute(
+        select(Escrow, buyer, worker)
+        .join(buyer, buyer.id == Escrow.buyer_agent_id)
+        .join(worker, worker.id == Escrow.worker_agent_id)
+        .where(Escrow.job_id == job_id)
+        .with_for_update(of=Escrow)
+        .execution_options(populate_existing=True)
+    ).one_or_none()
+    if row is None:
+        raise EscrowNotFound(f"no escrow for job {job_id!r}")
+    return row[0], row[1], row[2]
+
+
+def _event_data(escrow: Escrow, buyer: Agent, worker: Agent) -> dict[str, object]:
+
+    def units(value: int | None) -> str | None:
+        return None if value is None else str(value)
+
+    return {
+        "job_id": escrow.job_id,
+        "escrow_id": escrow.id,
+        "status": escrow.status,
+        "buyer": buyer.external_id,
+        "worker": worker.external_id,
+        "asset": escrow.asset,
+        "amount_base_units": str(escrow.amount),
+        "fee_bps": escrow.fee_bps,
+        "worker_amount_base_units": units(escrow.worker_amount),
+        "fee_amount_base_units": units(escrow.fee_amount),
+        "refund_amount_base_units": units(escrow.refund_amount),
+    }
+
+
+def _record(
+    session: Session, escrow: Escrow, parties: tuple[Agent, Agent], action: str, actor: str
+) -> None:
+    """The audit row and webhook event of a state change."""
+    audit.append(
+        session,
+        stream=_stream(escrow.job_id),
+        actor=actor,
+        action=action,
+        asset=escrow.asset,
+        amount=escrow.amount,
+        details={
+            "status": escrow.status,
+            "worker_amount": escrow.worker_amount,
+            "fee_amount": escrow.fee_amount,
+            "refund_amount": escrow.refund_amount,
+        },
+    )
+    events.emit(session, f"escrow.{escrow.status}", _event_data(escrow, *parties))
+
+
+def fund_escrow(
+    session: Session,
+    *,
+    job_id: str,
+    buyer: Agent,
+    worker: Agent,
+    asset: str,
+    amount: int,
+    fee_bps: int,
+    expires_at: datetime | None = None,
+    actor: str = "api",
+) -> Escrow:
+    """Move `amount` from the buyer's available balance into a new escrow for `job_id`.
+    One escrow per job id: a second fund of the same job is EscrowConflict."""
+    if not job_id or len(job_id) > MAX_EXTERNAL_ID_LENGTH:
+        raise ValidationFailed(f"job id must be 1 to {MAX_EXTERNAL_ID_LENGTH} characters")
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+        raise InvalidAmount(f"escrow amount must be a positive integer, got {amount!r}")
+    if not 0 <= fee_bps <= BPS_DENOMINATOR:
+        raise ValidationFailed(f"fee_bps must be between 0 and 10000, got {fee_bps}")
+    if buyer.id == worker.id:
+        raise ValidationFailed("buyer and worker must be different agents")
+    if expires_at is not None and expires_at.tzinfo is None:
+        raise ValidationFailed("expires_at must carry a timezone (UTC)")
+    asset_decimals(session, asset)
+    # The unique job id decides, also between concurrent funds of one job: the loser's
+    # insert waits for the winner's commit and then inserts nothing.
+    now = utcnow()
+    escrow: Escrow | None = session.scalars(
+        _insert_for(session)(Escrow)
+        .values(
+            job_id=job_id,
+            buyer_agent_id=buyer.id,
+            worker_agent_id=worker.id,
+            asset=asset,
+            amount=amount,
+            fee_bps=fee_bps,
+            status=EscrowStatus.FUNDED.value,
+            expires_at=expires_at,
+            created_at=now,
+            updated_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=["job_id"])
+        .returning(Escrow)
+    ).one_or_none()
+    if escrow is None:
+        status = session.scalars(select(Escrow.status).where(Escrow.job_id == job_id)).one()
+        raise EscrowConflict(f"escrow {job_id} already exists ({status}); use a new job id")
+    funding = _accounts(
+        session, asset, [(AccountKind.AGENT_AVAILABLE, str(buyer.id)), (AccountKind.ESCROW, job_id)]
+    )
+    try:
+        ledger.post(
+            session,
+            [
+                ledger.TransferSpec(
+                    idempotency_key=f"escrow:{job_id}:fund",
+                    debit_account_id=funding[AccountKind.AGENT_AVAILABLE, str(buyer.id)].id,
+                    credit_account_id=funding[AccountKind.ESCROW, job_id].id,
+                    amount=amount,
+                    code=TransferCode.ESCROW_FUND,
+                    ref_type="escrow",
+                    ref_id=job_id,
+                )
+            ],
+            actor=actor,
+            audit_stream=_stream(job_id),
+        )
+    except InsufficientFunds:
+        raise InsufficientFunds(
+            f"buyer {buyer.external_id} has less than {amount} base units of {asset} "
+            "available; deposit more or fund a smaller amount"
+        ) from None
+    _record(session, escrow, (buyer, worker), "escrow_funded", actor)
+    log.info("escrow_funded", job_id=job_id, asset=asset, amount_base_units=amount)
+    return escrow
+
+
+def _settle(
+    session: Session,
+    escrow: Escrow,
+    parties: tuple[Agent, Agent],
+    *,
+    worker_gross: int,
+    new_status: EscrowStatus,
+    actor: str,
+) -> Escrow:
+    """Pay `worker_gross` minus its fee to the worker, the fee to the platform and the
+    rest back to the buyer; zero-amount legs are skipped."""
+    assert escrow.status in OPEN_STATES
+    assert 0 <= worker_gross <= escrow.amount
+    fee = fee_for(worker_gross, escrow.fee_bps)
+    worker_net = worker_gross - fee
+    refund = escrow.amount - worker_gross
+    job_id, asset = escrow.job_id, escrow.asset
+    legs = [
+        (
+            "worker",
+            TransferCode.ESCROW_RELEASE,
+            worker_net,
+            AccountKind.AGENT_AVAILABLE,
+            str(escrow.worker_agent_id),
+        ),
+        ("fee", TransferCode.FEE, fee, AccountKind.PLATFORM_FEES, accounts.PLATFORM_OWNER),
+        (
+            "refund",
+            TransferCode.REFUND,
+            refund,
+            AccountKind.AGENT_AVAILABLE,
+            str(escrow.buyer_agent_id),
+        ),
+    ]
+    legs = [leg for leg in legs if leg[2] > 0]
+    found = _accounts(
+        session,
+        asset,
+        [(AccountKind.ESCROW, job_id), *((kind, owner) for *_, kind, owner in legs)],
+    )
+    specs = [
+        ledger.TransferSpec(
+            idempotency_key=f"escrow:{job_id}:{name}",
+            debit_account_id=found[AccountKind.ESCROW, job_id].id,
+            credit_account_id=found[kind, owner].id,
+            amount=amount,
+            code=code,
+            ref_type="escrow",
+            ref_id=job_id,
+        )
+        for name, code, amount, kind, owner in legs
+    ]
+    ledger.post(session, specs, actor=actor, audit_stream=_stream(job_id))
+    escrow.status = new_status.value
+    escrow.worker_amount = worker_net
+    escrow.fee_amount = fee
+    escrow.refund_amount = refund
+    escrow.resolved_at = utcnow()
+    session.flush()
+    _record(session, escrow, parties, f"escrow_{new_status.value}", actor)
+    log.info(
+        f"escrow_{new_status.value}",
+        job_id=job_id,
+        worker_amount_base_units=worker_net,
+        fee_amount_base_units=fee,
+        refund_amount_base_units=refund,
+    )
+    return escrow
+
+
+def _require(escrow: Escrow, allowed: tuple[EscrowStatus, ...], verb: str) -> None:
+    if escrow.status not in allowed:
+        raise EscrowConflict(
+            f"escrow {escrow.job_id} is already {escrow.status}; it cannot be {verb}"
+        )
+
+
+def release_escrow(session: Session, job_id: str, *, actor: str = "api") -> Escrow:
+    """Worker gets amount - fee, the platform gets fee = floor(amount * fee_bps / 10000)
+    (see fee_for: the rounding remainder goes to the worker)."""
+    escrow, buyer, worker = _lock_escrow(session, job_id)
+    _require(escrow, (EscrowStatus.FUNDED,), "released")
+    return _settle(
+        session,
+        escrow,
+        (buyer, worker),
+        worker_gross=escrow.amount,
+        new_status=EscrowStatus.RELEASED,
+        actor=actor,
+    )
+
+
+def refund_escrow(session: Session, job_id: str, *, actor: str = "api") -> Escrow:
+    """The whole amount back to the buyer; allowed from funded and expired."""
+    escrow, buyer, worker = _lock_escrow(session, job_id)
+    _require(escrow, OPEN_STATES, "refunded")
+    return _settle(
+        session,
+        escrow,
+        (buyer, worker),
+        worker_gross=0,
+        new_status=EscrowStatus.REFUNDED,
+        actor=actor,
+    )
+
+
+def resolve_escrow(
+    session: Session, job_id: str, worker_amount: int, *, actor: str = "api"
+) -> Escrow:
+    """Dispute split: `worker_amount` (0..amount) goes to the worker minus the fee on that
+    part (floor(worker_amount * fee_bps / 10000)); amount - worker_amount goes back to the
+    buyer, with no fee."""
+    escrow, buyer, worker = _lock_escrow(session, job_id)
+    _require(escrow, (EscrowStatus.FUNDED,), "resolved")
+    if isinstance(worker_amount, bool) or not isinstance(worker_amount, int):
+        raise InvalidAmount(f"worker amount must be an integer, got {worker_amount!r}")
+    if not 0 <= worker_amount <= escrow.amount:
+        raise InvalidAmount(
+            f"worker amount {worker_amount} must be between 0 and the escrowed {escrow.amount}"
+        )
+    return _settle(
+        session,
+        escrow,
+        (buyer, worker),
+        worker_gross=worker_amount,
+        new_status=EscrowStatus.RESOLVED,
+        actor=actor,
+    )
+
+
+def expire_due_escrows(session: Session, now: datetime, *, limit: int = 100) -> list[str]:
+    """Expire funded escrows whose expiry has passed and refund them: funded -> expired
+    -> refunded, both steps recorded. At most `limit` per call; rows another instance is
+    changing are skipped (SKIP LOCKED) and picked up next run. Returns the job ids."""
+    assert limit >= 1
+    due = session.scalars(
+        select(Escrow)
+        .where(
+            Escrow.status == EscrowStatus.FUNDED.value,
+            Escrow.expires_at.is_not(None),
+            Escrow.expires_at <= now,
+        )
+        .order_by(Escrow.expires_at, Escrow.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .execution_options(populate_existing=True)
+    ).all()
+    for escrow in due:
+        escrow.status = EscrowStatus.EXPIRED.value
+        session.flush()
+        parties = (
+            session.get_one(Agent, escrow.buyer_agent_id),
+            session.get_one(Agent, escrow.worker_agent_id),
+        )
+        _record(session, escrow, parties, "escrow_expired", "scheduler")
+        _settle(
+            session,
+            escrow,
+            parties,
+            worker_gross=0,
+            new_status=EscrowStatus.REFUNDED,
+            actor="scheduler",
+        )
+    return [escrow.job_id for escrow in due]
+
+
+# --- withdrawals --------------------------------------------------------------------------
+
+
+def withdraw(
+    session: Session,
+    *,
+    agent: Agent,
+    asset: str,
+    chain: str,
+    family: str,
+    to_address: str,
+    amount: int,
+    idempotency_key: str,
+    min_amount_base_units: int,
+    source_address: str = "",
+) -> Payout:
+    """Hold `amount` of the agent's available balance for an on-chain payout to
+    `to_address`; the payout sender broadcasts it. The same `idempotency_key` for the
+    same agent returns the original payout."""
+    if not idempotency_key:
+        raise ValidationFailed("a withdrawal needs an idempotency key")
+    # Hashed: the caller's key may be longer than the payout key column allows.
+    key_digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
+    return request_payout(
+        session,
+        chain=chain,
+        family=family,
+        asset_symbol=asset,
+        agent_id=agent.id,
+        destination=to_address,
+        amount=amount,
+        reason=PayoutReason.WITHDRAWAL,
+        reference=f"agent:{agent.external_id}",
+        idempotency_key=f"withdrawal:{agent.id}:{key_digest}",
+        min_amount_base_units=min_amount_base_units,
+        source_address=source_address,
+    )

@@ -1,0 +1,440 @@
+"""Sweeps: consolidate USDC from EVM deposit addresses into the hot wallet.
+
+A sweep is a `payouts` row with reason ``sweep`` (source = the deposit address,
+destination = the hot wallet) and no ledger effect: both ends are custody of the same
+chain and asset, so agents' balances and ``custody(chain, asset)`` are unchanged, and
+reconciliation (which sums every custody address) is unaffected. Audit rows record each
+step in the payout's stream; no webhook event is sent (nothing changed for any agent).
+
+Steps, each stored before anything is sent (the payout rules):
+1. the deposit address lacks gas: the gas wallet sends it ETH for one transfer at the
+   quoted fee (stored as a transaction of the sweep, recognisable by its recipient);
+2. once that is mined, the deposit address (key derived from the seed) signs the USDC
+   transfer to the hot wallet with its own escrowd-owned nonce;
+3. confirmed at the chain's depth (or failed for good on a revert).
+At most one open sweep per deposit address, so a sweep is never duplicated. States:
+requested -> signed -> confirmed | failed. Run one sweeper per chain (a scheduler job
+under its advisory lock), like every other job.
+
+Solana sweeps need no gas funding (the hot wallet is the fee payer, the deposit key
+co-signs), so `discover_solana_sweeps` only creates the sweep rows and the payout worker
+(`SolanaPayoutChain(..., deposit_key=keystore.derive_solana)`) drives them like payouts;
+the fee it pays in SOL is booked as network cost, like a payout's.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import rlp
+import structlog
+from eth_utils.address import to_checksum_address
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.settings import Settings
+from escrow import audit
+from escrow.uow import in_transaction
+from indexer.errors import RpcError
+from indexer.evm_sender import ERC20_TRANSFER_GAS, EvmSender, quote_fees
+from indexer.evm_source import EvmSource
+from indexer.sending import SignedTx, TxState
+from indexer.solana_source import SolanaSource
+from models import (
+    Asset,
+    Chain,
+    DepositAddress,
+    Payout,
+    PayoutReason,
+    PayoutStatus,
+    PayoutTransaction,
+)
+from wallets.keystore import EvmKey, UnlockedKeystore
+
+log = structlog.get_logger(__name__)
+
+OPEN = (PayoutStatus.REQUESTED.value, PayoutStatus.SIGNED.value, PayoutStatus.BROADCAST.value)
+# Gas sent to a deposit address covers this many times one transfer at the quoted fee.
+GAS_MARGIN = 2
+
+
+@dataclass
+class SweepStats:
+    created: int = 0
+    funded: int = 0
+    sent: int = 0
+    confirmed: int = 0
+    failed: int = 0
+
+
+def create_sweep(
+    session: Session,
+    *,
+    chain: str,
+    asset: Asset,
+    source: str,
+    agent_id: int,
+    destination: str,
+    amount: int,
+) -> bool:
+    """A sweep row in status requested unless one is open for (source, asset); no
+    ledger effect. False when one already exists."""
+    previous = session.scalars(
+        select(Payout.status).where(
+            Payout.chain == chain,
+            Payout.reason == PayoutReason.SWEEP.value,
+            Payout.source_address == source,
+            Payout.asset_id == asset.id,
+        )
+    ).all()
+    if any(status in OPEN for status in previous):
+        return False
+    payout = Payout(
+        idempotency_key=f"sweep:{chain}:{source}:{asset.symbol}:{len(previous)}",
+        chain=chain,
+        asset_id=asset.id,
+        agent_id=agent_id,
+        reason=PayoutReason.SWEEP.value,
+        source_address=source,
+        destination=destination,
+        amount=amount,
+    )
+    session.add(payout)
+    session.flush()
+    audit.append(
+        session,
+        stream=f"payout:{payout.id}",
+        actor="sweeper",
+        action="sweep_requested",
+        asset=asset.symbol,
+        amount=amount,
+        details={"chain": chain, "source": source, "destination": destination},
+    )
+    return True
+
+
+def discover_solana_sweeps(
+    sessions: sessionmaker[Session],
+    source: SolanaSource,
+    *,
+    chain: str,
+    hot_wallet: str,
+    min_base_units: dict[str, int],
+) -> int:
+    """Create a sweep for every Solana deposit address holding at least the minimum of
+    an asset (SOL: its whole balance, the hot wallet pays the fee; USDC: its token
+    balance). The payout worker, built with `deposit_key`, signs and sends them."""
+    with sessions() as session:
+        assets = list(session.scalars(select(Asset).where(Asset.chain == chain)))
+        rows = session.execute(
+            select(DepositAddress.address, DepositAddress.agent_id).where(
+                DepositAddress.chain == Chain.SOLANA.value
+            )
+        ).all()
+    created = 0
+    for address, agent_id in rows:
+        for asset in assets:
+            if asset.token_address is None:
+                balance = source.get_balance(address)
+            else:
+                balance = sum(
+                    account.amount_base_units
+                    for account in source.get_token_accounts_by_owner(address, asset.token_address)
+                )
+            if balance < max(1, min_base_units.get(asset.symbol, 1)):
+                continue
+            create = functools.partial(
+                create_sweep,
+                chain=chain,
+                asset=asset,
+                source=address,
+                agent_id=agent_id,
+                destination=hot_wallet,
+                amount=balance,
+            )
+            created += in_transaction(sessions, create)
+    return created
+
+
+def _recipient(raw_tx: bytes) -> str:
+    fields = rlp.decode(raw_tx[1:])
+    return str(to_checksum_address(bytes(fields[5])))
+
+
+class EvmSweeper:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        source: EvmSource,
+        *,
+        chain: str,
+        chain_id: int,
+        gas_wallet: EvmKey,
+        hot_wallet: str,
+        deposit_key: Callable[[int], EvmKey],
+        max_fee_gwei: int,
+        confirmations: int,
+        min_amount_base_units: int,
+    ) -> None:
+        self.sessions = sessions
+        self.source = source
+        self.chain = chain
+        self.hot_wallet = to_checksum_address(hot_wallet)
+        self.deposit_key = deposit_key
+        self.min_amount = max(1, min_amount_base_units)
+        self._sender_args = {
+            "chain": chain,
+            "chain_id": chain_id,
+            "max_fee_gwei": max_fee_gwei,
+            "confirmations": confirmations,
+        }
+        self.gas = EvmSender(source, gas_wallet, **self._sender_args)  # type: ignore[arg-type]
+
+    def _sender(self, key: EvmKey) -> EvmSender:
+        return EvmSender(self.source, key, **self._sender_args)  # type: ignore[arg-type]
+
+    def _asset(self, session: Session) -> Asset:
+        return session.scalars(
+            select(Asset).where(Asset.chain == self.chain, Asset.symbol == "USDC")
+        ).one()
+
+    def run_once(self) -> SweepStats:
+        stats = SweepStats()
+        self._discover(stats)
+        with self.sessions() as session:
+            open_ids = list(
+                session.scalars(
+                    select(Payout.id).where(
+                        Payout.chain == self.chain,
+                        Payout.reason == PayoutReason.SWEEP.value,
+                        Payout.status.in_(OPEN),
+                    )
+                )
+            )
+        for payout_id in open_ids:
+            self._advance(payout_id, stats)
+        return stats
+
+    def _discover(self, stats: SweepStats) -> None:
+        with self.sessions() as session:
+            token = self._asset(session).token_address
+            rows = session.execute(
+                select(DepositAddress.address, DepositAddress.agent_id).where(
+                    DepositAddress.chain == Chain.EVM.value
+                )
+            ).all()
+            busy = set(
+                session.scalars(
+                    select(Payout.source_address).where(
+                        Payout.chain == self.chain,
+                        Payout.reason == PayoutReason.SWEEP.value,
+                        Payout.status.in_(OPEN),
+                    )
+                )
+            )
+        assert token is not None
+        for address, agent_id in rows:
+            if address in busy:
+                continue
+            balance = self.source.erc20_balance(token, address)
+            if balance < self.min_amount:
+                continue
+            create = functools.partial(
+                self._create, address=address, agent_id=agent_id, amount=balance
+            )
+            if in_transaction(self.sessions, create):
+                stats.created += 1
+
+    def _create(self, session: Session, address: str, agent_id: int, amount: int) -> bool:
+        return create_sweep(
+            session,
+            chain=self.chain,
+            asset=self._asset(session),
+            source=address,
+            agent_id=agent_id,
+            destination=self.hot_wallet,
+            amount=amount,
+        )
+
+    def _audit(self, session: Session, payout: Payout, action: str, **details: object) -> None:
+        audit.append(
+            session,
+            stream=f"payout:{payout.id}",
+            actor="sweeper",
+            action=action,
+            asset="USDC",
+            amount=payout.amount,
+            details={
+                "chain": payout.chain,
+                "source": payout.source_address,
+                "destination": payout.destination,
+                "tx_hash": payout.tx_hash,
+                **details,
+            },
+        )
+
+    def _transactions(
+        self, payout_id: int
+    ) -> tuple[list[PayoutTransaction], list[PayoutTransaction]]:
+        """(gas funding transactions, sweep transactions) of a sweep, oldest first."""
+        with self.sessions() as session:
+            payout = session.get(Payout, payout_id)
+            assert payout is not None
+            txs = list(
+                session.scalars(
+                    select(PayoutTransaction)
+                    .where(PayoutTransaction.payout_id == payout_id)
+                    .order_by(PayoutTransaction.id)
+                )
+            )
+            source = to_checksum_address(payout.source_address)
+        funding = [t for t in txs if _recipient(t.raw_tx) == source]
+        return funding, [t for t in txs if t not in funding]
+
+    def _advance(self, payout_id: int, stats: SweepStats) -> None:
+        funding, sweeps = self._transactions(payout_id)
+        if sweeps:
+            outcome = self._sender(self._key_of(payout_id)).outcome([t.tx_hash for t in sweeps])
+            if outcome.state is TxState.PENDING:
+                if outcome.tx_hash is None:
+                    self._send(sweeps[-1].raw_tx)
+                return
+            in_transaction(
+                self.sessions,
+                lambda s: self._finish(
+                    s, payout_id, outcome.state, outcome.tx_hash, outcome.block_number
+                ),
+            )
+            if outcome.state is TxState.CONFIRMED:
+                stats.confirmed += 1
+            else:
+                stats.failed += 1
+            return
+        if funding:
+            receipt = self.source.receipt(funding[-1].tx_hash)
+            if receipt is None:
+                self._send(funding[-1].raw_tx)
+                return
+        else:
+            signed = in_transaction(self.sessions, lambda s: self._fund_gas(s, payout_id))
+            if signed is not None:
+                stats.funded += 1
+                self._send(signed.raw_tx)
+                return
+        key = self._key_of(payout_id)
+        signed = in_transaction(self.sessions, lambda s: self._sign_sweep(s, payout_id, key))
+        self._send(signed.raw_tx)
+        stats.sent += 1
+
+    def _send(self, raw_tx: bytes) -> None:
+        try:
+            self.source.send_raw_transaction(raw_tx)
+        except RpcError as exc:
+            # The bytes stay stored; the next pass sends them again.
+            log.warning("sweep_send_failed", error=str(exc))
+
+    def _key_of(self, payout_id: int) -> EvmKey:
+        with self.sessions() as session:
+            source = session.scalar(select(Payout.source_address).where(Payout.id == payout_id))
+            index = session.scalar(
+                select(DepositAddress.derivation_index).where(
+                    DepositAddress.chain == Chain.EVM.value, DepositAddress.address == source
+                )
+            )
+        assert index is not None, "a sweep's source is one of our deposit addresses"
+        key = self.deposit_key(index)
+        assert key.address.lower() == str(source).lower(), "deposit key derivation mismatch"
+        return key
+
+    def _store(self, session: Session, payout: Payout, signed: SignedTx) -> None:
+        session.add(
+            PayoutTransaction(
+                payout_id=payout.id,
+                tx_hash=signed.tx_hash,
+                raw_tx=signed.raw_tx,
+                nonce=signed.nonce,
+                max_fee_per_gas=signed.max_fee_per_gas,
+            )
+        )
+
+    def _fund_gas(self, session: Session, payout_id: int) -> SignedTx | None:
+        payout = session.get(Payout, payout_id)
+        assert payout is not None and payout.status == PayoutStatus.REQUESTED.value
+        need = ERC20_TRANSFER_GAS * quote_fees(self.source, self.gas.cap_wei).max_fee_per_gas
+        have = self.source.native_balance_wei(payout.source_address)
+        if have >= need:
+            return None
+        signed = self.gas.sign_native_transfer(
+            session, to=payout.source_address, amount_wei=GAS_MARGIN * need - have
+        )
+        self._store(session, payout, signed)
+        self._audit(session, payout, "sweep_gas_funded", funding_tx_hash=signed.tx_hash)
+        return signed
+
+    def _sign_sweep(self, session: Session, payout_id: int, key: EvmKey) -> SignedTx:
+        payout = session.get(Payout, payout_id)
+        assert payout is not None and payout.status == PayoutStatus.REQUESTED.value
+        asset = self._asset(session)
+        assert asset.token_address is not None
+        signed = self._sender(key).sign_token_transfer(
+            session, token=asset.token_address, to=self.hot_wallet, amount_base_units=payout.amount
+        )
+        self._store(session, payout, signed)
+        payout.status = PayoutStatus.SIGNED.value
+        payout.tx_hash = signed.tx_hash
+        payout.raw_tx = signed.raw_tx
+        payout.nonce = signed.nonce
+        payout.attempts += 1
+        session.flush()
+        self._audit(session, payout, "sweep_signed")
+        return signed
+
+    def _finish(
+        self,
+        session: Session,
+        payout_id: int,
+        state: TxState,
+        tx_hash: str | None,
+        block: int | None,
+    ) -> None:
+        payout = session.get(Payout, payout_id)
+        assert payout is not None and payout.status in OPEN
+        payout.status = (
+            PayoutStatus.CONFIRMED.value
+            if state is TxState.CONFIRMED
+            else PayoutStatus.FAILED.value
+        )
+        payout.tx_hash = tx_hash
+        payout.block_number = block
+        session.flush()
+        self._audit(session, payout, f"sweep_{payout.status}")
+        log.info("sweep_finished", payout_id=payout_id, status=payout.status, tx_hash=tx_hash)
+
+
+def build_evm_sweeper(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    chain: str,
+    keystore: UnlockedKeystore,
+    source: EvmSource | None = None,
+) -> EvmSweeper:
+    """The sweeper of a configured EVM chain: gas from the keystore's gas wallet, USDC
+    into its hot wallet, deposit keys derived from its seed; the dust minimum is the
+    payout minimum. `source` defaults to the chain's JSON-RPC URLs."""
+    from indexer.evm_source import JsonRpcEvmSource
+
+    evm = settings.evm_chain(chain)
+    return EvmSweeper(
+        sessions,
+        source or JsonRpcEvmSource(evm.rpc_urls, chain=evm.name),
+        chain=evm.name,
+        chain_id=evm.chain_id,
+        gas_wallet=keystore.evm_gas_wallet,
+        hot_wallet=keystore.evm_hot_wallet.address,
+        deposit_key=keystore.derive_evm,
+        max_fee_gwei=evm.max_fee_gwei,
+        confirmations=evm.confirmations,
+        min_amount_base_units=settings.payouts.min_usdc_base_units,
+    )

@@ -1,0 +1,124 @@
+"""Builders shared by the escrow service and HTTP API tests."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.settings import EvmChainSettings, Settings
+from daemon.api import create_app
+from escrow import accounts, apikeys, audit, ledger, service
+from escrow.webhooks import SecretCipher
+from models import ApiScope, AuditLog, TransferCode
+from models.registry import ensure_asset
+from wallets.allocation import AddressDeriver
+from wallets.hd import EVM_ACCOUNT_PATH, EvmXpubDeriver, ExtendedPrivateKey, SolanaSeedDeriver
+from wallets.mnemonic import mnemonic_to_seed
+from wallets.secrets import Secret
+
+USDC_ADDRESS = "0x" + "ab" * 20
+CHAIN = "base"
+_keys = itertools.count(1)
+
+
+def make_settings(data_dir: Path) -> Settings:
+    return Settings(
+        data_dir=data_dir,
+        evm_chains=[
+            EvmChainSettings(
+                name=CHAIN,
+                chain_id=8453,
+                rpc_urls=["http://127.0.0.1:9"],
+                usdc_address=USDC_ADDRESS,
+            )
+        ],
+    )
+
+
+def seed_asset(session: Session) -> None:
+    ensure_asset(session, chain=CHAIN, symbol="USDC", decimals=6, token_address=USDC_ADDRESS)
+
+
+def credit(session: Session, agent_id: int, amount: int, asset: str = "USDC") -> None:
+    """Give an agent `amount` base units, as a confirmed deposit from custody would."""
+    ledger.post(
+        session,
+        [
+            ledger.TransferSpec(
+                idempotency_key=f"test-credit-{next(_keys)}",
+                debit_account_id=accounts.custody(session, CHAIN, asset).id,
+                credit_account_id=accounts.agent_available(session, agent_id, asset).id,
+                amount=amount,
+                code=TransferCode.DEPOSIT,
+                ref_type="test",
+                ref_id=str(agent_id),
+            )
+        ],
+        actor="test",
+    )
+
+
+def seed_agents(sessions: sessionmaker[Session], *names: str, balance: int = 0) -> dict[str, int]:
+    """Register agents (ids by name) and credit each with `balance` base units."""
+    ids: dict[str, int] = {}
+    with sessions() as s, s.begin():
+        seed_asset(s)
+        for name in names:
+            agent = service.register_agent(s, name, name.title())
+            ids[name] = agent.id
+            if balance:
+                credit(s, agent.id, balance)
+    return ids
+
+
+def available(sessions: sessionmaker[Session], agent_id: int, asset: str = "USDC") -> int:
+    with sessions() as s, s.begin():
+        return ledger.balance(s, accounts.agent_available(s, agent_id, asset))
+
+
+def platform_fees(sessions: sessionmaker[Session], asset: str = "USDC") -> int:
+    with sessions() as s, s.begin():
+        return ledger.balance(s, accounts.platform_fees(s, asset))
+
+
+def audit_actions(sessions: sessionmaker[Session], stream: str) -> list[str]:
+    with sessions() as s:
+        return list(
+            s.scalars(
+                select(AuditLog.action).where(AuditLog.stream == stream).order_by(AuditLog.seq)
+            )
+        )
+
+
+def ledger_clean(sessions: sessionmaker[Session]) -> bool:
+    with sessions() as s, s.begin():
+        return ledger.check(s) == [] and audit.verify(s).ok
+
+
+def make_key(sessions: sessionmaker[Session], scope: ApiScope) -> str:
+    with sessions() as s, s.begin():
+        _, key = apikeys.create_key(s, name=f"test-{scope.value}", scope=scope)
+    return key
+
+
+def make_client(
+    engine: Engine, data_dir: Path, *, deriver: dict[str, AddressDeriver] | None = None
+) -> TestClient:
+    app = create_app(
+        make_settings(data_dir),
+        engine,
+        webhook_cipher=SecretCipher(bytes(range(32))),
+        deriver=deriver,
+    )
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def derivers() -> dict[str, AddressDeriver]:
+    """Derivers of the public BIP-39 test phrase "abandon ... about", per chain family."""
+    seed = mnemonic_to_seed(Secret("abandon " * 11 + "about"))
+    xpub = ExtendedPrivateKey.from_seed(seed).derive(EVM_ACCOUNT_PATH).public().serialize()
+    return {"evm": EvmXpubDeriver(xpub), "solana": SolanaSeedDeriver(seed)}
