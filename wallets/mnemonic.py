@@ -7,9 +7,6 @@ import secrets
 import unicodedata
 from functools import cache
 
-from bip_utils import Bip39Languages
-from bip_utils.bip.bip39.bip39_mnemonic_utils import Bip39WordsListGetter
-
 from wallets.errors import InvalidMnemonic
 from wallets.secrets import Secret
 
@@ -20,6 +17,11 @@ _PBKDF2_ROUNDS = 2048
 
 @cache
 def _wordlist() -> tuple[tuple[str, ...], dict[str, int]]:
+    # Imported on first use: bip_utils takes seconds to import, and most commands
+    # (and every process that only watches addresses) never need the word list.
+    from bip_utils import Bip39Languages
+    from bip_utils.bip.bip39.bip39_mnemonic_utils import Bip39WordsListGetter
+
     words_list = Bip39WordsListGetter().GetByLanguage(Bip39Languages.ENGLISH)
     words = tuple(words_list.GetWordAtIdx(i) for i in range(words_list.Length()))
     assert len(words) == 2048
