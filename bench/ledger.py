@@ -6,7 +6,9 @@ Each escrowd operation is one transaction posting two linked transfers (a paymen
 fee: buyer -> seller, buyer -> platform fees) with their audit rows, through the same
 `escrow.ledger.post` the service uses. pgbench runs its builtin tpcb-like script with the
 same client count against the same server in the same run. Target: escrowd at 16 clients
->= 50 % of pgbench's tps.
+>= 50 % of pgbench's tps. On PostgreSQL each posting is one call of the escrowd_post
+function, so the Python client's CPU per posting (process time, all threads) is printed too:
+client and server share the machine's cores.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def _admin(sql: str) -> None:
         conn.execute(sql)  # type: ignore[arg-type]
 
 
-def run_escrowd(clients: int, seconds: float, accounts_n: int) -> tuple[float, int]:
+def run_escrowd(clients: int, seconds: float, accounts_n: int) -> tuple[float, float, int]:
     name = f"bench_ledger_{uuid.uuid4().hex[:8]}"
     _admin(f'CREATE DATABASE "{name}"')
     engine = make_engine(f"{URL_BASE}/{name}", pool_size=clients + 2)
@@ -102,16 +104,17 @@ def run_escrowd(clients: int, seconds: float, accounts_n: int) -> tuple[float, i
                 i += 1
                 done[n] += 1
 
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.process_time()
         threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        elapsed = time.monotonic() - started
+        elapsed, cpu_s = time.monotonic() - started, time.process_time() - cpu_started
         with sessions() as session:
             violations = ledger.check(session)
-        return sum(done) / elapsed, len(violations)
+        postings = sum(done)
+        return postings / elapsed, 1e3 * cpu_s / max(postings, 1), len(violations)
     finally:
         engine.dispose()
         _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -159,12 +162,13 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for clients in (1, 16):
-        escrowd_tps, violations = run_escrowd(clients, args.seconds, args.accounts)
+        escrowd_tps, cpu_ms, violations = run_escrowd(clients, args.seconds, args.accounts)
         pgbench_tps = run_pgbench(clients, int(args.seconds))
         ratio = escrowd_tps / pgbench_tps
-        rows.append((clients, escrowd_tps, pgbench_tps, ratio, violations))
+        rows.append((clients, escrowd_tps, cpu_ms, pgbench_tps, ratio, violations))
         print(
             f"clients={clients:2d}  escrowd two-leg transfers/s={escrowd_tps:8.1f}  "
+            f"client CPU ms/posting={cpu_ms:5.2f}  "
             f"pgbench tpcb-like tps={pgbench_tps:8.1f}  ratio={ratio:5.2f}  "
             f"ledger violations={violations}"
         )
@@ -176,10 +180,14 @@ def main() -> None:
             "2 cores, PostgreSQL 15 on the same host. "
             f"{args.seconds:.0f} s per run, {args.accounts} accounts.",
             "",
-            "| clients | escrowd two-leg postings/s | pgbench tpcb-like tps | ratio | violations |",
-            "|---|---|---|---|---|",
+            "| clients | escrowd two-leg postings/s | client CPU ms/posting "
+            "| pgbench tpcb-like tps | ratio | violations |",
+            "|---|---|---|---|---|---|",
         ]
-        lines += [f"| {c} | {e:.1f} | {p:.1f} | {r:.2f} | {v} |" for c, e, p, r, v in rows]
+        lines += [
+            f"| {c} | {e:.1f} | {cpu:.2f} | {p:.1f} | {r:.2f} | {v} |"
+            for c, e, cpu, p, r, v in rows
+        ]
         with RESULTS.open("a", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")
 

@@ -32,8 +32,16 @@ def canonical_json(value: Mapping[str, Any]) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
-def _timestamp(value: datetime) -> str:
+def timestamp_text(value: datetime) -> str:
+    """The form of `created_at` that row hashes cover."""
     return value.isoformat(timespec="microseconds")
+
+
+def _netstring(value: str | int | None) -> str:
+    if value is None:
+        return "~"
+    text_value = str(value)
+    return f"{len(text_value.encode())}:{text_value}"
 
 
 def row_digest(
@@ -48,9 +56,24 @@ def row_digest(
     created_at: datetime,
     prev_hash: str,
 ) -> str:
-    material = json.dumps(
-        [stream, seq, actor, action, asset, amount, details, _timestamp(created_at), prev_hash],
-        separators=(",", ":"),
+    """sha256 over the fields as length-prefixed UTF-8 strings ("~" for NULL).
+
+    Length prefixes keep the encoding unambiguous without any escaping, so the PostgreSQL
+    posting function (escrowd_post in the migration) computes the same digest with
+    octet_length, concatenation and sha256 alone; change both together."""
+    material = "".join(
+        _netstring(value)
+        for value in (
+            stream,
+            seq,
+            actor,
+            action,
+            asset,
+            amount,
+            details,
+            timestamp_text(created_at),
+            prev_hash,
+        )
     )
     return hashlib.sha256(material.encode()).hexdigest()
 

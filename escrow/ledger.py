@@ -5,20 +5,27 @@ are written or none. No-overdraft accounts are checked and updated in one condit
 UPDATE per account, taken in account-id order so concurrent postings never deadlock on
 them. Accounts without that flag are never updated (their balance is the sum of their
 transfers), so platform fees and custody never turn unrelated postings into a queue.
+
+On PostgreSQL a posting is one call of the escrowd_post function (created by the
+migration), which does the same checks and writes server-side in one round trip; the
+Python path below serves SQLite. tests/test_ledger_pg_fastpath.py holds them to the same
+outcomes, rows and audit hashes.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from config.errors import EscrowdError
 from escrow import audit
 from escrow.errors import (
     AssetMismatch,
@@ -33,6 +40,8 @@ from models.base import utcnow
 # Kinds whose balance must never go below zero.
 NO_OVERDRAFT_KINDS = frozenset({AccountKind.AGENT_AVAILABLE, AccountKind.ESCROW})
 MAX_TRANSFERS_PER_BATCH = 64
+# Base units are stored in signed 64-bit columns.
+MAX_AMOUNT = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -148,6 +157,14 @@ def _validate(specs: Sequence[TransferSpec]) -> None:
             raise InvalidAmount(f"amount must be an integer in base units, got {spec.amount!r}")
         if spec.amount <= 0:
             raise InvalidAmount(f"amount must be greater than zero, got {spec.amount}")
+        if spec.amount > MAX_AMOUNT:
+            raise InvalidAmount(f"amount {spec.amount} exceeds the largest storable amount")
+        # Checked here so an oversized value is a typed error that leaves the caller's
+        # transaction usable, rather than a column-limit failure inside the database.
+        if len(spec.idempotency_key) > 160 or len(spec.ref_type) > 32 or len(spec.ref_id) > 128:
+            raise InvalidAmount(
+                "idempotency key (160), ref type (32) or ref id (128 characters) is too long"
+            )
         if spec.debit_account_id == spec.credit_account_id:
             raise InvalidAmount("a transfer needs two different accounts")
 
@@ -185,6 +202,9 @@ def post(
 ) -> list[Posted]:
     """Post linked transfers atomically; a repeat of the same batch returns the originals."""
     _validate(specs)
+    # The Python path costs ~11 statements of client CPU per posting; the function, one.
+    if session.get_bind().dialect.name == "postgresql":
+        return _post_postgresql(session, specs, actor=actor, audit_stream=audit_stream)
     originals = _existing(session, specs)
     if originals is not None:
         return originals
@@ -197,6 +217,19 @@ def post(
         if originals is None:
             raise
         return originals
+
+
+def _audit_details(
+    transfer: TransferSpec | Posted, transfer_id: int, batch_id: str
+) -> dict[str, object]:
+    return {
+        "transfer_id": transfer_id,
+        "debit_account_id": transfer.debit_account_id,
+        "credit_account_id": transfer.credit_account_id,
+        "idempotency_key": transfer.idempotency_key,
+        "batch_id": batch_id,
+        "ref": f"{transfer.ref_type}:{transfer.ref_id}",
+    }
 
 
 def _post_new(
@@ -294,19 +327,94 @@ def _post_new(
                 action=f"ledger_{transfer.code}",
                 asset=transfer.asset,
                 amount=transfer.amount,
-                details={
-                    "transfer_id": transfer.id,
-                    "debit_account_id": transfer.debit_account_id,
-                    "credit_account_id": transfer.credit_account_id,
-                    "idempotency_key": transfer.idempotency_key,
-                    "batch_id": batch_id,
-                    "ref": f"{transfer.ref_type}:{transfer.ref_id}",
-                },
+                details=_audit_details(transfer, transfer.id, batch_id),
             )
         )
     for stream in sorted(entries_by_stream):
         audit.append_many(session, stream, entries_by_stream[stream])
     return posted
+
+
+_PG_POST = text(
+    "SELECT status, message, transfer_id, asset, batch_id FROM escrowd_post("
+    "CAST(:transfers AS text), CAST(:actor AS text), CAST(:batch_id AS text), "
+    "CAST(:created_at AS timestamptz), CAST(:created_text AS text))"
+)
+_PG_REFUSALS: dict[str, type[EscrowdError]] = {
+    "insufficient_funds": InsufficientFunds,
+    "unknown_account": UnknownAccount,
+    "asset_mismatch": AssetMismatch,
+    "idempotency_conflict": IdempotencyConflict,
+}
+_ID_SENTINEL = '"transfer_id":0}'
+
+
+def _details_head(spec: TransferSpec, batch_id: str) -> str:
+    """The audit details JSON up to the transfer id, which only the database knows.
+
+    "transfer_id" sorts last among the keys, so the canonical JSON ends with it and the
+    function appends the id and the closing brace."""
+    full = audit.canonical_json(_audit_details(spec, 0, batch_id))
+    assert full.endswith(_ID_SENTINEL)
+    return full[: -len("0}")]
+
+
+def _post_postgresql(
+    session: Session, specs: Sequence[TransferSpec], *, actor: str, audit_stream: str | None
+) -> list[Posted]:
+    """One round trip to escrowd_post (see the migration): the same checks, outcomes and
+    rows as the Python path, without ~11 statements' worth of client CPU per posting."""
+    # Plain SQL does not autoflush; the caller's pending ORM writes must land first.
+    session.flush()
+    batch_id = str(uuid.uuid4())
+    now = utcnow()
+    # One JSON text parameter: far cheaper for the driver to send than nine arrays.
+    transfers = json.dumps(
+        [
+            [
+                spec.idempotency_key,
+                spec.debit_account_id,
+                spec.credit_account_id,
+                spec.amount,
+                spec.code.value,
+                spec.ref_type,
+                spec.ref_id,
+                audit_stream or f"{spec.ref_type}:{spec.ref_id}",
+                _details_head(spec, batch_id),
+            ]
+            for spec in specs
+        ]
+    )
+    rows = session.execute(
+        _PG_POST,
+        {
+            "transfers": transfers,
+            "actor": actor,
+            "batch_id": batch_id,
+            "created_at": now,
+            "created_text": audit.timestamp_text(now),
+        },
+    ).all()
+    status = rows[0].status
+    refusal = _PG_REFUSALS.get(status)
+    if refusal is not None:
+        raise refusal(rows[0].message)
+    assert status in ("posted", "existing") and len(rows) == len(specs), status
+    return [
+        Posted(
+            id=row.transfer_id,
+            idempotency_key=spec.idempotency_key,
+            debit_account_id=spec.debit_account_id,
+            credit_account_id=spec.credit_account_id,
+            asset=row.asset,
+            amount=spec.amount,
+            code=spec.code.value,
+            ref_type=spec.ref_type,
+            ref_id=spec.ref_id,
+            batch_id=row.batch_id,
+        )
+        for spec, row in zip(specs, rows, strict=True)
+    ]
 
 
 def balance(session: Session, account: LedgerAccount) -> int:

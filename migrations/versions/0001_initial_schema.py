@@ -18,6 +18,286 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+# Ledger postings on PostgreSQL in one round trip (escrow/ledger_pg.py calls escrowd_post).
+# It mirrors escrow/ledger.py's Python path: idempotent repeat or conflict, unknown account,
+# asset mismatch, no-overdraft updates in account-id order, transfers, and audit rows hashed
+# exactly as escrow/audit.row_digest does. Change them together.
+POSTING_FUNCTIONS = """
+CREATE FUNCTION escrowd_netstring(value text) RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN value IS NULL THEN '~'
+           ELSE octet_length(convert_to(value, 'UTF8'))::text || ':' || value END
+$$;
+
+-- Lookups below go through "= ANY (array)" on an index, never a join with unnest():
+-- a cached generic plan would guess 100 rows and hash-join against the whole table.
+CREATE FUNCTION escrowd_post_existing(
+    p_keys text[], p_debits bigint[], p_credits bigint[], p_amounts bigint[],
+    p_codes text[], p_ref_types text[], p_ref_ids text[]
+) RETURNS TABLE (status text, message text, transfer_id bigint, asset text, batch_id text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+    i int;
+    v_found int := 0;
+    v_ids bigint[] := array_fill(NULL::bigint, ARRAY[cardinality(p_keys)]);
+    v_assets text[] := array_fill(NULL::text, ARRAY[cardinality(p_keys)]);
+    v_batches text[] := array_fill(NULL::text, ARRAY[cardinality(p_keys)]);
+    v_differs boolean := false;
+BEGIN
+    FOR r IN
+        SELECT t.id, t.idempotency_key, t.debit_account_id, t.credit_account_id, t.asset,
+               t.amount, t.code, t.ref_type, t.ref_id, t.batch_id
+        FROM ledger_transfers t WHERE t.idempotency_key = ANY (p_keys)
+    LOOP
+        v_found := v_found + 1;
+        i := array_position(p_keys, r.idempotency_key::text);
+        v_ids[i] := r.id;
+        v_assets[i] := r.asset;
+        v_batches[i] := r.batch_id;
+        v_differs := v_differs OR (r.debit_account_id, r.credit_account_id, r.amount, r.code::text,
+            r.ref_type::text, r.ref_id::text) IS DISTINCT FROM (p_debits[i], p_credits[i],
+            p_amounts[i], p_codes[i], p_ref_types[i], p_ref_ids[i]);
+    END LOOP;
+    IF v_found = 0 THEN
+        RETURN;
+    END IF;
+    IF v_found <> cardinality(p_keys) THEN
+        RETURN QUERY SELECT 'idempotency_conflict'::text,
+            'some of these idempotency keys were already used by another posting'::text,
+            NULL::bigint, NULL::text, NULL::text;
+        RETURN;
+    END IF;
+    IF v_differs THEN
+        RETURN QUERY SELECT 'idempotency_conflict'::text,
+            'these idempotency keys were already used for a different transfer; '
+            'use new keys for a new posting'::text,
+            NULL::bigint, NULL::text, NULL::text;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT 'existing'::text, NULL::text, u.id, u.asset, u.batch_id
+        FROM unnest(v_ids, v_assets, v_batches) AS u (id, asset, batch_id);
+END;
+$$;
+
+CREATE FUNCTION escrowd_post(
+    p_transfers text, p_actor text, p_batch_id text, p_created_at timestamptz,
+    p_created_text text
+) RETURNS TABLE (status text, message text, transfer_id bigint, asset text, batch_id text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    -- p_transfers: JSON [[key, debit id, credit id, amount, code, ref type, ref id,
+    -- audit stream, audit details up to the transfer id], ...]
+    n int;
+    p_keys text[];
+    p_debits bigint[];
+    p_credits bigint[];
+    p_amounts bigint[];
+    p_codes text[];
+    p_ref_types text[];
+    p_ref_ids text[];
+    p_streams text[];
+    p_details_heads text[];
+    a_ids bigint[];
+    a_kinds text[];
+    a_owners text[];
+    a_assets text[];
+    a_no_overdraft boolean[];
+    r_kind text;
+    r_owner text;
+    r_asset text;
+    r_no_overdraft boolean;
+    i int;
+    j int;
+    d int;
+    c int;
+    v_debit_total numeric;
+    v_credit_total numeric;
+    v_missing bigint;
+    v_mismatch text;
+    v_assets text[] := ARRAY[]::text[];
+    v_ids bigint[] := ARRAY[]::bigint[];
+    v_id bigint;
+    v_stream text;
+    v_streams text[];
+    v_seq int;
+    v_prev text;
+    v_details text;
+    v_constraint text;
+    l_streams text[] := ARRAY[]::text[];
+    l_seqs int[] := ARRAY[]::int[];
+    l_actions text[] := ARRAY[]::text[];
+    l_assets text[] := ARRAY[]::text[];
+    l_amounts bigint[] := ARRAY[]::bigint[];
+    l_details text[] := ARRAY[]::text[];
+    l_prevs text[] := ARRAY[]::text[];
+    l_hashes text[] := ARRAY[]::text[];
+BEGIN
+    -- Aggregates over one function scan see its rows in order: no sort needed.
+    SELECT count(*), array_agg(t ->> 0), array_agg((t ->> 1)::bigint),
+           array_agg((t ->> 2)::bigint), array_agg((t ->> 3)::bigint), array_agg(t ->> 4),
+           array_agg(t ->> 5), array_agg(t ->> 6), array_agg(t ->> 7), array_agg(t ->> 8)
+    INTO n, p_keys, p_debits, p_credits, p_amounts, p_codes, p_ref_types, p_ref_ids, p_streams,
+         p_details_heads
+    FROM json_array_elements(p_transfers::json) AS e (t);
+
+    IF EXISTS (SELECT 1 FROM ledger_transfers t WHERE t.idempotency_key = ANY (p_keys)) THEN
+        RETURN QUERY SELECT * FROM escrowd_post_existing(
+            p_keys, p_debits, p_credits, p_amounts, p_codes, p_ref_types, p_ref_ids);
+        RETURN;
+    END IF;
+
+    -- One primary-key probe per account. A set-based lookup lets the planner hash-join
+    -- against a scan of the whole table, which grows with the number of accounts.
+    a_ids := ARRAY(SELECT DISTINCT x FROM unnest(p_debits || p_credits) AS x ORDER BY x);
+    a_kinds := array_fill(NULL::text, ARRAY[cardinality(a_ids)]);
+    a_owners := a_kinds;
+    a_assets := a_kinds;
+    a_no_overdraft := array_fill(NULL::boolean, ARRAY[cardinality(a_ids)]);
+    FOR j IN 1..cardinality(a_ids) LOOP
+        SELECT l.kind, l.owner, l.asset, l.no_overdraft
+        INTO r_kind, r_owner, r_asset, r_no_overdraft
+        FROM ledger_accounts l WHERE l.id = a_ids[j];
+        IF NOT FOUND THEN
+            v_missing := coalesce(v_missing, a_ids[j]);
+        END IF;
+        a_kinds[j] := r_kind;
+        a_owners[j] := r_owner;
+        a_assets[j] := r_asset;
+        a_no_overdraft[j] := r_no_overdraft;
+    END LOOP;
+    -- Unknown accounts (the lowest id) are reported before the first asset mismatch.
+    FOR i IN 1..n LOOP
+        EXIT WHEN v_missing IS NOT NULL;
+        d := array_position(a_ids, p_debits[i]);
+        c := array_position(a_ids, p_credits[i]);
+        IF v_mismatch IS NULL AND a_assets[d] <> a_assets[c] THEN
+            v_mismatch := format(
+                'cannot move %s from account %s into %s account %s: both sides of a transfer '
+                'must hold the same asset', a_assets[d], a_ids[d], a_assets[c], a_ids[c]);
+        ELSE
+            v_assets := v_assets || a_assets[d];
+        END IF;
+    END LOOP;
+    IF v_missing IS NOT NULL THEN
+        RETURN QUERY SELECT 'unknown_account'::text,
+            format('no ledger account with id %s', v_missing), NULL::bigint, NULL::text, NULL::text;
+        RETURN;
+    END IF;
+    IF v_mismatch IS NOT NULL THEN
+        RETURN QUERY SELECT 'asset_mismatch'::text, v_mismatch, NULL::bigint, NULL::text,
+            NULL::text;
+        RETURN;
+    END IF;
+
+    -- Everything below writes; a refusal rolls back this block's subtransaction only, so the
+    -- caller's transaction stays usable, like the savepoint of the Python path.
+    BEGIN
+        -- Ascending id order: concurrent postings lock shared accounts in the same order.
+        FOR j IN 1..cardinality(a_ids) LOOP
+            CONTINUE WHEN NOT a_no_overdraft[j];
+            v_debit_total := 0;
+            v_credit_total := 0;
+            FOR i IN 1..n LOOP
+                IF p_debits[i] = a_ids[j] THEN
+                    v_debit_total := v_debit_total + p_amounts[i];
+                END IF;
+                IF p_credits[i] = a_ids[j] THEN
+                    v_credit_total := v_credit_total + p_amounts[i];
+                END IF;
+            END LOOP;
+            UPDATE ledger_accounts
+            SET debits_posted = debits_posted + v_debit_total,
+                credits_posted = credits_posted + v_credit_total
+            WHERE id = a_ids[j]
+              AND credits_posted + v_credit_total - debits_posted >= v_debit_total;
+            IF NOT FOUND THEN
+                RAISE EXCEPTION USING ERRCODE = 'EL001', MESSAGE = format(
+                    'account %s (%s %s %s) cannot cover %s base units', a_ids[j], a_kinds[j],
+                    a_owners[j], a_assets[j], v_debit_total - v_credit_total);
+            END IF;
+        END LOOP;
+
+        FOR i IN 1..n LOOP
+            INSERT INTO ledger_transfers (idempotency_key, debit_account_id, credit_account_id,
+                asset, amount, code, ref_type, ref_id, batch_id, created_at)
+            VALUES (p_keys[i], p_debits[i], p_credits[i], v_assets[i], p_amounts[i], p_codes[i],
+                p_ref_types[i], p_ref_ids[i], p_batch_id, p_created_at)
+            RETURNING id INTO v_id;
+            v_ids := v_ids || v_id;
+        END LOOP;
+
+        -- Streams in code point order (the Python path's sorted()), so head locks are taken
+        -- in the same order by both paths.
+        IF p_streams[1] = ALL (p_streams) THEN
+            v_streams := p_streams[1:1];
+        ELSE
+            SELECT array_agg(u.s) INTO v_streams FROM (
+                SELECT s FROM unnest(p_streams) AS s GROUP BY s ORDER BY s COLLATE "C"
+            ) AS u;
+        END IF;
+        FOREACH v_stream IN ARRAY v_streams LOOP
+            INSERT INTO audit_heads AS h (stream, seq, row_hash)
+            VALUES (v_stream, 0, repeat('0', 64))
+            ON CONFLICT (stream) DO UPDATE SET seq = h.seq
+            RETURNING h.seq, h.row_hash INTO v_seq, v_prev;
+            FOR i IN 1..n LOOP
+                CONTINUE WHEN p_streams[i] <> v_stream;
+                v_seq := v_seq + 1;
+                v_details := p_details_heads[i] || v_ids[i]::text || '}';
+                l_streams := l_streams || v_stream;
+                l_seqs := l_seqs || v_seq;
+                l_actions := l_actions || ('ledger_' || p_codes[i]);
+                l_assets := l_assets || v_assets[i];
+                l_amounts := l_amounts || p_amounts[i];
+                l_details := l_details || v_details;
+                l_prevs := l_prevs || v_prev;
+                v_prev := encode(sha256(convert_to(
+                    escrowd_netstring(v_stream) || escrowd_netstring(v_seq::text)
+                    || escrowd_netstring(p_actor) || escrowd_netstring('ledger_' || p_codes[i])
+                    || escrowd_netstring(v_assets[i]) || escrowd_netstring(p_amounts[i]::text)
+                    || escrowd_netstring(v_details) || escrowd_netstring(p_created_text)
+                    || escrowd_netstring(v_prev), 'UTF8')), 'hex');
+                l_hashes := l_hashes || v_prev;
+            END LOOP;
+            UPDATE audit_heads SET seq = v_seq, row_hash = v_prev WHERE stream = v_stream;
+        END LOOP;
+        INSERT INTO audit_log (stream, seq, actor, action, asset, amount, details, created_at,
+            prev_hash, row_hash)
+        SELECT u.stream, u.seq, p_actor, u.action, u.asset, u.amount, u.details, p_created_at,
+               u.prev, u.hash
+        FROM unnest(l_streams, l_seqs, l_actions, l_assets, l_amounts, l_details, l_prevs,
+                    l_hashes) AS u (stream, seq, action, asset, amount, details, prev, hash);
+
+        RETURN QUERY SELECT 'posted'::text, NULL::text, u.id, u.asset, p_batch_id
+            FROM unnest(v_ids, v_assets) AS u (id, asset);
+    EXCEPTION
+        WHEN SQLSTATE 'EL001' THEN
+            RETURN QUERY SELECT 'insufficient_funds'::text, SQLERRM, NULL::bigint, NULL::text,
+                NULL::text;
+        WHEN unique_violation THEN
+            -- A concurrent posting of the same keys committed between our check and insert.
+            GET STACKED DIAGNOSTICS v_constraint = CONSTRAINT_NAME;
+            IF v_constraint <> 'uq_ledger_transfers_idempotency_key' THEN
+                RAISE;
+            END IF;
+            RETURN QUERY SELECT * FROM escrowd_post_existing(
+                p_keys, p_debits, p_credits, p_amounts, p_codes, p_ref_types, p_ref_ids);
+            IF NOT FOUND THEN
+                RAISE;
+            END IF;
+    END;
+END;
+$$;
+"""
+DROP_POSTING_FUNCTIONS = (
+    "DROP FUNCTION IF EXISTS escrowd_post(text, text, text, timestamptz, text)",
+    "DROP FUNCTION IF EXISTS escrowd_post_existing(text[], bigint[], bigint[], bigint[], text[],"
+    " text[], text[])",
+    "DROP FUNCTION IF EXISTS escrowd_netstring(text)",
+)
+
+
 def upgrade() -> None:
     op.create_table(
         "agents",
@@ -498,10 +778,13 @@ def upgrade() -> None:
             "CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log "
             "FOR EACH STATEMENT EXECUTE FUNCTION audit_log_refuse_change()"
         )
+        op.execute(POSTING_FUNCTIONS)
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
+        for statement in DROP_POSTING_FUNCTIONS:
+            op.execute(statement)
         op.execute("DROP TRIGGER IF EXISTS audit_log_no_truncate ON audit_log")
         op.execute("DROP TRIGGER IF EXISTS audit_log_append_only ON audit_log")
         op.execute("DROP FUNCTION IF EXISTS audit_log_refuse_change()")
