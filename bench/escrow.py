@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import platform
-import re
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -29,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import uvicorn
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench.pg import URL_BASE, admin, pgbench_tps
 from config.settings import Settings
 from daemon.api import create_app
 from daemon.logs import configure_logging
@@ -44,15 +42,8 @@ from models import Agent, ApiScope, TransferCode
 from models.db import make_engine, make_session_factory
 from models.registry import ensure_asset
 
-ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
-URL_BASE = "postgresql+psycopg://postgres@127.0.0.1:5432"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 AMOUNT = 1_000_000
-
-
-def _admin(sql: str) -> None:
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(sql.encode())
 
 
 def _setup(engine: Engine, clients: int) -> sessionmaker[Session]:
@@ -243,45 +234,9 @@ def bench_http(engine: Engine, clients: int, seconds: float, data_dir: Path) -> 
         thread.join(timeout=10)
 
 
-def bench_pgbench(clients: int, seconds: int) -> float:
-    name = f"bench_pgbench_{uuid.uuid4().hex[:8]}"
-    _admin(f'CREATE DATABASE "{name}"')
-    try:
-        common = ["-h", "127.0.0.1", "-U", "postgres"]
-        subprocess.run(
-            ["pgbench", *common, "-i", "-q", "-s", str(clients), name],
-            check=True,
-            capture_output=True,
-        )
-        out = subprocess.run(
-            [
-                "pgbench",
-                *common,
-                "-b",
-                "tpcb-like",
-                "-c",
-                str(clients),
-                "-j",
-                "2",
-                "-T",
-                str(seconds),
-                "-n",
-                name,
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        match = re.search(r"tps = ([0-9.]+)", out)
-        assert match, out
-        return float(match.group(1))
-    finally:
-        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def _with_database(run: Callable[[Engine], float], clients: int) -> tuple[float, int]:
     name = f"bench_escrow_{uuid.uuid4().hex[:8]}"
-    _admin(f'CREATE DATABASE "{name}"')
+    admin(f'CREATE DATABASE "{name}"')
     engine = make_engine(f"{URL_BASE}/{name}", pool_size=clients + 4)
     try:
         rate = run(engine)
@@ -290,7 +245,7 @@ def _with_database(run: Callable[[Engine], float], clients: int) -> tuple[float,
         return rate, violations
     finally:
         engine.dispose()
-        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def main() -> None:
@@ -311,13 +266,13 @@ def main() -> None:
     http_pairs, http_violations = _with_database(
         lambda e: bench_http(e, clients, seconds, data_dir), clients
     )
-    pgbench_tps = bench_pgbench(clients, int(seconds))
-    ratio = 2 * svc_pairs / pgbench_tps
+    baseline_tps = pgbench_tps(clients, int(seconds))
+    ratio = 2 * svc_pairs / baseline_tps
     print(f"service layer: {svc_pairs:8.1f} fund+release pairs/s ({2 * svc_pairs:.1f} escrow tx/s)")
     print(
         f"HTTP:          {http_pairs:8.1f} fund+release pairs/s ({2 * http_pairs:.1f} requests/s)"
     )
-    print(f"pgbench tpcb-like, {clients} clients: {pgbench_tps:.1f} tps")
+    print(f"pgbench tpcb-like, {clients} clients: {baseline_tps:.1f} tps")
     print(f"service escrow tx/s / pgbench tps = {ratio:.2f} (target >= 0.50)")
     print(f"ledger check violations: service {svc_violations}, HTTP {http_violations}")
     if args.record:
@@ -336,7 +291,8 @@ def main() -> None:
             f"| {svc_violations} |",
             f"| HTTP (uvicorn, httpx, API key + Idempotency-Key) | {http_pairs:.1f} "
             f"| {2 * http_pairs:.1f} | {http_violations} |",
-            f"| pgbench tpcb-like -c {clients} -s {clients} | | {pgbench_tps:.1f} tps | |",
+            f"| pgbench tpcb-like -c {clients} -s {max(clients, 10)} "
+            f"| | {baseline_tps:.1f} tps | |",
             "",
             f"Service-layer escrow transactions/s / pgbench tps = {ratio:.2f} (target >= 0.50).",
         ]

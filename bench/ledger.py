@@ -18,16 +18,14 @@ import contextlib
 import datetime as dt
 import platform
 import random
-import re
-import subprocess
 import threading
 import time
 import uuid
 from pathlib import Path
 
-import psycopg
 from sqlalchemy.orm import Session
 
+from bench.pg import URL_BASE, admin, pgbench_tps
 from escrow import ledger
 from escrow.accounts import platform_fees
 from escrow.errors import InsufficientFunds
@@ -36,19 +34,12 @@ from migrations.runner import upgrade_to_head
 from models import AccountKind, TransferCode
 from models.db import make_engine, make_session_factory
 
-ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
-URL_BASE = "postgresql+psycopg://postgres@127.0.0.1:5432"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-
-
-def _admin(sql: str) -> None:
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(sql)  # type: ignore[arg-type]
 
 
 def run_escrowd(clients: int, seconds: float, accounts_n: int) -> tuple[float, float, int]:
     name = f"bench_ledger_{uuid.uuid4().hex[:8]}"
-    _admin(f'CREATE DATABASE "{name}"')
+    admin(f'CREATE DATABASE "{name}"')
     engine = make_engine(f"{URL_BASE}/{name}", pool_size=clients + 2)
     try:
         upgrade_to_head(engine)
@@ -117,41 +108,7 @@ def run_escrowd(clients: int, seconds: float, accounts_n: int) -> tuple[float, f
         return postings / elapsed, 1e3 * cpu_s / max(postings, 1), len(violations)
     finally:
         engine.dispose()
-        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def run_pgbench(clients: int, seconds: int) -> float:
-    name = f"bench_pgbench_{uuid.uuid4().hex[:8]}"
-    _admin(f'CREATE DATABASE "{name}"')
-    try:
-        common = ["-h", "127.0.0.1", "-U", "postgres"]
-        subprocess.run(
-            ["pgbench", *common, "-i", "-q", "-s", "10", name], check=True, capture_output=True
-        )
-        out = subprocess.run(
-            [
-                "pgbench",
-                *common,
-                "-b",
-                "tpcb-like",
-                "-c",
-                str(clients),
-                "-j",
-                str(min(clients, 2)),
-                "-T",
-                str(seconds),
-                "-n",
-                name,
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        match = re.search(r"tps = ([0-9.]+)", out)
-        assert match, out
-        return float(match.group(1))
-    finally:
-        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def main() -> None:
@@ -163,13 +120,13 @@ def main() -> None:
     rows = []
     for clients in (1, 16):
         escrowd_tps, cpu_ms, violations = run_escrowd(clients, args.seconds, args.accounts)
-        pgbench_tps = run_pgbench(clients, int(args.seconds))
-        ratio = escrowd_tps / pgbench_tps
-        rows.append((clients, escrowd_tps, cpu_ms, pgbench_tps, ratio, violations))
+        baseline_tps = pgbench_tps(clients, int(args.seconds))
+        ratio = escrowd_tps / baseline_tps
+        rows.append((clients, escrowd_tps, cpu_ms, baseline_tps, ratio, violations))
         print(
             f"clients={clients:2d}  escrowd two-leg transfers/s={escrowd_tps:8.1f}  "
             f"client CPU ms/posting={cpu_ms:5.2f}  "
-            f"pgbench tpcb-like tps={pgbench_tps:8.1f}  ratio={ratio:5.2f}  "
+            f"pgbench tpcb-like tps={baseline_tps:8.1f}  ratio={ratio:5.2f}  "
             f"ledger violations={violations}"
         )
     if args.record:
