@@ -51,6 +51,8 @@ class DepositAddress(Base):
         UniqueConstraint("chain", "derivation_index"),
         UniqueConstraint("agent_id", "chain"),
         CheckConstraint("derivation_index >= 0", name="derivation_index_nonnegative"),
+        # The indexers' incremental refresh: new addresses of one chain by id.
+        Index("ix_deposit_addresses_chain_id", "chain", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)

@@ -476,6 +476,9 @@ def upgrade() -> None:
             "chain", "derivation_index", name=op.f("uq_deposit_addresses_chain_derivation_index")
         ),
     )
+    with op.batch_alter_table("deposit_addresses", schema=None) as batch_op:
+        batch_op.create_index("ix_deposit_addresses_chain_id", ["chain", "id"], unique=False)
+
     op.create_table(
         "escrows",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
@@ -820,6 +823,9 @@ def downgrade() -> None:
         batch_op.drop_index("ix_escrows_status_expires_at")
 
     op.drop_table("escrows")
+    with op.batch_alter_table("deposit_addresses", schema=None) as batch_op:
+        batch_op.drop_index("ix_deposit_addresses_chain_id")
+
     op.drop_table("deposit_addresses")
     with op.batch_alter_table("webhook_events", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_webhook_events_fanned_out"))
