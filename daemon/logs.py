@@ -45,7 +45,23 @@ def configure_logging(*, fmt: str = "auto", level: str = "info") -> None:
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     numeric_level = logging.getLevelName(level.upper())
-    logging.basicConfig(level=numeric_level, stream=sys.stderr, format="%(message)s")
+    # Libraries that log through the standard library (uvicorn, APScheduler, alembic) get
+    # the same format, level, timestamp and redaction as escrowd's own events.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processor=renderer,
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                redact_secrets,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric_level)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
