@@ -97,11 +97,17 @@ def _lock_head(session: Session, stream: str) -> tuple[int, str]:
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     statement = insert(AuditHead).values(stream=stream, seq=0, row_hash=GENESIS_HASH)
-    row = session.execute(
-        statement.on_conflict_do_update(
-            index_elements=["stream"], set_={"seq": AuditHead.seq}
-        ).returning(AuditHead.seq, AuditHead.row_hash)
-    ).one()
+    # Core statements on the session's connection: the ORM's bulk machinery costs more
+    # client CPU than the round trip itself on this hot path.
+    row = (
+        session.connection()
+        .execute(
+            statement.on_conflict_do_update(
+                index_elements=["stream"], set_={"seq": AuditHead.seq}
+            ).returning(AuditHead.seq, AuditHead.row_hash)
+        )
+        .one()
+    )
     return int(row.seq), str(row.row_hash)
 
 
@@ -141,16 +147,19 @@ def append_many(session: Session, stream: str, entries: Sequence[Entry]) -> list
             }
         )
         prev_hash = row_hash
+    connection = session.connection()
+    audit_table = AuditLog.metadata.tables[AuditLog.__tablename__]
+    heads_table = AuditHead.metadata.tables[AuditHead.__tablename__]
     ids = list(
-        session.scalars(
-            insert_rows(AuditLog).returning(AuditLog.id, sort_by_parameter_order=True), rows
-        )
+        connection.execute(
+            insert_rows(audit_table).returning(audit_table.c.id, sort_by_parameter_order=True),
+            rows,
+        ).scalars()
     )
-    session.execute(
-        update(AuditHead)
-        .where(AuditHead.stream == stream)
+    connection.execute(
+        update(heads_table)
+        .where(heads_table.c.stream == stream)
         .values(seq=seq, row_hash=prev_hash)
-        .execution_options(synchronize_session=False)
     )
     return ids
 
