@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
-from sqlalchemy import delete, select
+from sqlalchemy import delete
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.errors import ValidationFailed
@@ -24,7 +24,7 @@ from indexer.errors import NodeBehind, RangeTooLarge, RpcError, RpcUnavailable
 from indexer.evm_source import BlockHeader, EvmSource, TransferLog
 from indexer.sink import DepositSink
 from indexer.store import FoundDeposit, WatchedAddresses, get_cursor, record_deposits
-from models import Chain, ChainBlock, Deposit, DepositStatus
+from models import Chain, ChainBlock
 from models.registry import ensure_asset
 
 log = structlog.get_logger(__name__)
@@ -352,7 +352,6 @@ class EvmPoller:
         head: int,
     ) -> int:
         """Record the window's deposits and block hashes and advance the cursor, together."""
-        new = 0
         with self.sessions() as session, session.begin():
             cursor = get_cursor(session, self.chain, self.cursor_key, lock=True)
             if cursor.block_number != expected_cursor:
@@ -360,13 +359,7 @@ class EvmPoller:
                     f"{self.chain}: cursor {self.cursor_key!r} moved to {cursor.block_number} "
                     f"while this poller scanned from {expected_cursor}; retrying next poll"
                 )
-            known = self._known(session, deposits)
-            new = record_deposits(
-                session,
-                self.chain,
-                [d for d in deposits if (d.tx_hash, d.log_index) not in known],
-                self.sink,
-            )
+            new = record_deposits(session, self.chain, deposits, self.sink)
             if self.track_reorgs:
                 self._store_blocks(session, headers or [end], head)
             cursor.block_number = to_block
@@ -375,23 +368,6 @@ class EvmPoller:
             DEPOSITS_FOUND.labels(self.chain).inc(new)
             log.info("deposits_found", chain=self.chain, count=new, to_block=to_block)
         return new
-
-    def _known(self, session: Session, deposits: list[FoundDeposit]) -> set[tuple[str, int]]:
-        """Keys already stored and not orphaned: a rescan skips them with one query."""
-        if not deposits:
-            return set()
-        hashes = sorted({d.tx_hash for d in deposits})
-        known: set[tuple[str, int]] = set()
-        for start in range(0, len(hashes), 500):
-            rows = session.execute(
-                select(Deposit.tx_hash, Deposit.log_index).where(
-                    Deposit.chain == self.chain,
-                    Deposit.tx_hash.in_(hashes[start : start + 500]),
-                    Deposit.status != DepositStatus.ORPHANED,
-                )
-            )
-            known.update((row.tx_hash, row.log_index) for row in rows)
-        return known
 
     def _store_blocks(self, session: Session, headers: list[BlockHeader], head: int) -> None:
         first, last = headers[0].number, headers[-1].number

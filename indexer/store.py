@@ -189,16 +189,17 @@ def record_deposits(
     """Store many deposits as pending in a few statements; returns how many are new.
 
     New keys are inserted together and reported to the sink in one batch; keys already
-    stored go through `record_deposit` (a no-op, or the revival of an orphaned one)."""
+    stored are skipped, except orphaned ones, which `record_deposit` may revive. A rescan
+    of stored windows therefore costs one query per 500 transaction hashes."""
     if not found:
         return 0
     tx_hashes = sorted({f.tx_hash for f in found})
-    stored: set[tuple[str, int]] = set()
+    stored: dict[tuple[str, int], str] = {}
     for start in range(0, len(tx_hashes), 500):
         stored.update(
-            (row.tx_hash, row.log_index)
+            ((row.tx_hash, row.log_index), row.status)
             for row in session.execute(
-                select(Deposit.tx_hash, Deposit.log_index).where(
+                select(Deposit.tx_hash, Deposit.log_index, Deposit.status).where(
                     Deposit.chain == chain, Deposit.tx_hash.in_(tx_hashes[start : start + 500])
                 )
             )
@@ -207,10 +208,11 @@ def record_deposits(
     fresh: dict[tuple[str, int], Deposit] = {}
     for item in found:
         key = (item.tx_hash, item.log_index)
-        if key in stored:
+        status = stored.get(key)
+        if status == DepositStatus.ORPHANED:
             revived += record_deposit(session, chain, item, sink)
             continue
-        if key in fresh:
+        if status is not None or key in fresh:
             continue
         assert item.amount > 0, "only positive transfers are deposits"
         fresh[key] = Deposit(
