@@ -60,23 +60,7 @@ class LedgerDepositSink:
     """Credits confirmed deposits into the ledger with audit rows and webhook events."""
 
     def recorded(self, session: Session, deposit: Deposit) -> None:
-        asset = session.get_one(Asset, deposit.asset_id)
-        audit.append(
-            session,
-            stream=_stream(deposit),
-            actor="indexer",
-            action="deposit_seen",
-            asset=asset.symbol,
-            amount=deposit.amount,
-            details={
-                "tx_hash": deposit.tx_hash,
-                "log_index": deposit.log_index,
-                "block_number": deposit.block_number,
-                "block_hash": deposit.block_hash,
-                "agent_id": deposit.agent_id,
-            },
-        )
-        events.emit(session, "deposit.pending", _event_data(deposit, asset))
+        self.recorded_many(session, [deposit])
 
     def recorded_many(self, session: Session, deposits: list[Deposit]) -> None:
         """Audit rows and events for a batch of new deposits, in a few statements.
