@@ -21,10 +21,13 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.orm import Session
 
+from bench.clients import spread
 from bench.pg import URL_BASE, admin, pgbench_tps
 from escrow import ledger
 from escrow.accounts import platform_fees
@@ -37,10 +40,73 @@ from models.db import make_engine, make_session_factory
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
-def run_escrowd(clients: int, seconds: float, accounts_n: int) -> tuple[float, float, int]:
+@dataclass(frozen=True)
+class Config:
+    url: str
+    account_ids: list[int]
+    fees_id: int
+
+
+def _clients(
+    config: Config, first: int, count: int, seconds: float, ready: Callable[[], None]
+) -> int:
+    """Clients first..first+count-1 as threads of this process; returns postings done."""
+    engine = make_engine(config.url, pool_size=count + 1)
+    sessions = make_session_factory(engine)
+    done = [0] * count
+    deadline = [0.0]
+    started = threading.Barrier(count + 1)
+
+    def client(slot: int) -> None:
+        n = first + slot
+        rng = random.Random(n)
+        started.wait()
+        i = 0
+        while time.monotonic() < deadline[0]:
+            src, dst = rng.sample(config.account_ids, 2)
+            amount = rng.randint(1_000, 1_000_000)
+            key = f"{n}-{i}"
+            specs = [
+                ledger.TransferSpec(
+                    f"p-{key}", src, dst, amount, TransferCode.ESCROW_RELEASE, "bench", key
+                ),
+                ledger.TransferSpec(
+                    f"f-{key}", src, config.fees_id, amount // 40 + 1, TransferCode.FEE, "b", key
+                ),
+            ]
+
+            def work(
+                session: Session,
+                specs: list[ledger.TransferSpec] = specs,
+                stream: str = f"bench:{key}",
+            ) -> None:
+                # A refused posting is a real outcome of random amounts; it still counts.
+                with contextlib.suppress(InsufficientFunds):
+                    ledger.post(session, specs, actor="bench", audit_stream=stream)
+
+            in_transaction(sessions, work)
+            i += 1
+        done[slot] = i
+
+    threads = [threading.Thread(target=client, args=(slot,)) for slot in range(count)]
+    for t in threads:
+        t.start()
+    ready()
+    deadline[0] = time.monotonic() + seconds
+    started.wait()
+    for t in threads:
+        t.join()
+    engine.dispose()
+    return sum(done)
+
+
+def run_escrowd(
+    clients: int, processes: int, seconds: float, accounts_n: int
+) -> tuple[float, float, int]:
     name = f"bench_ledger_{uuid.uuid4().hex[:8]}"
     admin(f'CREATE DATABASE "{name}"')
-    engine = make_engine(f"{URL_BASE}/{name}", pool_size=clients + 2)
+    url = f"{URL_BASE}/{name}"
+    engine = make_engine(url)
     try:
         upgrade_to_head(engine)
         sessions = make_session_factory(engine)
@@ -63,49 +129,16 @@ def run_escrowd(clients: int, seconds: float, accounts_n: int) -> tuple[float, f
                 )
             fees_id = platform_fees(session, "USDC").id
             session.commit()
-        done = [0] * clients
-        deadline = time.monotonic() + seconds
-
-        def client(n: int) -> None:
-            rng = random.Random(n)
-            i = 0
-            while time.monotonic() < deadline:
-                src, dst = rng.sample(ids, 2)
-                amount = rng.randint(1_000, 1_000_000)
-                key = f"{n}-{i}"
-                specs = [
-                    ledger.TransferSpec(
-                        f"p-{key}", src, dst, amount, TransferCode.ESCROW_RELEASE, "bench", key
-                    ),
-                    ledger.TransferSpec(
-                        f"f-{key}", src, fees_id, amount // 40 + 1, TransferCode.FEE, "bench", key
-                    ),
-                ]
-
-                def work(
-                    session: Session,
-                    specs: list[ledger.TransferSpec] = specs,
-                    stream: str = f"bench:{key}",
-                ) -> None:
-                    # A refused posting is a real outcome of random amounts; it still counts.
-                    with contextlib.suppress(InsufficientFunds):
-                        ledger.post(session, specs, actor="bench", audit_stream=stream)
-
-                in_transaction(sessions, work)
-                i += 1
-                done[n] += 1
-
-        started, cpu_started = time.monotonic(), time.process_time()
-        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed, cpu_s = time.monotonic() - started, time.process_time() - cpu_started
+        rate, cpu_ms = spread(
+            _clients,
+            Config(url, ids, fees_id),
+            clients=clients,
+            processes=min(processes, clients),
+            seconds=seconds,
+        )
         with sessions() as session:
             violations = ledger.check(session)
-        postings = sum(done)
-        return postings / elapsed, 1e3 * cpu_s / max(postings, 1), len(violations)
+        return rate, cpu_ms, len(violations)
     finally:
         engine.dispose()
         admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -115,11 +148,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--accounts", type=int, default=1000)
+    parser.add_argument(
+        "--processes", type=int, default=4, help="client processes (threads split over them)"
+    )
     parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
     args = parser.parse_args()
     rows = []
     for clients in (1, 16):
-        escrowd_tps, cpu_ms, violations = run_escrowd(clients, args.seconds, args.accounts)
+        escrowd_tps, cpu_ms, violations = run_escrowd(
+            clients, args.processes, args.seconds, args.accounts
+        )
         baseline_tps = pgbench_tps(clients, int(args.seconds))
         ratio = escrowd_tps / baseline_tps
         rows.append((clients, escrowd_tps, cpu_ms, baseline_tps, ratio, violations))

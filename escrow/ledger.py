@@ -20,10 +20,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, select, text, update
+import psycopg
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import Session, aliased
 
 from config.errors import EscrowdError
 from escrow import audit
@@ -335,10 +336,9 @@ def _post_new(
     return posted
 
 
-_PG_POST = text(
+_PG_POST = (
     "SELECT status, message, transfer_id, asset, batch_id FROM escrowd_post("
-    "CAST(:transfers AS text), CAST(:actor AS text), CAST(:batch_id AS text), "
-    "CAST(:created_at AS timestamptz), CAST(:created_text AS text))"
+    "%s::text, %s::text, %s::text, %s::timestamptz, %s::text)"
 )
 _PG_REFUSALS: dict[str, type[EscrowdError]] = {
     "insufficient_funds": InsufficientFunds,
@@ -385,36 +385,44 @@ def _post_postgresql(
             for spec in specs
         ]
     )
-    rows = session.execute(
-        _PG_POST,
-        {
-            "transfers": transfers,
-            "actor": actor,
-            "batch_id": batch_id,
-            "created_at": now,
-            "created_text": audit.timestamp_text(now),
-        },
-    ).all()
-    status = rows[0].status
+    params = (transfers, actor, batch_id, now, audit.timestamp_text(now))
+    # Straight to the driver on the session's connection and transaction, as a prepared
+    # statement: SQLAlchemy's statement machinery cost a third of the client CPU per posting.
+    driver = session.connection().connection.driver_connection
+    assert driver is not None, "the session's connection is open"
+    try:
+        rows: list[tuple[str, str | None, int | None, str | None, str | None]] = driver.execute(
+            _PG_POST, params, prepare=True
+        ).fetchall()
+    except psycopg.Error as exc:
+        # The same exception types as every other statement, so callers (and the retries of
+        # in_transaction) see one error model.
+        raise DBAPIError.instance(_PG_POST, params, exc, psycopg.Error) from exc
+    status, message = rows[0][0], rows[0][1]
     refusal = _PG_REFUSALS.get(status)
     if refusal is not None:
-        raise refusal(rows[0].message)
+        raise refusal(message or status)
     assert status in ("posted", "existing") and len(rows) == len(specs), status
-    return [
-        Posted(
-            id=row.transfer_id,
-            idempotency_key=spec.idempotency_key,
-            debit_account_id=spec.debit_account_id,
-            credit_account_id=spec.credit_account_id,
-            asset=row.asset,
-            amount=spec.amount,
-            code=spec.code.value,
-            ref_type=spec.ref_type,
-            ref_id=spec.ref_id,
-            batch_id=row.batch_id,
+    posted = []
+    for spec, (_status, _message, transfer_id, asset, row_batch_id) in zip(
+        specs, rows, strict=True
+    ):
+        assert transfer_id is not None and asset is not None and row_batch_id is not None
+        posted.append(
+            Posted(
+                id=transfer_id,
+                idempotency_key=spec.idempotency_key,
+                debit_account_id=spec.debit_account_id,
+                credit_account_id=spec.credit_account_id,
+                asset=asset,
+                amount=spec.amount,
+                code=spec.code.value,
+                ref_type=spec.ref_type,
+                ref_id=spec.ref_id,
+                batch_id=row_batch_id,
+            )
         )
-        for spec, row in zip(specs, rows, strict=True)
-    ]
+    return posted
 
 
 def balance(session: Session, account: LedgerAccount) -> int:
@@ -480,6 +488,22 @@ def check(session: Session) -> list[Violation]:
                 f"transfer {transfer_id} moves {asset} to or from an account of another asset",
             )
         )
+    debit_account = aliased(LedgerAccount)
+    credit_account = aliased(LedgerAccount)
+    dangling = session.execute(
+        select(LedgerTransfer.id, LedgerTransfer.debit_account_id, LedgerTransfer.credit_account_id)
+        .outerjoin(debit_account, debit_account.id == LedgerTransfer.debit_account_id)
+        .outerjoin(credit_account, credit_account.id == LedgerTransfer.credit_account_id)
+        .where(or_(debit_account.id.is_(None), credit_account.id.is_(None)))
+        .order_by(LedgerTransfer.id)
+    ).all()
+    violations.extend(
+        Violation(
+            "transfer_accounts",
+            f"transfer {tid} refers to a missing account (debit {debit}, credit {credit})",
+        )
+        for tid, debit, credit in dangling
+    )
     bad_amounts = session.scalars(select(LedgerTransfer.id).where(LedgerTransfer.amount <= 0)).all()
     violations.extend(
         Violation("transfer_positive", f"transfer {tid} has a non-positive amount")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import CheckConstraint, ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy import CheckConstraint, Index, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import AccountKind, Base, BigIntPK, TransferCode, check_in, utcnow
@@ -53,8 +53,11 @@ class LedgerTransfer(Base):
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
     idempotency_key: Mapped[str] = mapped_column(String(160), unique=True)
-    debit_account_id: Mapped[int] = mapped_column(ForeignKey("ledger_accounts.id"))
-    credit_account_id: Mapped[int] = mapped_column(ForeignKey("ledger_accounts.id"))
+    # Account ids without foreign keys: a key would lock the hot fee and custody rows on
+    # every transfer. Accounts are append-only instead (migration 0002) and `check` reports
+    # a transfer whose account is missing.
+    debit_account_id: Mapped[int] = mapped_column(BigIntPK)
+    credit_account_id: Mapped[int] = mapped_column(BigIntPK)
     asset: Mapped[str] = mapped_column(String(16))
     amount: Mapped[int]
     code: Mapped[str] = mapped_column(String(32))

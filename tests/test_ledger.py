@@ -148,6 +148,51 @@ def test_check_reports_tampered_totals(session: Session) -> None:
     assert "posted_totals" in checks
 
 
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "DELETE FROM ledger_accounts WHERE id = :id",
+        "UPDATE ledger_accounts SET asset = 'SOL' WHERE id = :id",
+        "UPDATE ledger_accounts SET owner = 'mallory' WHERE id = :id",
+        "UPDATE ledger_accounts SET no_overdraft = NOT no_overdraft WHERE id = :id",
+    ],
+)
+def test_database_refuses_removing_or_reidentifying_an_account(
+    session: Session, statement: str
+) -> None:
+    # Transfers carry account ids without foreign keys (a key would lock the hot fee row on
+    # every release), so the accounts themselves must stay put.
+    world, (alice, bob) = make_accounts(session, 2)
+    fund(session, alice, 100, world=world)
+    ledger.post(session, [spec(alice, bob, 30)], actor="test")
+    session.commit()
+    with pytest.raises(Exception, match=r"(?i)never re|refused"):
+        session.execute(text(statement), {"id": bob.id})
+    session.rollback()
+    assert ledger.balance(session, bob) == 30
+    assert ledger.check(session) == []
+
+
+def test_check_reports_a_transfer_whose_account_is_missing(session: Session) -> None:
+    world, (alice, bob) = make_accounts(session, 2)
+    fund(session, alice, 100, world=world)
+    ledger.post(session, [spec(alice, bob, 30)], actor="test")
+    session.commit()
+    # Rows written around the posting functions, with an account id nobody holds.
+    session.execute(
+        text(
+            "INSERT INTO ledger_transfers (idempotency_key, debit_account_id, credit_account_id,"
+            " asset, amount, code, ref_type, ref_id, batch_id, created_at) VALUES ('forged',"
+            " :debit, 987654, 'USDC', 5, 'adjustment', 'x', 'y', 'b', CURRENT_TIMESTAMP)"
+        ),
+        {"debit": world.id},
+    )
+    session.commit()
+    dangling = [v for v in ledger.check(session) if v.check == "transfer_accounts"]
+    assert len(dangling) == 1
+    assert "987654" in dangling[0].message
+
+
 def test_database_refuses_negative_no_overdraft_balance(session: Session) -> None:
     _, (alice,) = make_accounts(session, 1)
     session.commit()

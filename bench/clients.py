@@ -1,0 +1,69 @@
+"""Concurrent benchmark clients spread over processes, the way a deployment scales.
+
+escrowd's API and workers are stateless, so more cores are used by more processes; threads
+of one Python process share one interpreter lock. `spread` starts `processes` spawned
+processes, each running `clients / processes` client threads from a module-level function,
+starts them together and returns the operations completed and the client CPU seconds.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+
+class ClientGroup(Protocol):
+    """One process's share: run clients first..first+count-1 until `seconds` after `ready()`
+    returns, and return how many operations they completed."""
+
+    def __call__(
+        self, config: Any, first: int, count: int, seconds: float, ready: Callable[[], None]
+    ) -> int: ...
+
+
+def _process(
+    group: ClientGroup,
+    config: Any,
+    first: int,
+    count: int,
+    seconds: float,
+    barrier: Any,
+    results: Any,
+) -> None:
+    cpu_started = [0.0]
+
+    def ready() -> None:
+        barrier.wait(timeout=300)
+        cpu_started[0] = time.process_time()
+
+    done = group(config, first, count, seconds, ready)
+    results.put((done, time.process_time() - cpu_started[0]))
+
+
+def spread(
+    group: ClientGroup, config: Any, *, clients: int, processes: int, seconds: float
+) -> tuple[float, float]:
+    """Operations per second over the run and client CPU milliseconds per operation
+    (all processes, from the start signal on)."""
+    assert processes >= 1 and clients % processes == 0, "clients must divide over processes"
+    per = clients // processes
+    ctx = multiprocessing.get_context("spawn")
+    # The parent waits at the barrier too, so the clock starts when every client is ready.
+    barrier, results = ctx.Barrier(processes + 1), ctx.Queue()
+    workers = [
+        ctx.Process(target=_process, args=(group, config, p * per, per, seconds, barrier, results))
+        for p in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    barrier.wait(timeout=300)
+    started = time.monotonic()
+    outcomes = [results.get(timeout=seconds + 300) for _ in workers]
+    elapsed = time.monotonic() - started
+    for worker in workers:
+        worker.join()
+    done = sum(n for n, _ in outcomes)
+    cpu_s = sum(c for _, c in outcomes)
+    return done / elapsed, 1e3 * cpu_s / max(done, 1)

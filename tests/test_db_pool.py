@@ -1,0 +1,52 @@
+"""Pooled PostgreSQL connections the server dropped: pinged when idle, replaced otherwise."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
+
+import models.db
+from models.db import make_engine
+from tests.conftest import _admin
+
+
+def _backend_pid(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.scalar(text("SELECT pg_backend_pid()")) or 0)
+
+
+def _terminate(pid: int) -> None:
+    _admin(f"SELECT pg_terminate_backend({pid})")
+
+
+def test_idle_connection_dropped_by_the_server_is_replaced_unseen(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(pg_url, pool_size=1)
+    try:
+        dropped = _backend_pid(engine)
+        _terminate(dropped)
+        # Every pooled connection counts as idle: the checkout pings and reconnects.
+        monkeypatch.setattr(models.db, "PING_AFTER_IDLE_S", 0.0)
+        with engine.connect() as conn:
+            assert conn.scalar(text("SELECT 1")) == 1
+            assert conn.scalar(text("SELECT pg_backend_pid()")) != dropped
+    finally:
+        engine.dispose()
+
+
+def test_recently_used_connection_fails_once_then_the_pool_recovers(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(models.db, "PING_AFTER_IDLE_S", 3600.0)
+    engine = make_engine(pg_url, pool_size=1)
+    try:
+        dropped = _backend_pid(engine)
+        _terminate(dropped)
+        # Handed back recently, so not pinged: one failure, then a fresh connection.
+        with pytest.raises(OperationalError), engine.connect() as conn:
+            conn.scalar(text("SELECT 1"))
+        assert _backend_pid(engine) != dropped
+    finally:
+        engine.dispose()
