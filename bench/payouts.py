@@ -35,7 +35,7 @@ from devnet.evm import deploy_test_usdc, dev_accounts, web3_for_url
 from devnet.solana_rpc import SolanaSimulator
 from escrow import accounts, ledger, reconcile
 from escrow.payout_worker import EvmPayoutChain, PayoutWorker, SolanaPayoutChain, WorkerOptions
-from escrow.payouts import request_payout
+from escrow.payouts import PlatformAddresses, request_payout
 from indexer.evm_sender import EvmSender
 from indexer.evm_source import JsonRpcEvmSource
 from indexer.solana_sender import SolanaSender
@@ -77,6 +77,7 @@ def _latency(
                 reference=f"probe-{i}",
                 idempotency_key=f"probe-{i}",
                 min_amount_base_units=1,
+                platform=PlatformAddresses(),
             ).id
         while True:
             worker.run_once()
@@ -134,6 +135,7 @@ def _request_all(
                 reference=str(i),
                 idempotency_key=f"bench-{i}",
                 min_amount_base_units=1,
+                platform=PlatformAddresses(),
             )
 
 

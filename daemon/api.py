@@ -59,7 +59,7 @@ from daemon.api_schemas import (
 from escrow import audit, service, webhooks
 from escrow.errors import AgentNotFound
 from escrow.money import format_amount, parse_amount
-from escrow.payouts import chain_family, minimum_payout
+from escrow.payouts import PlatformAddresses, chain_family, minimum_payout
 from escrow.webhooks import SecretCipher
 from models import (
     Agent,
@@ -408,8 +408,10 @@ def _withdrawal_routes(router: APIRouter) -> None:
         request: Request, body: WithdrawalCreate, principal: WriteKey, key: IdempotencyKeyHeader
     ) -> Response:
         """Hold an agent's balance for an on-chain payout to `to_address`."""
-        settings = state_of(request).settings
+        state = state_of(request)
+        settings = state.settings
         family = chain_family(settings, body.chain)
+        platform = state.platform_addresses()
         checked_key = key or ""
 
         def work(s: Session) -> Outcome:
@@ -425,6 +427,7 @@ def _withdrawal_routes(router: APIRouter) -> None:
                 amount=parse_amount(body.amount, decimals),
                 idempotency_key=f"{principal.prefix}:{checked_key}",
                 min_amount_base_units=minimum_payout(settings, body.asset),
+                platform=platform,
             )
             out = WithdrawalOut(
                 id=payout.id,
@@ -647,10 +650,13 @@ def create_app(
     *,
     deriver: AddressDeriver | Mapping[str, AddressDeriver] | None = None,
     webhook_cipher: SecretCipher | None = None,
+    platform: PlatformAddresses | None = None,
 ) -> FastAPI:
     """The API app. `deriver`: the deposit address deriver(s) of the unlocked keystore,
     one AddressDeriver or a mapping chain family -> deriver; None answers the deposit
-    address POST with 503. `webhook_cipher` defaults to the key file from settings."""
+    address POST with 503. `webhook_cipher` defaults to the key file from settings.
+    `platform`: the keystore's own wallets, never a withdrawal destination; None answers
+    the withdrawal POST with 503."""
     if deriver is None:
         derivers: Mapping[str, AddressDeriver] = {}
     elif isinstance(deriver, Mapping):
@@ -663,7 +669,11 @@ def create_app(
         description="Deposits, balances, escrow, withdrawals, audit and webhooks.",
     )
     app.state.escrowd = ApiState(
-        settings=settings, engine=engine, derivers=derivers, cipher=webhook_cipher
+        settings=settings,
+        engine=engine,
+        derivers=derivers,
+        cipher=webhook_cipher,
+        platform=platform,
     )
     page_max = settings.api.page_size_max
     router = APIRouter(prefix=API_PREFIX, responses=ERROR_RESPONSES)

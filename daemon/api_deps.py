@@ -17,6 +17,7 @@ from config.errors import Unavailable
 from config.settings import Settings
 from escrow import apikeys, idempotency
 from escrow.audit import canonical_json
+from escrow.payouts import PlatformAddresses
 from escrow.uow import in_transaction
 from escrow.webhooks import SecretCipher
 from models import ApiScope
@@ -35,6 +36,7 @@ class ApiState:
     engine: Engine
     derivers: Mapping[str, AddressDeriver]
     cipher: SecretCipher | None = None
+    platform: PlatformAddresses | None = None
     writers: sessionmaker[Session] = field(init=False)
     readers: sessionmaker[Session] = field(init=False)
 
@@ -55,6 +57,15 @@ class ApiState:
                 "daemon with the keystore passphrase available"
             )
         return found
+
+    def platform_addresses(self) -> PlatformAddresses:
+        if self.platform is None:
+            raise Unavailable(
+                "keystore not unlocked: escrowd cannot tell its own wallets from a "
+                "withdrawal destination; start the daemon with the keystore passphrase "
+                "available"
+            )
+        return self.platform
 
     def read(self, work: Callable[[Session], Any]) -> Any:
         with self.readers() as session, session.begin():

@@ -41,6 +41,7 @@ from daemon.jobs import (
     locks_for,
 )
 from daemon.notify import Notifier
+from escrow.payouts import PlatformAddresses
 from indexer.evm_source import EvmSource
 from indexer.solana_source import SolanaSource
 from migrations.runner import current_revision, head_revision
@@ -84,6 +85,13 @@ def derivers_of(keystore: UnlockedKeystore | None, settings: Settings) -> dict[s
     return {"evm": keystore.evm_deriver(), "solana": keystore.solana_deriver(mint)}
 
 
+def platform_of(keystore: UnlockedKeystore | None, settings: Settings) -> PlatformAddresses | None:
+    if keystore is None:
+        return None
+    mint = settings.solana.usdc_mint if settings.solana is not None else None
+    return PlatformAddresses.of_keystore(keystore, mint)
+
+
 class Daemon:
     def __init__(
         self,
@@ -123,8 +131,13 @@ class Daemon:
             )
 
     def app(self) -> FastAPI:
-        derivers = derivers_of(self.parts.keystore, self.settings)
-        app = create_app(self.settings, self.engine, deriver=derivers)
+        keystore = self.parts.keystore
+        app = create_app(
+            self.settings,
+            self.engine,
+            deriver=derivers_of(keystore, self.settings),
+            platform=platform_of(keystore, self.settings),
+        )
         return mount_health(app, ReadinessProbe(self.engine, self.lags))
 
     def start(self) -> None:

@@ -13,9 +13,10 @@ from typing import TypeVar
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.errors import Unavailable
 from config.settings import Settings
 from escrow import service
-from escrow.payouts import chain_family, minimum_payout
+from escrow.payouts import PlatformAddresses, chain_family, minimum_payout
 from escrow.uow import in_transaction
 from models import Agent, Escrow, Payout
 from models.db import make_engine, make_session_factory
@@ -24,17 +25,33 @@ T = TypeVar("T")
 
 
 class EscrowService:
-    """In-process escrow interface over a database (one transaction per call)."""
+    """In-process escrow interface over a database (one transaction per call).
 
-    def __init__(self, engine: Engine, settings: Settings | None = None) -> None:
+    `platform`: escrowd's own wallets (`PlatformAddresses.of_keystore`, or `.of` with the
+    addresses `escrowd keys init` printed); withdrawals are refused until it is given."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings | None = None,
+        *,
+        platform: PlatformAddresses | None = None,
+    ) -> None:
         self.engine = engine
         self.settings = settings or Settings()
+        self.platform = platform
         self._sessions: sessionmaker[Session] = make_session_factory(engine)
         self._readers: sessionmaker[Session] = make_session_factory(engine, read_only=True)
 
     @classmethod
-    def from_url(cls, database_url: str, settings: Settings | None = None) -> EscrowService:
-        return cls(make_engine(database_url), settings)
+    def from_url(
+        cls,
+        database_url: str,
+        settings: Settings | None = None,
+        *,
+        platform: PlatformAddresses | None = None,
+    ) -> EscrowService:
+        return cls(make_engine(database_url), settings, platform=platform)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -112,6 +129,12 @@ class EscrowService:
         amount: int,
         idempotency_key: str,
     ) -> Payout:
+        platform = self.platform
+        if platform is None:
+            raise Unavailable(
+                "withdrawals need escrowd's own wallet addresses to refuse them as "
+                "destinations: construct EscrowService with platform=PlatformAddresses(...)"
+            )
         family = chain_family(self.settings, chain)
         minimum = minimum_payout(self.settings, asset)
         return self._write(
@@ -125,5 +148,6 @@ class EscrowService:
                 amount=amount,
                 idempotency_key=idempotency_key,
                 min_amount_base_units=minimum,
+                platform=platform,
             )
         )

@@ -7,6 +7,8 @@ sending belong to the payout sender, which claims rows in status ``requested``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import structlog
 from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -17,14 +19,72 @@ from escrow import accounts, audit, events, ledger
 from escrow.errors import IdempotencyConflict, InvalidAmount, UnknownAsset
 from models import Chain, DepositAddress, Payout, PayoutReason, TransferCode
 from models.registry import find_asset
-from wallets.addresses import validate_evm_destination, validate_solana_address
+from wallets.addresses import (
+    associated_token_address,
+    validate_evm_address,
+    validate_evm_destination,
+    validate_solana_address,
+)
 from wallets.errors import InvalidAddress
+from wallets.keystore import UnlockedKeystore
 
 log = structlog.get_logger(__name__)
 
 
-def validate_destination(session: Session, family: str, destination: str) -> str:
-    """The destination in canonical form; refuses malformed, zero and our own addresses."""
+@dataclass(frozen=True)
+class PlatformAddresses:
+    """escrowd's own wallets, which a payout must never be sent to: paying the hot wallet
+    (payout signer and sweep destination) moves nothing yet books an outflow, and paying
+    the gas wallet strands an agent's funds with the platform. Maps each address (EVM:
+    lowercase; Solana: base58, with the USDC token accounts) to what it is."""
+
+    evm: dict[str, str] = field(default_factory=dict)
+    solana: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        evm: dict[str, str] | None = None,
+        solana: dict[str, str] | None = None,
+        solana_usdc_mint: str | None = None,
+    ) -> PlatformAddresses:
+        """From {address: role}; with a mint, each Solana wallet's USDC associated token
+        account too (the Solana sender pays owners, creating their token account)."""
+        evm_roles = {validate_evm_address(a).lower(): role for a, role in (evm or {}).items()}
+        solana_roles = {validate_solana_address(a): role for a, role in (solana or {}).items()}
+        if solana_usdc_mint is not None:
+            solana_roles |= {
+                associated_token_address(wallet, solana_usdc_mint): f"{role} USDC token account"
+                for wallet, role in solana_roles.items()
+            }
+        return cls(evm=evm_roles, solana=solana_roles)
+
+    @classmethod
+    def of_keystore(
+        cls, keystore: UnlockedKeystore, solana_usdc_mint: str | None
+    ) -> PlatformAddresses:
+        return cls.of(
+            evm={
+                keystore.evm_hot_wallet.address: "EVM hot wallet",
+                keystore.evm_gas_wallet.address: "EVM gas wallet",
+            },
+            solana={keystore.solana_hot_wallet.address: "Solana hot wallet"},
+            solana_usdc_mint=solana_usdc_mint,
+        )
+
+    def role(self, family: str, canonical: str) -> str | None:
+        """What the platform uses the address for, or None when it is not ours."""
+        if family == Chain.EVM:
+            return self.evm.get(canonical.lower())
+        return self.solana.get(canonical)
+
+
+def validate_destination(
+    session: Session, family: str, destination: str, platform: PlatformAddresses
+) -> str:
+    """The destination in canonical form; refuses malformed and zero addresses, our
+    deposit addresses and the platform's own wallets."""
     if family == Chain.EVM:
         canonical = validate_evm_destination(destination)
     elif family == Chain.SOLANA:
@@ -38,6 +98,13 @@ def validate_destination(session: Session, family: str, destination: str) -> str
     else:
         raise InvalidAddress(
             f"unknown chain family {family!r}; expected 'evm' or 'solana'",
+            chain=family,
+            address=destination,
+        )
+    role = platform.role(family, canonical)
+    if role is not None:
+        raise InvalidAddress(
+            f"the destination is escrowd's own {role}; pay out to an address outside the platform",
             chain=family,
             address=destination,
         )
@@ -71,12 +138,14 @@ def request_payout(
     reference: str,
     idempotency_key: str,
     min_amount_base_units: int,
+    platform: PlatformAddresses,
     source_address: str = "",
     escrow_id: int | None = None,
 ) -> Payout:
     """Create a payout in status ``requested`` with its ledger hold, in the caller's
     transaction. `chain` is the network name (custody is per network), `family` its
-    address format ("evm" or "solana"). Nothing is written when any check fails.
+    address format ("evm" or "solana"); `platform`: the wallets a payout may not go to.
+    Nothing is written when any check fails.
 
     A repeat with the same idempotency key and the same request returns the original
     payout; the same key for a different request is an IdempotencyConflict.
@@ -86,7 +155,7 @@ def request_payout(
     asset = find_asset(session, chain, asset_symbol)
     if asset is None:
         raise UnknownAsset(f"{asset_symbol} is not registered on chain {chain!r}")
-    canonical = validate_destination(session, family, destination)
+    canonical = validate_destination(session, family, destination, platform)
     if amount < min_amount_base_units:
         raise InvalidAmount(
             f"payout of {amount} base units is below the minimum of {min_amount_base_units} "

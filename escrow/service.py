@@ -34,7 +34,7 @@ from escrow.errors import (
     InvalidAmount,
     UnknownAsset,
 )
-from escrow.payouts import request_payout
+from escrow.payouts import PlatformAddresses, request_payout
 from models import (
     AccountKind,
     Agent,
@@ -538,11 +538,12 @@ def withdraw(
     amount: int,
     idempotency_key: str,
     min_amount_base_units: int,
+    platform: PlatformAddresses,
     source_address: str = "",
 ) -> Payout:
     """Hold `amount` of the agent's available balance for an on-chain payout to
-    `to_address`; the payout sender broadcasts it. The same `idempotency_key` for the
-    same agent returns the original payout."""
+    `to_address` (never one of the `platform` wallets); the payout sender broadcasts it.
+    The same `idempotency_key` for the same agent returns the original payout."""
     if not idempotency_key:
         raise ValidationFailed("a withdrawal needs an idempotency key")
     # Hashed: the caller's key may be longer than the payout key column allows.
@@ -559,5 +560,6 @@ def withdraw(
         reference=f"agent:{agent.external_id}",
         idempotency_key=f"withdrawal:{agent.id}:{key_digest}",
         min_amount_base_units=min_amount_base_units,
+        platform=platform,
         source_address=source_address,
     )

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.settings import EvmChainSettings, Settings
 from daemon.api import create_app
 from escrow import accounts, apikeys, audit, ledger, service
+from escrow.payouts import PlatformAddresses
 from escrow.webhooks import SecretCipher
 from models import ApiScope, AuditLog, TransferCode
 from models.registry import ensure_asset
@@ -22,6 +23,16 @@ from wallets.secrets import Secret
 
 USDC_ADDRESS = "0x" + "ab" * 20
 CHAIN = "base"
+SOLANA_USDC_MINT = "EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v"
+# The platform's own wallets as a keystore would give them (fixed, public test values).
+HOT_EVM = "0x" + "a1" * 20
+GAS_EVM = "0x" + "a2" * 20
+HOT_SOLANA = "HAgk14JpMQLgt6rVgv7cBQFJWFto5Dqxi472uT3DKpqk"
+PLATFORM = PlatformAddresses.of(
+    evm={HOT_EVM: "EVM hot wallet", GAS_EVM: "EVM gas wallet"},
+    solana={HOT_SOLANA: "Solana hot wallet"},
+    solana_usdc_mint=SOLANA_USDC_MINT,
+)
 _keys = itertools.count(1)
 
 
@@ -106,13 +117,18 @@ def make_key(sessions: sessionmaker[Session], scope: ApiScope) -> str:
 
 
 def make_client(
-    engine: Engine, data_dir: Path, *, deriver: dict[str, AddressDeriver] | None = None
+    engine: Engine,
+    data_dir: Path,
+    *,
+    deriver: dict[str, AddressDeriver] | None = None,
+    platform: PlatformAddresses | None = PLATFORM,
 ) -> TestClient:
     app = create_app(
         make_settings(data_dir),
         engine,
         webhook_cipher=SecretCipher(bytes(range(32))),
         deriver=deriver,
+        platform=platform,
     )
     return TestClient(app, raise_server_exceptions=False)
 

@@ -22,7 +22,7 @@ from config.settings import EvmChainSettings, KeystoreSettings, PayoutSettings, 
 from devnet.anvil import REPO_ROOT
 from escrow import accounts, audit, ledger, reconcile
 from escrow.payout_worker import EvmPayoutChain, PayoutWorker, WorkerOptions
-from escrow.payouts import request_payout
+from escrow.payouts import PlatformAddresses, request_payout
 from indexer.evm_sender import EvmSender
 from models import Payout, PayoutReason, PayoutStatus, TransferCode
 from models.registry import ensure_asset
@@ -117,6 +117,7 @@ class EvmPayoutWorld:
             reference=key,
             idempotency_key=key,
             min_amount_base_units=1,
+            platform=PlatformAddresses.of_keystore(self.keystore, None),
             escrow_id=escrow_id,
         )
 

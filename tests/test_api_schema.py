@@ -23,7 +23,7 @@ from daemon.api import create_app
 from escrow.webhooks import SecretCipher
 from models import ApiScope
 from models.db import make_engine, make_session_factory
-from tests.escrow_fixtures import derivers, make_key, make_settings, seed_agents
+from tests.escrow_fixtures import PLATFORM, derivers, make_key, make_settings, seed_agents
 
 CHECKS = [
     not_a_server_error,
@@ -53,6 +53,7 @@ def test_api_conforms_to_its_schema(sqlite_engine: Engine, admin_key: str, tmp_p
         sqlite_engine,
         deriver=derivers(),
         webhook_cipher=SecretCipher(bytes(32)),
+        platform=PLATFORM,
     )
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     headers = {"Authorization": f"Bearer {admin_key}"}

@@ -24,6 +24,7 @@ from models import (
 )
 from tests.escrow_fixtures import (
     CHAIN,
+    PLATFORM,
     audit_actions,
     available,
     credit,
@@ -221,6 +222,7 @@ def test_request_payout_holds_funds_and_refuses_bad_requests(
             reference="test",
             idempotency_key=key,
             min_amount_base_units=10_000,
+            platform=PLATFORM,
         )
 
     refusals = [
@@ -252,7 +254,7 @@ def test_request_payout_holds_funds_and_refuses_bad_requests(
 
 def test_escrow_service_in_process(engine: Engine, tmp_path: Path) -> None:
     url = engine.url.render_as_string(hide_password=False)
-    svc = EscrowService.from_url(url, make_settings(tmp_path))
+    svc = EscrowService.from_url(url, make_settings(tmp_path), platform=PLATFORM)
     try:
         svc.register_agent("buyer")
         svc.register_agent("worker")

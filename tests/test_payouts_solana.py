@@ -25,7 +25,7 @@ from escrow.payout_worker import (
     SolanaPayoutChain,
     WorkerOptions,
 )
-from escrow.payouts import request_payout
+from escrow.payouts import PlatformAddresses, request_payout
 from indexer.errors import RpcError
 from indexer.solana_sender import SolanaSender
 from indexer.solana_source import SolanaRpcSource
@@ -112,6 +112,7 @@ class SolanaWorld:
             reference=key,
             idempotency_key=key,
             min_amount_base_units=1,
+            platform=PlatformAddresses.of_keystore(self.keystore, str(self.mint)),
             **kw,  # type: ignore[arg-type]
         ).id
 
