@@ -10,11 +10,16 @@ Steps, each stored before anything is sent (the payout rules):
 1. the deposit address lacks gas: the gas wallet sends it ETH for one transfer at the
    quoted fee (stored as a transaction of the sweep, recognisable by its recipient);
 2. once that is mined, the deposit address (key derived from the seed) signs the USDC
-   transfer to the hot wallet with its own escrowd-owned nonce;
+   transfer to the hot wallet with its own escrowd-owned nonce; if fees rose in between
+   so that it cannot pay that transaction's fee cap, the gas wallet tops it up (step 1
+   again) rather than the sweep being re-signed;
 3. confirmed at the chain's depth (or failed for good on a revert).
 At most one open sweep per deposit address, so a sweep is never duplicated. States:
 requested -> signed -> confirmed | failed. Run one sweeper per chain (a scheduler job
 under its advisory lock), like every other job.
+
+Run passes from the command line (used by the crash tests):
+``python -m escrow.sweeps --config FILE --chain NAME [--until-idle]``.
 
 Solana sweeps need no gas funding (the hot wallet is the fee payer, the deposit key
 co-signs), so `discover_solana_sweeps` only creates the sweep rows and the payout worker
@@ -24,21 +29,24 @@ the fee it pays in SOL is booked as network cost, like a payout's.
 
 from __future__ import annotations
 
+import argparse
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 
 import rlp
 import structlog
 from eth_utils.address import to_checksum_address
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from escrow import audit
 from escrow.uow import in_transaction
 from indexer.errors import RpcError
-from indexer.evm_sender import ERC20_TRANSFER_GAS, EvmSender, quote_fees
+from indexer.evm_sender import ERC20_TRANSFER_GAS, EvmSender, decode_fees, quote_fees
 from indexer.evm_source import EvmSource
 from indexer.sending import SignedTx, TxState
 from indexer.solana_source import SolanaSource
@@ -58,6 +66,16 @@ log = structlog.get_logger(__name__)
 OPEN = (PayoutStatus.REQUESTED.value, PayoutStatus.SIGNED.value, PayoutStatus.BROADCAST.value)
 # Gas sent to a deposit address covers this many times one transfer at the quoted fee.
 GAS_MARGIN = 2
+# Where a crash test may kill the EVM sweeper; each leaves different state stored.
+CRASH_POINTS = (
+    "after_fund_sign",
+    "after_fund_store",
+    "after_fund_broadcast",
+    "after_sweep_sign",
+    "after_sweep_store",
+    "after_sweep_broadcast",
+    "before_confirm",
+)
 
 
 @dataclass
@@ -177,8 +195,10 @@ class EvmSweeper:
         max_fee_gwei: int,
         confirmations: int,
         min_amount_base_units: int,
+        crash: Callable[[str], None] | None = None,
     ) -> None:
         self.sessions = sessions
+        self.crash = crash or (lambda point: None)
         self.source = source
         self.chain = chain
         self.hot_wallet = to_checksum_address(hot_wallet)
@@ -216,6 +236,33 @@ class EvmSweeper:
         for payout_id in open_ids:
             self._advance(payout_id, stats)
         return stats
+
+    def _open_count(self) -> int:
+        with self.sessions() as session:
+            count = session.scalar(
+                select(func.count())
+                .select_from(Payout)
+                .where(
+                    Payout.chain == self.chain,
+                    Payout.reason == PayoutReason.SWEEP.value,
+                    Payout.status.in_(OPEN),
+                )
+            )
+        return count or 0
+
+    def run_until_idle(self, *, max_passes: int = 200, pause_s: float = 0.05) -> SweepStats:
+        """Passes until nothing is left to sweep on this chain (tests, CLI)."""
+        total = SweepStats()
+        for _ in range(max_passes):
+            stats = self.run_once()
+            for name in (f.name for f in fields(SweepStats)):
+                setattr(total, name, getattr(total, name) + getattr(stats, name))
+            # A pass that confirmed a sweep may leave a later deposit to its address for
+            # the next one to find: idle is a pass that did nothing with nothing open.
+            if stats == SweepStats() and self._open_count() == 0:
+                break
+            time.sleep(pause_s)
+        return total
 
     def _discover(self, stats: SweepStats) -> None:
         with self.sessions() as session:
@@ -295,12 +342,17 @@ class EvmSweeper:
 
     def _advance(self, payout_id: int, stats: SweepStats) -> None:
         funding, sweeps = self._transactions(payout_id)
+        if funding and self.source.receipt(funding[-1].tx_hash) is None:
+            # Gas on its way: the sweep waits for it, its stored bytes sent until mined.
+            self._send(funding[-1].raw_tx)
+            return
         if sweeps:
             outcome = self._sender(self._key_of(payout_id)).outcome([t.tx_hash for t in sweeps])
             if outcome.state is TxState.PENDING:
-                if outcome.tx_hash is None:
+                if outcome.tx_hash is None and not self._top_up(payout_id, sweeps[-1], stats):
                     self._send(sweeps[-1].raw_tx)
                 return
+            self.crash("before_confirm")
             in_transaction(
                 self.sessions,
                 lambda s: self._finish(
@@ -312,21 +364,26 @@ class EvmSweeper:
             else:
                 stats.failed += 1
             return
-        if funding:
-            receipt = self.source.receipt(funding[-1].tx_hash)
-            if receipt is None:
-                self._send(funding[-1].raw_tx)
-                return
-        else:
-            signed = in_transaction(self.sessions, lambda s: self._fund_gas(s, payout_id))
-            if signed is not None:
-                stats.funded += 1
-                self._send(signed.raw_tx)
-                return
+        if self._top_up(payout_id, None, stats):
+            return
         key = self._key_of(payout_id)
         signed = in_transaction(self.sessions, lambda s: self._sign_sweep(s, payout_id, key))
+        self.crash("after_sweep_store")
         self._send(signed.raw_tx)
+        self.crash("after_sweep_broadcast")
         stats.sent += 1
+
+    def _top_up(self, payout_id: int, stored: PayoutTransaction | None, stats: SweepStats) -> bool:
+        """Send the deposit address the gas it lacks, for the stored sweep transaction or
+        (none stored yet) one at today's fees; False when it has enough."""
+        signed = in_transaction(self.sessions, lambda s: self._fund_gas(s, payout_id, stored))
+        if signed is None:
+            return False
+        stats.funded += 1
+        self.crash("after_fund_store")
+        self._send(signed.raw_tx)
+        self.crash("after_fund_broadcast")
+        return True
 
     def _send(self, raw_tx: bytes) -> None:
         try:
@@ -359,16 +416,26 @@ class EvmSweeper:
             )
         )
 
-    def _fund_gas(self, session: Session, payout_id: int) -> SignedTx | None:
+    def _fund_gas(
+        self, session: Session, payout_id: int, stored: PayoutTransaction | None
+    ) -> SignedTx | None:
         payout = session.get(Payout, payout_id)
-        assert payout is not None and payout.status == PayoutStatus.REQUESTED.value
-        need = ERC20_TRANSFER_GAS * quote_fees(self.source, self.gas.cap_wei).max_fee_per_gas
+        assert payout is not None and payout.status in OPEN
+        # A stored sweep is never re-signed, so when fees moved between funding and
+        # signing its own fee cap is what the address must cover, or it never lands.
+        fees = (
+            decode_fees(stored.raw_tx)[1]
+            if stored is not None
+            else quote_fees(self.source, self.gas.cap_wei)
+        )
+        need = ERC20_TRANSFER_GAS * fees.max_fee_per_gas
         have = self.source.native_balance_wei(payout.source_address)
         if have >= need:
             return None
         signed = self.gas.sign_native_transfer(
             session, to=payout.source_address, amount_wei=GAS_MARGIN * need - have
         )
+        self.crash("after_fund_sign")
         self._store(session, payout, signed)
         self._audit(session, payout, "sweep_gas_funded", funding_tx_hash=signed.tx_hash)
         return signed
@@ -381,6 +448,7 @@ class EvmSweeper:
         signed = self._sender(key).sign_token_transfer(
             session, token=asset.token_address, to=self.hot_wallet, amount_base_units=payout.amount
         )
+        self.crash("after_sweep_sign")
         self._store(session, payout, signed)
         payout.status = PayoutStatus.SIGNED.value
         payout.tx_hash = signed.tx_hash
@@ -419,6 +487,8 @@ def build_evm_sweeper(
     chain: str,
     keystore: UnlockedKeystore,
     source: EvmSource | None = None,
+    *,
+    crash: Callable[[str], None] | None = None,
 ) -> EvmSweeper:
     """The sweeper of a configured EVM chain: gas from the keystore's gas wallet, USDC
     into its hot wallet, deposit keys derived from its seed; the dust minimum is the
@@ -437,4 +507,35 @@ def build_evm_sweeper(
         max_fee_gwei=evm.max_fee_gwei,
         confirmations=evm.confirmations,
         min_amount_base_units=settings.payouts.min_usdc_base_units,
+        crash=crash,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pathlib import Path
+
+    from config.settings import load_settings
+    from escrow.payout_worker import CrashHook, unlock_from_settings
+    from models.db import make_engine, make_session_factory
+
+    parser = argparse.ArgumentParser(prog="python -m escrow.sweeps")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--chain", required=True)
+    parser.add_argument("--until-idle", action="store_true")
+    args = parser.parse_args(argv)
+    settings = load_settings(Path(args.config))
+    engine = make_engine(settings.resolved_database_url)
+    sweeper = build_evm_sweeper(
+        make_session_factory(engine),
+        settings,
+        args.chain,
+        unlock_from_settings(settings),
+        crash=CrashHook.from_env(CRASH_POINTS),
+    )
+    stats = sweeper.run_until_idle() if args.until_idle else sweeper.run_once()
+    print(stats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
