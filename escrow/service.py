@@ -13,16 +13,17 @@ the later one sees the new state and gets EscrowConflict.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session, aliased, make_transient_to_detached
 
 from config.errors import ValidationFailed
 from escrow import accounts, audit, events, ledger
@@ -48,6 +49,7 @@ from models import (
     TransferCode,
     utcnow,
 )
+from models.db import prepared_rows
 
 log = structlog.get_logger(__name__)
 
@@ -305,6 +307,20 @@ def fund_escrow(
     if expires_at is not None and expires_at.tzinfo is None:
         raise ValidationFailed("expires_at must carry a timezone (UTC)")
     asset_decimals(session, asset)
+    if _in_database(session):
+        funded = _fund_in_database(
+            session,
+            job_id=job_id,
+            buyer=buyer,
+            worker=worker,
+            asset=asset,
+            amount=amount,
+            fee_bps=fee_bps,
+            expires_at=expires_at,
+            actor=actor,
+        )
+        log.info("escrow_funded", job_id=job_id, asset=asset, amount_base_units=amount)
+        return funded
     # The unique job id decides, also between concurrent funds of one job: the loser's
     # insert waits for the winner's commit and then inserts nothing.
     now = utcnow()
@@ -349,13 +365,123 @@ def fund_escrow(
             audit_stream=_stream(job_id),
         )
     except InsufficientFunds:
-        raise InsufficientFunds(
-            f"buyer {buyer.external_id} has less than {amount} base units of {asset} "
-            "available; deposit more or fund a smaller amount"
-        ) from None
+        raise _buyer_short(buyer, amount, asset) from None
     _record(session, escrow, (buyer, worker), "escrow_funded", actor)
     log.info("escrow_funded", job_id=job_id, asset=asset, amount_base_units=amount)
     return escrow
+
+
+def _buyer_short(buyer: Agent, amount: int, asset: str) -> InsufficientFunds:
+    return InsufficientFunds(
+        f"buyer {buyer.external_id} has less than {amount} base units of {asset} "
+        "available; deposit more or fund a smaller amount"
+    )
+
+
+# --- PostgreSQL: one round trip per escrow operation (functions of migration 0003) -------
+
+_PG_FUND = (
+    "SELECT outcome, detail, escrow FROM escrowd_fund_escrow(%s::text, %s::bigint, "
+    "%s::bigint, %s::text, %s::bigint, %s::int, %s::timestamptz, %s::text, %s::text, "
+    "%s::timestamptz, %s::text, %s::text)"
+)
+_PG_SETTLE = (
+    "SELECT outcome, detail, escrow FROM escrowd_settle_escrow(%s::text, %s::text, "
+    "%s::text[], %s::bigint, %s::text, %s::text, %s::timestamptz, %s::text, %s::text)"
+)
+_TIMESTAMP_COLUMNS = ("expires_at", "resolved_at", "created_at", "updated_at")
+
+
+def _in_database(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _attach(session: Session, row: Mapping[str, Any]) -> Escrow:
+    """The escrow as the function returned it (row_to_json), made the session's persistent
+    object without another query."""
+    values = dict(row)
+    for column in _TIMESTAMP_COLUMNS:
+        if values[column] is not None:
+            values[column] = datetime.fromisoformat(values[column]).astimezone(UTC)
+    escrow = Escrow(**values)
+    make_transient_to_detached(escrow)
+    return session.merge(escrow, load=False)
+
+
+def _call_escrow_function(session: Session, sql: str, *args: Any) -> tuple[str, Any, Any]:
+    # The function's SQL does not autoflush; the caller's pending ORM writes land first.
+    session.flush()
+    now = utcnow()
+    params = (*args, str(uuid.uuid4()), now, audit.timestamp_text(now), events.API_VERSION)
+    outcome, detail, row = prepared_rows(session, sql, params)[0]
+    return outcome, detail, row
+
+
+def _fund_in_database(
+    session: Session,
+    *,
+    job_id: str,
+    buyer: Agent,
+    worker: Agent,
+    asset: str,
+    amount: int,
+    fee_bps: int,
+    expires_at: datetime | None,
+    actor: str,
+) -> Escrow:
+    outcome, detail, row = _call_escrow_function(
+        session, _PG_FUND, job_id, buyer.id, worker.id, asset, amount, fee_bps, expires_at, actor
+    )
+    if outcome == "conflict":
+        raise EscrowConflict(f"escrow {job_id} already exists ({detail}); use a new job id")
+    if outcome == "insufficient_funds":
+        raise _buyer_short(buyer, amount, asset)
+    ledger.raise_refusal(outcome, detail)
+    assert outcome == "funded", outcome
+    return _attach(session, row)
+
+
+def _settle_in_database(
+    session: Session,
+    job_id: str,
+    *,
+    new_status: EscrowStatus,
+    allowed: tuple[EscrowStatus, ...],
+    worker_gross: int | None,
+    verb: str,
+    actor: str,
+) -> Escrow:
+    outcome, detail, row = _call_escrow_function(
+        session,
+        _PG_SETTLE,
+        job_id,
+        new_status.value,
+        [status.value for status in allowed],
+        worker_gross,
+        actor,
+    )
+    if outcome == "not_found":
+        raise EscrowNotFound(f"no escrow for job {job_id!r}")
+    if outcome == "conflict":
+        raise EscrowConflict(f"escrow {job_id} is already {detail}; it cannot be {verb}")
+    if outcome == "invalid_amount":
+        raise InvalidAmount(
+            f"worker amount {worker_gross} must be between 0 and the escrowed {detail}"
+        )
+    assert outcome == "settled", outcome
+    escrow = _attach(session, row)
+    _log_settled(escrow)
+    return escrow
+
+
+def _log_settled(escrow: Escrow) -> None:
+    log.info(
+        f"escrow_{escrow.status}",
+        job_id=escrow.job_id,
+        worker_amount_base_units=escrow.worker_amount,
+        fee_amount_base_units=escrow.fee_amount,
+        refund_amount_base_units=escrow.refund_amount,
+    )
 
 
 def _settle(
@@ -418,13 +544,7 @@ def _settle(
     escrow.resolved_at = utcnow()
     session.flush()
     _record(session, escrow, parties, f"escrow_{new_status.value}", actor)
-    log.info(
-        f"escrow_{new_status.value}",
-        job_id=job_id,
-        worker_amount_base_units=worker_net,
-        fee_amount_base_units=fee,
-        refund_amount_base_units=refund,
-    )
+    _log_settled(escrow)
     return escrow
 
 
@@ -438,6 +558,16 @@ def _require(escrow: Escrow, allowed: tuple[EscrowStatus, ...], verb: str) -> No
 def release_escrow(session: Session, job_id: str, *, actor: str = "api") -> Escrow:
     """Worker gets amount - fee, the platform gets fee = floor(amount * fee_bps / 10000)
     (see fee_for: the rounding remainder goes to the worker)."""
+    if _in_database(session):
+        return _settle_in_database(
+            session,
+            job_id,
+            new_status=EscrowStatus.RELEASED,
+            allowed=(EscrowStatus.FUNDED,),
+            worker_gross=None,
+            verb="released",
+            actor=actor,
+        )
     escrow, buyer, worker = _lock_escrow(session, job_id)
     _require(escrow, (EscrowStatus.FUNDED,), "released")
     return _settle(
@@ -452,6 +582,16 @@ def release_escrow(session: Session, job_id: str, *, actor: str = "api") -> Escr
 
 def refund_escrow(session: Session, job_id: str, *, actor: str = "api") -> Escrow:
     """The whole amount back to the buyer; allowed from funded and expired."""
+    if _in_database(session):
+        return _settle_in_database(
+            session,
+            job_id,
+            new_status=EscrowStatus.REFUNDED,
+            allowed=OPEN_STATES,
+            worker_gross=0,
+            verb="refunded",
+            actor=actor,
+        )
     escrow, buyer, worker = _lock_escrow(session, job_id)
     _require(escrow, OPEN_STATES, "refunded")
     return _settle(
@@ -470,10 +610,20 @@ def resolve_escrow(
     """Dispute split: `worker_amount` (0..amount) goes to the worker minus the fee on that
     part (floor(worker_amount * fee_bps / 10000)); amount - worker_amount goes back to the
     buyer, with no fee."""
-    escrow, buyer, worker = _lock_escrow(session, job_id)
-    _require(escrow, (EscrowStatus.FUNDED,), "resolved")
     if isinstance(worker_amount, bool) or not isinstance(worker_amount, int):
         raise InvalidAmount(f"worker amount must be an integer, got {worker_amount!r}")
+    if _in_database(session):
+        return _settle_in_database(
+            session,
+            job_id,
+            new_status=EscrowStatus.RESOLVED,
+            allowed=(EscrowStatus.FUNDED,),
+            worker_gross=worker_amount,
+            verb="resolved",
+            actor=actor,
+        )
+    escrow, buyer, worker = _lock_escrow(session, job_id)
+    _require(escrow, (EscrowStatus.FUNDED,), "resolved")
     if not 0 <= worker_amount <= escrow.amount:
         raise InvalidAmount(
             f"worker amount {worker_amount} must be between 0 and the escrowed {escrow.amount}"

@@ -6,9 +6,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 READ_ONLY_OPTION = "escrowd_read_only"
@@ -93,3 +94,20 @@ def make_session_factory(engine: Engine, *, read_only: bool = False) -> sessionm
     report (audit verify, ledger check, API reads) does not hold up writers."""
     bind = engine.execution_options(**{READ_ONLY_OPTION: True}) if read_only else engine
     return sessionmaker(bind, expire_on_commit=False)
+
+
+def prepared_rows(session: Session, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """Run `sql` (psycopg placeholders) on the session's PostgreSQL connection, in its
+    transaction, as a server-side prepared statement, and return all rows.
+
+    For the one-round-trip database functions on hot paths: SQLAlchemy's statement
+    machinery costs more client CPU than the call itself there. Driver errors come out as
+    SQLAlchemy's exception types, like those of every other statement, so callers and the
+    retries of escrow.uow.in_transaction see one error model."""
+    driver = session.connection().connection.driver_connection
+    assert driver is not None, "the session's connection is open"
+    try:
+        rows: list[tuple[Any, ...]] = driver.execute(sql, params, prepare=True).fetchall()
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(sql, params, exc, psycopg.Error) from exc
+    return rows
