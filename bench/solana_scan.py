@@ -24,6 +24,7 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.settings import SolanaSettings
 from devnet.solana_rpc import SolanaSimulator
 from escrow.deposits import LedgerDepositSink
-from indexer.sink import DepositSink
+from indexer.sink import DepositSink, StoredDeposit
 from indexer.solana_indexer import BLOCK_SCAN, SolanaPoller
 from indexer.solana_source import SolanaRpcSource
 from migrations.runner import upgrade_to_head
@@ -62,7 +63,7 @@ class CountingSink:
     def recorded(self, session: Session, deposit: Deposit) -> None:
         pass
 
-    def recorded_many(self, session: Session, deposits: list[Deposit]) -> None:
+    def recorded_many(self, session: Session, deposits: Sequence[StoredDeposit]) -> None:
         pass
 
     def confirmed(self, session: Session, deposit: Deposit) -> None:

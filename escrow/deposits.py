@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import structlog
 from prometheus_client import Counter
 from sqlalchemy import func, select
@@ -9,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from escrow import accounts, audit, events, ledger
 from escrow.errors import InsufficientFunds
+from indexer.sink import StoredDeposit
 from models import Asset, Deposit, DepositStatus, LedgerTransfer, TransferCode
 
 log = structlog.get_logger(__name__)
@@ -42,7 +45,7 @@ def _stream(deposit: Deposit) -> str:
     return f"deposit:{deposit.chain}:{deposit.id}"
 
 
-def _event_data(deposit: Deposit, asset: Asset) -> dict[str, object]:
+def _event_data(deposit: Deposit | StoredDeposit, asset: Asset) -> dict[str, object]:
     return {
         "deposit_id": deposit.id,
         "agent_id": deposit.agent_id,
@@ -60,10 +63,10 @@ class LedgerDepositSink:
     """Credits confirmed deposits into the ledger with audit rows and webhook events."""
 
     def recorded(self, session: Session, deposit: Deposit) -> None:
-        self.recorded_many(session, [deposit])
+        self.recorded_many(session, [StoredDeposit.of(deposit)])
 
-    def recorded_many(self, session: Session, deposits: list[Deposit]) -> None:
-        """Audit rows and events for a batch of new deposits, in a few statements.
+    def recorded_many(self, session: Session, deposits: Sequence[StoredDeposit]) -> None:
+        """Audit rows and events for a batch of new deposits, in a few set-based statements.
 
         Sightings of one chain share a stream: the chain's poller is the only writer, so it
         costs no contention, and one head lock covers the whole batch."""
@@ -77,7 +80,7 @@ class LedgerDepositSink:
         }
         chains = {d.chain for d in deposits}
         for chain in sorted(chains):
-            audit.append_many(
+            audit.append_bulk(
                 session,
                 f"deposits-seen:{chain}",
                 [

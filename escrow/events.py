@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from escrow.audit import canonical_json
-from models import WebhookEvent
+from models import WebhookEvent, bulk, utcnow
 
 # Bumped only when a field is removed or changes meaning; adding fields keeps the version.
 API_VERSION = "2026-11-01"
@@ -32,27 +32,33 @@ EVENT_TYPES = frozenset(
 )
 
 
-def _event(event_type: str, data: Mapping[str, Any]) -> WebhookEvent:
-    assert event_type in EVENT_TYPES, f"unknown event type {event_type}"
-    return WebhookEvent(
-        type=event_type,
-        api_version=API_VERSION,
-        payload=canonical_json({"type": event_type, "api_version": API_VERSION, "data": data}),
-    )
+def _payload(event_type: str, data: Mapping[str, Any]) -> str:
+    return canonical_json({"type": event_type, "api_version": API_VERSION, "data": data})
 
 
 def emit(session: Session, event_type: str, data: Mapping[str, Any]) -> WebhookEvent:
-    event = _event(event_type, data)
+    assert event_type in EVENT_TYPES, f"unknown event type {event_type}"
+    event = WebhookEvent(
+        type=event_type, api_version=API_VERSION, payload=_payload(event_type, data)
+    )
     session.add(event)
     session.flush()
     return event
 
 
-def emit_many(
-    session: Session, items: Sequence[tuple[str, Mapping[str, Any]]]
-) -> list[WebhookEvent]:
-    """Several events in one INSERT, in the given order."""
-    batch = [_event(event_type, data) for event_type, data in items]
-    session.add_all(batch)
-    session.flush()
-    return batch
+def emit_many(session: Session, items: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+    """Several events in a few set-based statements, ids in the given order."""
+    created_at = utcnow()
+    rows = []
+    for event_type, data in items:
+        assert event_type in EVENT_TYPES, f"unknown event type {event_type}"
+        rows.append(
+            {
+                "type": event_type,
+                "api_version": API_VERSION,
+                "payload": _payload(event_type, data),
+                "fanned_out": False,
+                "created_at": created_at,
+            }
+        )
+    bulk.insert_rows(session, WebhookEvent.metadata.tables[WebhookEvent.__tablename__], rows)

@@ -3,6 +3,8 @@ crediting means (ledger, audit, webhooks) is the escrow layer's, injected as a D
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from sqlalchemy.orm import Session
@@ -10,12 +12,44 @@ from sqlalchemy.orm import Session
 from models import Deposit
 
 
+@dataclass(frozen=True, slots=True)
+class StoredDeposit:
+    """A deposit row as just stored, without an ORM object: a backfill window stores
+    thousands, and tracking each in the session would cost more than storing it."""
+
+    id: int
+    chain: str
+    tx_hash: str
+    log_index: int
+    asset_id: int
+    agent_id: int
+    amount: int
+    block_number: int
+    block_hash: str
+    status: str
+
+    @classmethod
+    def of(cls, deposit: Deposit) -> StoredDeposit:
+        return cls(
+            deposit.id,
+            deposit.chain,
+            deposit.tx_hash,
+            deposit.log_index,
+            deposit.asset_id,
+            deposit.agent_id,
+            deposit.amount,
+            deposit.block_number,
+            deposit.block_hash,
+            deposit.status,
+        )
+
+
 class DepositSink(Protocol):
     def recorded(self, session: Session, deposit: Deposit) -> None:
         """A new pending deposit was stored (first sighting)."""
 
-    def recorded_many(self, session: Session, deposits: list[Deposit]) -> None:
-        """Several new pending deposits of one chain were stored together."""
+    def recorded_many(self, session: Session, deposits: Sequence[StoredDeposit]) -> None:
+        """Several new pending deposits were stored together."""
 
     def confirmed(self, session: Session, deposit: Deposit) -> None:
         """`deposit` is final: credit it exactly once, in the caller's transaction."""

@@ -9,8 +9,8 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from indexer.sink import DepositSink
-from models import ChainCursor, Deposit, DepositAddress, DepositStatus, utcnow
+from indexer.sink import DepositSink, StoredDeposit
+from models import ChainCursor, Deposit, DepositAddress, DepositStatus, bulk, utcnow
 
 
 @dataclass(frozen=True)
@@ -186,50 +186,93 @@ def record_deposit(session: Session, chain: str, found: FoundDeposit, sink: Depo
 def record_deposits(
     session: Session, chain: str, found: list[FoundDeposit], sink: DepositSink
 ) -> int:
-    """Store many deposits as pending in a few statements; returns how many are new.
+    """Store many deposits as pending in a few set-based statements; returns how many are
+    new (or revived).
 
-    New keys are inserted together and reported to the sink in one batch; keys already
-    stored are skipped, except orphaned ones, which `record_deposit` may revive. A rescan
-    of stored windows therefore costs one query per 500 transaction hashes."""
-    if not found:
+    Keys not stored yet are inserted together (a key stored meanwhile by someone else is
+    skipped by the unique constraint, never doubled) and reported to the sink in one
+    batch. Keys already stored are skipped, except orphaned ones, which `record_deposit`
+    may revive; a rescan of stored windows costs one query per 500 transaction hashes."""
+    unique: dict[tuple[str, int], FoundDeposit] = {}
+    for item in found:
+        assert item.amount > 0, "only positive transfers are deposits"
+        unique.setdefault((item.tx_hash, item.log_index), item)
+    if not unique:
         return 0
-    tx_hashes = sorted({f.tx_hash for f in found})
-    stored: dict[tuple[str, int], str] = {}
+    now = utcnow()
+    inserted = {
+        (tx_hash, log_index): deposit_id
+        for deposit_id, tx_hash, log_index in bulk.insert_rows(
+            session,
+            Deposit.metadata.tables[Deposit.__tablename__],
+            [
+                {
+                    "chain": chain,
+                    "tx_hash": item.tx_hash,
+                    "log_index": item.log_index,
+                    "asset_id": item.asset_id,
+                    "agent_id": item.watched.agent_id,
+                    "deposit_address_id": item.watched.deposit_address_id,
+                    "from_address": item.from_address,
+                    "amount": item.amount,
+                    "block_number": item.block_number,
+                    "block_hash": item.block_hash,
+                    "status": DepositStatus.PENDING.value,
+                    "credited": False,
+                    "reversed": False,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for item in unique.values()
+            ],
+            skip_conflicts_on=("chain", "tx_hash", "log_index"),
+            returning=("id", "tx_hash", "log_index"),
+        )
+    }
+    if inserted:
+        sink.recorded_many(
+            session,
+            [
+                StoredDeposit(
+                    inserted[key],
+                    chain,
+                    item.tx_hash,
+                    item.log_index,
+                    item.asset_id,
+                    item.watched.agent_id,
+                    item.amount,
+                    item.block_number,
+                    item.block_hash,
+                    DepositStatus.PENDING.value,
+                )
+                for key, item in unique.items()
+                if key in inserted
+            ],
+        )
+    stored = [item for key, item in unique.items() if key not in inserted]
+    return len(inserted) + _revive_orphaned(session, chain, stored, sink)
+
+
+def _revive_orphaned(
+    session: Session, chain: str, stored: list[FoundDeposit], sink: DepositSink
+) -> int:
+    if not stored:
+        return 0
+    tx_hashes = sorted({f.tx_hash for f in stored})
+    orphaned: set[tuple[str, int]] = set()
     for start in range(0, len(tx_hashes), 500):
-        stored.update(
-            ((row.tx_hash, row.log_index), row.status)
+        orphaned.update(
+            (row.tx_hash, row.log_index)
             for row in session.execute(
-                select(Deposit.tx_hash, Deposit.log_index, Deposit.status).where(
-                    Deposit.chain == chain, Deposit.tx_hash.in_(tx_hashes[start : start + 500])
+                select(Deposit.tx_hash, Deposit.log_index).where(
+                    Deposit.chain == chain,
+                    Deposit.tx_hash.in_(tx_hashes[start : start + 500]),
+                    Deposit.status == DepositStatus.ORPHANED,
                 )
             )
         )
-    revived = 0
-    fresh: dict[tuple[str, int], Deposit] = {}
-    for item in found:
-        key = (item.tx_hash, item.log_index)
-        status = stored.get(key)
-        if status == DepositStatus.ORPHANED:
-            revived += record_deposit(session, chain, item, sink)
-            continue
-        if status is not None or key in fresh:
-            continue
-        assert item.amount > 0, "only positive transfers are deposits"
-        fresh[key] = Deposit(
-            chain=chain,
-            tx_hash=item.tx_hash,
-            log_index=item.log_index,
-            asset_id=item.asset_id,
-            agent_id=item.watched.agent_id,
-            deposit_address_id=item.watched.deposit_address_id,
-            from_address=item.from_address,
-            amount=item.amount,
-            block_number=item.block_number,
-            block_hash=item.block_hash,
-            status=DepositStatus.PENDING,
-        )
-    if fresh:
-        session.add_all(fresh.values())
-        session.flush()
-        sink.recorded_many(session, list(fresh.values()))
-    return revived + len(fresh)
+    return sum(
+        record_deposit(session, chain, item, sink)
+        for item in stored
+        if (item.tx_hash, item.log_index) in orphaned
+    )

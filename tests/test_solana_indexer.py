@@ -26,6 +26,7 @@ from devnet.solana_rpc import SolanaSimulator
 from escrow import accounts, audit, ledger
 from escrow.deposits import LedgerDepositSink
 from indexer.errors import BlockNotAvailable, SlotSkipped
+from indexer.sink import StoredDeposit
 from indexer.solana_indexer import BLOCK_SCAN, PER_ADDRESS, SolanaPoller, rpc_source
 from indexer.solana_source import (
     Commitment,
@@ -269,7 +270,7 @@ class CrashingSink(LedgerDepositSink):
     def __init__(self, survive: int) -> None:
         self.left = survive
 
-    def recorded_many(self, session: Session, deposits: list[Deposit]) -> None:
+    def recorded_many(self, session: Session, deposits: Sequence[StoredDeposit]) -> None:
         if len(deposits) > self.left:
             raise RuntimeError("injected crash before commit")
         self.left -= len(deposits)

@@ -1,0 +1,122 @@
+"""Set-based inserts for batches of thousands of rows (an indexer window's deposits, their
+audit rows and events), in the caller's transaction.
+
+PostgreSQL gets one ``INSERT ... SELECT FROM unnest(arrays)`` per chunk, with the arrays
+sent in binary: the statement text stays the same whatever the batch size, where a
+multi-row VALUES list is a new, huge statement the driver has to parse each time (that
+parse cost more than the database's work). SQLite, local and in-process, gets an
+executemany of the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from psycopg import sql
+from sqlalchemy import Table
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.orm import Session
+
+# Bound on the rows one statement carries (a few MB of parameters at most).
+MAX_ROWS_PER_STATEMENT = 10_000
+
+
+def insert_rows(
+    session: Session,
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    skip_conflicts_on: Sequence[str] = (),
+    returning: Sequence[str] = (),
+) -> list[tuple[Any, ...]]:
+    """Insert ``rows`` (dicts with the same keys, values as the driver takes them: plain
+    str for enums, aware datetimes); returns the ``returning`` columns of the inserted rows.
+
+    With ``skip_conflicts_on`` (the columns of a unique constraint) a row whose key is
+    already stored is skipped and not returned; callers match returned rows by key, since
+    their order is not guaranteed."""
+    if not rows:
+        return []
+    # Objects the session holds back go first: these rows may refer to them, and ids keep
+    # the order in which the caller produced the rows.
+    session.flush()
+    names = list(rows[0])
+    assert all(len(row) == len(names) for row in rows), "every row needs the same columns"
+    insert = (
+        _insert_unnest if session.get_bind().dialect.name == "postgresql" else _insert_executemany
+    )
+    out: list[tuple[Any, ...]] = []
+    for start in range(0, len(rows), MAX_ROWS_PER_STATEMENT):
+        chunk = rows[start : start + MAX_ROWS_PER_STATEMENT]
+        out.extend(insert(session, table, chunk, skip_conflicts_on, returning))
+    return out
+
+
+def _insert_unnest(
+    session: Session,
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    skip_conflicts_on: Sequence[str],
+    returning: Sequence[str],
+) -> list[tuple[Any, ...]]:
+    dialect = session.get_bind().dialect
+    names = list(rows[0])
+    columns = [[row[name] for row in rows] for name in names]
+    # A column with one value for every row (the chain, a status, a timestamp) goes as
+    # one parameter, not an array; the first stays an array so unnest yields every row.
+    same = [i > 0 and values.count(values[0]) == len(values) for i, values in enumerate(columns)]
+    selected, arrays, aliases = [], [], []
+    scalar_params: list[Any] = []
+    array_params: list[list[Any]] = []
+    for name, values, is_same in zip(names, columns, same, strict=True):
+        sql_type = sql.SQL(table.c[name].type.compile(dialect=dialect))  # our own models
+        if is_same:
+            selected.append(sql.SQL("%b::{}").format(sql_type))
+            scalar_params.append(values[0])
+        else:
+            selected.append(sql.SQL("u.{}").format(sql.Identifier(name)))
+            arrays.append(sql.SQL("%b::{}[]").format(sql_type))
+            aliases.append(sql.Identifier(name))
+            array_params.append(values)
+    query = sql.SQL(
+        "INSERT INTO {table} ({columns}) SELECT {selected} FROM unnest({arrays}) AS u({aliases})"
+    ).format(
+        table=sql.Identifier(table.name),
+        columns=sql.SQL(", ").join(map(sql.Identifier, names)),
+        selected=sql.SQL(", ").join(selected),
+        arrays=sql.SQL(", ").join(arrays),
+        aliases=sql.SQL(", ").join(aliases),
+    )
+    if skip_conflicts_on:
+        query += sql.SQL(" ON CONFLICT ({}) DO NOTHING").format(
+            sql.SQL(", ").join(map(sql.Identifier, skip_conflicts_on))
+        )
+    if returning:
+        query += sql.SQL(" RETURNING {}").format(sql.SQL(", ").join(map(sql.Identifier, returning)))
+    # The session's own connection, so the rows belong to the caller's transaction.
+    driver = session.connection().connection.driver_connection
+    assert driver is not None
+    with driver.cursor() as cursor:
+        # The select list's scalars come before unnest's arrays in the statement text.
+        cursor.execute(query, [*scalar_params, *array_params])
+        return [tuple(r) for r in cursor.fetchall()] if returning else []
+
+
+def _insert_executemany(
+    session: Session,
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    skip_conflicts_on: Sequence[str],
+    returning: Sequence[str],
+) -> list[tuple[Any, ...]]:
+    statement = sqlite.insert(table)
+    if skip_conflicts_on:
+        statement = statement.on_conflict_do_nothing(index_elements=list(skip_conflicts_on))
+    if not returning:
+        session.connection().execute(statement, list(rows))
+        return []
+    result = session.connection().execute(
+        statement.returning(*(table.c[name] for name in returning)), list(rows)
+    )
+    return [tuple(r) for r in result]
