@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 
 from config.settings import EvmChainSettings, Settings
 from escrow.deposits import LedgerDepositSink
-from indexer.evm_poller import EvmPoller
+from indexer.evm_poller import EvmPoller, WindowDone
 from indexer.evm_source import JsonRpcEvmSource, RetryPolicy
 from models.db import make_session_factory
 
@@ -110,9 +110,22 @@ def backfill_evm(
         )
         started = time.monotonic()
         scanned = found = failures = 0
+
+        def window_done(window: WindowDone) -> None:
+            nonlocal scanned, found, failures
+            failures = 0
+            scanned += window.blocks_scanned
+            found += window.deposits_found
+            last = window.head if to_block is None else min(to_block, window.head)
+            done = window.cursor - from_block + 1
+            total = last - from_block + 1
+            typer.echo(
+                _progress(done, total, found, time.monotonic() - started), err=True, nl=False
+            )
+
         try:
             while True:
-                result = poller.poll_once(max_windows=1)
+                result = poller.poll_once(on_window=window_done)
                 if result.error is not None:
                     failures += 1
                     typer.echo(f"\nwindow failed ({failures}): {result.error}", err=True)
@@ -120,16 +133,8 @@ def backfill_evm(
                         typer.echo("escrowd: giving up; run again to resume", err=True)
                         raise typer.Exit(EXIT_PROBLEMS)
                     continue
-                failures = 0
-                scanned += result.blocks_scanned
-                found += result.deposits_found
                 assert result.head is not None
                 last = result.head if to_block is None else min(to_block, result.head)
-                done = (result.cursor or from_block - 1) - from_block + 1
-                total = last - from_block + 1
-                typer.echo(
-                    _progress(done, total, found, time.monotonic() - started), err=True, nl=False
-                )
                 if result.done:
                     break
         except KeyboardInterrupt:

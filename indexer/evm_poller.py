@@ -10,6 +10,8 @@ the next poll scans the window again and recording is idempotent.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import structlog
@@ -87,6 +89,16 @@ class AdaptiveWindow:
 
 
 @dataclass(frozen=True)
+class WindowDone:
+    """Progress after one committed window."""
+
+    head: int
+    cursor: int
+    blocks_scanned: int
+    deposits_found: int
+
+
+@dataclass(frozen=True)
 class PollResult:
     chain: str
     blocks_scanned: int = 0
@@ -159,10 +171,15 @@ class EvmPoller:
 
     # one poll -----------------------------------------------------------------------
 
-    def poll_once(self, *, max_windows: int | None = None) -> PollResult:
-        """Scan from the cursor towards the head (at most ``max_windows`` windows).
-        RPC failures end the poll with ``error`` set and the cursor where the last fully
-        committed window left it."""
+    def poll_once(
+        self,
+        *,
+        max_windows: int | None = None,
+        on_window: Callable[[WindowDone], None] | None = None,
+    ) -> PollResult:
+        """Scan from the cursor towards the head (at most ``max_windows`` windows), calling
+        ``on_window`` after each window's commit. RPC failures end the poll with ``error``
+        set and the cursor where the last fully committed window left it."""
         started = time.monotonic()
         head: int | None = None
         try:
@@ -173,7 +190,7 @@ class EvmPoller:
             rolled: reorg.Rollback | None = None
             if self.track_reorgs:
                 rolled = self._check_reorg(head)
-            scanned, found, cursor = self._scan(asset_id, head, max_windows)
+            scanned, found, cursor = self._scan(asset_id, head, max_windows, on_window)
         except (RpcError, reorg.CursorMoved) as exc:
             reason = type(exc).__name__
             RPC_ERRORS.labels(self.chain, reason).inc()
@@ -280,39 +297,57 @@ class EvmPoller:
             return to_block, logs, end
 
     def _scan(
-        self, asset_id: int, head: int, max_windows: int | None
+        self,
+        asset_id: int,
+        head: int,
+        max_windows: int | None,
+        on_window: Callable[[WindowDone], None] | None,
     ) -> tuple[int, int, int | None]:
+        """Windows from the cursor towards ``target``. While a window commits, one thread
+        fetches the next: the node and the database work at the same time, and the next
+        window's logs are only used after this one's commit (in chain order)."""
         cursor_block, cursor_hash = self._cursor()
         target = self._target(head)
         scanned = found = windows = 0
         depth = self.settings.max_reorg_depth
-        while True:
-            from_block = self.start_block if cursor_block is None else cursor_block + 1
-            if from_block > target or (max_windows is not None and windows >= max_windows):
-                return scanned, found, cursor_block
-            to_block, logs, end = self._fetch(from_block, head)
-            headers: list[BlockHeader] = []
-            if self.track_reorgs and to_block > head - depth:
-                first = max(from_block, head - depth + 1)
-                headers = reorg.headers_of(self.source, list(range(first, to_block + 1)))
-                parent = cursor_hash if first == from_block else None
-                problem = reorg.check_linkage(headers, end, parent)
-                if problem is None:
-                    problem = _logs_disagree(logs, headers)
-                if problem is not None:
-                    raise ChainChanged(f"{self.chain}: {problem}; rescanning next poll")
-            deposits = self._deposits(logs, asset_id)
-            found += self._commit(
-                expected_cursor=cursor_block,
-                to_block=to_block,
-                end=end,
-                headers=headers,
-                deposits=deposits,
-                head=head,
-            )
-            scanned += to_block - from_block + 1
-            windows += 1
-            cursor_block, cursor_hash = to_block, end.hash
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evm-prefetch") as prefetch:
+            next_fetch: Future[tuple[int, list[TransferLog], BlockHeader]] | None = None
+            while True:
+                from_block = self.start_block if cursor_block is None else cursor_block + 1
+                if from_block > target or (max_windows is not None and windows >= max_windows):
+                    return scanned, found, cursor_block
+                if next_fetch is None:
+                    to_block, logs, end = self._fetch(from_block, head)
+                else:
+                    to_block, logs, end = next_fetch.result()
+                    next_fetch = None
+                headers: list[BlockHeader] = []
+                if self.track_reorgs and to_block > head - depth:
+                    first = max(from_block, head - depth + 1)
+                    headers = reorg.headers_of(self.source, list(range(first, to_block + 1)))
+                    parent = cursor_hash if first == from_block else None
+                    problem = reorg.check_linkage(headers, end, parent)
+                    if problem is None:
+                        problem = _logs_disagree(logs, headers)
+                    if problem is not None:
+                        raise ChainChanged(f"{self.chain}: {problem}; rescanning next poll")
+                deposits = self._deposits(logs, asset_id)
+                if to_block < target and (max_windows is None or windows + 1 < max_windows):
+                    next_fetch = prefetch.submit(self._fetch, to_block + 1, head)
+                new = self._commit(
+                    expected_cursor=cursor_block,
+                    to_block=to_block,
+                    end=end,
+                    headers=headers,
+                    deposits=deposits,
+                    head=head,
+                )
+                found += new
+                scanned += to_block - from_block + 1
+                windows += 1
+                cursor_block, cursor_hash = to_block, end.hash
+                if on_window is not None:
+                    on_window(WindowDone(head, to_block, to_block - from_block + 1, new))
 
     def _deposits(self, logs: list[TransferLog], asset_id: int) -> list[FoundDeposit]:
         out: list[FoundDeposit] = []

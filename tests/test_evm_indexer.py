@@ -3,6 +3,7 @@ crash between fetching logs and committing."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -11,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from devnet.evm import deploy_test_usdc
 from indexer import evm_poller, store
-from indexer.errors import RangeTooLarge
+from indexer.errors import RangeTooLarge, RpcUnavailable
 from indexer.evm_poller import ChainIdMismatch
 from indexer.evm_source import BlockHeader, EthTesterSource, TransferLog
 from indexer.store import get_cursor
@@ -197,3 +198,84 @@ def test_recent_block_hashes_are_kept_and_bounded(
     assert stored[-1] == head
     assert stored[0] >= head - 8
     assert list(stored) == list(range(stored[0], head + 1))  # contiguous near the head
+
+
+class PrefetchProbe(EthTesterSource):
+    """Counts the windows fetched on the poller's prefetch thread; can refuse one window."""
+
+    def __init__(self, inner: EthTesterSource, *, refuse_from: int | None = None) -> None:
+        super().__init__(inner.tester)
+        self.refuse_from = refuse_from
+        self.prefetched = 0
+        self.changed = threading.Condition()
+
+    def logs_with_end_header(
+        self, contract: str, from_block: int, to_block: int
+    ) -> tuple[list[TransferLog], BlockHeader]:
+        if from_block == self.refuse_from:
+            raise RpcUnavailable("node down")
+        result = super().logs_with_end_header(contract, from_block, to_block)
+        if threading.current_thread() is not threading.main_thread():
+            with self.changed:
+                self.prefetched += 1
+                self.changed.notify_all()
+        return result
+
+
+def test_next_window_is_fetched_while_this_one_commits(
+    eth_tester_chain: EvmChain, lite: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chain = eth_tester_chain
+    agent, address = watch(lite)
+    for amount in range(1, 7):
+        chain.token.transfer(chain.accounts[1], address, amount)
+        chain.source.mine_blocks(2)  # type: ignore[union-attr]
+    source = PrefetchProbe(chain.source)  # type: ignore[arg-type]
+    real_record = store.record_deposits
+    overlapped: list[bool] = []
+
+    def watching_record(*args: object, **kwargs: object) -> int:
+        # Commit number n overlaps a fetch when window n+1 arrives before it ends.
+        wanted = len(overlapped) + 1
+        with source.changed:
+            overlapped.append(source.changed.wait_for(lambda: source.prefetched >= wanted, 1.0))
+        return real_record(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(evm_poller, "record_deposits", watching_record)
+    poller = make_poller(chain, lite, source, max_block_window=4, confirmations=0)
+    windows: list[evm_poller.WindowDone] = []
+    result = poller.poll_once(on_window=windows.append)
+    assert result.error is None and result.done and result.deposits_found == 6
+    assert len(windows) >= 4 and [w.cursor for w in windows] == sorted(w.cursor for w in windows)
+    assert windows[-1].cursor == result.cursor
+    assert sum(w.deposits_found for w in windows) == 6
+    # Every commit but the last ran while the next window was being fetched.
+    assert overlapped == [True] * (len(windows) - 1) + [False]
+    poller.confirm_once()
+    assert available(lite, agent) == sum(range(1, 7))
+
+
+def test_failed_prefetch_keeps_the_windows_committed_before_it(
+    eth_tester_chain: EvmChain, lite: sessionmaker[Session]
+) -> None:
+    chain = eth_tester_chain
+    agent, address = watch(lite)
+    for amount in (10, 20, 30):
+        chain.token.transfer(chain.accounts[1], address, amount)
+        chain.source.mine_blocks(4)  # type: ignore[union-attr]
+    start = chain.source.head() - 14
+    source = PrefetchProbe(chain.source, refuse_from=start + 5)  # type: ignore[arg-type]
+    poller = make_poller(chain, lite, source, max_block_window=5, confirmations=0)
+    poller.start_block = start
+    failed = poller.poll_once()
+    assert failed.error is not None and "node down" in failed.error
+    with lite() as session:
+        assert get_cursor(session, CHAIN).block_number == start + 4
+    committed = len(deposits(lite))
+
+    source.refuse_from = None
+    poll_until_done(poller)
+    poller.confirm_once()
+    assert committed < 3 and sorted(d.amount for d in deposits(lite)) == [10, 20, 30]
+    assert available(lite, agent) == 60
+    assert_books_clean(lite)
