@@ -24,6 +24,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, make_transient_to_detached
+from sqlalchemy.orm.attributes import set_committed_value
 
 from config.errors import ValidationFailed
 from escrow import accounts, audit, events, ledger
@@ -398,14 +399,19 @@ def _in_database(session: Session) -> bool:
 
 def _attach(session: Session, row: Mapping[str, Any]) -> Escrow:
     """The escrow as the function returned it (row_to_json), made the session's persistent
-    object without another query."""
-    values = dict(row)
-    for column in _TIMESTAMP_COLUMNS:
-        if values[column] is not None:
-            values[column] = datetime.fromisoformat(values[column]).astimezone(UTC)
-    escrow = Escrow(**values)
+    object without another query. Built with committed values rather than through the
+    constructor and merge(), which cost several times more client CPU."""
+    escrow: Escrow = Escrow.__mapper__.class_manager.new_instance()
+    for column, raw in row.items():
+        value = raw
+        if column in _TIMESTAMP_COLUMNS and raw is not None:
+            value = datetime.fromisoformat(raw).astimezone(UTC)
+        set_committed_value(escrow, column, value)
     make_transient_to_detached(escrow)
-    return session.merge(escrow, load=False)
+    if session.identity_map.get(session.identity_key(Escrow, escrow.id)) is not None:
+        return session.merge(escrow, load=False)
+    session.add(escrow)
+    return escrow
 
 
 def _call_escrow_function(session: Session, sql: str, *args: Any) -> tuple[str, Any, Any]:

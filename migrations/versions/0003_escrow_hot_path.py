@@ -186,8 +186,8 @@ DECLARE
 BEGIN
     PERFORM escrowd_audit_append('escrow:' || e.job_id, p_actor, 'escrow_' || e.status, e.asset,
         e.amount, escrowd_escrow_audit_details(e), p_now, p_now_text);
-    SELECT a.external_id INTO v_buyer FROM agents a WHERE a.id = e.buyer_agent_id;
-    SELECT a.external_id INTO v_worker FROM agents a WHERE a.id = e.worker_agent_id;
+    SELECT b.external_id, w.external_id INTO v_buyer, v_worker
+    FROM agents b, agents w WHERE b.id = e.buyer_agent_id AND w.id = e.worker_agent_id;
     INSERT INTO webhook_events (type, api_version, payload, fanned_out, created_at)
     VALUES ('escrow.' || e.status, p_api_version,
         escrowd_escrow_event('escrow.' || e.status, p_api_version, e, v_buyer, v_worker),
