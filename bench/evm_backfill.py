@@ -11,6 +11,7 @@ run, the error is printed instead of a figure. Prints the figures as a markdown 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import subprocess
 import sys
@@ -86,7 +87,13 @@ def build_chain(url: str, transfers: int) -> tuple[str, int, int, list[str], dic
 
 
 def escrowd_backfill(
-    url: str, token: str, first: int, last: int, watched: list[str], expected: dict[str, int]
+    url: str,
+    token: str,
+    first: int,
+    last: int,
+    watched: list[str],
+    expected: dict[str, int],
+    max_block_window: int,
 ) -> tuple[float, int, float]:
     name = f"bench_{uuid.uuid4().hex[:10]}"
     admin(f'CREATE DATABASE "{name}"')
@@ -110,7 +117,7 @@ def escrowd_backfill(
             rpc_urls=[url],
             usdc_address=token,
             confirmations=0,
-            max_block_window=2_000,
+            max_block_window=max_block_window,
         )
         with JsonRpcEvmSource([url], chain=CHAIN) as source:
             poller = EvmPoller(
@@ -123,8 +130,9 @@ def escrowd_backfill(
                 stop_block=last,
                 track_reorgs=False,
             )
+            gc.freeze()  # as `escrowd backfill evm` does before its loop
             started = time.perf_counter()
-            while not (result := poller.poll_once(max_windows=1)).done:
+            while not (result := poller.poll_once()).done:
                 assert result.error is None, result.error
             elapsed_s = time.perf_counter() - started
         with sessions() as session:
@@ -242,6 +250,9 @@ def main() -> None:
         "--watched", type=int, default=1_000_000, help="with --part poll: watched addresses"
     )
     parser.add_argument("--part", choices=["backfill", "poll"], default="backfill")
+    parser.add_argument(
+        "--max-block-window", type=int, default=2_000, help="escrowd's blocks per eth_getLogs"
+    )
     args = parser.parse_args()
     with AnvilProcess(extra_args=["--gas-limit", "30000000"]) as anvil:
         started = time.perf_counter()
@@ -252,7 +263,7 @@ def main() -> None:
         )
         if args.part == "backfill":
             elapsed_s, found, rss = escrowd_backfill(
-                anvil.url, token, first, last, watched, expected
+                anvil.url, token, first, last, watched, expected, args.max_block_window
             )
             print(
                 f"| escrowd backfill | {args.transfers} transfers | {elapsed_s:.1f} s | "

@@ -14,6 +14,7 @@ daemon's confirmation job in any case).
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Annotated, Protocol
 
@@ -108,6 +109,10 @@ def backfill_evm(
             stop_block=to_block,
             track_reorgs=False,
         )
+        # Everything alive now (modules, settings, engine) lasts as long as the command. A
+        # backfill allocates millions of short-lived objects, and every full collection
+        # they trigger would walk this static heap again: ~0.5 s per 50,000 logs.
+        gc.freeze()
         started = time.monotonic()
         scanned = found = failures = 0
 

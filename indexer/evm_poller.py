@@ -88,6 +88,16 @@ class AdaptiveWindow:
             self.size = min(self.max_blocks, self.size * 2)
 
 
+@dataclass(frozen=True, slots=True)
+class _Window:
+    """One fetched window: its logs, end header and the deposits among the logs."""
+
+    to_block: int
+    logs: list[TransferLog]
+    end: BlockHeader
+    deposits: list[FoundDeposit]
+
+
 @dataclass(frozen=True)
 class WindowDone:
     """Progress after one committed window."""
@@ -311,16 +321,17 @@ class EvmPoller:
         scanned = found = windows = 0
         depth = self.settings.max_reorg_depth
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evm-prefetch") as prefetch:
-            next_fetch: Future[tuple[int, list[TransferLog], BlockHeader]] | None = None
+            next_fetch: Future[_Window] | None = None
             while True:
                 from_block = self.start_block if cursor_block is None else cursor_block + 1
                 if from_block > target or (max_windows is not None and windows >= max_windows):
                     return scanned, found, cursor_block
                 if next_fetch is None:
-                    to_block, logs, end = self._fetch(from_block, head)
+                    window = self._fetch_window(from_block, head, asset_id)
                 else:
-                    to_block, logs, end = next_fetch.result()
+                    window = next_fetch.result()
                     next_fetch = None
+                to_block, logs, end = window.to_block, window.logs, window.end
                 headers: list[BlockHeader] = []
                 if self.track_reorgs and to_block > head - depth:
                     first = max(from_block, head - depth + 1)
@@ -331,15 +342,14 @@ class EvmPoller:
                         problem = _logs_disagree(logs, headers)
                     if problem is not None:
                         raise ChainChanged(f"{self.chain}: {problem}; rescanning next poll")
-                deposits = self._deposits(logs, asset_id)
                 if to_block < target and (max_windows is None or windows + 1 < max_windows):
-                    next_fetch = prefetch.submit(self._fetch, to_block + 1, head)
+                    next_fetch = prefetch.submit(self._fetch_window, to_block + 1, head, asset_id)
                 new = self._commit(
                     expected_cursor=cursor_block,
                     to_block=to_block,
                     end=end,
                     headers=headers,
-                    deposits=deposits,
+                    deposits=window.deposits,
                     head=head,
                 )
                 found += new
@@ -348,6 +358,12 @@ class EvmPoller:
                 cursor_block, cursor_hash = to_block, end.hash
                 if on_window is not None:
                     on_window(WindowDone(head, to_block, to_block - from_block + 1, new))
+
+    def _fetch_window(self, from_block: int, head: int, asset_id: int) -> _Window:
+        # The watched set only changes at the start of a poll, so the prefetch thread can
+        # pick the deposits out too.
+        to_block, logs, end = self._fetch(from_block, head)
+        return _Window(to_block, logs, end, self._deposits(logs, asset_id))
 
     def _deposits(self, logs: list[TransferLog], asset_id: int) -> list[FoundDeposit]:
         out: list[FoundDeposit] = []
