@@ -54,7 +54,9 @@ BEGIN
         USING ERRCODE = 'insufficient_privilege';
 END;
 $$;
-CREATE TRIGGER ledger_accounts_fixed BEFORE UPDATE OR DELETE ON ledger_accounts
+-- Only for updates naming an identifying column: balance updates never fire it.
+CREATE TRIGGER ledger_accounts_fixed
+    BEFORE UPDATE OF id, kind, owner, asset, no_overdraft OR DELETE ON ledger_accounts
     FOR EACH ROW EXECUTE FUNCTION ledger_accounts_refuse_change();
 CREATE TRIGGER ledger_accounts_no_truncate BEFORE TRUNCATE ON ledger_accounts
     FOR EACH STATEMENT EXECUTE FUNCTION ledger_accounts_refuse_change();
