@@ -1,10 +1,11 @@
 """Escrow fund + release pairs/s on PostgreSQL, 16 clients, beside pgbench TPC-B.
 
-Usage: python -m bench.escrow [--seconds 15] [--clients 16] [--record]
+Usage: python -m bench.escrow [--seconds 15] [--clients 16] [--processes 4] [--record]
 
 Three runs against the same PostgreSQL server in one invocation:
 1. service layer: each client funds an escrow and releases it, each step one transaction
-   (escrow.service through escrow.uow.in_transaction), its own buyer and worker;
+   (escrow.service through escrow.uow.in_transaction), its own buyer and worker (resolved
+   once per client); the clients are threads spread over `--processes` processes;
 2. HTTP: the same pairs as POST /v1/escrows and POST /v1/escrows/{job}/release through a
    real uvicorn server on localhost (httpx clients, one per thread, API key + idempotency);
 3. pgbench builtin tpcb-like with the same client count (scale = clients, so pgbench does
@@ -290,7 +291,8 @@ def main() -> None:
             "",
             "| path | pairs/s | escrow transactions/s | ledger violations |",
             "|---|---:|---:|---:|",
-            f"| service layer (escrow.service + uow) | {svc_pairs:.1f} | {2 * svc_pairs:.1f} "
+            f"| service layer (escrow.service + uow, {args.processes} processes, client CPU "
+            f"{svc_cpu_ms[0]:.2f} ms/tx) | {svc_pairs:.1f} | {2 * svc_pairs:.1f} "
             f"| {svc_violations} |",
             f"| HTTP (uvicorn, httpx, API key + Idempotency-Key) | {http_pairs:.1f} "
             f"| {2 * http_pairs:.1f} | {http_violations} |",

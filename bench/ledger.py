@@ -1,6 +1,6 @@
 """Two-leg ledger transfers/s on PostgreSQL at 1 and 16 clients, beside pgbench TPC-B.
 
-Usage: python -m bench.ledger [--seconds 20] [--accounts 1000] [--record]
+Usage: python -m bench.ledger [--seconds 20] [--accounts 1000] [--processes 4] [--record]
 
 Each escrowd operation is one transaction posting two linked transfers (a payment and its
 fee: buyer -> seller, buyer -> platform fees) with their audit rows, through the same
@@ -8,7 +8,8 @@ fee: buyer -> seller, buyer -> platform fees) with their audit rows, through the
 same client count against the same server in the same run. Target: escrowd at 16 clients
 >= 50 % of pgbench's tps. On PostgreSQL each posting is one call of the escrowd_post
 function, so the Python client's CPU per posting (process time, all threads) is printed too:
-client and server share the machine's cores.
+client and server share the machine's cores. The clients are threads spread over
+`--processes` processes (bench/clients.py), the way a deployment runs several processes.
 """
 
 from __future__ import annotations
@@ -173,7 +174,8 @@ def main() -> None:
             f"## bench/ledger.py — {dt.date.today().isoformat()}",
             f"Machine: {platform.node()}, {platform.processor() or platform.machine()}, "
             "2 cores, PostgreSQL 15 on the same host. "
-            f"{args.seconds:.0f} s per run, {args.accounts} accounts.",
+            f"{args.seconds:.0f} s per run, {args.accounts} accounts, clients spread over "
+            f"up to {args.processes} processes.",
             "",
             "| clients | escrowd two-leg postings/s | client CPU ms/posting "
             "| pgbench tpcb-like tps | ratio | violations |",
