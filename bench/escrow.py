@@ -1,6 +1,6 @@
 """Escrow fund + release pairs/s on PostgreSQL, 16 clients, beside pgbench TPC-B.
 
-Usage: python -m bench.escrow [--seconds 15] [--clients 16] [--processes 4] [--record]
+Usage: python -m bench.escrow [--seconds 15] [--clients 16] [--processes 2] [--record]
 
 Three runs against the same PostgreSQL server in one invocation:
 1. service layer: each client funds an escrow and releases it, each step one transaction
@@ -249,7 +249,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--processes", type=int, default=4, help="service-layer client processes")
+    parser.add_argument("--processes", type=int, default=2, help="service-layer client processes")
     parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
     args = parser.parse_args()
     # Per-operation info logs would measure the terminal, not escrowd.

@@ -1,6 +1,6 @@
 """Two-leg ledger transfers/s on PostgreSQL at 1 and 16 clients, beside pgbench TPC-B.
 
-Usage: python -m bench.ledger [--seconds 20] [--accounts 1000] [--processes 4] [--record]
+Usage: python -m bench.ledger [--seconds 20] [--accounts 1000] [--processes 2] [--record]
 
 Each escrowd operation is one transaction posting two linked transfers (a payment and its
 fee: buyer -> seller, buyer -> platform fees) with their audit rows, through the same
@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--accounts", type=int, default=1000)
     parser.add_argument(
-        "--processes", type=int, default=4, help="client processes (threads split over them)"
+        "--processes", type=int, default=2, help="client processes (threads split over them)"
     )
     parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
     args = parser.parse_args()
