@@ -5,8 +5,9 @@ of one Python process share one interpreter lock. `spread` starts `processes` sp
 processes, each running `clients / processes` client threads from a module-level function,
 starts them together and returns the operations completed and the client CPU seconds.
 On this 2-core machine one process per core did best for 16 clients (ledger postings/s,
-same session: 1 process 1,330, 2 processes 1,785, 4 processes 1,249, 8 processes 1,382,
-16 processes 1,116): one process is bound by its interpreter lock, many by switching.
+runs within a few minutes of each other: 1 process 1,330, 2 processes 1,515 and 1,785,
+4 processes 1,308, 8 processes 1,382, 16 processes 1,116): one process is bound by its
+interpreter lock, many by switching between them.
 """
 
 from __future__ import annotations
