@@ -74,6 +74,7 @@ class EvmChainSettings(_Section):
     confirmations: NonNegativeInt = 12
     start_block: NonNegativeInt = 0
     max_block_window: Annotated[int, Field(ge=1, le=1_000_000)] = 2_000
+    max_logs_per_window: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     max_reorg_depth: Annotated[int, Field(ge=1, le=10_000)] = 64
     poll_interval_s: PositiveFloat = 4.0
     rpc_timeout_s: PositiveFloat = 10.0

@@ -64,26 +64,53 @@ class ForeignLog(RpcError):
 
 
 class AdaptiveWindow:
-    """How many blocks one log query covers: shrinks on refusals and timeouts, doubles
-    back after ``grow_after`` successes in a row, always within [1, max_blocks]."""
+    """How many blocks one log query covers, always in [1, max_blocks].
 
-    def __init__(self, max_blocks: int, *, grow_after: int = 3) -> None:
-        assert max_blocks >= 1 and grow_after >= 1
+    It starts at ``start_blocks`` and doubles after each light window until the first
+    refusal, timeout or overfull window (slow start: a catch-up never opens with one huge
+    query); from then on it doubles only after ``grow_after`` light windows in a row. A
+    refusal or timeout halves it (or takes the provider's suggestion); a window that
+    returned more than ``max_logs`` logs scales the next one down in proportion, so a
+    dense range comes in windows of bounded memory and transaction size whose fetches
+    overlap the previous window's commit."""
+
+    def __init__(
+        self,
+        max_blocks: int,
+        *,
+        max_logs: int = 10_000,
+        start_blocks: int = 16,
+        grow_after: int = 3,
+    ) -> None:
+        assert max_blocks >= 1 and max_logs >= 1 and start_blocks >= 1 and grow_after >= 1
         self.max_blocks = max_blocks
-        self.size = max_blocks
+        self.max_logs = max_logs
+        self.size = min(max_blocks, start_blocks)
         self.grow_after = grow_after
+        self._slow_start = True
         self._successes = 0
 
     def shrink(self, from_block: int, to_block: int, suggested_to_block: int | None) -> None:
+        self._slow_start = False
         self._successes = 0
         if suggested_to_block is not None and from_block <= suggested_to_block < to_block:
             self.size = suggested_to_block - from_block + 1
         else:
             self.size = max(1, (to_block - from_block + 1) // 2)
 
-    def succeeded(self) -> None:
+    def succeeded(self, blocks: int, logs: int) -> None:
+        """A window of ``blocks`` blocks returned ``logs`` logs."""
+        if logs > self.max_logs:
+            self._slow_start = False
+            self._successes = 0
+            self.size = max(1, min(self.size, blocks * self.max_logs // logs))
+            return
+        if 2 * logs > self.max_logs:
+            # Doubling would overshoot the log bound: stay at this size.
+            self._successes = 0
+            return
         self._successes += 1
-        if self._successes >= self.grow_after:
+        if self._slow_start or self._successes >= self.grow_after:
             self._successes = 0
             self.size = min(self.max_blocks, self.size * 2)
 
@@ -150,7 +177,9 @@ class EvmPoller:
         self.stop_block = stop_block
         self.track_reorgs = cursor_key == "" if track_reorgs is None else track_reorgs
         self.contract = settings.usdc_address.lower()
-        self.window = AdaptiveWindow(settings.max_block_window)
+        self.window = AdaptiveWindow(
+            settings.max_block_window, max_logs=settings.max_logs_per_window
+        )
         # Deposit addresses belong to the EVM family: one address per agent serves every
         # EVM chain, so the watched set is the family's, whatever this chain is named.
         self.watched = WatchedAddresses(Chain.EVM, normalize=True)
@@ -303,7 +332,7 @@ class EvmPoller:
                 self.window.shrink(from_block, to_block, None)
                 log.info("window_shrunk", chain=self.chain, size=self.window.size, reason="timeout")
                 continue
-            self.window.succeeded()
+            self.window.succeeded(to_block - from_block + 1, len(logs))
             return to_block, logs, end
 
     def _scan(

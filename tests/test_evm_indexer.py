@@ -279,3 +279,26 @@ def test_failed_prefetch_keeps_the_windows_committed_before_it(
     assert committed < 3 and sorted(d.amount for d in deposits(lite)) == [10, 20, 30]
     assert available(lite, agent) == 60
     assert_books_clean(lite)
+
+
+def test_window_slow_starts_and_keeps_dense_ranges_to_the_log_bound() -> None:
+    window = evm_poller.AdaptiveWindow(2_000, max_logs=10_000, start_blocks=16)
+    sizes = []
+    # Sparse history: a catch-up opens small and doubles after every light window.
+    for _ in range(8):
+        sizes.append(window.size)
+        window.succeeded(window.size, 10)
+    assert sizes == [16, 32, 64, 128, 256, 512, 1024, 2000]
+    # A dense stretch: 500 logs per block. The next window aims at the log bound...
+    window.succeeded(2_000, 1_000_000)
+    assert window.size == 20
+    # ...stays there while a doubling would overshoot it...
+    for _ in range(5):
+        window.succeeded(20, 10_000)
+    assert window.size == 20
+    # ...and grows back cautiously (every third light window) once blocks thin out.
+    grown = []
+    for _ in range(6):
+        window.succeeded(window.size, 100)
+        grown.append(window.size)
+    assert grown == [20, 20, 40, 40, 40, 80]
