@@ -4,8 +4,10 @@ audit rows and events), in the caller's transaction.
 PostgreSQL gets one ``INSERT ... SELECT FROM unnest(arrays)`` per chunk, with the arrays
 sent in binary: the statement text stays the same whatever the batch size, where a
 multi-row VALUES list is a new, huge statement the driver has to parse each time (that
-parse cost more than the database's work). SQLite, local and in-process, gets an
-executemany of the same rows.
+parse cost more than the database's work). Plain appends (no conflicts to skip, nothing
+returned) go through COPY instead, whose rows the driver formats in C: about a third of
+the client CPU of building the arrays. SQLite, local and in-process, gets an executemany
+of the same rows.
 """
 
 from __future__ import annotations
@@ -43,14 +45,30 @@ def insert_rows(
     session.flush()
     names = list(rows[0])
     assert all(len(row) == len(names) for row in rows), "every row needs the same columns"
-    insert = (
-        _insert_unnest if session.get_bind().dialect.name == "postgresql" else _insert_executemany
-    )
+    on_postgresql = session.get_bind().dialect.name == "postgresql"
+    if on_postgresql and not skip_conflicts_on and not returning:
+        _copy_rows(session, table, names, rows)
+        return []
+    insert = _insert_unnest if on_postgresql else _insert_executemany
     out: list[tuple[Any, ...]] = []
     for start in range(0, len(rows), MAX_ROWS_PER_STATEMENT):
         chunk = rows[start : start + MAX_ROWS_PER_STATEMENT]
         out.extend(insert(session, table, chunk, skip_conflicts_on, returning))
     return out
+
+
+def _copy_rows(
+    session: Session, table: Table, names: Sequence[str], rows: Sequence[Mapping[str, Any]]
+) -> None:
+    statement = sql.SQL("COPY {table} ({columns}) FROM STDIN").format(
+        table=sql.Identifier(table.name), columns=sql.SQL(", ").join(map(sql.Identifier, names))
+    )
+    # The session's own connection, so the rows belong to the caller's transaction.
+    driver = session.connection().connection.driver_connection
+    assert driver is not None
+    with driver.cursor() as cursor, cursor.copy(statement) as copy:
+        for row in rows:
+            copy.write_row([row[name] for name in names])
 
 
 def _insert_unnest(
