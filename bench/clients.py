@@ -13,6 +13,7 @@ interpreter lock, many by switching between them.
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -25,6 +26,36 @@ class ClientGroup(Protocol):
     def __call__(
         self, config: Any, first: int, count: int, seconds: float, ready: Callable[[], None]
     ) -> int: ...
+
+
+def run_threads(
+    count: int,
+    seconds: float,
+    ready: Callable[[], None],
+    client: Callable[[int, Callable[[], bool]], int],
+) -> int:
+    """`count` threads each running `client(slot, running)`, which works while `running()`
+    and returns its operations; the clock starts once every thread and `ready()` are set."""
+    done = [0] * count
+    deadline = [0.0]
+    started = threading.Barrier(count + 1)
+
+    def running() -> bool:
+        return time.monotonic() < deadline[0]
+
+    def body(slot: int) -> None:
+        started.wait()
+        done[slot] = client(slot, running)
+
+    threads = [threading.Thread(target=body, args=(slot,)) for slot in range(count)]
+    for thread in threads:
+        thread.start()
+    ready()
+    deadline[0] = time.monotonic() + seconds
+    started.wait()
+    for thread in threads:
+        thread.join()
+    return sum(done)
 
 
 def _process(

@@ -31,7 +31,7 @@ import uvicorn
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from bench.clients import spread
+from bench.clients import run_threads, spread
 from bench.pg import URL_BASE, admin, pgbench_tps
 from config.settings import Settings
 from daemon.api import create_app
@@ -122,15 +122,11 @@ def _service_pairs(
             (service.get_agent(s, f"buyer-{n}"), service.get_agent(s, f"worker-{n}"))
             for n in range(first, first + count)
         ]
-    done = [0] * count
-    deadline = [0.0]
-    started = threading.Barrier(count + 1)
 
-    def client(slot: int) -> None:
+    def client(slot: int, running: Callable[[], bool]) -> int:
         buyer, worker = parties[slot]
-        started.wait()
         i = 0
-        while time.monotonic() < deadline[0]:
+        while running():
             job = f"svc-{first + slot}-{i}"
 
             def fund(s: Session, job: str = job) -> None:
@@ -150,18 +146,11 @@ def _service_pairs(
             in_transaction(sessions, fund)
             in_transaction(sessions, release)
             i += 1
-        done[slot] = 2 * i
+        return 2 * i
 
-    threads = [threading.Thread(target=client, args=(slot,)) for slot in range(count)]
-    for thread in threads:
-        thread.start()
-    ready()
-    deadline[0] = time.monotonic() + seconds
-    started.wait()
-    for thread in threads:
-        thread.join()
+    done = run_threads(count, seconds, ready, client)
     engine.dispose()
-    return sum(done)
+    return done
 
 
 def bench_service(

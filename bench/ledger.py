@@ -19,8 +19,6 @@ import contextlib
 import datetime as dt
 import platform
 import random
-import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from bench.clients import spread
+from bench.clients import run_threads, spread
 from bench.pg import URL_BASE, admin, pgbench_tps
 from escrow import ledger
 from escrow.accounts import platform_fees
@@ -54,16 +52,12 @@ def _clients(
     """Clients first..first+count-1 as threads of this process; returns postings done."""
     engine = make_engine(config.url, pool_size=count + 1)
     sessions = make_session_factory(engine)
-    done = [0] * count
-    deadline = [0.0]
-    started = threading.Barrier(count + 1)
 
-    def client(slot: int) -> None:
+    def client(slot: int, running: Callable[[], bool]) -> int:
         n = first + slot
         rng = random.Random(n)
-        started.wait()
         i = 0
-        while time.monotonic() < deadline[0]:
+        while running():
             src, dst = rng.sample(config.account_ids, 2)
             amount = rng.randint(1_000, 1_000_000)
             key = f"{n}-{i}"
@@ -87,18 +81,11 @@ def _clients(
 
             in_transaction(sessions, work)
             i += 1
-        done[slot] = i
+        return i
 
-    threads = [threading.Thread(target=client, args=(slot,)) for slot in range(count)]
-    for t in threads:
-        t.start()
-    ready()
-    deadline[0] = time.monotonic() + seconds
-    started.wait()
-    for t in threads:
-        t.join()
+    done = run_threads(count, seconds, ready, client)
     engine.dispose()
-    return sum(done)
+    return done
 
 
 def run_escrowd(

@@ -561,51 +561,63 @@ def _require(escrow: Escrow, allowed: tuple[EscrowStatus, ...], verb: str) -> No
         )
 
 
-def release_escrow(session: Session, job_id: str, *, actor: str = "api") -> Escrow:
-    """Worker gets amount - fee, the platform gets fee = floor(amount * fee_bps / 10000)
-    (see fee_for: the rounding remainder goes to the worker)."""
+def _settle_job(
+    session: Session,
+    job_id: str,
+    *,
+    new_status: EscrowStatus,
+    allowed: tuple[EscrowStatus, ...],
+    worker_gross: int | None,
+    verb: str,
+    actor: str,
+) -> Escrow:
+    """Settle the escrow of `job_id` if its status is one of `allowed`; `worker_gross`
+    None means the whole amount."""
     if _in_database(session):
         return _settle_in_database(
             session,
             job_id,
-            new_status=EscrowStatus.RELEASED,
-            allowed=(EscrowStatus.FUNDED,),
-            worker_gross=None,
-            verb="released",
+            new_status=new_status,
+            allowed=allowed,
+            worker_gross=worker_gross,
+            verb=verb,
             actor=actor,
         )
     escrow, buyer, worker = _lock_escrow(session, job_id)
-    _require(escrow, (EscrowStatus.FUNDED,), "released")
+    _require(escrow, allowed, verb)
+    gross = escrow.amount if worker_gross is None else worker_gross
+    if not 0 <= gross <= escrow.amount:
+        raise InvalidAmount(
+            f"worker amount {gross} must be between 0 and the escrowed {escrow.amount}"
+        )
     return _settle(
+        session, escrow, (buyer, worker), worker_gross=gross, new_status=new_status, actor=actor
+    )
+
+
+def release_escrow(session: Session, job_id: str, *, actor: str = "api") -> Escrow:
+    """Worker gets amount - fee, the platform gets fee = floor(amount * fee_bps / 10000)
+    (see fee_for: the rounding remainder goes to the worker)."""
+    return _settle_job(
         session,
-        escrow,
-        (buyer, worker),
-        worker_gross=escrow.amount,
+        job_id,
         new_status=EscrowStatus.RELEASED,
+        allowed=(EscrowStatus.FUNDED,),
+        worker_gross=None,
+        verb="released",
         actor=actor,
     )
 
 
 def refund_escrow(session: Session, job_id: str, *, actor: str = "api") -> Escrow:
     """The whole amount back to the buyer; allowed from funded and expired."""
-    if _in_database(session):
-        return _settle_in_database(
-            session,
-            job_id,
-            new_status=EscrowStatus.REFUNDED,
-            allowed=OPEN_STATES,
-            worker_gross=0,
-            verb="refunded",
-            actor=actor,
-        )
-    escrow, buyer, worker = _lock_escrow(session, job_id)
-    _require(escrow, OPEN_STATES, "refunded")
-    return _settle(
+    return _settle_job(
         session,
-        escrow,
-        (buyer, worker),
-        worker_gross=0,
+        job_id,
         new_status=EscrowStatus.REFUNDED,
+        allowed=OPEN_STATES,
+        worker_gross=0,
+        verb="refunded",
         actor=actor,
     )
 
@@ -618,28 +630,13 @@ def resolve_escrow(
     buyer, with no fee."""
     if isinstance(worker_amount, bool) or not isinstance(worker_amount, int):
         raise InvalidAmount(f"worker amount must be an integer, got {worker_amount!r}")
-    if _in_database(session):
-        return _settle_in_database(
-            session,
-            job_id,
-            new_status=EscrowStatus.RESOLVED,
-            allowed=(EscrowStatus.FUNDED,),
-            worker_gross=worker_amount,
-            verb="resolved",
-            actor=actor,
-        )
-    escrow, buyer, worker = _lock_escrow(session, job_id)
-    _require(escrow, (EscrowStatus.FUNDED,), "resolved")
-    if not 0 <= worker_amount <= escrow.amount:
-        raise InvalidAmount(
-            f"worker amount {worker_amount} must be between 0 and the escrowed {escrow.amount}"
-        )
-    return _settle(
+    return _settle_job(
         session,
-        escrow,
-        (buyer, worker),
-        worker_gross=worker_amount,
+        job_id,
         new_status=EscrowStatus.RESOLVED,
+        allowed=(EscrowStatus.FUNDED,),
+        worker_gross=worker_amount,
+        verb="resolved",
         actor=actor,
     )
 
