@@ -219,10 +219,29 @@ def _stream(job_id: str) -> str:
     return f"escrow:{job_id}"
 
 
+# The refusals of the escrow operations, worded once for the Python and database paths.
+def _no_escrow(job_id: str) -> EscrowNotFound:
+    return EscrowNotFound(f"no escrow for job {job_id!r}")
+
+
+def _job_taken(job_id: str, status: str) -> EscrowConflict:
+    return EscrowConflict(f"escrow {job_id} already exists ({status}); use a new job id")
+
+
+def _settled_already(job_id: str, status: str, verb: str) -> EscrowConflict:
+    return EscrowConflict(f"escrow {job_id} is already {status}; it cannot be {verb}")
+
+
+def _share_out_of_range(worker_gross: int | None, amount: int | str) -> InvalidAmount:
+    return InvalidAmount(
+        f"worker amount {worker_gross} must be between 0 and the escrowed {amount}"
+    )
+
+
 def get_escrow(session: Session, job_id: str) -> Escrow:
     escrow = session.scalars(select(Escrow).where(Escrow.job_id == job_id)).one_or_none()
     if escrow is None:
-        raise EscrowNotFound(f"no escrow for job {job_id!r}")
+        raise _no_escrow(job_id)
     return escrow
 
 
@@ -238,7 +257,7 @@ def _lock_escrow(session: Session, job_id: str) -> tuple[Escrow, Agent, Agent]:
         .execution_options(populate_existing=True)
     ).one_or_none()
     if row is None:
-        raise EscrowNotFound(f"no escrow for job {job_id!r}")
+        raise _no_escrow(job_id)
     return row[0], row[1], row[2]
 
 
@@ -344,7 +363,7 @@ def fund_escrow(
     ).one_or_none()
     if escrow is None:
         status = session.scalars(select(Escrow.status).where(Escrow.job_id == job_id)).one()
-        raise EscrowConflict(f"escrow {job_id} already exists ({status}); use a new job id")
+        raise _job_taken(job_id, status)
     funding = _accounts(
         session, asset, [(AccountKind.AGENT_AVAILABLE, str(buyer.id)), (AccountKind.ESCROW, job_id)]
     )
@@ -439,7 +458,7 @@ def _fund_in_database(
         session, _PG_FUND, job_id, buyer.id, worker.id, asset, amount, fee_bps, expires_at, actor
     )
     if outcome == "conflict":
-        raise EscrowConflict(f"escrow {job_id} already exists ({detail}); use a new job id")
+        raise _job_taken(job_id, detail)
     if outcome == "insufficient_funds":
         raise _buyer_short(buyer, amount, asset)
     ledger.raise_refusal(outcome, detail)
@@ -467,13 +486,11 @@ def _settle_in_database(
         actor,
     )
     if outcome == "not_found":
-        raise EscrowNotFound(f"no escrow for job {job_id!r}")
+        raise _no_escrow(job_id)
     if outcome == "conflict":
-        raise EscrowConflict(f"escrow {job_id} is already {detail}; it cannot be {verb}")
+        raise _settled_already(job_id, detail, verb)
     if outcome == "invalid_amount":
-        raise InvalidAmount(
-            f"worker amount {worker_gross} must be between 0 and the escrowed {detail}"
-        )
+        raise _share_out_of_range(worker_gross, detail)
     assert outcome == "settled", outcome
     escrow = _attach(session, row)
     _log_settled(escrow)
@@ -556,9 +573,7 @@ def _settle(
 
 def _require(escrow: Escrow, allowed: tuple[EscrowStatus, ...], verb: str) -> None:
     if escrow.status not in allowed:
-        raise EscrowConflict(
-            f"escrow {escrow.job_id} is already {escrow.status}; it cannot be {verb}"
-        )
+        raise _settled_already(escrow.job_id, escrow.status, verb)
 
 
 def _settle_job(
@@ -587,9 +602,7 @@ def _settle_job(
     _require(escrow, allowed, verb)
     gross = escrow.amount if worker_gross is None else worker_gross
     if not 0 <= gross <= escrow.amount:
-        raise InvalidAmount(
-            f"worker amount {gross} must be between 0 and the escrowed {escrow.amount}"
-        )
+        raise _share_out_of_range(gross, escrow.amount)
     return _settle(
         session, escrow, (buyer, worker), worker_gross=gross, new_status=new_status, actor=actor
     )
