@@ -20,6 +20,8 @@ from sqlalchemy import Table
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
+from models.db import driver_cursor
+
 # Bound on the rows one statement carries (a few MB of parameters at most).
 MAX_ROWS_PER_STATEMENT = 10_000
 
@@ -64,9 +66,7 @@ def _copy_rows(
         table=sql.Identifier(table.name), columns=sql.SQL(", ").join(map(sql.Identifier, names))
     )
     # The session's own connection, so the rows belong to the caller's transaction.
-    driver = session.connection().connection.driver_connection
-    assert driver is not None
-    with driver.cursor() as cursor, cursor.copy(statement) as copy:
+    with driver_cursor(session) as cursor, cursor.copy(statement) as copy:
         for row in rows:
             copy.write_row([row[name] for name in names])
 
@@ -113,9 +113,7 @@ def _insert_unnest(
     if returning:
         query += sql.SQL(" RETURNING {}").format(sql.SQL(", ").join(map(sql.Identifier, returning)))
     # The session's own connection, so the rows belong to the caller's transaction.
-    driver = session.connection().connection.driver_connection
-    assert driver is not None
-    with driver.cursor() as cursor:
+    with driver_cursor(session) as cursor:
         # The select list's scalars come before unnest's arrays in the statement text.
         cursor.execute(query, [*scalar_params, *array_params])
         return [tuple(r) for r in cursor.fetchall()] if returning else []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,18 +98,26 @@ def make_session_factory(engine: Engine, *, read_only: bool = False) -> sessionm
     return sessionmaker(bind, expire_on_commit=False)
 
 
-def prepared_rows(session: Session, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-    """Run `sql` (psycopg placeholders) on the session's PostgreSQL connection, in its
-    transaction, as a server-side prepared statement, and return all rows.
+@contextmanager
+def driver_cursor(session: Session) -> Iterator[psycopg.Cursor[Any]]:
+    """A psycopg cursor on the session's PostgreSQL connection, in its transaction.
 
-    For the one-round-trip database functions on hot paths: SQLAlchemy's statement
-    machinery costs more client CPU than the call itself there. Driver errors come out as
-    SQLAlchemy's exception types, like those of every other statement, so callers and the
-    retries of escrow.uow.in_transaction see one error model."""
+    For hot paths where SQLAlchemy's statement machinery costs more client CPU than the
+    statement (the one-round-trip database functions, bulk appends). Driver errors come
+    out as SQLAlchemy's exception types, like those of every other statement, so callers
+    and the retries of escrow.uow.in_transaction see one error model."""
     driver = session.connection().connection.driver_connection
     assert driver is not None, "the session's connection is open"
     try:
-        rows: list[tuple[Any, ...]] = driver.execute(sql, params, prepare=True).fetchall()
+        with driver.cursor() as cursor:
+            yield cursor
     except psycopg.Error as exc:
-        raise DBAPIError.instance(sql, params, exc, psycopg.Error) from exc
+        raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
+
+
+def prepared_rows(session: Session, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """Run `sql` (psycopg placeholders) through `driver_cursor` as a server-side prepared
+    statement and return all rows."""
+    with driver_cursor(session) as cursor:
+        rows: list[tuple[Any, ...]] = cursor.execute(sql, params, prepare=True).fetchall()
     return rows
