@@ -3,9 +3,10 @@
 Usage: python -m bench.escrow [--seconds 15] [--clients 16] [--processes 2] [--record]
 
 Three runs against the same PostgreSQL server in one invocation:
-1. service layer: each client funds an escrow and releases it, each step one transaction
-   (escrow.service through escrow.uow.in_transaction), its own buyer and worker (resolved
-   once per client); the clients are threads spread over `--processes` processes;
+1. service layer: each client funds an escrow and releases it, each step one transaction,
+   through the in-process interface `escrow.EscrowService` (on PostgreSQL each step is one
+   database function call in autocommit), its own buyer and worker; the clients are
+   threads spread over `--processes` processes;
 2. HTTP: the same pairs as POST /v1/escrows and POST /v1/escrows/{job}/release through a
    real uvicorn server on localhost (httpx clients, one per thread, API key + idempotency);
 3. pgbench builtin tpcb-like with the same client count (scale = clients, so pgbench does
@@ -37,7 +38,7 @@ from config.settings import Settings
 from daemon.api import create_app
 from daemon.logs import configure_logging
 from escrow import accounts, apikeys, ledger, service
-from escrow.uow import in_transaction
+from escrow.interface import EscrowService
 from migrations.runner import upgrade_to_head
 from models import ApiScope, TransferCode
 from models.db import make_engine, make_session_factory
@@ -113,43 +114,27 @@ def _service_pairs(
     pairs (each step one transaction) for `seconds` after `ready()`. Returns escrow
     transactions completed (two per pair)."""
     configure_logging(level="warning")
-    engine = make_engine(config.url, pool_size=count + 2)
-    sessions = make_session_factory(engine)
-    # Each client resolves its buyer and worker once, as a backend holding its agents
-    # would; the operations measured are the fund and the release.
-    with sessions() as s:
-        parties = [
-            (service.get_agent(s, f"buyer-{n}"), service.get_agent(s, f"worker-{n}"))
-            for n in range(first, first + count)
-        ]
+    escrows = EscrowService(make_engine(config.url, pool_size=count + 2))
 
     def client(slot: int, running: Callable[[], bool]) -> int:
-        buyer, worker = parties[slot]
+        n = first + slot
         i = 0
         while running():
-            job = f"svc-{first + slot}-{i}"
-
-            def fund(s: Session, job: str = job) -> None:
-                service.fund_escrow(
-                    s,
-                    job_id=job,
-                    buyer=buyer,
-                    worker=worker,
-                    asset="USDC",
-                    amount=AMOUNT,
-                    fee_bps=250,
-                )
-
-            def release(s: Session, job: str = job) -> None:
-                service.release_escrow(s, job)
-
-            in_transaction(sessions, fund)
-            in_transaction(sessions, release)
+            job = f"svc-{n}-{i}"
+            escrows.fund_escrow(
+                job_id=job,
+                buyer=f"buyer-{n}",
+                worker=f"worker-{n}",
+                asset="USDC",
+                amount=AMOUNT,
+                fee_bps=250,
+            )
+            escrows.release_escrow(job)
             i += 1
         return 2 * i
 
     done = run_threads(count, seconds, ready, client)
-    engine.dispose()
+    escrows.close()
     return done
 
 

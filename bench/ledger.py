@@ -3,13 +3,14 @@
 Usage: python -m bench.ledger [--seconds 20] [--accounts 1000] [--processes 2] [--record]
 
 Each escrowd operation is one transaction posting two linked transfers (a payment and its
-fee: buyer -> seller, buyer -> platform fees) with their audit rows, through the same
-`escrow.ledger.post` the service uses. pgbench runs its builtin tpcb-like script with the
-same client count against the same server in the same run. Target: escrowd at 16 clients
->= 50 % of pgbench's tps. On PostgreSQL each posting is one call of the escrowd_post
-function, so the Python client's CPU per posting (process time, all threads) is printed too:
-client and server share the machine's cores. The clients are threads spread over
-`--processes` processes (bench/clients.py), the way a deployment runs several processes.
+fee: buyer -> seller, buyer -> platform fees) with their audit rows, through
+`escrow.ledger.post_alone` (a posting that is a transaction of its own). pgbench runs its
+builtin tpcb-like script with the same client count against the same server in the same
+run. Target: escrowd at 16 clients >= 50 % of pgbench's tps. On PostgreSQL each posting is
+one autocommit call of the escrowd_post function, so the Python client's CPU per posting
+(process time, all threads) is printed too: client and server share the machine's cores.
+The clients are threads spread over `--processes` processes (bench/clients.py), the way a
+deployment runs several processes.
 """
 
 from __future__ import annotations
@@ -24,14 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.orm import Session
-
 from bench.clients import run_threads, spread
 from bench.pg import URL_BASE, admin, pgbench_tps
 from escrow import ledger
 from escrow.accounts import platform_fees
 from escrow.errors import InsufficientFunds
-from escrow.uow import in_transaction
 from migrations.runner import upgrade_to_head
 from models import AccountKind, TransferCode
 from models.db import make_engine, make_session_factory
@@ -51,7 +49,6 @@ def _clients(
 ) -> int:
     """Clients first..first+count-1 as threads of this process; returns postings done."""
     engine = make_engine(config.url, pool_size=count + 1)
-    sessions = make_session_factory(engine)
 
     def client(slot: int, running: Callable[[], bool]) -> int:
         n = first + slot
@@ -69,17 +66,9 @@ def _clients(
                     f"f-{key}", src, config.fees_id, amount // 40 + 1, TransferCode.FEE, "b", key
                 ),
             ]
-
-            def work(
-                session: Session,
-                specs: list[ledger.TransferSpec] = specs,
-                stream: str = f"bench:{key}",
-            ) -> None:
-                # A refused posting is a real outcome of random amounts; it still counts.
-                with contextlib.suppress(InsufficientFunds):
-                    ledger.post(session, specs, actor="bench", audit_stream=stream)
-
-            in_transaction(sessions, work)
+            # A refused posting is a real outcome of random amounts; it still counts.
+            with contextlib.suppress(InsufficientFunds):
+                ledger.post_alone(engine, specs, actor="bench", audit_stream=f"bench:{key}")
             i += 1
         return i
 

@@ -1,7 +1,9 @@
 """`EscrowService`: the escrow use cases for a Python backend in the same process.
 
 Each call is one transaction (retried on deadlock or serialization failure), with the
-same semantics and errors as the HTTP API. Amounts are integers in base units.
+same semantics and errors as the HTTP API. Amounts are integers in base units. On
+PostgreSQL, funding and settling an escrow are one database function call each, run as a
+transaction of its own (`service.fund_escrow_alone`, `service.settle_escrow_alone`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from models import Agent, Escrow, Payout
 from models.db import make_engine, make_session_factory
 
 T = TypeVar("T")
+AGENT_CACHE_SIZE = 10_000
 
 
 class EscrowService:
@@ -42,6 +45,10 @@ class EscrowService:
         self.platform = platform
         self._sessions: sessionmaker[Session] = make_session_factory(engine)
         self._readers: sessionmaker[Session] = make_session_factory(engine, read_only=True)
+        self._one_call = engine.dialect.name == "postgresql"
+        # Agents are never changed or removed once registered, so one looked up by its
+        # external id stays valid; bounded so a long-lived process does not grow.
+        self._agents: dict[str, Agent] = {}
 
     @classmethod
     def from_url(
@@ -69,6 +76,15 @@ class EscrowService:
     def get_agent(self, external_id: str) -> Agent:
         return self._read(lambda s: service.get_agent(s, external_id))
 
+    def _known_agent(self, external_id: str) -> Agent:
+        agent = self._agents.get(external_id)
+        if agent is None:
+            agent = self.get_agent(external_id)
+            if len(self._agents) >= AGENT_CACHE_SIZE:
+                self._agents.clear()
+            self._agents[external_id] = agent
+        return agent
+
     def balances(self, external_id: str) -> list[service.AssetBalance]:
         return self._read(lambda s: service.balances(s, service.get_agent(s, external_id)))
 
@@ -89,6 +105,18 @@ class EscrowService:
         """Lock `amount` base units of the buyer's `asset` for `job_id`. Agents are named
         by their external ids; fee_bps defaults to the configured platform fee."""
         bps = self.settings.escrow.default_fee_bps if fee_bps is None else fee_bps
+        if self._one_call:
+            return service.fund_escrow_alone(
+                self.engine,
+                job_id=job_id,
+                buyer=self._known_agent(buyer),
+                worker=self._known_agent(worker),
+                asset=asset,
+                amount=amount,
+                fee_bps=bps,
+                expires_at=expires_at,
+                actor="python",
+            )
 
         def work(s: Session) -> Escrow:
             return service.fund_escrow(
@@ -106,12 +134,20 @@ class EscrowService:
         return self._write(work)
 
     def release_escrow(self, job_id: str) -> Escrow:
+        if self._one_call:
+            return service.settle_escrow_alone(self.engine, job_id, service.RELEASE, actor="python")
         return self._write(lambda s: service.release_escrow(s, job_id, actor="python"))
 
     def refund_escrow(self, job_id: str) -> Escrow:
+        if self._one_call:
+            return service.settle_escrow_alone(self.engine, job_id, service.REFUND, actor="python")
         return self._write(lambda s: service.refund_escrow(s, job_id, actor="python"))
 
     def resolve_escrow(self, job_id: str, worker_amount: int) -> Escrow:
+        if self._one_call:
+            return service.settle_escrow_alone(
+                self.engine, job_id, service.RESOLVE, worker_amount=worker_amount, actor="python"
+            )
         return self._write(
             lambda s: service.resolve_escrow(s, job_id, worker_amount, actor="python")
         )

@@ -19,8 +19,10 @@ import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import Engine, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
@@ -34,9 +36,10 @@ from escrow.errors import (
     InvalidAmount,
     UnknownAccount,
 )
+from escrow.uow import in_transaction, with_retries
 from models import AccountKind, LedgerAccount, LedgerTransfer, TransferCode
 from models.base import utcnow
-from models.db import prepared_rows
+from models.db import make_session_factory, prepared_rows, statement_rows
 
 # Kinds whose balance must never go below zero.
 NO_OVERDRAFT_KINDS = frozenset({AccountKind.AGENT_AVAILABLE, AccountKind.ESCROW})
@@ -373,6 +376,33 @@ def _post_postgresql(
     rows as the Python path, without ~11 statements' worth of client CPU per posting."""
     # Plain SQL does not autoflush; the caller's pending ORM writes must land first.
     session.flush()
+    params = _pg_post_params(specs, actor=actor, audit_stream=audit_stream)
+    return _pg_posted(specs, prepared_rows(session, _PG_POST, params))
+
+
+def post_alone(
+    engine: Engine,
+    specs: Sequence[TransferSpec],
+    *,
+    actor: str,
+    audit_stream: str | None = None,
+) -> list[Posted]:
+    """`post` as a transaction of its own, committed when this returns (retried on deadlock
+    or serialization failure). On PostgreSQL it is the escrowd_post call alone, in
+    autocommit: one round trip where BEGIN, the call and COMMIT take three."""
+    if engine.dialect.name != "postgresql":
+        return in_transaction(
+            make_session_factory(engine),
+            lambda session: post(session, specs, actor=actor, audit_stream=audit_stream),
+        )
+    _validate(specs)
+    params = _pg_post_params(specs, actor=actor, audit_stream=audit_stream)
+    return _pg_posted(specs, with_retries(lambda: statement_rows(engine, _PG_POST, params)))
+
+
+def _pg_post_params(
+    specs: Sequence[TransferSpec], *, actor: str, audit_stream: str | None
+) -> tuple[str, str, str, datetime, str]:
     batch_id = str(uuid.uuid4())
     now = utcnow()
     # One JSON text parameter: far cheaper for the driver to send than nine arrays.
@@ -392,9 +422,11 @@ def _post_postgresql(
             for spec in specs
         ]
     )
-    rows = prepared_rows(
-        session, _PG_POST, (transfers, actor, batch_id, now, audit.timestamp_text(now))
-    )
+    return transfers, actor, batch_id, now, audit.timestamp_text(now)
+
+
+def _pg_posted(specs: Sequence[TransferSpec], rows: list[tuple[Any, ...]]) -> list[Posted]:
+    """escrowd_post's rows as Posted transfers, or its refusal raised as a typed error."""
     status, message = rows[0][0], rows[0][1]
     raise_refusal(status, message)
     assert status in ("posted", "existing") and len(rows) == len(specs), status

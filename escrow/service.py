@@ -17,10 +17,10 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import Engine, and_, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, make_transient_to_detached
@@ -37,6 +37,7 @@ from escrow.errors import (
     UnknownAsset,
 )
 from escrow.payouts import PlatformAddresses, request_payout
+from escrow.uow import with_retries
 from models import (
     AccountKind,
     Agent,
@@ -50,7 +51,7 @@ from models import (
     TransferCode,
     utcnow,
 )
-from models.db import prepared_rows
+from models.db import make_session_factory, prepared_rows, statement_rows
 
 log = structlog.get_logger(__name__)
 
@@ -316,16 +317,14 @@ def fund_escrow(
 ) -> Escrow:
     """Move `amount` from the buyer's available balance into a new escrow for `job_id`.
     One escrow per job id: a second fund of the same job is EscrowConflict."""
-    if not job_id or len(job_id) > MAX_EXTERNAL_ID_LENGTH:
-        raise ValidationFailed(f"job id must be 1 to {MAX_EXTERNAL_ID_LENGTH} characters")
-    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
-        raise InvalidAmount(f"escrow amount must be a positive integer, got {amount!r}")
-    if not 0 <= fee_bps <= BPS_DENOMINATOR:
-        raise ValidationFailed(f"fee_bps must be between 0 and 10000, got {fee_bps}")
-    if buyer.id == worker.id:
-        raise ValidationFailed("buyer and worker must be different agents")
-    if expires_at is not None and expires_at.tzinfo is None:
-        raise ValidationFailed("expires_at must carry a timezone (UTC)")
+    _check_fund(
+        job_id=job_id,
+        buyer=buyer,
+        worker=worker,
+        amount=amount,
+        fee_bps=fee_bps,
+        expires_at=expires_at,
+    )
     asset_decimals(session, asset)
     if _in_database(session):
         funded = _fund_in_database(
@@ -339,7 +338,6 @@ def fund_escrow(
             expires_at=expires_at,
             actor=actor,
         )
-        log.info("escrow_funded", job_id=job_id, asset=asset, amount_base_units=amount)
         return funded
     # The unique job id decides, also between concurrent funds of one job: the loser's
     # insert waits for the winner's commit and then inserts nothing.
@@ -391,6 +389,27 @@ def fund_escrow(
     return escrow
 
 
+def _check_fund(
+    *,
+    job_id: str,
+    buyer: Agent,
+    worker: Agent,
+    amount: int,
+    fee_bps: int,
+    expires_at: datetime | None,
+) -> None:
+    if not job_id or len(job_id) > MAX_EXTERNAL_ID_LENGTH:
+        raise ValidationFailed(f"job id must be 1 to {MAX_EXTERNAL_ID_LENGTH} characters")
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+        raise InvalidAmount(f"escrow amount must be a positive integer, got {amount!r}")
+    if not 0 <= fee_bps <= BPS_DENOMINATOR:
+        raise ValidationFailed(f"fee_bps must be between 0 and 10000, got {fee_bps}")
+    if buyer.id == worker.id:
+        raise ValidationFailed("buyer and worker must be different agents")
+    if expires_at is not None and expires_at.tzinfo is None:
+        raise ValidationFailed("expires_at must carry a timezone (UTC)")
+
+
 def _buyer_short(buyer: Agent, amount: int, asset: str) -> InsufficientFunds:
     return InsufficientFunds(
         f"buyer {buyer.external_id} has less than {amount} base units of {asset} "
@@ -416,10 +435,10 @@ def _in_database(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
-def _attach(session: Session, row: Mapping[str, Any]) -> Escrow:
-    """The escrow as the function returned it (row_to_json), made the session's persistent
-    object without another query. Built with committed values rather than through the
-    constructor and merge(), which cost several times more client CPU."""
+def _escrow_of(row: Mapping[str, Any]) -> Escrow:
+    """The escrow as the function returned it (row_to_json), as a detached object. Built
+    with committed values rather than through the constructor and merge(), which cost
+    several times more client CPU."""
     escrow: Escrow = Escrow.__mapper__.class_manager.new_instance()
     for column, raw in row.items():
         value = raw
@@ -427,19 +446,67 @@ def _attach(session: Session, row: Mapping[str, Any]) -> Escrow:
             value = datetime.fromisoformat(raw).astimezone(UTC)
         set_committed_value(escrow, column, value)
     make_transient_to_detached(escrow)
+    return escrow
+
+
+def _attach(session: Session, row: Mapping[str, Any]) -> Escrow:
+    """`_escrow_of` made the session's persistent object without another query."""
+    escrow = _escrow_of(row)
     if session.identity_map.get(session.identity_key(Escrow, escrow.id)) is not None:
         return session.merge(escrow, load=False)
     session.add(escrow)
     return escrow
 
 
+def _function_params(*args: Any) -> tuple[Any, ...]:
+    """The escrow functions' arguments followed by the batch id, the time (as a value and
+    as the audit trail's text) and the webhook API version they all take."""
+    now = utcnow()
+    return (*args, str(uuid.uuid4()), now, audit.timestamp_text(now), events.API_VERSION)
+
+
 def _call_escrow_function(session: Session, sql: str, *args: Any) -> tuple[str, Any, Any]:
     # The function's SQL does not autoflush; the caller's pending ORM writes land first.
     session.flush()
-    now = utcnow()
-    params = (*args, str(uuid.uuid4()), now, audit.timestamp_text(now), events.API_VERSION)
-    outcome, detail, row = prepared_rows(session, sql, params)[0]
+    outcome, detail, row = prepared_rows(session, sql, _function_params(*args))[0]
     return outcome, detail, row
+
+
+def _call_alone(engine: Engine, sql: str, *args: Any) -> tuple[str, Any, Any]:
+    """An escrow function call as a transaction of its own (autocommit, one round trip),
+    retried on deadlock or serialization failure."""
+    params = _function_params(*args)
+    outcome, detail, row = with_retries(lambda: statement_rows(engine, sql, params)[0])
+    return outcome, detail, row
+
+
+def _fund_call(
+    *,
+    job_id: str,
+    buyer: Agent,
+    worker: Agent,
+    asset: str,
+    amount: int,
+    fee_bps: int,
+    expires_at: datetime | None,
+    actor: str,
+) -> tuple[Any, ...]:
+    return (_PG_FUND, job_id, buyer.id, worker.id, asset, amount, fee_bps, expires_at, actor)
+
+
+def _funded_row(
+    result: tuple[str, Any, Any], *, job_id: str, buyer: Agent, amount: int, asset: str
+) -> Mapping[str, Any]:
+    outcome, detail, row = result
+    if outcome == "conflict":
+        raise _job_taken(job_id, detail)
+    if outcome == "insufficient_funds":
+        raise _buyer_short(buyer, amount, asset)
+    ledger.raise_refusal(outcome, detail)
+    assert outcome == "funded", outcome
+    log.info("escrow_funded", job_id=job_id, asset=asset, amount_base_units=amount)
+    row_: Mapping[str, Any] = row
+    return row_
 
 
 def _fund_in_database(
@@ -454,47 +521,134 @@ def _fund_in_database(
     expires_at: datetime | None,
     actor: str,
 ) -> Escrow:
-    outcome, detail, row = _call_escrow_function(
-        session, _PG_FUND, job_id, buyer.id, worker.id, asset, amount, fee_bps, expires_at, actor
+    call = _fund_call(
+        job_id=job_id,
+        buyer=buyer,
+        worker=worker,
+        asset=asset,
+        amount=amount,
+        fee_bps=fee_bps,
+        expires_at=expires_at,
+        actor=actor,
     )
-    if outcome == "conflict":
-        raise _job_taken(job_id, detail)
-    if outcome == "insufficient_funds":
-        raise _buyer_short(buyer, amount, asset)
-    ledger.raise_refusal(outcome, detail)
-    assert outcome == "funded", outcome
-    return _attach(session, row)
+    result = _call_escrow_function(session, *call)
+    return _attach(
+        session, _funded_row(result, job_id=job_id, buyer=buyer, amount=amount, asset=asset)
+    )
 
 
-def _settle_in_database(
-    session: Session,
-    job_id: str,
+def fund_escrow_alone(
+    engine: Engine,
     *,
-    new_status: EscrowStatus,
-    allowed: tuple[EscrowStatus, ...],
-    worker_gross: int | None,
-    verb: str,
-    actor: str,
+    job_id: str,
+    buyer: Agent,
+    worker: Agent,
+    asset: str,
+    amount: int,
+    fee_bps: int,
+    expires_at: datetime | None = None,
+    actor: str = "api",
 ) -> Escrow:
-    outcome, detail, row = _call_escrow_function(
-        session,
-        _PG_SETTLE,
-        job_id,
-        new_status.value,
-        [status.value for status in allowed],
-        worker_gross,
-        actor,
+    """`fund_escrow` as a transaction of its own on PostgreSQL: the escrowd_fund_escrow
+    call in autocommit, one round trip where BEGIN, the call and COMMIT take three.
+    Returns the escrow detached."""
+    _check_fund(
+        job_id=job_id,
+        buyer=buyer,
+        worker=worker,
+        amount=amount,
+        fee_bps=fee_bps,
+        expires_at=expires_at,
     )
+    if asset not in _decimals_cache:
+        with make_session_factory(engine, read_only=True)() as session:
+            asset_decimals(session, asset)
+    call = _fund_call(
+        job_id=job_id,
+        buyer=buyer,
+        worker=worker,
+        asset=asset,
+        amount=amount,
+        fee_bps=fee_bps,
+        expires_at=expires_at,
+        actor=actor,
+    )
+    result = _call_alone(engine, *call)
+    return _escrow_of(_funded_row(result, job_id=job_id, buyer=buyer, amount=amount, asset=asset))
+
+
+class Settlement(NamedTuple):
+    """How release, refund and resolve settle an escrow."""
+
+    new_status: EscrowStatus
+    allowed: tuple[EscrowStatus, ...]
+    verb: str
+
+
+RELEASE = Settlement(EscrowStatus.RELEASED, (EscrowStatus.FUNDED,), "released")
+REFUND = Settlement(EscrowStatus.REFUNDED, OPEN_STATES, "refunded")
+RESOLVE = Settlement(EscrowStatus.RESOLVED, (EscrowStatus.FUNDED,), "resolved")
+
+
+def _settle_call(
+    job_id: str, how: Settlement, worker_gross: int | None, actor: str
+) -> tuple[Any, ...]:
+    allowed = [status.value for status in how.allowed]
+    return (_PG_SETTLE, job_id, how.new_status.value, allowed, worker_gross, actor)
+
+
+def _settled_row(
+    result: tuple[str, Any, Any], job_id: str, how: Settlement, worker_gross: int | None
+) -> Mapping[str, Any]:
+    outcome, detail, row = result
     if outcome == "not_found":
         raise _no_escrow(job_id)
     if outcome == "conflict":
-        raise _settled_already(job_id, detail, verb)
+        raise _settled_already(job_id, detail, how.verb)
     if outcome == "invalid_amount":
         raise _share_out_of_range(worker_gross, detail)
     assert outcome == "settled", outcome
-    escrow = _attach(session, row)
+    row_: Mapping[str, Any] = row
+    return row_
+
+
+def _settle_in_database(
+    session: Session, job_id: str, how: Settlement, *, worker_gross: int | None, actor: str
+) -> Escrow:
+    result = _call_escrow_function(session, *_settle_call(job_id, how, worker_gross, actor))
+    escrow = _attach(session, _settled_row(result, job_id, how, worker_gross))
     _log_settled(escrow)
     return escrow
+
+
+def settle_escrow_alone(
+    engine: Engine,
+    job_id: str,
+    how: Settlement,
+    *,
+    worker_amount: int | None = None,
+    actor: str = "api",
+) -> Escrow:
+    """`release_escrow` (RELEASE), `refund_escrow` (REFUND) or `resolve_escrow` (RESOLVE,
+    with `worker_amount`) as a transaction of its own on PostgreSQL: the
+    escrowd_settle_escrow call in autocommit, one round trip. Returns the escrow detached."""
+    worker_gross = _worker_gross(how, worker_amount)
+    result = _call_alone(engine, *_settle_call(job_id, how, worker_gross, actor))
+    escrow = _escrow_of(_settled_row(result, job_id, how, worker_gross))
+    _log_settled(escrow)
+    return escrow
+
+
+def _worker_gross(how: Settlement, worker_amount: int | None) -> int | None:
+    """The worker's gross share a settlement pays: None (the whole amount) for a release,
+    0 for a refund, `worker_amount` for a resolution."""
+    if how is RELEASE:
+        return None
+    if how is REFUND:
+        return 0
+    if isinstance(worker_amount, bool) or not isinstance(worker_amount, int):
+        raise InvalidAmount(f"worker amount must be an integer, got {worker_amount!r}")
+    return worker_amount
 
 
 def _log_settled(escrow: Escrow) -> None:
@@ -577,62 +731,31 @@ def _require(escrow: Escrow, allowed: tuple[EscrowStatus, ...], verb: str) -> No
 
 
 def _settle_job(
-    session: Session,
-    job_id: str,
-    *,
-    new_status: EscrowStatus,
-    allowed: tuple[EscrowStatus, ...],
-    worker_gross: int | None,
-    verb: str,
-    actor: str,
+    session: Session, job_id: str, how: Settlement, *, worker_amount: int | None, actor: str
 ) -> Escrow:
-    """Settle the escrow of `job_id` if its status is one of `allowed`; `worker_gross`
-    None means the whole amount."""
+    """Settle the escrow of `job_id` the way `how` says, if its status allows it."""
+    worker_gross = _worker_gross(how, worker_amount)
     if _in_database(session):
-        return _settle_in_database(
-            session,
-            job_id,
-            new_status=new_status,
-            allowed=allowed,
-            worker_gross=worker_gross,
-            verb=verb,
-            actor=actor,
-        )
+        return _settle_in_database(session, job_id, how, worker_gross=worker_gross, actor=actor)
     escrow, buyer, worker = _lock_escrow(session, job_id)
-    _require(escrow, allowed, verb)
+    _require(escrow, how.allowed, how.verb)
     gross = escrow.amount if worker_gross is None else worker_gross
     if not 0 <= gross <= escrow.amount:
         raise _share_out_of_range(gross, escrow.amount)
     return _settle(
-        session, escrow, (buyer, worker), worker_gross=gross, new_status=new_status, actor=actor
+        session, escrow, (buyer, worker), worker_gross=gross, new_status=how.new_status, actor=actor
     )
 
 
 def release_escrow(session: Session, job_id: str, *, actor: str = "api") -> Escrow:
     """Worker gets amount - fee, the platform gets fee = floor(amount * fee_bps / 10000)
     (see fee_for: the rounding remainder goes to the worker)."""
-    return _settle_job(
-        session,
-        job_id,
-        new_status=EscrowStatus.RELEASED,
-        allowed=(EscrowStatus.FUNDED,),
-        worker_gross=None,
-        verb="released",
-        actor=actor,
-    )
+    return _settle_job(session, job_id, RELEASE, worker_amount=None, actor=actor)
 
 
 def refund_escrow(session: Session, job_id: str, *, actor: str = "api") -> Escrow:
     """The whole amount back to the buyer; allowed from funded and expired."""
-    return _settle_job(
-        session,
-        job_id,
-        new_status=EscrowStatus.REFUNDED,
-        allowed=OPEN_STATES,
-        worker_gross=0,
-        verb="refunded",
-        actor=actor,
-    )
+    return _settle_job(session, job_id, REFUND, worker_amount=None, actor=actor)
 
 
 def resolve_escrow(
@@ -641,17 +764,7 @@ def resolve_escrow(
     """Dispute split: `worker_amount` (0..amount) goes to the worker minus the fee on that
     part (floor(worker_amount * fee_bps / 10000)); amount - worker_amount goes back to the
     buyer, with no fee."""
-    if isinstance(worker_amount, bool) or not isinstance(worker_amount, int):
-        raise InvalidAmount(f"worker amount must be an integer, got {worker_amount!r}")
-    return _settle_job(
-        session,
-        job_id,
-        new_status=EscrowStatus.RESOLVED,
-        allowed=(EscrowStatus.FUNDED,),
-        worker_gross=worker_amount,
-        verb="resolved",
-        actor=actor,
-    )
+    return _settle_job(session, job_id, RESOLVE, worker_amount=worker_amount, actor=actor)
 
 
 def expire_due_escrows(session: Session, now: datetime, *, limit: int = 100) -> list[str]:

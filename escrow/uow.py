@@ -27,23 +27,32 @@ def _retryable(exc: DBAPIError) -> bool:
     return isinstance(exc, OperationalError) and "database is locked" in str(exc.orig)
 
 
+def with_retries(attempt: Callable[[], T], *, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> T:
+    """Run `attempt` (one whole transaction) again when the database aborted it to break a
+    deadlock or a serialization conflict (bounded, with jitter)."""
+    assert max_attempts >= 1
+    for number in range(1, max_attempts + 1):
+        try:
+            return attempt()
+        except DBAPIError as exc:
+            if not _retryable(exc) or number == max_attempts:
+                raise
+            delay_s = min(0.5, 0.005 * 2**number) * (0.5 + random.random())
+            log.warning("transaction_retry", attempt=number, delay_s=round(delay_s, 4))
+            time.sleep(delay_s)
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
 def in_transaction(
     sessions: sessionmaker[Session],
     work: Callable[[Session], T],
     *,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
 ) -> T:
-    """Run `work` in one transaction and commit it; retry the whole unit when the database
-    aborted it to break a deadlock or a serialization conflict (bounded, with jitter)."""
-    assert max_attempts >= 1
-    for attempt in range(1, max_attempts + 1):
-        try:
-            with sessions() as session, session.begin():
-                return work(session)
-        except DBAPIError as exc:
-            if not _retryable(exc) or attempt == max_attempts:
-                raise
-            delay_s = min(0.5, 0.005 * 2**attempt) * (0.5 + random.random())
-            log.warning("transaction_retry", attempt=attempt, delay_s=round(delay_s, 4))
-            time.sleep(delay_s)
-    raise AssertionError("unreachable: the loop returns or raises")
+    """Run `work` in one transaction and commit it, with `with_retries`."""
+
+    def attempt() -> T:
+        with sessions() as session, session.begin():
+            return work(session)
+
+    return with_retries(attempt, max_attempts=max_attempts)

@@ -115,6 +115,33 @@ def driver_cursor(session: Session) -> Iterator[psycopg.Cursor[Any]]:
         raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
 
 
+def statement_rows(engine: Engine, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """Run one statement (psycopg placeholders, prepared) as a transaction of its own on a
+    pooled PostgreSQL connection, and return all its rows.
+
+    In autocommit the server commits the statement when it completes, or rolls all of it
+    back when it fails: one round trip where BEGIN, the statement and COMMIT take three.
+    For operations that are one database function call from start to end."""
+    pooled = engine.raw_connection()
+    driver = pooled.driver_connection
+    assert isinstance(driver, psycopg.Connection), "statement_rows is for PostgreSQL"
+    try:
+        driver.autocommit = True
+        try:
+            with driver.cursor() as cursor:
+                rows: list[tuple[Any, ...]] = cursor.execute(sql, params, prepare=True).fetchall()
+        finally:
+            if not driver.broken:
+                driver.autocommit = False
+        return rows
+    except psycopg.Error as exc:
+        if driver.broken:
+            pooled.invalidate()
+        raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
+    finally:
+        pooled.close()
+
+
 def prepared_rows(session: Session, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
     """Run `sql` (psycopg placeholders) through `driver_cursor` as a server-side prepared
     statement and return all rows."""
