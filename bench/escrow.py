@@ -18,6 +18,7 @@ layer escrow operations/s (fund or release, each one transaction) >= 50 % of pgb
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import platform
 import socket
 import threading
@@ -258,14 +259,14 @@ def main() -> None:
             "",
             "## Escrow fund + release (bench/escrow.py)",
             "",
-            f"Machine: 2-core python-svc ({platform.machine()}), date 2026-11-23, PostgreSQL 15 "
-            f"on the same host, {clients} concurrent clients, {seconds:.0f} s per run, one "
-            "buyer/worker pair per client, fee 250 bps. Each pair = fund (1 transaction) + "
-            "release (1 transaction).",
+            f"Machine: 2-core python-svc ({platform.machine()}), date {dt.date.today()}, "
+            f"PostgreSQL 15 on the same host, {clients} concurrent clients, {seconds:.0f} s per "
+            "run, one buyer/worker pair per client, fee 250 bps. Each pair = fund (1 "
+            "transaction) + release (1 transaction).",
             "",
             "| path | pairs/s | escrow transactions/s | ledger violations |",
             "|---|---:|---:|---:|",
-            f"| service layer (escrow.service + uow, {args.processes} processes, client CPU "
+            f"| service layer (EscrowService, {args.processes} processes, client CPU "
             f"{svc_cpu_ms[0]:.2f} ms/tx) | {svc_pairs:.1f} | {2 * svc_pairs:.1f} "
             f"| {svc_violations} |",
             f"| HTTP (uvicorn, httpx, API key + Idempotency-Key) | {http_pairs:.1f} "
