@@ -317,28 +317,11 @@ def fund_escrow(
 ) -> Escrow:
     """Move `amount` from the buyer's available balance into a new escrow for `job_id`.
     One escrow per job id: a second fund of the same job is EscrowConflict."""
-    _check_fund(
-        job_id=job_id,
-        buyer=buyer,
-        worker=worker,
-        amount=amount,
-        fee_bps=fee_bps,
-        expires_at=expires_at,
-    )
+    request = _Funding(job_id, buyer, worker, asset, amount, fee_bps, expires_at, actor)
+    request.check()
     asset_decimals(session, asset)
     if _in_database(session):
-        funded = _fund_in_database(
-            session,
-            job_id=job_id,
-            buyer=buyer,
-            worker=worker,
-            asset=asset,
-            amount=amount,
-            fee_bps=fee_bps,
-            expires_at=expires_at,
-            actor=actor,
-        )
-        return funded
+        return _attach(session, request.funded(_call_escrow_function(session, *request.call())))
     # The unique job id decides, also between concurrent funds of one job: the loser's
     # insert waits for the winner's commit and then inserts nothing.
     now = utcnow()
@@ -389,25 +372,60 @@ def fund_escrow(
     return escrow
 
 
-def _check_fund(
-    *,
-    job_id: str,
-    buyer: Agent,
-    worker: Agent,
-    amount: int,
-    fee_bps: int,
-    expires_at: datetime | None,
-) -> None:
-    if not job_id or len(job_id) > MAX_EXTERNAL_ID_LENGTH:
-        raise ValidationFailed(f"job id must be 1 to {MAX_EXTERNAL_ID_LENGTH} characters")
-    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
-        raise InvalidAmount(f"escrow amount must be a positive integer, got {amount!r}")
-    if not 0 <= fee_bps <= BPS_DENOMINATOR:
-        raise ValidationFailed(f"fee_bps must be between 0 and 10000, got {fee_bps}")
-    if buyer.id == worker.id:
-        raise ValidationFailed("buyer and worker must be different agents")
-    if expires_at is not None and expires_at.tzinfo is None:
-        raise ValidationFailed("expires_at must carry a timezone (UTC)")
+@dataclass(frozen=True)
+class _Funding:
+    """One fund_escrow request, for both database paths."""
+
+    job_id: str
+    buyer: Agent
+    worker: Agent
+    asset: str
+    amount: int
+    fee_bps: int
+    expires_at: datetime | None
+    actor: str
+
+    def check(self) -> None:
+        job_id, amount, fee_bps = self.job_id, self.amount, self.fee_bps
+        if not job_id or len(job_id) > MAX_EXTERNAL_ID_LENGTH:
+            raise ValidationFailed(f"job id must be 1 to {MAX_EXTERNAL_ID_LENGTH} characters")
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+            raise InvalidAmount(f"escrow amount must be a positive integer, got {amount!r}")
+        if not 0 <= fee_bps <= BPS_DENOMINATOR:
+            raise ValidationFailed(f"fee_bps must be between 0 and 10000, got {fee_bps}")
+        if self.buyer.id == self.worker.id:
+            raise ValidationFailed("buyer and worker must be different agents")
+        if self.expires_at is not None and self.expires_at.tzinfo is None:
+            raise ValidationFailed("expires_at must carry a timezone (UTC)")
+
+    def call(self) -> tuple[Any, ...]:
+        """escrowd_fund_escrow's statement and arguments."""
+        return (
+            _PG_FUND,
+            self.job_id,
+            self.buyer.id,
+            self.worker.id,
+            self.asset,
+            self.amount,
+            self.fee_bps,
+            self.expires_at,
+            self.actor,
+        )
+
+    def funded(self, result: tuple[str, Any, Any]) -> Mapping[str, Any]:
+        """The new escrow's row from the function's result, or its refusal raised."""
+        outcome, detail, row = result
+        if outcome == "conflict":
+            raise _job_taken(self.job_id, detail)
+        if outcome == "insufficient_funds":
+            raise _buyer_short(self.buyer, self.amount, self.asset)
+        ledger.raise_refusal(outcome, detail)
+        assert outcome == "funded", outcome
+        log.info(
+            "escrow_funded", job_id=self.job_id, asset=self.asset, amount_base_units=self.amount
+        )
+        funded: Mapping[str, Any] = row
+        return funded
 
 
 def _buyer_short(buyer: Agent, amount: int, asset: str) -> InsufficientFunds:
@@ -480,63 +498,6 @@ def _call_alone(engine: Engine, sql: str, *args: Any) -> tuple[str, Any, Any]:
     return outcome, detail, row
 
 
-def _fund_call(
-    *,
-    job_id: str,
-    buyer: Agent,
-    worker: Agent,
-    asset: str,
-    amount: int,
-    fee_bps: int,
-    expires_at: datetime | None,
-    actor: str,
-) -> tuple[Any, ...]:
-    return (_PG_FUND, job_id, buyer.id, worker.id, asset, amount, fee_bps, expires_at, actor)
-
-
-def _funded_row(
-    result: tuple[str, Any, Any], *, job_id: str, buyer: Agent, amount: int, asset: str
-) -> Mapping[str, Any]:
-    outcome, detail, row = result
-    if outcome == "conflict":
-        raise _job_taken(job_id, detail)
-    if outcome == "insufficient_funds":
-        raise _buyer_short(buyer, amount, asset)
-    ledger.raise_refusal(outcome, detail)
-    assert outcome == "funded", outcome
-    log.info("escrow_funded", job_id=job_id, asset=asset, amount_base_units=amount)
-    row_: Mapping[str, Any] = row
-    return row_
-
-
-def _fund_in_database(
-    session: Session,
-    *,
-    job_id: str,
-    buyer: Agent,
-    worker: Agent,
-    asset: str,
-    amount: int,
-    fee_bps: int,
-    expires_at: datetime | None,
-    actor: str,
-) -> Escrow:
-    call = _fund_call(
-        job_id=job_id,
-        buyer=buyer,
-        worker=worker,
-        asset=asset,
-        amount=amount,
-        fee_bps=fee_bps,
-        expires_at=expires_at,
-        actor=actor,
-    )
-    result = _call_escrow_function(session, *call)
-    return _attach(
-        session, _funded_row(result, job_id=job_id, buyer=buyer, amount=amount, asset=asset)
-    )
-
-
 def fund_escrow_alone(
     engine: Engine,
     *,
@@ -552,29 +513,12 @@ def fund_escrow_alone(
     """`fund_escrow` as a transaction of its own on PostgreSQL: the escrowd_fund_escrow
     call in autocommit, one round trip where BEGIN, the call and COMMIT take three.
     Returns the escrow detached."""
-    _check_fund(
-        job_id=job_id,
-        buyer=buyer,
-        worker=worker,
-        amount=amount,
-        fee_bps=fee_bps,
-        expires_at=expires_at,
-    )
+    request = _Funding(job_id, buyer, worker, asset, amount, fee_bps, expires_at, actor)
+    request.check()
     if asset not in _decimals_cache:
         with make_session_factory(engine, read_only=True)() as session:
             asset_decimals(session, asset)
-    call = _fund_call(
-        job_id=job_id,
-        buyer=buyer,
-        worker=worker,
-        asset=asset,
-        amount=amount,
-        fee_bps=fee_bps,
-        expires_at=expires_at,
-        actor=actor,
-    )
-    result = _call_alone(engine, *call)
-    return _escrow_of(_funded_row(result, job_id=job_id, buyer=buyer, amount=amount, asset=asset))
+    return _escrow_of(request.funded(_call_alone(engine, *request.call())))
 
 
 class Settlement(NamedTuple):
