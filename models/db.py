@@ -127,18 +127,18 @@ def statement_rows(engine: Engine, sql: str, params: tuple[Any, ...]) -> list[tu
     assert isinstance(driver, psycopg.Connection), "statement_rows is for PostgreSQL"
     try:
         driver.autocommit = True
-        try:
-            with driver.cursor() as cursor:
-                rows: list[tuple[Any, ...]] = cursor.execute(sql, params, prepare=True).fetchall()
-        finally:
-            if not driver.broken:
-                driver.autocommit = False
+        with driver.cursor() as cursor:
+            rows: list[tuple[Any, ...]] = cursor.execute(sql, params, prepare=True).fetchall()
         return rows
     except psycopg.Error as exc:
-        if driver.broken:
-            pooled.invalidate()
         raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
     finally:
+        try:
+            # Possible only on an idle, open connection.
+            driver.autocommit = False
+        except psycopg.Error:
+            # Never give the pool a connection that would run transactions in autocommit.
+            pooled.invalidate()
         pooled.close()
 
 
