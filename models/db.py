@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
-from sqlalchemy import Engine, create_engine, event
+from psycopg.pq import TransactionStatus
+from sqlalchemy import Engine, QueuePool, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
@@ -116,30 +120,124 @@ def driver_cursor(session: Session) -> Iterator[psycopg.Cursor[Any]]:
 
 
 def statement_rows(engine: Engine, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-    """Run one statement (psycopg placeholders, prepared) as a transaction of its own on a
-    pooled PostgreSQL connection, and return all its rows.
+    """Run one statement (psycopg placeholders, prepared) as a transaction of its own on
+    PostgreSQL, and return all its rows.
 
     In autocommit the server commits the statement when it completes, or rolls all of it
     back when it fails: one round trip where BEGIN, the statement and COMMIT take three.
     For operations that are one database function call from start to end."""
-    pooled = engine.raw_connection()
-    driver = pooled.driver_connection
-    assert isinstance(driver, psycopg.Connection), "statement_rows is for PostgreSQL"
-    try:
-        driver.autocommit = True
-        with driver.cursor() as cursor:
-            rows: list[tuple[Any, ...]] = cursor.execute(sql, params, prepare=True).fetchall()
-        return rows
-    except psycopg.Error as exc:
-        raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
-    finally:
+    connections = _statement_connections.get(engine)
+    if connections is None:
+        with _registry_lock:
+            connections = _statement_connections.setdefault(engine, _StatementConnections(engine))
+    return connections.rows(sql, params)
+
+
+class _Held(NamedTuple):
+    connection: psycopg.Connection[Any]
+    cursor: psycopg.Cursor[Any]
+    generation: int
+    idle_since: float
+
+
+class _StatementConnections:
+    """An engine's connections for statement_rows: taken out of its pool once, then kept in
+    autocommit, each with its one cursor. A checkout from the pool, autocommit switched on
+    and off, the reset on return and a new cursor per call cost about a quarter of an
+    escrow operation's client CPU. The engine's pool never sees a connection in
+    autocommit. Like the pool: idle connections are pinged before use, a connection the
+    server dropped takes every idle one with it, and `Engine.dispose()` closes them."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = weakref.ref(engine)
+        # As many idle as the engine's pool can hand out (make_engine's overflow is its size).
+        pool = engine.pool
+        self._keep = 2 * pool.size() if isinstance(pool, QueuePool) else 2
+        self._lock = threading.Lock()
+        self._idle: list[_Held] = []
+        self._generation = 0
+        self._pid = os.getpid()
+        event.listen(engine, "engine_disposed", self._close_idle)
+
+    def rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        held = self._take()
         try:
-            # Possible only on an idle, open connection.
-            driver.autocommit = False
+            rows: list[tuple[Any, ...]] = held.cursor.execute(sql, params, prepare=True).fetchall()
+        except psycopg.Error as exc:
+            self._give_back(held)
+            raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
+        except BaseException:
+            # Interrupted mid-statement: what the connection is doing is unknown.
+            held.connection.close()
+            raise
+        self._give_back(held)
+        return rows
+
+    def _take(self) -> _Held:
+        while True:
+            with self._lock:
+                if self._pid != os.getpid():
+                    # A forked child: the idle connections' sockets are the parent's, and
+                    # closing them would end the parent's sessions.
+                    self._idle, self._pid = [], os.getpid()
+                held = self._idle.pop() if self._idle else None
+            if held is None:
+                return self._connect()
+            if time.monotonic() - held.idle_since < PING_AFTER_IDLE_S or self._alive(held):
+                return held
+            held.connection.close()
+
+    def _connect(self) -> _Held:
+        engine = self._engine()
+        assert engine is not None, "statement_rows on an engine that is gone"
+        pooled = engine.raw_connection()
+        driver = pooled.driver_connection
+        assert isinstance(driver, psycopg.Connection), "statement_rows is for PostgreSQL"
+        pooled.detach()
+        driver.autocommit = True
+        return _Held(driver, driver.cursor(), self._generation, time.monotonic())
+
+    def _alive(self, held: _Held) -> bool:
+        try:
+            held.cursor.execute("SELECT 1")
         except psycopg.Error:
-            # Never give the pool a connection that would run transactions in autocommit.
-            pooled.invalidate()
-        pooled.close()
+            return False
+        return True
+
+    def _give_back(self, held: _Held) -> None:
+        connection = held.connection
+        if connection.broken:
+            # The server went away or restarted: the idle ones are most likely dead too.
+            self._close_idle()
+        usable = (
+            not connection.closed and connection.info.transaction_status == TransactionStatus.IDLE
+        )
+        with self._lock:
+            keep = (
+                usable
+                and held.generation == self._generation
+                and self._pid == os.getpid()
+                and len(self._idle) < self._keep
+            )
+            if keep:
+                self._idle.append(held._replace(idle_since=time.monotonic()))
+        if not keep:
+            connection.close()
+
+    def _close_idle(self, *_args: Any) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+            self._generation += 1
+            forked, self._pid = self._pid != os.getpid(), os.getpid()
+        if not forked:
+            for held in idle:
+                held.connection.close()
+
+
+_statement_connections: weakref.WeakKeyDictionary[Engine, _StatementConnections] = (
+    weakref.WeakKeyDictionary()
+)
+_registry_lock = threading.Lock()
 
 
 def prepared_rows(session: Session, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:

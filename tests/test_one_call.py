@@ -18,6 +18,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+import models.db
 from config.errors import ValidationFailed
 from escrow import accounts, audit, ledger, service
 from escrow.errors import (
@@ -215,26 +216,44 @@ def test_post_alone_unknown_account(engine: Engine, sessions: sessionmaker[Sessi
     _clean(sessions)
 
 
-# --- 2. statement_rows and the pooled connection (PostgreSQL) ------------------------------
+# --- 2. statement_rows and its connections (PostgreSQL) ------------------------------------
 
 
 def _backend_pid(engine: Engine) -> int:
+    """The backend of the connection statement_rows uses next (the one used last)."""
     [(pid,)] = statement_rows(engine, "SELECT pg_backend_pid()", ())
     assert isinstance(pid, int)
     return pid
 
 
-def _assert_transactional(engine: Engine, pid: int) -> None:
-    """The next session gets the same pooled connection, and it is transactional again: a
-    write rolled back is gone (in autocommit it would have stayed)."""
+def _session_pid(engine: Engine) -> int:
+    with make_session_factory(engine)() as s:
+        pid = s.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    assert isinstance(pid, int)
+    return pid
+
+
+def _assert_transactional(engine: Engine) -> None:
+    """Sessions are transactional: a write rolled back is gone (in autocommit it would have
+    stayed)."""
     sessions = make_session_factory(engine)
     owner = _key("rolled-back")
     with sessions() as s:
-        assert s.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar() == pid
         ledger.get_or_create_account(s, AccountKind.GENERAL, owner, "USDC")
         s.rollback()
     with sessions() as s:
         assert ledger.find_account(s, AccountKind.GENERAL, owner, "USDC") is None
+
+
+def _wait_gone(dsn: str, pid: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        for _ in range(200):
+            gone = other.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
+            if gone.fetchone() == (0,):
+                return
+            time.sleep(0.005)
+    raise AssertionError(f"backend {pid} still there")
 
 
 def _pg_world(engine: Engine) -> tuple[sessionmaker[Session], int, int]:
@@ -244,25 +263,24 @@ def _pg_world(engine: Engine) -> tuple[sessionmaker[Session], int, int]:
 
 
 @pytest.mark.postgres
-def test_connection_transactional_after_post_alone(pg_engine: Engine) -> None:
-    # Used one call at a time, the engine's pool holds a single connection.
+def test_sessions_never_get_a_statement_connection(pg_engine: Engine) -> None:
+    # Statement connections stay in autocommit, outside the engine's pool: after successes,
+    # refusals and errors, sessions still run on other, transactional connections.
     sessions, alice, bob = _pg_world(pg_engine)
-    pid = _backend_pid(pg_engine)
 
     ledger.post_alone(pg_engine, [_leg(alice, bob, 10)], actor="tester")
-    _assert_transactional(pg_engine, pid)
-
     with pytest.raises(InsufficientFunds):
         ledger.post_alone(pg_engine, [_leg(alice, bob, 10_000)], actor="tester")
-    _assert_transactional(pg_engine, pid)
-
     with pytest.raises(UnknownAccount):
         ledger.post_alone(pg_engine, [_leg(alice, 987_654, 1)], actor="tester")
-    _assert_transactional(pg_engine, pid)
-
     with pytest.raises(DataError):
         statement_rows(pg_engine, "SELECT 1/0", ())
-    _assert_transactional(pg_engine, pid)
+
+    statement_pid = _backend_pid(pg_engine)
+    assert _session_pid(pg_engine) != statement_pid
+    _assert_transactional(pg_engine)
+    # One statement connection served all of these calls, one at a time.
+    assert _backend_pid(pg_engine) == statement_pid
     assert _balances(sessions, alice, bob) == [990, 10]
 
 
@@ -273,7 +291,7 @@ def test_statement_rows_error_then_next_statement_works(pg_engine: Engine) -> No
     assert isinstance(caught.value, DataError)
     assert isinstance(caught.value.orig, psycopg.errors.DivisionByZero)
     assert statement_rows(pg_engine, "SELECT %s::int + 1", (41,)) == [(42,)]
-    # A failed statement inside the pool's connection leaves no aborted transaction behind.
+    # A failed statement leaves no aborted transaction behind on its connection.
     with pytest.raises(DBAPIError):
         statement_rows(pg_engine, "SELECT * FROM no_such_table", ())
     assert statement_rows(pg_engine, "SELECT %s::text", ("ok",)) == [("ok",)]
@@ -294,7 +312,7 @@ def test_post_alone_committed_when_it_returns(pg_engine: Engine, pg_url: str) ->
             "SELECT credits_posted - debits_posted FROM ledger_accounts WHERE id = %s", (bob,)
         ).fetchone()
         assert balance == (25,)
-        # Back in the pool, the connection holds no open transaction (and no locks).
+        # Idle again, the connection holds no open transaction (and no locks).
         state = other.execute(
             "SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,)
         ).fetchone()
@@ -307,22 +325,79 @@ def test_statement_rows_drops_a_connection_the_server_closed(
 ) -> None:
     _, alice, bob = _pg_world(pg_engine)
     pid = _backend_pid(pg_engine)
-    dsn = pg_url.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(dsn, autocommit=True) as other:
-        other.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        for _ in range(100):
-            gone = other.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
-            if gone.fetchone() == (0,):
-                break
-            time.sleep(0.005)
-    # Within a second of its last use the pooled connection is not pinged: the call fails...
+    _wait_gone(pg_url.replace("postgresql+psycopg://", "postgresql://"), pid)
+    # Within a second of its last use the connection is not pinged: the call fails...
     with pytest.raises(DBAPIError):
         ledger.post_alone(pg_engine, [_leg(alice, bob, 7)], actor="tester")
     # ...and the broken connection is not handed out again.
     assert _backend_pid(pg_engine) != pid
     [posted] = ledger.post_alone(pg_engine, [_leg(alice, bob, 7)], actor="tester")
     assert posted.amount == 7
-    _assert_transactional(pg_engine, _backend_pid(pg_engine))
+    _assert_transactional(pg_engine)
+
+
+@pytest.mark.postgres
+def test_statement_rows_pings_an_idle_connection(
+    pg_engine: Engine, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, alice, bob = _pg_world(pg_engine)
+    pid = _backend_pid(pg_engine)
+    _wait_gone(pg_url.replace("postgresql+psycopg://", "postgresql://"), pid)
+    # Idle for longer than the ping threshold: the dead connection is found before use.
+    monkeypatch.setattr(models.db, "PING_AFTER_IDLE_S", 0.0)
+
+    [posted] = ledger.post_alone(pg_engine, [_leg(alice, bob, 3)], actor="tester")
+
+    assert posted.amount == 3
+    assert _backend_pid(pg_engine) != pid
+
+
+@pytest.mark.postgres
+def test_dispose_closes_statement_connections(pg_engine: Engine, pg_url: str) -> None:
+    pid = _backend_pid(pg_engine)
+    dsn = pg_url.replace("postgresql+psycopg://", "postgresql://")
+
+    pg_engine.dispose()
+
+    with psycopg.connect(dsn, autocommit=True) as other:
+        for _ in range(200):
+            left = other.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
+            if left.fetchone() == (0,):
+                break
+            time.sleep(0.005)
+        else:
+            raise AssertionError("the statement connection outlived Engine.dispose()")
+    # The engine stays usable, with new connections.
+    assert _backend_pid(pg_engine) != pid
+
+
+@pytest.mark.postgres
+def test_statement_connections_are_reused_across_threads(pg_engine: Engine) -> None:
+    threads, calls = 8, 25
+    pids: list[set[int]] = [set() for _ in range(threads)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def caller(slot: int) -> None:
+        start.wait()
+        try:
+            for n in range(calls):
+                [(pid, value)] = statement_rows(
+                    pg_engine, "SELECT pg_backend_pid(), %s::int * 2", (n,)
+                )
+                assert value == 2 * n
+                pids[slot].add(pid)
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=caller, args=(slot,)) for slot in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert not errors, errors[:3]
+    # No more connections than callers at once, each used for many calls.
+    assert len(set().union(*pids)) <= threads
 
 
 # --- 3. Concurrent post_alone on PostgreSQL ------------------------------------------------
