@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from escrow import audit, ledger
+from escrow.errors import EscrowConflict, InsufficientFunds
 from escrow.interface import EscrowService
 from migrations.runner import alembic_config, current_revision, head_revision
 from models.db import make_session_factory
@@ -173,4 +174,26 @@ def test_downgrade_to_0003_and_back(pg_engine: Engine, tmp_path: Path) -> None:
     svc.fund_escrow(job_id="new", buyer="buyer", worker="worker", asset="USDC", amount=1_000)
     assert svc.refund_escrow("new").refund_amount == 1_000
     assert _available(svc, "buyer") == 1_000_000 - 1_000
+    _clean(pg_engine)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("amount", [10, 5_000_000])
+def test_second_fund_of_a_job_is_a_conflict_whatever_the_balance(
+    pg_engine: Engine, tmp_path: Path, amount: int
+) -> None:
+    # The function debits the buyer before it inserts the escrow: a job taken already is
+    # reported as the conflict it is, whether or not the buyer could cover the amount, and
+    # the buyer's balance is as before.
+    svc = _service(pg_engine, tmp_path, "buyer", "worker")
+    svc.fund_escrow(job_id="dup", buyer="buyer", worker="worker", asset="USDC", amount=100)
+    before = _available(svc, "buyer")
+
+    with pytest.raises(EscrowConflict, match="already exists \\(funded\\)"):
+        svc.fund_escrow(job_id="dup", buyer="buyer", worker="worker", asset="USDC", amount=amount)
+
+    assert _available(svc, "buyer") == before == 1_000_000 - 100
+    with pytest.raises(InsufficientFunds):
+        svc.fund_escrow(job_id="new", buyer="buyer", worker="worker", asset="USDC", amount=10**12)
+    assert _available(svc, "buyer") == before
     _clean(pg_engine)
