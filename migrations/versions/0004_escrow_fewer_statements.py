@@ -262,7 +262,6 @@ DECLARE
     v_ids bigint[];
     v_seq int;
     v_prev text;
-    v_details text;
     l_actions text[] := ARRAY[]::text[];
     l_amounts bigint[] := ARRAY[]::bigint[];
     l_details text[] := ARRAY[]::text[];
