@@ -143,10 +143,10 @@ class _Held(NamedTuple):
 class _StatementConnections:
     """An engine's connections for statement_rows: taken out of its pool once, then kept in
     autocommit, each with its one cursor. A checkout from the pool, autocommit switched on
-    and off, the reset on return and a new cursor per call cost about a quarter of an
-    escrow operation's client CPU. The engine's pool never sees a connection in
-    autocommit. Like the pool: idle connections are pinged before use, a connection the
-    server dropped takes every idle one with it, and `Engine.dispose()` closes them."""
+    and off, the reset on return and a new cursor per call took 13 of the 73 us of client
+    CPU a call cost. The engine's pool never sees a connection in autocommit. Like the
+    pool: idle connections are pinged before use, a connection the server dropped takes
+    every idle one with it, and `Engine.dispose()` closes them."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = weakref.ref(engine)
