@@ -12,7 +12,6 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from escrow import audit, ledger
 from escrow.errors import EscrowConflict, InsufficientFunds
 from escrow.interface import EscrowService
 from migrations.runner import alembic_config, current_revision, head_revision
@@ -20,23 +19,17 @@ from models.db import make_session_factory
 from tests.escrow_fixtures import (
     PLATFORM,
     audit_actions,
-    credit,
+    ledger_clean,
     make_settings,
     platform_fees,
-    seed_asset,
+    seed_agents,
 )
 
 
 def _service(engine: Engine, tmp_path: Path, *names: str) -> EscrowService:
     """Agents registered in the given order (so with ascending ids), 1 USDC each."""
-    svc = EscrowService(engine, make_settings(tmp_path), platform=PLATFORM)
-    for name in names:
-        svc.register_agent(name)
-    with make_session_factory(engine)() as s, s.begin():
-        seed_asset(s)
-        for name in names:
-            credit(s, svc.get_agent(name).id, 1_000_000)
-    return svc
+    seed_agents(make_session_factory(engine), *names, balance=1_000_000)
+    return EscrowService(engine, make_settings(tmp_path), platform=PLATFORM)
 
 
 def _available(svc: EscrowService, agent: str) -> int:
@@ -44,10 +37,7 @@ def _available(svc: EscrowService, agent: str) -> int:
 
 
 def _clean(engine: Engine) -> None:
-    with make_session_factory(engine)() as s:
-        assert ledger.check(s) == []
-        report = audit.verify(s)
-        assert report.ok, report.first_problem
+    assert ledger_clean(make_session_factory(engine))
 
 
 @pytest.mark.postgres
