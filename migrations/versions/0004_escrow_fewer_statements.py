@@ -177,28 +177,28 @@ BEGIN
     WHERE a.kind = 'agent_available' AND a.owner = p_buyer_id::text AND a.asset = p_asset
       AND a.credits_posted - a.debits_posted >= p_amount
     RETURNING a.id INTO v_buyer_account;
-    IF NOT FOUND THEN
-        -- A job that has its escrow already is the refusal to report, as in the Python path.
+    IF FOUND THEN
+        INSERT INTO escrows AS x (job_id, buyer_agent_id, worker_agent_id, asset, amount,
+            fee_bps, status, expires_at, created_at, updated_at)
+        VALUES (p_job_id, p_buyer_id, p_worker_id, p_asset, p_amount, p_fee_bps, 'funded',
+            p_expires_at, p_now, p_now)
+        ON CONFLICT (job_id) DO NOTHING
+        RETURNING x.* INTO e;
+        IF e.id IS NULL THEN
+            -- The job has its escrow already: the debit is taken back, so this call
+            -- changes nothing.
+            UPDATE ledger_accounts a SET debits_posted = a.debits_posted - p_amount
+            WHERE a.id = v_buyer_account;
+        END IF;
+    END IF;
+    IF e.id IS NULL THEN
+        -- A job that has its escrow already is the refusal to report, as in the Python
+        -- path, whether or not the buyer could cover the amount.
         RETURN QUERY SELECT 'conflict'::text, x.status::text, NULL::json
             FROM escrows x WHERE x.job_id = p_job_id;
         IF NOT FOUND THEN
             RETURN QUERY SELECT 'insufficient_funds'::text, NULL::text, NULL::json;
         END IF;
-        RETURN;
-    END IF;
-    INSERT INTO escrows AS x (job_id, buyer_agent_id, worker_agent_id, asset, amount,
-        fee_bps, status, expires_at, created_at, updated_at)
-    VALUES (p_job_id, p_buyer_id, p_worker_id, p_asset, p_amount, p_fee_bps, 'funded',
-        p_expires_at, p_now, p_now)
-    ON CONFLICT (job_id) DO NOTHING
-    RETURNING x.* INTO e;
-    IF e.id IS NULL THEN
-        -- The job has its escrow already: the debit is taken back, so this call changes
-        -- nothing.
-        UPDATE ledger_accounts a SET debits_posted = a.debits_posted - p_amount
-        WHERE a.id = v_buyer_account;
-        RETURN QUERY SELECT 'conflict'::text, x.status::text, NULL::json
-            FROM escrows x WHERE x.job_id = p_job_id;
         RETURN;
     END IF;
     -- A job's escrow account exists only with its escrow, so it is new here, and it
@@ -253,7 +253,6 @@ DECLARE
     -- Transfer keys are the stream, ':' and the leg.
     v_key text := 'escrow:' || p_job_id || ':';
     v_escrow_account bigint;
-    v_fee_account bigint;
     v_buyer_account bigint;
     v_keys text[] := ARRAY[]::text[];
     v_credits bigint[] := ARRAY[]::bigint[];
@@ -323,14 +322,9 @@ BEGIN
     END IF;
     IF e.fee_amount > 0 THEN
         -- The platform's fee account has no overdraft rule, so no balance to update.
-        SELECT a.id INTO v_fee_account FROM ledger_accounts a
-        WHERE a.kind = 'platform_fees' AND a.owner = 'platform' AND a.asset = e.asset;
-        IF NOT FOUND THEN
-            v_fee_account := escrowd_account('platform_fees', 'platform', e.asset, false,
-                p_now);
-        END IF;
         v_keys := v_keys || (v_key || 'fee');
-        v_credits := v_credits || v_fee_account;
+        v_credits := v_credits
+            || escrowd_account('platform_fees', 'platform', e.asset, false, p_now);
         v_amounts := v_amounts || e.fee_amount;
         v_codes := v_codes || 'fee'::text;
     END IF;
