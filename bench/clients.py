@@ -35,8 +35,10 @@ def run_threads(
     client: Callable[[int, Callable[[], bool]], int],
 ) -> int:
     """`count` threads each running `client(slot, running)`, which works while `running()`
-    and returns its operations; the clock starts once every thread and `ready()` are set."""
+    and returns its operations; the clock starts once every thread and `ready()` are set.
+    The first client's exception, if any, is raised once all have stopped."""
     done = [0] * count
+    failures: list[BaseException] = []
     deadline = [0.0]
     started = threading.Barrier(count + 1)
 
@@ -45,7 +47,10 @@ def run_threads(
 
     def body(slot: int) -> None:
         started.wait()
-        done[slot] = client(slot, running)
+        try:
+            done[slot] = client(slot, running)
+        except BaseException as exc:
+            failures.append(exc)
 
     threads = [threading.Thread(target=body, args=(slot,)) for slot in range(count)]
     for thread in threads:
@@ -55,6 +60,9 @@ def run_threads(
     started.wait()
     for thread in threads:
         thread.join()
+    if failures:
+        # A client that stopped early would make the figure quietly wrong.
+        raise failures[0]
     return sum(done)
 
 
@@ -73,7 +81,12 @@ def _process(
         barrier.wait(timeout=300)
         cpu_started[0] = time.process_time()
 
-    done = group(config, first, count, seconds, ready)
+    try:
+        done = group(config, first, count, seconds, ready)
+    except Exception as exc:
+        # The parent re-raises it instead of waiting for a result that never comes.
+        results.put(RuntimeError(f"client process {first // count}: {exc!r}"))
+        raise
     results.put((done, time.process_time() - cpu_started[0]))
 
 
@@ -99,6 +112,9 @@ def spread(
     elapsed = time.monotonic() - started
     for worker in workers:
         worker.join()
+    for outcome in outcomes:
+        if isinstance(outcome, Exception):
+            raise outcome
     done = sum(n for n, _ in outcomes)
     cpu_s = sum(c for _, c in outcomes)
     return done / elapsed, 1e3 * cpu_s / max(done, 1)

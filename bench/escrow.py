@@ -1,8 +1,9 @@
 """Escrow fund + release pairs/s on PostgreSQL, 16 clients, beside pgbench TPC-B.
 
-Usage: python -m bench.escrow [--seconds 15] [--clients 16] [--processes 2] [--record]
+Usage: python -m bench.escrow [--seconds 10] [--rounds 3] [--clients 16] [--processes 2]
+                              [--record]
 
-Three runs against the same PostgreSQL server in one invocation:
+Against the same PostgreSQL server in one invocation:
 1. service layer: each client funds an escrow and releases it, each step one transaction,
    through the in-process interface `escrow.EscrowService` (on PostgreSQL each step is one
    database function call in autocommit), its own buyer and worker; the clients are
@@ -11,8 +12,12 @@ Three runs against the same PostgreSQL server in one invocation:
    real uvicorn server on localhost (httpx clients, one per thread, API key + idempotency);
 3. pgbench builtin tpcb-like with the same client count (scale = clients, so pgbench does
    not serialize on its branch rows).
-Then `ledger.check` over the escrow databases must find zero violations. Target: service
-layer escrow operations/s (fund or release, each one transaction) >= 50 % of pgbench tps.
+The service-layer and pgbench runs alternate, `--rounds` of each (bench.pg.interleaved): on
+a shared host the machine's speed drifts within minutes, and one run of each, minutes
+apart, measured the drift as much as escrowd. Then `ledger.check` over the escrow databases
+must find zero violations. Target: service layer escrow operations/s (fund or release, each
+one transaction) >= 50 % of pgbench tps, taken over all rounds (`bench.pg.pooled_ratio`);
+each round's ratio is printed too.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ import argparse
 import datetime as dt
 import platform
 import socket
+import statistics
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +41,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench.clients import run_threads, spread
-from bench.pg import URL_BASE, admin, pgbench_tps
+from bench.pg import URL_BASE, PgBench, admin, interleaved, median_ratio, pooled_ratio
 from config.settings import Settings
 from daemon.api import create_app
 from daemon.logs import configure_logging
@@ -106,6 +113,8 @@ def _run_clients(
 @dataclass(frozen=True)
 class ServiceConfig:
     url: str
+    # Job ids are unique per run, so that runs can share a database.
+    run: str
 
 
 def _service_pairs(
@@ -121,7 +130,7 @@ def _service_pairs(
         n = first + slot
         i = 0
         while running():
-            job = f"svc-{n}-{i}"
+            job = f"svc-{config.run}-{n}-{i}"
             escrows.fund_escrow(
                 job_id=job,
                 buyer=f"buyer-{n}",
@@ -139,16 +148,19 @@ def _service_pairs(
     return done
 
 
-def bench_service(
+def service_rate(
     engine: Engine, clients: int, seconds: float, processes: int
 ) -> tuple[float, float]:
     """Service-layer escrow transactions/s and client CPU ms per transaction: `clients`
     threads spread over `processes` processes (the daemons are stateless, so more processes
     is how a deployment uses more cores)."""
-    _setup(engine, clients)
     url = engine.url.render_as_string(hide_password=False)
     return spread(
-        _service_pairs, ServiceConfig(url), clients=clients, processes=processes, seconds=seconds
+        _service_pairs,
+        ServiceConfig(url, uuid.uuid4().hex[:8]),
+        clients=clients,
+        processes=processes,
+        seconds=seconds,
     )
 
 
@@ -206,23 +218,29 @@ def bench_http(engine: Engine, clients: int, seconds: float, data_dir: Path) -> 
         thread.join(timeout=10)
 
 
-def _with_database(run: Callable[[Engine], float], clients: int) -> tuple[float, int]:
+@contextmanager
+def _database(clients: int) -> Iterator[Engine]:
     name = f"bench_escrow_{uuid.uuid4().hex[:8]}"
     admin(f'CREATE DATABASE "{name}"')
     engine = make_engine(f"{URL_BASE}/{name}", pool_size=clients + 4)
     try:
-        rate = run(engine)
-        with make_session_factory(engine, read_only=True)() as s:
-            violations = len(ledger.check(s))
-        return rate, violations
+        yield engine
     finally:
         engine.dispose()
         admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def _violations(engine: Engine) -> int:
+    with make_session_factory(engine, read_only=True)() as s:
+        return len(ledger.check(s))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--seconds", type=float, default=10, help="length of each run")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="service-layer and pgbench runs, interleaved"
+    )
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--processes", type=int, default=2, help="service-layer client processes")
     parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
@@ -232,49 +250,64 @@ def main() -> None:
     clients, seconds = args.clients, args.seconds
     data_dir = Path(f"/tmp/escrowd-bench-{uuid.uuid4().hex[:8]}")
 
-    svc_cpu_ms = [0.0]
+    cpu_ms: list[float] = []
+    with _database(clients) as engine, PgBench(clients) as pgbench:
+        _setup(engine, clients)
 
-    def service_run(engine: Engine) -> float:
-        tx_per_s, svc_cpu_ms[0] = bench_service(engine, clients, seconds, args.processes)
-        return tx_per_s / 2
+        def service() -> float:
+            rate, cpu = service_rate(engine, clients, seconds, args.processes)
+            cpu_ms.append(cpu)
+            return rate
 
-    svc_pairs, svc_violations = _with_database(service_run, clients)
-    http_pairs, http_violations = _with_database(
-        lambda e: bench_http(e, clients, seconds, data_dir), clients
-    )
-    baseline_tps = pgbench_tps(clients, int(seconds))
-    ratio = 2 * svc_pairs / baseline_tps
-    print(
-        f"service layer: {svc_pairs:8.1f} fund+release pairs/s ({2 * svc_pairs:.1f} escrow "
-        f"tx/s, client CPU {svc_cpu_ms[0]:.2f} ms per escrow tx)"
-    )
+        rounds = interleaved(args.rounds, service, lambda: pgbench.tps(int(seconds)))
+        svc_violations = _violations(engine)
+    with _database(clients) as engine:
+        http_pairs = bench_http(engine, clients, seconds, data_dir)
+        http_violations = _violations(engine)
+
+    for n, (r, cpu) in enumerate(zip(rounds, cpu_ms, strict=True), start=1):
+        print(
+            f"round {n}: service layer {r.rate:7.1f} escrow tx/s (client CPU {cpu:.2f} ms/tx), "
+            f"pgbench {r.baseline_tps:7.1f} tps, ratio {r.ratio:.2f}"
+        )
+    pooled, median = pooled_ratio(rounds), median_ratio(rounds)
+    svc_tx = statistics.mean(r.rate for r in rounds)
+    print(f"service layer: {svc_tx / 2:8.1f} fund+release pairs/s ({svc_tx:.1f} escrow tx/s)")
     print(
         f"HTTP:          {http_pairs:8.1f} fund+release pairs/s ({2 * http_pairs:.1f} requests/s)"
     )
-    print(f"pgbench tpcb-like, {clients} clients: {baseline_tps:.1f} tps")
-    print(f"service escrow tx/s / pgbench tps = {ratio:.2f} (target >= 0.50)")
+    pgbench_mean = statistics.mean(r.baseline_tps for r in rounds)
+    print(f"pgbench tpcb-like, {clients} clients: {pgbench_mean:.1f} tps")
+    print(
+        f"service escrow tx/s / pgbench tps = {pooled:.2f} over {len(rounds)} rounds "
+        f"(per-round median {median:.2f}; target >= 0.50)"
+    )
     print(f"ledger check violations: service {svc_violations}, HTTP {http_violations}")
     if args.record:
+        when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M")
         lines = [
             "",
             "## Escrow fund + release (bench/escrow.py)",
             "",
-            f"Machine: 2-core python-svc ({platform.machine()}), date {dt.date.today()}, "
-            f"PostgreSQL 15 on the same host, {clients} concurrent clients, {seconds:.0f} s per "
-            "run, one buyer/worker pair per client, fee 250 bps. Each pair = fund (1 "
-            "transaction) + release (1 transaction).",
+            f"Machine: 2-core python-svc ({platform.machine()}), {when} UTC, PostgreSQL 15 "
+            f"on the same host, {clients} concurrent clients, one "
+            "buyer/worker pair per client, fee 250 bps. Each pair = fund (1 transaction) + "
+            f"release (1 transaction). {len(rounds)} service-layer runs of {seconds:.0f} s "
+            f"interleaved with pgbench tpcb-like -c {clients} -s {pgbench.scale} runs (ABBA).",
             "",
-            "| path | pairs/s | escrow transactions/s | ledger violations |",
-            "|---|---:|---:|---:|",
-            f"| service layer (EscrowService, {args.processes} processes, client CPU "
-            f"{svc_cpu_ms[0]:.2f} ms/tx) | {svc_pairs:.1f} | {2 * svc_pairs:.1f} "
-            f"| {svc_violations} |",
-            f"| HTTP (uvicorn, httpx, API key + Idempotency-Key) | {http_pairs:.1f} "
-            f"| {2 * http_pairs:.1f} | {http_violations} |",
-            f"| pgbench tpcb-like -c {clients} -s {max(clients, 10)} "
-            f"| | {baseline_tps:.1f} tps | |",
+            "| round | service escrow tx/s | client CPU ms/tx | pgbench tps | ratio |",
+            "|---|---:|---:|---:|---:|",
+            *(
+                f"| {n} | {r.rate:.1f} | {cpu:.2f} | {r.baseline_tps:.1f} | {r.ratio:.2f} |"
+                for n, (r, cpu) in enumerate(zip(rounds, cpu_ms, strict=True), start=1)
+            ),
             "",
-            f"Service-layer escrow transactions/s / pgbench tps = {ratio:.2f} (target >= 0.50).",
+            f"HTTP (uvicorn, httpx, API key + Idempotency-Key): {http_pairs:.1f} pairs/s "
+            f"({2 * http_pairs:.1f} requests/s). Ledger violations: service {svc_violations}, "
+            f"HTTP {http_violations}.",
+            "",
+            f"Service-layer escrow transactions/s / pgbench tps = {pooled:.2f} over all rounds "
+            f"(per-round median {median:.2f}; target >= 0.50).",
         ]
         with RESULTS.open("a", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")
