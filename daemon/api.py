@@ -57,6 +57,7 @@ from daemon.api_schemas import (
     WithdrawalOut,
 )
 from escrow import audit, service, webhooks
+from escrow.agent_cache import AgentCache
 from escrow.errors import AgentNotFound
 from escrow.money import format_amount, parse_amount
 from escrow.payouts import PlatformAddresses, chain_family, minimum_payout
@@ -114,15 +115,17 @@ def _agent_out(agent: Agent) -> AgentOut:
     return AgentOut(id=agent.external_id, name=agent.name, created_at=agent.created_at)
 
 
-def _escrow_out(session: Session, escrow: Escrow) -> EscrowOut:
+def _escrow_out(session: Session, escrow: Escrow, agents: AgentCache) -> EscrowOut:
     decimals = service.asset_decimals(session, escrow.asset)
     worker_amount, worker_units = _units(escrow.worker_amount, decimals)
     fee_amount, fee_units = _units(escrow.fee_amount, decimals)
     refund_amount, refund_units = _units(escrow.refund_amount, decimals)
     parties = [escrow.buyer_agent_id, escrow.worker_agent_id]
-    names = dict(
-        session.execute(select(Agent.id, Agent.external_id).where(Agent.id.in_(parties))).all()
-    )
+    names = {agent_id: agents.external_id(agent_id) for agent_id in parties}
+    if None in names.values():
+        names = dict(
+            session.execute(select(Agent.id, Agent.external_id).where(Agent.id.in_(parties))).all()
+        )
     return EscrowOut(
         job_id=escrow.job_id,
         status=escrow.status,
@@ -329,7 +332,8 @@ def _escrow_routes(router: APIRouter) -> None:
         request: Request, body: EscrowCreate, principal: WriteKey, key: IdempotencyKeyHeader
     ) -> Response:
         """Fund an escrow for a job: the buyer's available balance moves into it."""
-        settings = state_of(request).settings
+        state = state_of(request)
+        settings = state.settings
         if body.expires_at is not None and body.expires_at.tzinfo is None:
             raise ValidationFailed("expires_at needs a timezone, e.g. 2026-12-01T00:00:00Z")
 
@@ -338,22 +342,23 @@ def _escrow_routes(router: APIRouter) -> None:
             escrow = service.fund_escrow(
                 s,
                 job_id=body.job_id,
-                buyer=service.get_agent(s, body.buyer),
-                worker=service.get_agent(s, body.worker),
+                buyer=state.agent(body.buyer),
+                worker=state.agent(body.worker),
                 asset=body.asset,
                 amount=parse_amount(body.amount, decimals),
                 fee_bps=(settings.escrow.default_fee_bps if body.fee_bps is None else body.fee_bps),
                 expires_at=body.expires_at,
                 actor=f"apikey:{principal.prefix}",
             )
-            return 201, _escrow_out(s, escrow).model_dump(mode="json")
+            return 201, _escrow_out(s, escrow, state.agents).model_dump(mode="json")
 
         return mutate(request, principal, key, body, work)
 
     @router.get("/escrows/{job_id}", response_model=EscrowOut, tags=["escrows"])
     def get_escrow(request: Request, job_id: JobIdPath, _: ReadKey) -> EscrowOut:
-        result: EscrowOut = state_of(request).read(
-            lambda s: _escrow_out(s, service.get_escrow(s, job_id))
+        state = state_of(request)
+        result: EscrowOut = state.read(
+            lambda s: _escrow_out(s, service.get_escrow(s, job_id), state.agents)
         )
         return result
 
@@ -363,9 +368,11 @@ def _escrow_routes(router: APIRouter) -> None:
     ) -> Response:
         """Pay the worker amount - fee (fee = floor(amount * fee_bps / 10000))."""
 
+        agents = state_of(request).agents
+
         def work(s: Session) -> Outcome:
             escrow = service.release_escrow(s, job_id, actor=f"apikey:{principal.prefix}")
-            return 200, _escrow_out(s, escrow).model_dump(mode="json")
+            return 200, _escrow_out(s, escrow, agents).model_dump(mode="json")
 
         return mutate(request, principal, key, None, work)
 
@@ -375,9 +382,11 @@ def _escrow_routes(router: APIRouter) -> None:
     ) -> Response:
         """Return the whole amount to the buyer."""
 
+        agents = state_of(request).agents
+
         def work(s: Session) -> Outcome:
             escrow = service.refund_escrow(s, job_id, actor=f"apikey:{principal.prefix}")
-            return 200, _escrow_out(s, escrow).model_dump(mode="json")
+            return 200, _escrow_out(s, escrow, agents).model_dump(mode="json")
 
         return mutate(request, principal, key, None, work)
 
@@ -390,12 +399,13 @@ def _escrow_routes(router: APIRouter) -> None:
         key: IdempotencyKeyHeader,
     ) -> Response:
         """Split a disputed escrow between worker and buyer."""
+        agents = state_of(request).agents
 
         def work(s: Session) -> Outcome:
             escrow = service.get_escrow(s, job_id)
             share = _parse_share(body.worker_amount, service.asset_decimals(s, escrow.asset))
             escrow = service.resolve_escrow(s, job_id, share, actor=f"apikey:{principal.prefix}")
-            return 200, _escrow_out(s, escrow).model_dump(mode="json")
+            return 200, _escrow_out(s, escrow, agents).model_dump(mode="json")
 
         return mutate(request, principal, key, body, work)
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import structlog
 from sqlalchemy import select
@@ -66,9 +67,43 @@ def create_key(session: Session, *, name: str, scope: ApiScope) -> tuple[ApiKey,
     return row, f"{KEY_TAG}_{prefix}_{secret}"
 
 
+class KeyRow(NamedTuple):
+    """What authentication reads of a key."""
+
+    id: int
+    prefix: str
+    key_hash: str
+    scope: str
+    revoked: bool
+
+
+# The same lookup as `authenticate`, for a connection of statement_rows (PostgreSQL).
+PG_KEY_LOOKUP = (
+    "SELECT id, prefix, key_hash, scope, revoked_at IS NOT NULL FROM api_keys WHERE prefix = %s"
+)
+
+
 def authenticate(session: Session, presented: str | None) -> Principal:
     """The principal of a presented key; Unauthorized when missing, malformed, unknown or
     revoked (one message for all, so a caller cannot probe which prefixes exist)."""
+
+    def lookup(prefix: str) -> KeyRow | None:
+        row = session.execute(
+            select(
+                ApiKey.id,
+                ApiKey.prefix,
+                ApiKey.key_hash,
+                ApiKey.scope,
+                ApiKey.revoked_at.is_not(None),
+            ).where(ApiKey.prefix == prefix)
+        ).one_or_none()
+        return None if row is None else KeyRow(*row)
+
+    return verify(presented, lookup)
+
+
+def verify(presented: str | None, lookup: Callable[[str], KeyRow | None]) -> Principal:
+    """`authenticate` with the key row read by `lookup(prefix)`."""
     invalid = Unauthorized(
         "missing or invalid API key: send 'Authorization: Bearer esk_...' with an active key"
     )
@@ -78,11 +113,11 @@ def authenticate(session: Session, presented: str | None) -> Principal:
     prefix, _, secret = rest.partition("_")
     if tag != KEY_TAG or len(prefix) != PREFIX_HEX_CHARS or not secret:
         raise invalid
-    row = session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).one_or_none()
+    row = lookup(prefix)
     # Hash even when no row matched, so timing does not reveal which prefixes exist.
     candidate = _hash(secret)
     stored = row.key_hash if row is not None else "0" * 64
-    if not hmac.compare_digest(candidate, stored) or row is None or row.revoked_at is not None:
+    if not hmac.compare_digest(candidate, stored) or row is None or row.revoked:
         raise invalid
     return Principal(key_id=row.id, prefix=row.prefix, scope=ApiScope(row.scope))
 

@@ -18,13 +18,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.errors import Unavailable
 from config.settings import Settings
 from escrow import service
+from escrow.agent_cache import AgentCache
 from escrow.payouts import PlatformAddresses, chain_family, minimum_payout
 from escrow.uow import in_transaction
 from models import Agent, Escrow, Payout
 from models.db import make_engine, make_session_factory
 
 T = TypeVar("T")
-AGENT_CACHE_SIZE = 10_000
 
 
 class EscrowService:
@@ -46,9 +46,7 @@ class EscrowService:
         self._sessions: sessionmaker[Session] = make_session_factory(engine)
         self._readers: sessionmaker[Session] = make_session_factory(engine, read_only=True)
         self._one_call = engine.dialect.name == "postgresql"
-        # Agents are never changed or removed once registered, so one looked up by its
-        # external id stays valid; bounded so a long-lived process does not grow.
-        self._agents: dict[str, Agent] = {}
+        self._agents = AgentCache()
 
     @classmethod
     def from_url(
@@ -77,13 +75,7 @@ class EscrowService:
         return self._read(lambda s: service.get_agent(s, external_id))
 
     def _known_agent(self, external_id: str) -> Agent:
-        agent = self._agents.get(external_id)
-        if agent is None:
-            agent = self.get_agent(external_id)
-            if len(self._agents) >= AGENT_CACHE_SIZE:
-                self._agents.clear()
-            self._agents[external_id] = agent
-        return agent
+        return self._agents.get(external_id, self.get_agent)
 
     def balances(self, external_id: str) -> list[service.AssetBalance]:
         return self._read(lambda s: service.balances(s, service.get_agent(s, external_id)))

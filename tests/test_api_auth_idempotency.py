@@ -34,8 +34,15 @@ def test_missing_bad_revoked_and_wrong_scope_keys(
     read, write = make_key(sessions, ApiScope.READ), make_key(sessions, ApiScope.WRITE)
     seed_agents(sessions, "alice")
     forged = read[: read.rindex("_") + 1] + "A" * 43
+    unknown = "esk_000000000000_" + read[read.rindex("_") + 1 :]
 
-    for headers in ({}, {"Authorization": "Bearer nope"}, _headers(forged), _headers("esk_x_y")):
+    for headers in (
+        {},
+        {"Authorization": "Bearer nope"},
+        _headers(forged),
+        _headers(unknown),
+        _headers("esk_x_y"),
+    ):
         response = client.get("/v1/agents/alice", headers=headers)
         assert response.status_code == 401
         assert response.json()["error"]["type"] == "unauthorized"

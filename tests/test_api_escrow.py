@@ -190,6 +190,34 @@ def test_bad_escrow_requests_get_typed_errors_and_change_nothing(
     assert api.balance("alice") == ("1", "0")
 
 
+def test_agents_named_in_escrows_are_looked_up_once_and_unknown_ones_are_not_remembered(
+    api: Api, sessions: sessionmaker[Session]
+) -> None:
+    api.post("/agents", {"id": "bob", "name": "Bob"})
+    with sessions() as s, s.begin():
+        seed_asset(s)
+    request = {"job_id": "j", "buyer": "dave", "worker": "bob", "asset": "USDC", "amount": "1"}
+    assert api.post("/escrows", request).status_code == 404
+    # Registered after the 404: the API must not have remembered "dave" as unknown.
+    api.post("/agents", {"id": "dave", "name": "Dave"})
+    _deposit(sessions, "dave", 2_000_000)
+    funded = api.post("/escrows", request).json()
+    assert (funded["buyer"], funded["worker"]) == ("dave", "bob")
+    # A new display name shows at once, although the agent was looked up for the escrow.
+    api.post("/agents", {"id": "dave", "name": "Dave Two"})
+    assert api.get("/agents/dave").json()["name"] == "Dave Two"
+    released = api.post("/escrows/j/release").json()
+    assert (released["status"], released["buyer"], released["worker"]) == (
+        "released",
+        "dave",
+        "bob",
+    )
+    assert api.post("/escrows", {**request, "job_id": "k"}).json()["buyer"] == "dave"
+    assert api.balance("dave") == ("0", "1")
+    assert api.balance("bob") == ("0.975", "0")
+    assert ledger_clean(sessions)
+
+
 def test_deposits_list_filters_and_paginates(api: Api, sessions: sessionmaker[Session]) -> None:
     for agent in ("alice", "bob"):
         api.post("/agents", {"id": agent})
