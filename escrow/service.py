@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import structlog
-from sqlalchemy import Engine, and_, func, or_, select
+from sqlalchemy import Engine, and_, func, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, make_transient_to_detached
@@ -51,13 +51,14 @@ from models import (
     utcnow,
 )
 from models.db import make_session_factory, prepared_rows, statement_rows
+from models.escrow import DUE_ESCROW_SQL, OPEN_ESCROW_SQL, OPEN_ESCROW_STATES
 
 log = structlog.get_logger(__name__)
 
 BPS_DENOMINATOR = 10_000
 MAX_EXTERNAL_ID_LENGTH = 128
 MAX_PAGE_SIZE = 1_000
-OPEN_STATES = (EscrowStatus.FUNDED, EscrowStatus.EXPIRED)
+OPEN_STATES = OPEN_ESCROW_STATES
 
 
 # --- agents -------------------------------------------------------------------------------
@@ -158,7 +159,7 @@ def balances(session: Session, agent: Agent) -> list[AssetBalance]:
         asset: int(total)
         for asset, total in session.execute(
             select(Escrow.asset, func.sum(Escrow.amount))
-            .where(Escrow.buyer_agent_id == agent.id, Escrow.status.in_(OPEN_STATES))
+            .where(Escrow.buyer_agent_id == agent.id, text(OPEN_ESCROW_SQL))
             .group_by(Escrow.asset)
         )
     }
@@ -719,11 +720,7 @@ def expire_due_escrows(session: Session, now: datetime, *, limit: int = 100) -> 
     assert limit >= 1
     due = session.scalars(
         select(Escrow)
-        .where(
-            Escrow.status == EscrowStatus.FUNDED.value,
-            Escrow.expires_at.is_not(None),
-            Escrow.expires_at <= now,
-        )
+        .where(text(DUE_ESCROW_SQL), Escrow.expires_at <= now)
         .order_by(Escrow.expires_at, Escrow.id)
         .limit(limit)
         .with_for_update(skip_locked=True)

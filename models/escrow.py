@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import CheckConstraint, ForeignKey, Index, Integer, LargeBinary, String
+from sqlalchemy import CheckConstraint, ForeignKey, Index, Integer, LargeBinary, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, BigIntPK, EscrowStatus, PayoutReason, PayoutStatus, check_in, utcnow
+
+OPEN_ESCROW_STATES = (EscrowStatus.FUNDED, EscrowStatus.EXPIRED)
+# The partial indexes' conditions; a query meant to use one states them as this SQL (a
+# bound parameter cannot prove an index condition).
+OPEN_ESCROW_SQL = f"status IN ('{EscrowStatus.FUNDED}', '{EscrowStatus.EXPIRED}')"
+DUE_ESCROW_SQL = f"status = '{EscrowStatus.FUNDED}' AND expires_at IS NOT NULL"
 
 
 class Escrow(Base):
@@ -17,7 +23,21 @@ class Escrow(Base):
         CheckConstraint("fee_bps >= 0 AND fee_bps <= 10000", name="fee_bps_range"),
         CheckConstraint(check_in("status", EscrowStatus), name="status_valid"),
         CheckConstraint("buyer_agent_id <> worker_agent_id", name="distinct_parties"),
-        Index("ix_escrows_status_expires_at", "status", "expires_at"),
+        # Open escrows only (migration 0005): balances by buyer, the expiry job by due time.
+        Index(
+            "ix_escrows_open_by_buyer",
+            "buyer_agent_id",
+            "asset",
+            postgresql_where=text(OPEN_ESCROW_SQL),
+            sqlite_where=text(OPEN_ESCROW_SQL),
+        ),
+        Index(
+            "ix_escrows_due",
+            "expires_at",
+            "id",
+            postgresql_where=text(DUE_ESCROW_SQL),
+            sqlite_where=text(DUE_ESCROW_SQL),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
