@@ -9,7 +9,8 @@ Against the same PostgreSQL server in one invocation:
    database function call in autocommit), its own buyer and worker; the clients are
    threads spread over `--processes` processes;
 2. HTTP: the same pairs as POST /v1/escrows and POST /v1/escrows/{job}/release through a
-   real uvicorn server on localhost (httpx clients, one per thread, API key + idempotency);
+   real uvicorn server on localhost in a process of its own, as the daemon runs beside a
+   marketplace backend (httpx clients, one per thread, API key + idempotency);
 3. pgbench builtin tpcb-like with the same client count (scale = clients, so pgbench does
    not serialize on its branch rows).
 The service-layer and pgbench runs alternate, `--rounds` of each (bench.pg.interleaved): on
@@ -24,10 +25,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import multiprocessing
 import platform
 import socket
 import statistics
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -80,34 +81,6 @@ def _setup(engine: Engine, clients: int) -> sessionmaker[Session]:
                 actor="bench",
             )
     return sessions
-
-
-def _run_clients(
-    clients: int, seconds: float, make: Callable[[int], Callable[[int], None]]
-) -> float:
-    """Run `clients` threads for `seconds`; each calls its pair function repeatedly.
-    Returns completed pairs per second."""
-    done = [0] * clients
-    deadline = time.monotonic() + seconds
-    barrier = threading.Barrier(clients + 1)
-
-    def client(n: int) -> None:
-        pair = make(n)
-        barrier.wait()
-        i = 0
-        while time.monotonic() < deadline:
-            pair(i)
-            i += 1
-        done[n] = i
-
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    started = time.monotonic()
-    for thread in threads:
-        thread.join()
-    return sum(done) / (time.monotonic() - started)
 
 
 @dataclass(frozen=True)
@@ -171,26 +144,44 @@ def _free_port() -> int:
         return port
 
 
+def _serve(url: str, port: int, data_dir: Path) -> None:
+    """The API in a process of its own, as escrowd runs it beside the marketplace backend."""
+    configure_logging(level="warning")
+    app = create_app(Settings(data_dir=data_dir), make_engine(url, pool_size=20))
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def _wait_until_serving(port: int, server: multiprocessing.process.BaseProcess) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=5).raise_for_status()
+            return
+        except httpx.TransportError:
+            if not server.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the API server did not start") from None
+            time.sleep(0.1)
+
+
 def bench_http(engine: Engine, clients: int, seconds: float, data_dir: Path) -> float:
+    """Fund + release pairs/s over HTTP: the API server in its own process, `clients`
+    threads of this one posting to it."""
     sessions = _setup(engine, clients)
     with sessions() as s, s.begin():
         _, key = apikeys.create_key(s, name="bench", scope=ApiScope.WRITE)
-    app = create_app(Settings(data_dir=data_dir), engine)
     port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    url = engine.url.render_as_string(hide_password=False)
+    server = multiprocessing.get_context("spawn").Process(
+        target=_serve, args=(url, port, data_dir), daemon=True
     )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    server.start()
     base = f"http://127.0.0.1:{port}/v1"
     auth = {"Authorization": f"Bearer {key}"}
 
-    def make(n: int) -> Callable[[int], None]:
+    def client(n: int, running: Callable[[], bool]) -> int:
         http = httpx.Client(timeout=30)
-
-        def pair(i: int) -> None:
+        i = 0
+        while running():
             job = f"http-{n}-{i}"
             body = {
                 "job_id": job,
@@ -208,14 +199,21 @@ def bench_http(engine: Engine, clients: int, seconds: float, data_dir: Path) -> 
                 f"{base}/escrows/{job}/release", headers={**auth, "Idempotency-Key": f"r-{job}"}
             )
             assert released.status_code == 200, released.text
+            i += 1
+        return i
 
-        return pair
+    started = [0.0]
+
+    def ready() -> None:
+        _wait_until_serving(port, server)
+        started[0] = time.monotonic()
 
     try:
-        return _run_clients(clients, seconds, make)
+        pairs = run_threads(clients, seconds, ready, client)
+        return pairs / (time.monotonic() - started[0])
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        server.terminate()
+        server.join(timeout=10)
 
 
 @contextmanager
