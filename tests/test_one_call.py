@@ -285,6 +285,25 @@ def test_sessions_never_get_a_statement_connection(pg_engine: Engine) -> None:
 
 
 @pytest.mark.postgres
+def test_statement_rows_values_keep_their_types_both_ways(pg_engine: Engine) -> None:
+    when = datetime(2026, 11, 24, 3, 30, 0, 123456, tzinfo=UTC)
+    row = statement_rows(
+        pg_engine,
+        "SELECT %s::text IS NULL, %s::bigint + 1, %s::timestamptz, %s::text[], %s::text, %s::jsonb",
+        (None, 2**62, when, ["funded", 'a "b", c', None], "é'\\ü", '{"k": [1, "x"]}'),
+    )
+    assert row == [(True, 2**62 + 1, when, ["funded", 'a "b", c', None], "é'\\ü", {"k": [1, "x"]})]
+    assert row[0][2].utcoffset() == timedelta(0)
+
+
+@pytest.mark.postgres
+def test_statement_rows_refuses_a_percent_sign_it_would_misread(pg_engine: Engine) -> None:
+    with pytest.raises(ValueError, match="placeholders"):
+        statement_rows(pg_engine, "SELECT 'a%' || %s::text", ("b",))
+    assert statement_rows(pg_engine, "SELECT 'a' || %s::text", ("b",)) == [("ab",)]
+
+
+@pytest.mark.postgres
 def test_statement_rows_error_then_next_statement_works(pg_engine: Engine) -> None:
     with pytest.raises(DBAPIError) as caught:
         statement_rows(pg_engine, "SELECT 1/0", ())
