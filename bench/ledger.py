@@ -1,13 +1,15 @@
 """Two-leg ledger transfers/s on PostgreSQL at 1 and 16 clients, beside pgbench TPC-B.
 
-Usage: python -m bench.ledger [--seconds 20] [--accounts 1000] [--processes 2] [--record]
+Usage: python -m bench.ledger [--seconds 10] [--rounds 3] [--accounts 1000] [--processes 2]
+                              [--record]
 
 Each escrowd operation is one transaction posting two linked transfers (a payment and its
 fee: buyer -> seller, buyer -> platform fees) with their audit rows, through
 `escrow.ledger.post_alone` (a posting that is a transaction of its own). pgbench runs its
 builtin tpcb-like script with the same client count against the same server in the same
-run. Target: escrowd at 16 clients >= 50 % of pgbench's tps. On PostgreSQL each posting is
-one autocommit call of the escrowd_post function, so the Python client's CPU per posting
+run, alternating with escrowd's runs (`--rounds` of each, bench.pg.interleaved). Target:
+escrowd at 16 clients >= 50 % of pgbench's tps over the rounds. On PostgreSQL each posting
+is one autocommit call of the escrowd_post function, so the Python client's CPU per posting
 (process time, all threads) is printed too: client and server share the machine's cores.
 The clients are threads spread over `--processes` processes (bench/clients.py), the way a
 deployment runs several processes.
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.clients import run_threads, spread
-from bench.pg import URL_BASE, admin, pgbench_tps
+from bench.pg import URL_BASE, PgBench, Round, admin, interleaved, median_ratio, pooled_ratio
 from escrow import ledger
 from escrow.accounts import platform_fees
 from escrow.errors import InsufficientFunds
@@ -42,6 +44,8 @@ class Config:
     url: str
     account_ids: list[int]
     fees_id: int
+    # Idempotency keys are unique per run, so that runs can share a database.
+    run: str
 
 
 def _clients(
@@ -57,7 +61,7 @@ def _clients(
         while running():
             src, dst = rng.sample(config.account_ids, 2)
             amount = rng.randint(1_000, 1_000_000)
-            key = f"{n}-{i}"
+            key = f"{config.run}-{n}-{i}"
             specs = [
                 ledger.TransferSpec(
                     f"p-{key}", src, dst, amount, TransferCode.ESCROW_RELEASE, "bench", key
@@ -78,8 +82,10 @@ def _clients(
 
 
 def run_escrowd(
-    clients: int, processes: int, seconds: float, accounts_n: int
-) -> tuple[float, float, int]:
+    clients: int, processes: int, seconds: float, accounts_n: int, rounds: int
+) -> tuple[list[Round], list[float], int]:
+    """`rounds` escrowd runs interleaved with pgbench runs; each round's postings/s and
+    pgbench tps, the client CPU ms per posting of each run, and the ledger violations."""
     name = f"bench_ledger_{uuid.uuid4().hex[:8]}"
     admin(f'CREATE DATABASE "{name}"')
     url = f"{URL_BASE}/{name}"
@@ -106,16 +112,24 @@ def run_escrowd(
                 )
             fees_id = platform_fees(session, "USDC").id
             session.commit()
-        rate, cpu_ms = spread(
-            _clients,
-            Config(url, ids, fees_id),
-            clients=clients,
-            processes=min(processes, clients),
-            seconds=seconds,
-        )
+        cpu_ms: list[float] = []
+
+        def escrowd() -> float:
+            rate, cpu = spread(
+                _clients,
+                Config(url, ids, fees_id, uuid.uuid4().hex[:8]),
+                clients=clients,
+                processes=min(processes, clients),
+                seconds=seconds,
+            )
+            cpu_ms.append(cpu)
+            return rate
+
+        with PgBench(clients) as pgbench:
+            results = interleaved(rounds, escrowd, lambda: pgbench.tps(int(seconds)))
         with sessions() as session:
             violations = ledger.check(session)
-        return rate, cpu_ms, len(violations)
+        return results, cpu_ms, len(violations)
     finally:
         engine.dispose()
         admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -123,43 +137,57 @@ def run_escrowd(
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--seconds", type=float, default=10, help="length of each run")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="escrowd and pgbench runs, interleaved"
+    )
     parser.add_argument("--accounts", type=int, default=1000)
     parser.add_argument(
         "--processes", type=int, default=2, help="client processes (threads split over them)"
     )
     parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
     args = parser.parse_args()
-    rows = []
+    runs: list[tuple[int, list[Round], list[float], int]] = []
     for clients in (1, 16):
-        escrowd_tps, cpu_ms, violations = run_escrowd(
-            clients, args.processes, args.seconds, args.accounts
+        rounds, cpu_ms, violations = run_escrowd(
+            clients, args.processes, args.seconds, args.accounts, args.rounds
         )
-        baseline_tps = pgbench_tps(clients, int(args.seconds))
-        ratio = escrowd_tps / baseline_tps
-        rows.append((clients, escrowd_tps, cpu_ms, baseline_tps, ratio, violations))
+        runs.append((clients, rounds, cpu_ms, violations))
+        for n, (r, cpu) in enumerate(zip(rounds, cpu_ms, strict=True), start=1):
+            print(
+                f"clients={clients:2d} round {n}: escrowd two-leg transfers/s={r.rate:8.1f}  "
+                f"client CPU ms/posting={cpu:5.2f}  pgbench tpcb-like tps={r.baseline_tps:8.1f}"
+                f"  ratio={r.ratio:5.2f}"
+            )
         print(
-            f"clients={clients:2d}  escrowd two-leg transfers/s={escrowd_tps:8.1f}  "
-            f"client CPU ms/posting={cpu_ms:5.2f}  "
-            f"pgbench tpcb-like tps={baseline_tps:8.1f}  ratio={ratio:5.2f}  "
-            f"ledger violations={violations}"
+            f"clients={clients:2d}: ratio {pooled_ratio(rounds):.2f} over {len(rounds)} rounds "
+            f"(per-round median {median_ratio(rounds):.2f}), ledger violations={violations}"
         )
     if args.record:
         lines = [
             "",
-            f"## bench/ledger.py — {dt.date.today().isoformat()}",
+            f"## bench/ledger.py — {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
             f"Machine: {platform.node()}, {platform.processor() or platform.machine()}, "
             "2 cores, PostgreSQL 15 on the same host. "
-            f"{args.seconds:.0f} s per run, {args.accounts} accounts, clients spread over "
-            f"up to {args.processes} processes.",
+            f"{args.rounds} escrowd runs of {args.seconds:.0f} s interleaved with pgbench "
+            f"runs (ABBA), {args.accounts} accounts, clients spread over up to "
+            f"{args.processes} processes.",
             "",
-            "| clients | escrowd two-leg postings/s | client CPU ms/posting "
-            "| pgbench tpcb-like tps | ratio | violations |",
+            "| clients | round | escrowd two-leg postings/s | client CPU ms/posting "
+            "| pgbench tpcb-like tps | ratio |",
             "|---|---|---|---|---|---|",
         ]
+        for clients, rounds, cpu_ms, _ in runs:
+            lines += [
+                f"| {clients} | {n} | {r.rate:.1f} | {cpu:.2f} | {r.baseline_tps:.1f} "
+                f"| {r.ratio:.2f} |"
+                for n, (r, cpu) in enumerate(zip(rounds, cpu_ms, strict=True), start=1)
+            ]
+        lines.append("")
         lines += [
-            f"| {c} | {e:.1f} | {cpu:.2f} | {p:.1f} | {r:.2f} | {v} |"
-            for c, e, cpu, p, r, v in rows
+            f"{clients} clients: ratio {pooled_ratio(rounds):.2f} over the rounds, ledger "
+            f"violations {violations}."
+            for clients, rounds, _, violations in runs
         ]
         with RESULTS.open("a", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")

@@ -74,12 +74,6 @@ class PgBench:
         return float(match.group(1))
 
 
-def pgbench_tps(clients: int, seconds: int) -> float:
-    """One pgbench run on a database of its own."""
-    with PgBench(clients) as pgbench:
-        return pgbench.tps(seconds)
-
-
 @dataclass(frozen=True)
 class Round:
     """One measured run and the pgbench run beside it."""
