@@ -155,10 +155,9 @@ def _numbered(sql: str) -> bytes:
     return ("".join(numbered) + parts[-1]).encode()
 
 
-def _checked(result: PGresult | None, connection: psycopg.Connection[Any]) -> PGresult:
-    if result is None or result.status not in (ExecStatus.TUPLES_OK, ExecStatus.COMMAND_OK):
-        if result is None:
-            raise psycopg.OperationalError("the connection to the server is lost")
+def _checked(result: PGresult, connection: psycopg.Connection[Any]) -> PGresult:
+    """The result, or its error raised as psycopg's exception for its SQLSTATE."""
+    if result.status not in (ExecStatus.TUPLES_OK, ExecStatus.COMMAND_OK):
         raise psycopg.errors.error_from_result(result, encoding=connection.info.encoding)
     return result
 
