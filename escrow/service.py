@@ -58,7 +58,6 @@ log = structlog.get_logger(__name__)
 BPS_DENOMINATOR = 10_000
 MAX_EXTERNAL_ID_LENGTH = 128
 MAX_PAGE_SIZE = 1_000
-OPEN_STATES = OPEN_ESCROW_STATES
 
 
 # --- agents -------------------------------------------------------------------------------
@@ -532,7 +531,7 @@ class Settlement(NamedTuple):
 
 
 RELEASE = Settlement(EscrowStatus.RELEASED, (EscrowStatus.FUNDED,), "released")
-REFUND = Settlement(EscrowStatus.REFUNDED, OPEN_STATES, "refunded")
+REFUND = Settlement(EscrowStatus.REFUNDED, OPEN_ESCROW_STATES, "refunded")
 RESOLVE = Settlement(EscrowStatus.RESOLVED, (EscrowStatus.FUNDED,), "resolved")
 
 
@@ -618,7 +617,7 @@ def _settle(
 ) -> Escrow:
     """Pay `worker_gross` minus its fee to the worker, the fee to the platform and the
     rest back to the buyer; zero-amount legs are skipped."""
-    assert escrow.status in OPEN_STATES
+    assert escrow.status in OPEN_ESCROW_STATES
     assert 0 <= worker_gross <= escrow.amount
     fee = fee_for(worker_gross, escrow.fee_bps)
     worker_net = worker_gross - fee

@@ -12,7 +12,7 @@ from models.base import Base, BigIntPK, EscrowStatus, PayoutReason, PayoutStatus
 OPEN_ESCROW_STATES = (EscrowStatus.FUNDED, EscrowStatus.EXPIRED)
 # The partial indexes' conditions; a query meant to use one states them as this SQL (a
 # bound parameter cannot prove an index condition).
-OPEN_ESCROW_SQL = f"status IN ('{EscrowStatus.FUNDED}', '{EscrowStatus.EXPIRED}')"
+OPEN_ESCROW_SQL = "status IN ({})".format(", ".join(f"'{s}'" for s in OPEN_ESCROW_STATES))
 DUE_ESCROW_SQL = f"status = '{EscrowStatus.FUNDED}' AND expires_at IS NOT NULL"
 
 
