@@ -18,8 +18,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from wallets.hd import EVM_ACCOUNT_PATH, EvmXpubDeriver, ExtendedPrivateKey, SolanaSeedDeriver
-from wallets.mnemonic import generate_mnemonic, mnemonic_to_seed
+from escrowd.wallets.hd import (
+    EVM_ACCOUNT_PATH,
+    EvmXpubDeriver,
+    ExtendedPrivateKey,
+    SolanaSeedDeriver,
+)
+from escrowd.wallets.mnemonic import generate_mnemonic, mnemonic_to_seed
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 

@@ -43,15 +43,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bench.clients import run_threads, spread
 from bench.pg import URL_BASE, PgBench, admin, interleaved, median_ratio, pooled_ratio
-from config.settings import Settings
-from daemon.api import create_app
-from daemon.logs import configure_logging
-from escrow import accounts, apikeys, ledger, service
-from escrow.interface import EscrowService
-from migrations.runner import upgrade_to_head
-from models import ApiScope, TransferCode
-from models.db import make_engine, make_session_factory
-from models.registry import ensure_asset
+from escrowd.config.settings import Settings
+from escrowd.daemon.api import create_app
+from escrowd.daemon.logs import configure_logging
+from escrowd.escrow import accounts, apikeys, ledger, service
+from escrowd.escrow.interface import EscrowService
+from escrowd.migrations.runner import upgrade_to_head
+from escrowd.models import ApiScope, TransferCode
+from escrowd.models.db import make_engine, make_session_factory
+from escrowd.models.registry import ensure_asset
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 AMOUNT = 1_000_000

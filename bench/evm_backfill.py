@@ -24,15 +24,15 @@ import requests
 from eth_account import Account
 from sqlalchemy import func, select, text
 
-from config.settings import EvmChainSettings
-from devnet.anvil import AnvilProcess
-from devnet.evm import TestUSDC, deploy_test_usdc, dev_accounts, web3_for_url
-from escrow.deposits import LedgerDepositSink
-from indexer.evm_poller import EvmPoller
-from indexer.evm_source import JsonRpcEvmSource
-from migrations.runner import upgrade_to_head
-from models import Agent, Chain, Deposit, DepositAddress
-from models.db import make_engine, make_session_factory
+from escrowd.config.settings import EvmChainSettings
+from escrowd.devnet.anvil import AnvilProcess
+from escrowd.devnet.evm import TestUSDC, deploy_test_usdc, dev_accounts, web3_for_url
+from escrowd.escrow.deposits import LedgerDepositSink
+from escrowd.indexer.evm_poller import EvmPoller
+from escrowd.indexer.evm_source import JsonRpcEvmSource
+from escrowd.migrations.runner import upgrade_to_head
+from escrowd.models import Agent, Chain, Deposit, DepositAddress
+from escrowd.models.db import make_engine, make_session_factory
 
 PG_ADMIN_DSN = os.environ.get(
     "ESCROWD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"

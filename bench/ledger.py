@@ -29,12 +29,12 @@ from pathlib import Path
 
 from bench.clients import run_threads, spread
 from bench.pg import URL_BASE, PgBench, Round, admin, interleaved, median_ratio, pooled_ratio
-from escrow import ledger
-from escrow.accounts import platform_fees
-from escrow.errors import InsufficientFunds
-from migrations.runner import upgrade_to_head
-from models import AccountKind, TransferCode
-from models.db import make_engine, make_session_factory
+from escrowd.escrow import ledger
+from escrowd.escrow.accounts import platform_fees
+from escrowd.escrow.errors import InsufficientFunds
+from escrowd.migrations.runner import upgrade_to_head
+from escrowd.models import AccountKind, TransferCode
+from escrowd.models.db import make_engine, make_session_factory
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 

@@ -30,22 +30,27 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from web3.types import Wei
 
-from devnet.anvil import AnvilProcess
-from devnet.evm import deploy_test_usdc, dev_accounts, web3_for_url
-from devnet.solana_rpc import SolanaSimulator
-from escrow import accounts, ledger, reconcile
-from escrow.payout_worker import EvmPayoutChain, PayoutWorker, SolanaPayoutChain, WorkerOptions
-from escrow.payouts import PlatformAddresses, request_payout
-from indexer.evm_sender import EvmSender
-from indexer.evm_source import JsonRpcEvmSource
-from indexer.solana_sender import SolanaSender
-from indexer.solana_source import SolanaRpcSource
-from migrations.runner import upgrade_to_head
-from models import Payout, PayoutReason, TransferCode
-from models.db import make_engine, make_session_factory
-from models.registry import ensure_asset
-from wallets.keystore import create_keystore
-from wallets.secrets import Secret
+from escrowd.devnet.anvil import AnvilProcess
+from escrowd.devnet.evm import deploy_test_usdc, dev_accounts, web3_for_url
+from escrowd.devnet.solana_rpc import SolanaSimulator
+from escrowd.escrow import accounts, ledger, reconcile
+from escrowd.escrow.payout_worker import (
+    EvmPayoutChain,
+    PayoutWorker,
+    SolanaPayoutChain,
+    WorkerOptions,
+)
+from escrowd.escrow.payouts import PlatformAddresses, request_payout
+from escrowd.indexer.evm_sender import EvmSender
+from escrowd.indexer.evm_source import JsonRpcEvmSource
+from escrowd.indexer.solana_sender import SolanaSender
+from escrowd.indexer.solana_source import SolanaRpcSource
+from escrowd.migrations.runner import upgrade_to_head
+from escrowd.models import Payout, PayoutReason, TransferCode
+from escrowd.models.db import make_engine, make_session_factory
+from escrowd.models.registry import ensure_asset
+from escrowd.wallets.keystore import create_keystore
+from escrowd.wallets.secrets import Secret
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 # Payouts requested one at a time on an idle worker, for release -> confirmation latency.
@@ -152,7 +157,7 @@ def _measure(
 
 
 def _agents(sessions: sessionmaker[Session]) -> None:
-    from models import Agent
+    from escrowd.models import Agent
 
     with sessions() as s, s.begin():
         s.add(Agent(external_id="bench-agent"))

@@ -35,16 +35,16 @@ from solders.pubkey import Pubkey
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import SolanaSettings
-from devnet.solana_rpc import SolanaSimulator
-from escrow.deposits import LedgerDepositSink
-from indexer.sink import DepositSink, StoredDeposit
-from indexer.solana_indexer import BLOCK_SCAN, SolanaPoller
-from indexer.solana_source import SolanaRpcSource
-from migrations.runner import upgrade_to_head
-from models import Agent, Deposit, DepositAddress
-from models.db import make_engine, make_session_factory
-from wallets.addresses import associated_token_address
+from escrowd.config.settings import SolanaSettings
+from escrowd.devnet.solana_rpc import SolanaSimulator
+from escrowd.escrow.deposits import LedgerDepositSink
+from escrowd.indexer.sink import DepositSink, StoredDeposit
+from escrowd.indexer.solana_indexer import BLOCK_SCAN, SolanaPoller
+from escrowd.indexer.solana_source import SolanaRpcSource
+from escrowd.migrations.runner import upgrade_to_head
+from escrowd.models import Agent, Deposit, DepositAddress
+from escrowd.models.db import make_engine, make_session_factory
+from escrowd.wallets.addresses import associated_token_address
 
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 URL_BASE = "postgresql+psycopg://postgres@127.0.0.1:5432"

@@ -20,9 +20,9 @@ from sqlalchemy import Engine, String, cast, literal, or_, select
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from config.errors import EscrowdError, ValidationFailed
-from config.settings import Settings
-from daemon.api_deps import (
+from escrowd.config.errors import EscrowdError, ValidationFailed
+from escrowd.config.settings import Settings
+from escrowd.daemon.api_deps import (
     AdminKey,
     ApiState,
     IdempotencyKeyHeader,
@@ -32,7 +32,7 @@ from daemon.api_deps import (
     mutate,
     state_of,
 )
-from daemon.api_schemas import (
+from escrowd.daemon.api_schemas import (
     AgentCreate,
     AgentOut,
     AuditPage,
@@ -56,13 +56,13 @@ from daemon.api_schemas import (
     WithdrawalCreate,
     WithdrawalOut,
 )
-from escrow import audit, service, webhooks
-from escrow.agent_cache import AgentCache
-from escrow.errors import AgentNotFound
-from escrow.money import format_amount, parse_amount
-from escrow.payouts import PlatformAddresses, chain_family, minimum_payout
-from escrow.webhooks import SecretCipher
-from models import (
+from escrowd.escrow import audit, service, webhooks
+from escrowd.escrow.agent_cache import AgentCache
+from escrowd.escrow.errors import AgentNotFound
+from escrowd.escrow.money import format_amount, parse_amount
+from escrowd.escrow.payouts import PlatformAddresses, chain_family, minimum_payout
+from escrowd.escrow.webhooks import SecretCipher
+from escrowd.models import (
     Agent,
     Asset,
     AuditLog,
@@ -73,7 +73,7 @@ from models import (
     WebhookDelivery,
     WebhookEndpoint,
 )
-from wallets.allocation import AddressDeriver, allocate_deposit_address
+from escrowd.wallets.allocation import AddressDeriver, allocate_deposit_address
 
 log = structlog.get_logger(__name__)
 

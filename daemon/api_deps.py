@@ -13,17 +13,17 @@ from pydantic import BaseModel
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.errors import Unavailable
-from config.settings import Settings
-from escrow import apikeys, idempotency, service
-from escrow.agent_cache import AgentCache
-from escrow.audit import canonical_json
-from escrow.payouts import PlatformAddresses
-from escrow.uow import in_transaction
-from escrow.webhooks import SecretCipher
-from models import Agent, ApiScope
-from models.db import make_session_factory, statement_rows
-from wallets.allocation import AddressDeriver
+from escrowd.config.errors import Unavailable
+from escrowd.config.settings import Settings
+from escrowd.escrow import apikeys, idempotency, service
+from escrowd.escrow.agent_cache import AgentCache
+from escrowd.escrow.audit import canonical_json
+from escrowd.escrow.payouts import PlatformAddresses
+from escrowd.escrow.uow import in_transaction
+from escrowd.escrow.webhooks import SecretCipher
+from escrowd.models import Agent, ApiScope
+from escrowd.models.db import make_session_factory, statement_rows
+from escrowd.wallets.allocation import AddressDeriver
 
 REPLAY_HEADER = "Idempotent-Replayed"
 

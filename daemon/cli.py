@@ -2,37 +2,91 @@
 
 Exit codes: 0 success, 1 a check found problems (or an operation failed), 2 bad usage or
 configuration.
+
+Commands are looked up lazily: a subcommand's module (and web3, solana, FastAPI, SQLAlchemy
+behind it) is imported only when that subcommand runs, so `escrowd --version` and
+`escrowd --help` start in a fraction of a second. Keep this module's own imports light.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
-import tomli_w
 import typer
-from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
+from typer.core import TyperGroup
 
-from config.errors import EscrowdError
-from config.settings import Settings, SettingsError, default_data_dir, load_settings
-from daemon.cli_api import apikey_app
-from daemon.cli_backfill import backfill_app
-from daemon.cli_devnet import devnet_app
-from daemon.cli_keys import address_app, keys_app
-from daemon.cli_payouts import payouts_app, reconcile
-from daemon.cli_run import register as register_run
-from daemon.logs import configure_logging
-from escrow import audit, ledger
-from migrations.runner import current_revision, head_revision, upgrade_to_head
-from models.db import make_engine, make_session_factory
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from escrowd.config.settings import Settings
 
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 CONFIG_FILE_NAME = "escrowd.toml"
+
+# name -> (module, attribute, one-line help). The attribute is a Typer sub-app or a
+# command function; the help is what `escrowd --help` shows without importing the module.
+LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "run": ("escrowd.daemon.cli_run", "run", "Run the daemon: pollers, payouts, webhooks, API."),
+    "dev": ("escrowd.daemon.cli_run", "dev", "Everything on one machine: SQLite, EVM, Solana."),
+    "devnet": ("escrowd.daemon.cli_devnet", "devnet_app", "Local chain simulators."),
+    "keys": ("escrowd.daemon.cli_keys", "keys_app", "The encrypted keystore."),
+    "address": ("escrowd.daemon.cli_keys", "address_app", "Deposit addresses of agents."),
+    "backfill": ("escrowd.daemon.cli_backfill", "backfill_app", "Rescan block ranges."),
+    "apikey": ("escrowd.daemon.cli_api", "apikey_app", "API keys of the HTTP API."),
+    "payouts": ("escrowd.daemon.cli_payouts", "payouts_app", "Inspect on-chain payouts."),
+    "reconcile": (
+        "escrowd.daemon.cli_payouts",
+        "reconcile",
+        "On-chain balances against the ledger's custody.",
+    ),
+}
+
+
+def _load_command(name: str) -> Any:
+    module_name, attribute, _ = LAZY_COMMANDS[name]
+    target = getattr(importlib.import_module(module_name), attribute)
+    # Mounted under a holder as `add_typer` would mount it, so it gets no root-only options.
+    holder = typer.Typer(add_completion=False, rich_markup_mode=None)
+    if isinstance(target, typer.Typer):
+        holder.add_typer(target, name=name)
+    else:
+        holder.command(name)(target)
+    holder.callback()(lambda: None)
+    return typer.main.get_command(holder).commands[name]  # type: ignore[attr-defined]
+
+
+class LazyGroup(TyperGroup):
+    """A Typer group whose LAZY_COMMANDS are imported when invoked, not when listed.
+
+    Contexts, formatters and commands are typed Any: their classes live in the click that
+    typer vendors, which has no public import path."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name in LAZY_COMMANDS:
+            return _load_command(cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in LAZY_COMMANDS:
+                rows.append((name, LAZY_COMMANDS[name][2]))
+                continue
+            command = super().get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(formatter.width)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
 
 app = typer.Typer(
     name="escrowd",
@@ -40,19 +94,15 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
+    cls=LazyGroup,
 )
-ledger_app = typer.Typer(help="Ledger invariants.", no_args_is_help=True)
-audit_app = typer.Typer(help="The tamper-evident audit trail.", no_args_is_help=True)
+ledger_app = typer.Typer(help="Ledger invariants.", no_args_is_help=True, rich_markup_mode=None)
+audit_app = typer.Typer(
+    help="The tamper-evident audit trail.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(audit_app, name="audit")
-app.add_typer(devnet_app, name="devnet")
-app.add_typer(keys_app, name="keys")
-app.add_typer(address_app, name="address")
-app.add_typer(backfill_app, name="backfill")
-app.add_typer(apikey_app, name="apikey")
-app.add_typer(payouts_app, name="payouts")
-app.command(name="reconcile")(reconcile)
-register_run(app)
 
 
 def package_version() -> str:
@@ -71,12 +121,16 @@ class CliState:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
+            from escrowd.config.settings import load_settings
+
             self._settings = load_settings(self.config_path)
         return self._settings
 
     @property
     def engine(self) -> Engine:
         if self._engine is None:
+            from escrowd.models.db import make_engine
+
             self._engine = make_engine(self.settings.resolved_database_url)
         return self._engine
 
@@ -99,6 +153,8 @@ def _version_callback(value: bool) -> None:
 
 
 def _default_config_path() -> Path | None:
+    from escrowd.config.settings import default_data_dir
+
     candidate = default_data_dir() / CONFIG_FILE_NAME
     return candidate if candidate.exists() else None
 
@@ -122,6 +178,9 @@ def main_callback(
         ),
     ] = False,
 ) -> None:
+    from escrowd.daemon.logs import configure_logging
+
+    configure_logging(fmt="console", level="warning")
     ctx.obj = CliState(config_path=config or _default_config_path())
 
 
@@ -133,6 +192,10 @@ def init(
     ] = None,
 ) -> None:
     """Create the data directory and a config file, then migrate the database."""
+    import tomli_w
+
+    from escrowd.config.settings import load_settings
+
     state = state_of(ctx)
     base = state.settings
     target_dir = (data_dir or base.data_dir).expanduser().resolve()
@@ -157,6 +220,8 @@ def init(
 
 
 def _migrate(state: CliState) -> None:
+    from escrowd.migrations.runner import current_revision, upgrade_to_head
+
     before = current_revision(state.engine)
     upgrade_to_head(state.engine)
     after = current_revision(state.engine)
@@ -174,6 +239,8 @@ def migrate(ctx: typer.Context) -> None:
 
 
 def require_schema(state: CliState) -> None:
+    from escrowd.migrations.runner import current_revision, head_revision
+
     current = current_revision(state.engine)
     if current != head_revision():
         fail(
@@ -185,6 +252,9 @@ def require_schema(state: CliState) -> None:
 @ledger_app.command("check")
 def ledger_check(ctx: typer.Context) -> None:
     """Verify the ledger invariants; exit 1 listing each violation."""
+    from escrowd.escrow import ledger
+    from escrowd.models.db import make_session_factory
+
     state = state_of(ctx)
     require_schema(state)
     with make_session_factory(state.engine, read_only=True)() as session:
@@ -199,6 +269,9 @@ def ledger_check(ctx: typer.Context) -> None:
 @audit_app.command("verify")
 def audit_verify(ctx: typer.Context) -> None:
     """Verify the audit trail's hash chains; exit 1 naming the first bad row."""
+    from escrowd.escrow import audit
+    from escrowd.models.db import make_session_factory
+
     state = state_of(ctx)
     require_schema(state)
     with make_session_factory(state.engine, read_only=True)() as session:
@@ -213,6 +286,9 @@ def audit_verify(ctx: typer.Context) -> None:
 @audit_app.command("checkpoint")
 def audit_checkpoint(ctx: typer.Context) -> None:
     """Anchor every audit stream's head in a checkpoint row."""
+    from escrowd.escrow import audit
+    from escrowd.models.db import make_session_factory
+
     state = state_of(ctx)
     require_schema(state)
     with make_session_factory(state.engine)() as session, session.begin():
@@ -220,30 +296,37 @@ def audit_checkpoint(ctx: typer.Context) -> None:
     typer.echo(f"audit checkpoint: row {row_id}")
 
 
+def _is(exc: BaseException, module: str, name: str) -> bool:
+    """isinstance against a class of a module only if that module was ever imported: an
+    exception cannot come from a module nobody loaded, and --version must stay light."""
+    loaded = sys.modules.get(module)
+    cls: Any = getattr(loaded, name, None) if loaded is not None else None
+    return cls is not None and isinstance(exc, cls)
+
+
 def main() -> None:
-    configure_logging(fmt="console", level="warning")
     try:
         # Without standalone mode click returns a typer.Exit's code instead of exiting.
         exit_code = app(standalone_mode=False)
-    except SettingsError as exc:
-        typer.echo(f"escrowd: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    except EscrowdError as exc:
-        typer.echo(f"escrowd: {exc.message}", err=True)
-        sys.exit(EXIT_PROBLEMS)
-    except OperationalError as exc:
-        typer.echo(f"escrowd: database unavailable: {exc.orig}", err=True)
-        sys.exit(EXIT_PROBLEMS)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
         typer.echo("escrowd: aborted", err=True)
         sys.exit(EXIT_PROBLEMS)
     except Exception as exc:
-        # Usage errors come from the click that typer bundles; they know how to show themselves.
-        show, exit_code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
-        if callable(show) and isinstance(exit_code, int):
+        if _is(exc, "escrowd.config.settings", "SettingsError"):
+            typer.echo(f"escrowd: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
+        if _is(exc, "escrowd.config.errors", "EscrowdError"):
+            typer.echo(f"escrowd: {getattr(exc, 'message', exc)}", err=True)
+            sys.exit(EXIT_PROBLEMS)
+        if _is(exc, "sqlalchemy.exc", "OperationalError"):
+            typer.echo(f"escrowd: database unavailable: {getattr(exc, 'orig', exc)}", err=True)
+            sys.exit(EXIT_PROBLEMS)
+        # Usage errors come from click; they know how to show themselves.
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(code, int):
             show()
-            sys.exit(exit_code)
+            sys.exit(code)
         raise
     sys.exit(exit_code if isinstance(exit_code, int) else 0)

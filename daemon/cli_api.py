@@ -2,7 +2,7 @@
 
 Mount in daemon/cli.py:
 
-    from daemon.cli_api import apikey_app
+    from escrowd.daemon.cli_api import apikey_app
     app.add_typer(apikey_app, name="apikey")
 
 The database comes from the root context's object when it has `.engine` (the main CLI's
@@ -17,12 +17,12 @@ from typing import Annotated, NoReturn
 import typer
 from sqlalchemy import Engine
 
-from config.errors import EscrowdError
-from config.settings import SettingsError, load_settings
-from escrow import apikeys
-from escrow.uow import in_transaction
-from models import ApiScope
-from models.db import make_engine, make_session_factory
+from escrowd.config.errors import EscrowdError
+from escrowd.config.settings import SettingsError, load_settings
+from escrowd.escrow import apikeys
+from escrowd.escrow.uow import in_transaction
+from escrowd.models import ApiScope
+from escrowd.models.db import make_engine, make_session_factory
 
 EXIT_PROBLEMS = 1
 

@@ -3,7 +3,7 @@ deposits with the live poller's code, under a cursor of its own.
 
 Mount in daemon/cli.py:
 
-    from daemon.cli_backfill import backfill_app
+    from escrowd.daemon.cli_backfill import backfill_app
     app.add_typer(backfill_app, name="backfill")
 
 The range's cursor is committed with each window's deposits, so an interrupted backfill
@@ -21,11 +21,11 @@ from typing import Annotated, Protocol
 import typer
 from sqlalchemy import Engine
 
-from config.settings import EvmChainSettings, Settings
-from escrow.deposits import LedgerDepositSink
-from indexer.evm_poller import EvmPoller, WindowDone
-from indexer.evm_source import JsonRpcEvmSource, RetryPolicy
-from models.db import make_session_factory
+from escrowd.config.settings import EvmChainSettings, Settings
+from escrowd.escrow.deposits import LedgerDepositSink
+from escrowd.indexer.evm_poller import EvmPoller, WindowDone
+from escrowd.indexer.evm_source import JsonRpcEvmSource, RetryPolicy
+from escrowd.models.db import make_session_factory
 
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2

@@ -7,7 +7,7 @@ import threading
 import structlog
 import typer
 
-from devnet.solana_rpc import SolanaSimulator
+from escrowd.devnet.solana_rpc import SolanaSimulator
 
 log = structlog.get_logger(__name__)
 

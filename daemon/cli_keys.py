@@ -2,7 +2,7 @@
 
 Mount in daemon/cli.py:
 
-    from daemon.cli_keys import address_app, keys_app
+    from escrowd.daemon.cli_keys import address_app, keys_app
     app.add_typer(keys_app, name="keys")
     app.add_typer(address_app, name="address")
 
@@ -19,14 +19,19 @@ from typing import Annotated, NoReturn, Protocol
 import typer
 from sqlalchemy import select
 
-from config.errors import EscrowdError
-from config.settings import Settings, SettingsError, load_settings
-from models import Agent, Chain, DepositAddress
-from models.db import make_engine, make_session_factory
-from wallets.allocation import AddressDeriver, allocate_deposit_address, get_or_create_agent
-from wallets.errors import PassphraseUnavailable
-from wallets.keystore import UnlockedKeystore, create_keystore, load_passphrase, unlock_keystore
-from wallets.secrets import Secret
+from escrowd.config.errors import EscrowdError
+from escrowd.config.settings import Settings, SettingsError, load_settings
+from escrowd.models import Agent, Chain, DepositAddress
+from escrowd.models.db import make_engine, make_session_factory
+from escrowd.wallets.allocation import AddressDeriver, allocate_deposit_address, get_or_create_agent
+from escrowd.wallets.errors import PassphraseUnavailable
+from escrowd.wallets.keystore import (
+    UnlockedKeystore,
+    create_keystore,
+    load_passphrase,
+    unlock_keystore,
+)
+from escrowd.wallets.secrets import Secret
 
 # Same codes as daemon.cli: 1 an operation failed, 2 bad usage or configuration.
 EXIT_PROBLEMS = 1

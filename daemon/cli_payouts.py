@@ -2,7 +2,7 @@
 
 Mount in daemon/cli.py:
 
-    from daemon.cli_payouts import payouts_app, reconcile
+    from escrowd.daemon.cli_payouts import payouts_app, reconcile
     app.command(name="reconcile")(reconcile)
     app.add_typer(payouts_app, name="payouts")
 
@@ -17,10 +17,10 @@ from typing import Annotated, Any
 import typer
 from sqlalchemy import select
 
-from escrow.payout_worker import unlock_from_settings
-from escrow.reconcile import HotWallets, differences, reconcile_configured
-from models import Asset, Payout, PayoutStatus, PayoutTransaction
-from models.db import make_session_factory
+from escrowd.escrow.payout_worker import unlock_from_settings
+from escrowd.escrow.reconcile import HotWallets, differences, reconcile_configured
+from escrowd.models import Asset, Payout, PayoutStatus, PayoutTransaction
+from escrowd.models.db import make_session_factory
 
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2

@@ -1,4 +1,4 @@
-"""`escrowd run` and `escrowd dev`. Mount with `register(app)` from daemon/cli.py."""
+"""`escrowd run` and `escrowd dev`, looked up lazily by daemon/cli.py."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import structlog
 import typer
 from sqlalchemy import Engine
 
-from config.settings import Settings
-from daemon.logs import configure_logging
-from daemon.runner import Daemon, DaemonParts, run_daemon
-from migrations.runner import upgrade_to_head
-from wallets.keystore import UnlockedKeystore, load_passphrase, unlock_keystore
+from escrowd.config.settings import Settings
+from escrowd.daemon.logs import configure_logging
+from escrowd.daemon.runner import Daemon, DaemonParts, run_daemon
+from escrowd.migrations.runner import upgrade_to_head
+from escrowd.wallets.keystore import UnlockedKeystore, load_passphrase, unlock_keystore
 
 log = structlog.get_logger(__name__)
 
@@ -91,16 +91,7 @@ def dev(
     port: Annotated[int, typer.Option(help="API port on 127.0.0.1 (0: any free port).")] = 8725,
 ) -> None:
     """Everything on one machine with no set-up: SQLite, in-process EVM and Solana."""
-    from daemon.dev import run_dev
+    from escrowd.daemon.dev import run_dev
 
     configure_logging(fmt="console", level="warning" if demo else "info")
     _exit(run_dev(data_dir, demo=demo, port=port))
-
-
-def register(app: typer.Typer) -> None:
-    """Add `run` and `dev` to the escrowd app (idempotent)."""
-    known = {command.name for command in app.registered_commands}
-    if "run" not in known:
-        app.command("run")(run)
-    if "dev" not in known:
-        app.command("dev")(dev)

@@ -28,7 +28,7 @@ from solders.pubkey import Pubkey
 from sqlalchemy import select
 from web3.types import Wei
 
-from config.settings import (
+from escrowd.config.settings import (
     ApiSettings,
     DaemonSettings,
     EscrowSettings,
@@ -39,19 +39,19 @@ from config.settings import (
     SolanaSettings,
     WebhookSettings,
 )
-from daemon.jobs import Job
-from daemon.notify import Notifier
-from daemon.runner import Daemon, DaemonParts
-from devnet.evm import deploy_test_usdc, dev_accounts, web3_for_tester
-from devnet.solana_rpc import SolanaSimulator
-from escrow import apikeys, ledger
-from indexer.evm_source import EthTesterSource
-from indexer.solana_source import SolanaRpcSource
-from migrations.runner import upgrade_to_head
-from models import ApiScope, Payout
-from models.db import make_engine, make_session_factory
-from wallets.keystore import UnlockedKeystore, create_keystore, unlock_keystore
-from wallets.secrets import Secret
+from escrowd.daemon.jobs import Job
+from escrowd.daemon.notify import Notifier
+from escrowd.daemon.runner import Daemon, DaemonParts
+from escrowd.devnet.evm import deploy_test_usdc, dev_accounts, web3_for_tester
+from escrowd.devnet.solana_rpc import SolanaSimulator
+from escrowd.escrow import apikeys, ledger
+from escrowd.indexer.evm_source import EthTesterSource
+from escrowd.indexer.solana_source import SolanaRpcSource
+from escrowd.migrations.runner import upgrade_to_head
+from escrowd.models import ApiScope, Payout
+from escrowd.models.db import make_engine, make_session_factory
+from escrowd.wallets.keystore import UnlockedKeystore, create_keystore, unlock_keystore
+from escrowd.wallets.secrets import Secret
 
 # Deposit addresses are stored per chain family ("evm"); naming the dev EVM chain after
 # its family lets the EVM poller watch the addresses the API allocates.

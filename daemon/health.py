@@ -21,9 +21,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from daemon.jobs import LagTracker
-from migrations.runner import current_revision, head_revision
-from models import Deposit, Escrow, Payout
+from escrowd.daemon.jobs import LagTracker
+from escrowd.migrations.runner import current_revision, head_revision
+from escrowd.models import Deposit, Escrow, Payout
 
 log = structlog.get_logger(__name__)
 

@@ -14,7 +14,6 @@ metrics) and, for chain pollers, the lag the poll reported (for /readyz).
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 import socket
 import threading
@@ -23,7 +22,6 @@ import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any, Protocol
 
 import httpx
@@ -32,16 +30,20 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import EvmChainSettings, Settings, SolanaSettings
-from escrow import audit, service
-from escrow.deposits import LedgerDepositSink
-from escrow.uow import in_transaction
-from escrow.webhook_delivery import run_webhooks
-from escrow.webhooks import SecretCipher
-from indexer.evm_source import EvmSource, JsonRpcEvmSource, RetryPolicy
-from indexer.solana_source import SolanaRpcSource, SolanaSource
-from models import utcnow
-from wallets.keystore import UnlockedKeystore
+from escrowd.config.settings import EvmChainSettings, Settings, SolanaSettings
+from escrowd.escrow import audit, payout_worker, service, sweeps
+from escrowd.escrow.deposits import LedgerDepositSink
+from escrowd.escrow.uow import in_transaction
+from escrowd.escrow.webhook_delivery import run_webhooks
+from escrowd.escrow.webhooks import SecretCipher
+from escrowd.indexer.evm_poller import EvmPoller
+from escrowd.indexer.evm_sender import EvmSender
+from escrowd.indexer.evm_source import EvmSource, JsonRpcEvmSource, RetryPolicy
+from escrowd.indexer.solana_indexer import SolanaPoller
+from escrowd.indexer.solana_sender import SolanaSender
+from escrowd.indexer.solana_source import SolanaRpcSource, SolanaSource
+from escrowd.models import utcnow
+from escrowd.wallets.keystore import UnlockedKeystore
 
 log = structlog.get_logger(__name__)
 
@@ -320,7 +322,7 @@ class JobRunner:
 
 
 class JobUnavailable(Exception):
-    """The module a job needs is not part of this build; the job is not scheduled."""
+    """What a job needs is missing (the keystore for payouts and sweeps); it is not scheduled."""
 
     def __init__(self, job: str, module: str, reason: str) -> None:
         super().__init__(f"{job}: {module} {reason}")
@@ -342,15 +344,6 @@ class JobContext:
     keystore: UnlockedKeystore | None = None
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     closers: list[Callable[[], None]] = field(default_factory=list)
-
-
-def _require(job: str, module: str) -> ModuleType:
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        raise JobUnavailable(job, module, "is not available") from None
 
 
 def _poll_and_confirm(poller: Any) -> Callable[[], object]:
@@ -397,8 +390,7 @@ def evm_jobs(ctx: JobContext) -> list[Job]:
     jobs: list[Job] = []
     for chain in ctx.settings.evm_chains:
         name = f"evm_poll:{chain.name}"
-        module = _require(name, "indexer.evm_poller")
-        poller = module.EvmPoller(chain, _evm_source(ctx, chain), ctx.sessions, LedgerDepositSink())
+        poller = EvmPoller(chain, _evm_source(ctx, chain), ctx.sessions, LedgerDepositSink())
         probe = LagProbe(chain.name, "blocks", chain.max_lag_blocks, _evm_lag)
         jobs.append(Job(name, chain.poll_interval_s, _poll_and_confirm(poller), probe))
     return jobs
@@ -421,24 +413,19 @@ def solana_jobs(ctx: JobContext) -> list[Job]:
     if solana is None:
         return []
     name = f"solana_poll:{solana.name}"
-    module = _require(name, "indexer.solana_indexer")
-    poller = module.SolanaPoller(
-        solana, _solana_source(ctx, solana), ctx.sessions, LedgerDepositSink()
-    )
+    poller = SolanaPoller(solana, _solana_source(ctx, solana), ctx.sessions, LedgerDepositSink())
     probe = LagProbe(solana.name, "slots", solana.max_lag_slots, _solana_lag(solana.name))
     return [Job(name, solana.poll_interval_s, _poll_and_confirm(poller), probe)]
 
 
 def payout_jobs(ctx: JobContext) -> list[Job]:
     """One payout worker per chain, signing with the keystore's hot wallets."""
-    module = _require("payouts", "escrow.payout_worker")
     if ctx.keystore is None:
         raise JobUnavailable("payouts", "keystore", "is not unlocked (no keystore file)")
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     chains: list[tuple[str, Any]] = []
     for evm in ctx.settings.evm_chains:
-        evm_sender = _require("payouts", "indexer.evm_sender")
-        sender = evm_sender.EvmSender(
+        sender = EvmSender(
             _evm_source(ctx, evm),
             ctx.keystore.evm_hot_wallet,
             chain=evm.name,
@@ -446,26 +433,27 @@ def payout_jobs(ctx: JobContext) -> list[Job]:
             max_fee_gwei=evm.max_fee_gwei,
             confirmations=evm.confirmations,
         )
-        chains.append((evm.name, module.EvmPayoutChain(sender)))
+        chains.append((evm.name, payout_worker.EvmPayoutChain(sender)))
     solana = ctx.settings.solana
     if solana is not None:
-        solana_sender = _require("payouts", "indexer.solana_sender")
-        sender = solana_sender.SolanaSender(
+        solana_sender = SolanaSender(
             _solana_source(ctx, solana), ctx.keystore.solana_hot_wallet, chain=solana.name
         )
         # With the deposit keys the Solana worker also sends the sweeps the sweep job queues.
         chains.append(
             (
                 solana.name,
-                module.SolanaPayoutChain(sender, deposit_key=ctx.keystore.derive_solana),
+                payout_worker.SolanaPayoutChain(
+                    solana_sender, deposit_key=ctx.keystore.derive_solana
+                ),
             )
         )
     jobs = []
     for chain_name, chain in chains:
-        options = module.WorkerOptions(
+        options = payout_worker.WorkerOptions(
             worker_id=worker_id, stuck_after_s=ctx.settings.payouts.stuck_after_s
         )
-        worker = module.PayoutWorker(ctx.sessions, chain, options)
+        worker = payout_worker.PayoutWorker(ctx.sessions, chain, options)
         jobs.append(Job(f"payouts:{chain_name}", ctx.settings.payouts.interval_s, worker.run_once))
     return jobs
 
@@ -473,14 +461,13 @@ def payout_jobs(ctx: JobContext) -> list[Job]:
 def sweep_jobs(ctx: JobContext) -> list[Job]:
     """Consolidate deposit-address balances into the hot wallet: EVM sweeps are sent by
     their own sweeper; Solana sweeps are queued here and sent by the payout worker."""
-    module = _require("sweeps", "escrow.sweeps")
     if ctx.keystore is None:
         raise JobUnavailable("sweeps", "keystore", "is not unlocked (no keystore file)")
     keystore = ctx.keystore
     interval_s = ctx.settings.payouts.sweep_interval_s
     jobs: list[Job] = []
     for evm in ctx.settings.evm_chains:
-        sweeper = module.build_evm_sweeper(
+        sweeper = sweeps.build_evm_sweeper(
             ctx.sessions, ctx.settings, evm.name, keystore, _evm_source(ctx, evm)
         )
         jobs.append(Job(f"sweeps:{evm.name}", interval_s, sweeper.run_once))
@@ -493,7 +480,7 @@ def sweep_jobs(ctx: JobContext) -> list[Job]:
         }
 
         def discover() -> int:
-            count: int = module.discover_solana_sweeps(
+            count: int = sweeps.discover_solana_sweeps(
                 ctx.sessions,
                 source,
                 chain=solana.name,
@@ -592,8 +579,8 @@ def _wedged(job: Job) -> Job:
 
 
 def build_jobs(ctx: JobContext) -> list[Job]:
-    """Every job this build can run; a job whose module is missing is logged once
-    (`job_unavailable`) and left out, so the daemon runs with what exists."""
+    """Every job this instance can run; a job whose prerequisite is missing (no keystore)
+    is logged once (`job_unavailable`) and left out."""
     jobs: list[Job] = []
     for group, builder in BUILDERS:
         try:

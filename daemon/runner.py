@@ -27,11 +27,11 @@ from apscheduler.triggers.interval import IntervalTrigger
 from fastapi import FastAPI
 from sqlalchemy import Engine
 
-from config.errors import Unavailable
-from config.settings import Settings
-from daemon.api import create_app
-from daemon.health import ReadinessProbe, mount_health
-from daemon.jobs import (
+from escrowd.config.errors import Unavailable
+from escrowd.config.settings import Settings
+from escrowd.daemon.api import create_app
+from escrowd.daemon.health import ReadinessProbe, mount_health
+from escrowd.daemon.jobs import (
     Job,
     JobContext,
     JobProgress,
@@ -40,14 +40,14 @@ from daemon.jobs import (
     build_jobs,
     locks_for,
 )
-from daemon.notify import Notifier
-from escrow.payouts import PlatformAddresses
-from indexer.evm_source import EvmSource
-from indexer.solana_source import SolanaSource
-from migrations.runner import current_revision, head_revision
-from models.db import make_session_factory
-from wallets.allocation import AddressDeriver
-from wallets.keystore import UnlockedKeystore
+from escrowd.daemon.notify import Notifier
+from escrowd.escrow.payouts import PlatformAddresses
+from escrowd.indexer.evm_source import EvmSource
+from escrowd.indexer.solana_source import SolanaSource
+from escrowd.migrations.runner import current_revision, head_revision
+from escrowd.models.db import make_session_factory
+from escrowd.wallets.allocation import AddressDeriver
+from escrowd.wallets.keystore import UnlockedKeystore
 
 log = structlog.get_logger(__name__)
 

@@ -34,7 +34,7 @@ class TokenArtifact:
 @functools.cache
 def load_test_usdc() -> TokenArtifact:
     """ABI and creation bytecode of TestUSDC, as committed in devnet/contracts/."""
-    text = resources.files("devnet").joinpath("contracts/TestUSDC.json").read_text()
+    text = resources.files("escrowd.devnet").joinpath("contracts/TestUSDC.json").read_text()
     raw = json.loads(text)
     return TokenArtifact(abi=raw["abi"], bytecode=raw["bytecode"])
 

@@ -24,7 +24,7 @@ from solders.pubkey import Pubkey
 from solders.signature import Signature
 from solders.token.state import Mint, TokenAccount
 
-from devnet.solana_chain import (
+from escrowd.devnet.solana_chain import (
     ASSOCIATED_TOKEN_PROGRAM_ID,
     COMMITMENTS,
     STATUS_CACHE_SLOTS,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from escrow.interface import EscrowService
+    from escrowd.escrow.interface import EscrowService
 
 __all__ = ["EscrowService"]
 
@@ -14,7 +14,7 @@ def __getattr__(name: str) -> Any:
     # Lazy: importing escrow.ledger (the daemon, the indexers' sink) must not pull in the
     # whole service layer and its wallet dependencies.
     if name == "EscrowService":
-        from escrow.interface import EscrowService
+        from escrowd.escrow.interface import EscrowService
 
         return EscrowService
     raise AttributeError(f"module 'escrow' has no attribute {name!r}")

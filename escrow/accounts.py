@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from escrow import ledger
-from models import AccountKind, LedgerAccount
+from escrowd.escrow import ledger
+from escrowd.models import AccountKind, LedgerAccount
 
 PLATFORM_OWNER = "platform"
 

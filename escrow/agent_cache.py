@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from models import Agent
+from escrowd.models import Agent
 
 AGENT_CACHE_SIZE = 10_000
 

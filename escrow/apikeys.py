@@ -18,8 +18,8 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from config.errors import Forbidden, NotFound, Unauthorized, ValidationFailed
-from models import ApiKey, ApiScope, utcnow
+from escrowd.config.errors import Forbidden, NotFound, Unauthorized, ValidationFailed
+from escrowd.models import ApiKey, ApiScope, utcnow
 
 log = structlog.get_logger(__name__)
 

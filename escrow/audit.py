@@ -21,7 +21,7 @@ from sqlalchemy import insert as insert_rows
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from models import AuditHead, AuditLog, bulk, utcnow
+from escrowd.models import AuditHead, AuditLog, bulk, utcnow
 
 GENESIS_HASH = "0" * 64
 CHECKPOINT_STREAM = "checkpoint"

@@ -9,10 +9,10 @@ from prometheus_client import Counter
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from escrow import accounts, audit, events, ledger
-from escrow.errors import InsufficientFunds
-from indexer.sink import StoredDeposit
-from models import Asset, Deposit, DepositStatus, LedgerTransfer, TransferCode
+from escrowd.escrow import accounts, audit, events, ledger
+from escrowd.escrow.errors import InsufficientFunds
+from escrowd.indexer.sink import StoredDeposit
+from escrowd.models import Asset, Deposit, DepositStatus, LedgerTransfer, TransferCode
 
 log = structlog.get_logger(__name__)
 

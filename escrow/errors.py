@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from config.errors import (
+from escrowd.config.errors import (
     Conflict,
     IdempotencyConflict,
     InsufficientFunds,

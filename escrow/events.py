@@ -7,8 +7,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from escrow.audit import canonical_json
-from models import WebhookEvent, bulk, utcnow
+from escrowd.escrow.audit import canonical_json
+from escrowd.models import WebhookEvent, bulk, utcnow
 
 # Bumped only when a field is removed or changes meaning; adding fields keeps the version.
 API_VERSION = "2026-11-01"

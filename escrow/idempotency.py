@@ -16,8 +16,8 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from config.errors import IdempotencyConflict, ValidationFailed
-from models import IdempotencyKey, utcnow
+from escrowd.config.errors import IdempotencyConflict, ValidationFailed
+from escrowd.models import IdempotencyKey, utcnow
 
 MAX_KEY_LENGTH = 255
 # A claimed key whose change has not committed yet (never visible to other transactions).

@@ -15,14 +15,14 @@ from typing import TypeVar
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.errors import Unavailable
-from config.settings import Settings
-from escrow import service
-from escrow.agent_cache import AgentCache
-from escrow.payouts import PlatformAddresses, chain_family, minimum_payout
-from escrow.uow import in_transaction
-from models import Agent, Escrow, Payout
-from models.db import make_engine, make_session_factory
+from escrowd.config.errors import Unavailable
+from escrowd.config.settings import Settings
+from escrowd.escrow import service
+from escrowd.escrow.agent_cache import AgentCache
+from escrowd.escrow.payouts import PlatformAddresses, chain_family, minimum_payout
+from escrowd.escrow.uow import in_transaction
+from escrowd.models import Agent, Escrow, Payout
+from escrowd.models.db import make_engine, make_session_factory
 
 T = TypeVar("T")
 

@@ -27,19 +27,19 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
-from config.errors import EscrowdError
-from escrow import audit
-from escrow.errors import (
+from escrowd.config.errors import EscrowdError
+from escrowd.escrow import audit
+from escrowd.escrow.errors import (
     AssetMismatch,
     IdempotencyConflict,
     InsufficientFunds,
     InvalidAmount,
     UnknownAccount,
 )
-from escrow.uow import in_transaction, with_retries
-from models import AccountKind, LedgerAccount, LedgerTransfer, TransferCode
-from models.base import utcnow
-from models.db import make_session_factory, prepared_rows, statement_rows
+from escrowd.escrow.uow import in_transaction, with_retries
+from escrowd.models import AccountKind, LedgerAccount, LedgerTransfer, TransferCode
+from escrowd.models.base import utcnow
+from escrowd.models.db import make_session_factory, prepared_rows, statement_rows
 
 # Kinds whose balance must never go below zero.
 NO_OVERDRAFT_KINDS = frozenset({AccountKind.AGENT_AVAILABLE, AccountKind.ESCROW})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from escrow.errors import InvalidAmount
+from escrowd.escrow.errors import InvalidAmount
 
 _DECIMAL = re.compile(r"^(?P<whole>0|[1-9][0-9]*)(?:\.(?P<frac>[0-9]+))?$")
 # Base units must fit a signed 64-bit column.

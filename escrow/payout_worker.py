@@ -34,13 +34,13 @@ import structlog
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.errors import EscrowdError
-from config.settings import Settings
-from escrow import accounts, audit, events, ledger
-from escrow.uow import in_transaction
-from indexer.errors import RpcError
-from indexer.sending import SignedTx, TxOutcome, TxState
-from models import (
+from escrowd.config.errors import EscrowdError
+from escrowd.config.settings import Settings
+from escrowd.escrow import accounts, audit, events, ledger
+from escrowd.escrow.uow import in_transaction
+from escrowd.indexer.errors import RpcError
+from escrowd.indexer.sending import SignedTx, TxOutcome, TxState
+from escrowd.models import (
     AccountKind,
     Asset,
     Chain,
@@ -53,12 +53,12 @@ from models import (
     TransferCode,
     utcnow,
 )
-from wallets.keystore import SolanaKey, UnlockedKeystore, load_passphrase, unlock_keystore
+from escrowd.wallets.keystore import SolanaKey, UnlockedKeystore, load_passphrase, unlock_keystore
 
 if TYPE_CHECKING:
     # Imported lazily at run time: an EVM worker need not load the Solana stack.
-    from indexer.evm_sender import EvmSender
-    from indexer.solana_sender import SolanaSender
+    from escrowd.indexer.evm_sender import EvmSender
+    from escrowd.indexer.solana_sender import SolanaSender
 
 log = structlog.get_logger(__name__)
 
@@ -757,8 +757,8 @@ def unlock_from_settings(settings: Settings) -> UnlockedKeystore:
 def build_chain(settings: Settings, chain: str, keystore: UnlockedKeystore) -> PayoutChain:
     """The adapter for a configured chain, signing with the keystore's hot wallet."""
     if settings.solana is not None and settings.solana.name == chain:
-        from indexer.solana_sender import SolanaSender
-        from indexer.solana_source import SolanaRpcSource
+        from escrowd.indexer.solana_sender import SolanaSender
+        from escrowd.indexer.solana_source import SolanaRpcSource
 
         sol = settings.solana
         return SolanaPayoutChain(
@@ -769,8 +769,8 @@ def build_chain(settings: Settings, chain: str, keystore: UnlockedKeystore) -> P
             ),
             deposit_key=keystore.derive_solana,
         )
-    from indexer.evm_sender import EvmSender
-    from indexer.evm_source import JsonRpcEvmSource
+    from escrowd.indexer.evm_sender import EvmSender
+    from escrowd.indexer.evm_source import JsonRpcEvmSource
 
     evm = settings.evm_chain(chain)
     source = JsonRpcEvmSource(evm.rpc_urls, chain=evm.name)
@@ -787,8 +787,8 @@ def build_chain(settings: Settings, chain: str, keystore: UnlockedKeystore) -> P
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from config.settings import load_settings
-    from models.db import make_engine, make_session_factory
+    from escrowd.config.settings import load_settings
+    from escrowd.models.db import make_engine, make_session_factory
 
     parser = argparse.ArgumentParser(prog="python -m escrow.payout_worker")
     parser.add_argument("--config", required=True)

@@ -14,19 +14,19 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from config.settings import Settings
-from escrow import accounts, audit, events, ledger
-from escrow.errors import IdempotencyConflict, InvalidAmount, UnknownAsset
-from models import Chain, DepositAddress, Payout, PayoutReason, TransferCode
-from models.registry import find_asset
-from wallets.addresses import (
+from escrowd.config.settings import Settings
+from escrowd.escrow import accounts, audit, events, ledger
+from escrowd.escrow.errors import IdempotencyConflict, InvalidAmount, UnknownAsset
+from escrowd.models import Chain, DepositAddress, Payout, PayoutReason, TransferCode
+from escrowd.models.registry import find_asset
+from escrowd.wallets.addresses import (
     associated_token_address,
     validate_evm_address,
     validate_evm_destination,
     validate_solana_address,
 )
-from wallets.errors import InvalidAddress
-from wallets.keystore import UnlockedKeystore
+from escrowd.wallets.errors import InvalidAddress
+from escrowd.wallets.keystore import UnlockedKeystore
 
 log = structlog.get_logger(__name__)
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from config.settings import Settings
-from escrow import accounts, ledger
-from models import AccountKind, Asset, Chain, DepositAddress, TransferCode
+from escrowd.config.settings import Settings
+from escrowd.escrow import accounts, ledger
+from escrowd.models import AccountKind, Asset, Chain, DepositAddress, TransferCode
 
 # (asset, addresses) -> total base units held by those addresses on chain.
 BalanceReader = Callable[[Asset, Sequence[str]], int]
@@ -144,8 +144,8 @@ def reconcile_configured(
     session: Session, settings: Settings, hot_wallets: HotWallets
 ) -> list[Line]:
     """Lines for every configured chain, reading balances from its first RPC URL."""
-    from indexer.evm_source import JsonRpcEvmSource
-    from indexer.solana_source import SolanaRpcSource
+    from escrowd.indexer.evm_source import JsonRpcEvmSource
+    from escrowd.indexer.solana_source import SolanaRpcSource
 
     lines: list[Line] = []
     for evm in settings.evm_chains:

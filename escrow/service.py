@@ -25,9 +25,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, make_transient_to_detached
 
-from config.errors import ValidationFailed
-from escrow import accounts, audit, events, ledger
-from escrow.errors import (
+from escrowd.config.errors import ValidationFailed
+from escrowd.escrow import accounts, audit, events, ledger
+from escrowd.escrow.errors import (
     AgentNotFound,
     EscrowConflict,
     EscrowNotFound,
@@ -35,9 +35,9 @@ from escrow.errors import (
     InvalidAmount,
     UnknownAsset,
 )
-from escrow.payouts import PlatformAddresses, request_payout
-from escrow.uow import with_retries
-from models import (
+from escrowd.escrow.payouts import PlatformAddresses, request_payout
+from escrowd.escrow.uow import with_retries
+from escrowd.models import (
     AccountKind,
     Agent,
     Asset,
@@ -50,8 +50,8 @@ from models import (
     TransferCode,
     utcnow,
 )
-from models.db import make_session_factory, prepared_rows, statement_rows
-from models.escrow import DUE_ESCROW_SQL, OPEN_ESCROW_SQL, OPEN_ESCROW_STATES
+from escrowd.models.db import make_session_factory, prepared_rows, statement_rows
+from escrowd.models.escrow import DUE_ESCROW_SQL, OPEN_ESCROW_SQL, OPEN_ESCROW_STATES
 
 log = structlog.get_logger(__name__)
 

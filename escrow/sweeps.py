@@ -42,15 +42,15 @@ from eth_utils.address import to_checksum_address
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import Settings
-from escrow import audit
-from escrow.uow import in_transaction
-from indexer.errors import RpcError
-from indexer.evm_sender import ERC20_TRANSFER_GAS, EvmSender, decode_fees, quote_fees
-from indexer.evm_source import EvmSource
-from indexer.sending import SignedTx, TxState
-from indexer.solana_source import SolanaSource
-from models import (
+from escrowd.config.settings import Settings
+from escrowd.escrow import audit
+from escrowd.escrow.uow import in_transaction
+from escrowd.indexer.errors import RpcError
+from escrowd.indexer.evm_sender import ERC20_TRANSFER_GAS, EvmSender, decode_fees, quote_fees
+from escrowd.indexer.evm_source import EvmSource
+from escrowd.indexer.sending import SignedTx, TxState
+from escrowd.indexer.solana_source import SolanaSource
+from escrowd.models import (
     Asset,
     Chain,
     DepositAddress,
@@ -59,7 +59,7 @@ from models import (
     PayoutStatus,
     PayoutTransaction,
 )
-from wallets.keystore import EvmKey, UnlockedKeystore
+from escrowd.wallets.keystore import EvmKey, UnlockedKeystore
 
 log = structlog.get_logger(__name__)
 
@@ -493,7 +493,7 @@ def build_evm_sweeper(
     """The sweeper of a configured EVM chain: gas from the keystore's gas wallet, USDC
     into its hot wallet, deposit keys derived from its seed; the dust minimum is the
     payout minimum. `source` defaults to the chain's JSON-RPC URLs."""
-    from indexer.evm_source import JsonRpcEvmSource
+    from escrowd.indexer.evm_source import JsonRpcEvmSource
 
     evm = settings.evm_chain(chain)
     return EvmSweeper(
@@ -514,9 +514,9 @@ def build_evm_sweeper(
 def main(argv: Sequence[str] | None = None) -> int:
     from pathlib import Path
 
-    from config.settings import load_settings
-    from escrow.payout_worker import CrashHook, unlock_from_settings
-    from models.db import make_engine, make_session_factory
+    from escrowd.config.settings import load_settings
+    from escrowd.escrow.payout_worker import CrashHook, unlock_from_settings
+    from escrowd.models.db import make_engine, make_session_factory
 
     parser = argparse.ArgumentParser(prog="python -m escrow.sweeps")
     parser.add_argument("--config", required=True)

@@ -37,9 +37,9 @@ from prometheus_client import Counter
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import WebhookSettings
-from escrow.uow import in_transaction
-from escrow.webhooks import (
+from escrowd.config.settings import WebhookSettings
+from escrowd.escrow.uow import in_transaction
+from escrowd.escrow.webhooks import (
     EVENT_ID_HEADER,
     EVENT_TYPE_HEADER,
     SIGNATURE_HEADER,
@@ -48,7 +48,7 @@ from escrow.webhooks import (
     fan_out,
     signature_header,
 )
-from models import (
+from escrowd.models import (
     DeliveryStatus,
     WebhookAttempt,
     WebhookDelivery,

@@ -30,10 +30,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from config.errors import Conflict, EscrowdError, NotFound, Unauthorized, ValidationFailed
-from config.settings import Settings
-from escrow.events import EVENT_TYPES
-from models import DeliveryStatus, WebhookDelivery, WebhookEndpoint, WebhookEvent, utcnow
+from escrowd.config.errors import Conflict, EscrowdError, NotFound, Unauthorized, ValidationFailed
+from escrowd.config.settings import Settings
+from escrowd.escrow.events import EVENT_TYPES
+from escrowd.models import DeliveryStatus, WebhookDelivery, WebhookEndpoint, WebhookEvent, utcnow
 
 log = structlog.get_logger(__name__)
 

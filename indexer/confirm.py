@@ -9,10 +9,10 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from indexer.evm_source import EvmSource
-from indexer.reorg import headers_of, rewind_below
-from indexer.sink import DepositSink
-from models import Deposit, DepositStatus
+from escrowd.indexer.evm_source import EvmSource
+from escrowd.indexer.reorg import headers_of, rewind_below
+from escrowd.indexer.sink import DepositSink
+from escrowd.models import Deposit, DepositStatus
 
 log = structlog.get_logger(__name__)
 

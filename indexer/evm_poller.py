@@ -19,15 +19,15 @@ from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import delete
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.errors import ValidationFailed
-from config.settings import EvmChainSettings
-from indexer import confirm, reorg
-from indexer.errors import NodeBehind, RangeTooLarge, RpcError, RpcUnavailable
-from indexer.evm_source import BlockHeader, EvmSource, TransferLog
-from indexer.sink import DepositSink
-from indexer.store import FoundDeposit, WatchedAddresses, get_cursor, record_deposits
-from models import Chain, ChainBlock
-from models.registry import ensure_asset
+from escrowd.config.errors import ValidationFailed
+from escrowd.config.settings import EvmChainSettings
+from escrowd.indexer import confirm, reorg
+from escrowd.indexer.errors import NodeBehind, RangeTooLarge, RpcError, RpcUnavailable
+from escrowd.indexer.evm_source import BlockHeader, EvmSource, TransferLog
+from escrowd.indexer.sink import DepositSink
+from escrowd.indexer.store import FoundDeposit, WatchedAddresses, get_cursor, record_deposits
+from escrowd.models import Chain, ChainBlock
+from escrowd.models.registry import ensure_asset
 
 log = structlog.get_logger(__name__)
 

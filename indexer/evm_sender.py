@@ -23,11 +23,11 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from indexer.errors import RpcError
-from indexer.evm_source import EvmSource
-from indexer.sending import SignedTx, TxOutcome, TxState
-from models import SenderNonce
-from wallets.keystore import EvmKey
+from escrowd.indexer.errors import RpcError
+from escrowd.indexer.evm_source import EvmSource
+from escrowd.indexer.sending import SignedTx, TxOutcome, TxState
+from escrowd.models import SenderNonce
+from escrowd.wallets.keystore import EvmKey
 
 log = structlog.get_logger(__name__)
 

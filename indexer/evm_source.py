@@ -27,7 +27,7 @@ import structlog
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
-from indexer.errors import NodeBehind, RangeTooLarge, RpcError, RpcUnavailable
+from escrowd.indexer.errors import NodeBehind, RangeTooLarge, RpcError, RpcUnavailable
 
 log = structlog.get_logger(__name__)
 

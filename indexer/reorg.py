@@ -17,11 +17,11 @@ from prometheus_client import Counter
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.errors import Unavailable
-from indexer.evm_source import BlockHeader, EvmSource
-from indexer.sink import DepositSink
-from indexer.store import get_cursor
-from models import ChainBlock, Deposit, DepositStatus
+from escrowd.config.errors import Unavailable
+from escrowd.indexer.evm_source import BlockHeader, EvmSource
+from escrowd.indexer.sink import DepositSink
+from escrowd.indexer.store import get_cursor
+from escrowd.models import ChainBlock, Deposit, DepositStatus
 
 log = structlog.get_logger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Protocol
 
 from sqlalchemy.orm import Session
 
-from models import Deposit
+from escrowd.models import Deposit
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from indexer.solana_source import SolanaTransaction, TokenBalanceEntry
+from escrowd.indexer.solana_source import SolanaTransaction, TokenBalanceEntry
 
 SOL_DECIMALS = 9
 USDC_DECIMALS = 6

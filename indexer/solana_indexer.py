@@ -38,10 +38,10 @@ from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import SolanaSettings
-from indexer.errors import BlockNotAvailable, RpcError, SlotSkipped
-from indexer.sink import DepositSink
-from indexer.solana_deposits import (
+from escrowd.config.settings import SolanaSettings
+from escrowd.indexer.errors import BlockNotAvailable, RpcError, SlotSkipped
+from escrowd.indexer.sink import DepositSink
+from escrowd.indexer.solana_deposits import (
     SOL,
     SOL_DECIMALS,
     USDC,
@@ -49,16 +49,16 @@ from indexer.solana_deposits import (
     BalanceDeposit,
     extract_deposits,
 )
-from indexer.solana_source import (
+from escrowd.indexer.solana_source import (
     SignatureInfo,
     SolanaBlock,
     SolanaRpcSource,
     SolanaSource,
     SolanaTransaction,
 )
-from indexer.store import FoundDeposit, WatchedAddresses, get_cursor, record_deposits
-from models import Chain, ChainCursor, Deposit, DepositStatus, utcnow
-from models.registry import ensure_asset
+from escrowd.indexer.store import FoundDeposit, WatchedAddresses, get_cursor, record_deposits
+from escrowd.models import Chain, ChainCursor, Deposit, DepositStatus, utcnow
+from escrowd.models.registry import ensure_asset
 
 log = structlog.get_logger(__name__)
 

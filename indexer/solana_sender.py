@@ -28,9 +28,9 @@ from spl.token.instructions import (
 )
 from spl.token.models import TransferCheckedParams
 
-from indexer.sending import SignedTx, TxOutcome, TxState
-from indexer.solana_source import Commitment, SolanaSource
-from wallets.keystore import SolanaKey
+from escrowd.indexer.sending import SignedTx, TxOutcome, TxState
+from escrowd.indexer.solana_source import Commitment, SolanaSource
+from escrowd.wallets.keystore import SolanaKey
 
 log = structlog.get_logger(__name__)
 

@@ -22,7 +22,7 @@ from solana.exceptions import SolanaRpcException
 from solana.rpc.async_api import AsyncClient
 from solana.rpc.jsonrpc import JsonRpcRequest, SolanaJsonRpcError
 
-from indexer.errors import BlockNotAvailable, RpcError, RpcUnavailable, SlotSkipped
+from escrowd.indexer.errors import BlockNotAvailable, RpcError, RpcUnavailable, SlotSkipped
 
 log = structlog.get_logger(__name__)
 

@@ -9,8 +9,8 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from indexer.sink import DepositSink, StoredDeposit
-from models import ChainCursor, Deposit, DepositAddress, DepositStatus, bulk, utcnow
+from escrowd.indexer.sink import DepositSink, StoredDeposit
+from escrowd.models import ChainCursor, Deposit, DepositAddress, DepositStatus, bulk, utcnow
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from models import Base
-from models.db import make_engine
+from escrowd.models import Base
+from escrowd.models.db import make_engine
 
 config = context.config
 target_metadata = Base.metadata

@@ -1,6 +1,6 @@
 """SQLAlchemy 2.0 typed models: the only place escrowd's tables are defined."""
 
-from models.api import (
+from escrowd.models.api import (
     ApiKey,
     IdempotencyKey,
     WebhookAttempt,
@@ -8,8 +8,8 @@ from models.api import (
     WebhookEndpoint,
     WebhookEvent,
 )
-from models.audit import AuditHead, AuditLog
-from models.base import (
+from escrowd.models.audit import AuditHead, AuditLog
+from escrowd.models.base import (
     AccountKind,
     ApiScope,
     Base,
@@ -22,9 +22,9 @@ from models.base import (
     TransferCode,
     utcnow,
 )
-from models.chain import Agent, Asset, ChainBlock, ChainCursor, Deposit, DepositAddress
-from models.escrow import Escrow, Payout, PayoutTransaction, SenderNonce
-from models.ledger import LedgerAccount, LedgerTransfer
+from escrowd.models.chain import Agent, Asset, ChainBlock, ChainCursor, Deposit, DepositAddress
+from escrowd.models.escrow import Escrow, Payout, PayoutTransaction, SenderNonce
+from escrowd.models.ledger import LedgerAccount, LedgerTransfer
 
 __all__ = [
     "AccountKind",

@@ -16,7 +16,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from models.base import ApiScope, Base, BigIntPK, DeliveryStatus, check_in, utcnow
+from escrowd.models.base import ApiScope, Base, BigIntPK, DeliveryStatus, check_in, utcnow
 
 
 class ApiKey(Base):

@@ -13,7 +13,7 @@ from datetime import datetime
 from sqlalchemy import Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from models.base import Base, BigIntPK, utcnow
+from escrowd.models.base import Base, BigIntPK, utcnow
 
 
 class AuditLog(Base):

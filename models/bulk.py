@@ -20,7 +20,7 @@ from sqlalchemy import Table
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
-from models.db import driver_cursor
+from escrowd.models.db import driver_cursor
 
 # Bound on the rows one statement carries (a few MB of parameters at most).
 MAX_ROWS_PER_STATEMENT = 10_000

@@ -14,7 +14,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from models.base import Base, BigIntPK, DepositStatus, check_in, utcnow
+from escrowd.models.base import Base, BigIntPK, DepositStatus, check_in, utcnow
 
 
 class Asset(Base):

@@ -7,7 +7,15 @@ from datetime import datetime
 from sqlalchemy import CheckConstraint, ForeignKey, Index, Integer, LargeBinary, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from models.base import Base, BigIntPK, EscrowStatus, PayoutReason, PayoutStatus, check_in, utcnow
+from escrowd.models.base import (
+    Base,
+    BigIntPK,
+    EscrowStatus,
+    PayoutReason,
+    PayoutStatus,
+    check_in,
+    utcnow,
+)
 
 OPEN_ESCROW_STATES = (EscrowStatus.FUNDED, EscrowStatus.EXPIRED)
 # The partial indexes' conditions; a query meant to use one states them as this SQL (a

@@ -14,7 +14,7 @@ from datetime import datetime
 from sqlalchemy import CheckConstraint, Index, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from models.base import AccountKind, Base, BigIntPK, TransferCode, check_in, utcnow
+from escrowd.models.base import AccountKind, Base, BigIntPK, TransferCode, check_in, utcnow
 
 
 class LedgerAccount(Base):

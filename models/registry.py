@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.chain import Asset
+from escrowd.models.chain import Asset
 
 
 class AssetRegistryConflict(Exception):

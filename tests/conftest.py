@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from migrations.runner import upgrade_to_head
-from models.db import make_engine, make_session_factory
+from escrowd.migrations.runner import upgrade_to_head
+from escrowd.models.db import make_engine, make_session_factory
 
 PG_ADMIN_DSN = os.environ.get(
     "ESCROWD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"

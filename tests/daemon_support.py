@@ -13,11 +13,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-# daemon/cli_run.register mounts `run` and `dev`; registering here keeps the tests
-# independent of whether daemon/cli.py has done so yet (register is idempotent).
-ENTRY = (
-    "from daemon.cli import app, main; from daemon.cli_run import register; register(app); main()"
-)
+
+ENTRY = "from escrowd.daemon.cli import main; main()"
 
 
 class DaemonProcess:

@@ -9,17 +9,22 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import EvmChainSettings, Settings
-from daemon.api import create_app
-from escrow import accounts, apikeys, audit, ledger, service
-from escrow.payouts import PlatformAddresses
-from escrow.webhooks import SecretCipher
-from models import ApiScope, AuditLog, TransferCode
-from models.registry import ensure_asset
-from wallets.allocation import AddressDeriver
-from wallets.hd import EVM_ACCOUNT_PATH, EvmXpubDeriver, ExtendedPrivateKey, SolanaSeedDeriver
-from wallets.mnemonic import mnemonic_to_seed
-from wallets.secrets import Secret
+from escrowd.config.settings import EvmChainSettings, Settings
+from escrowd.daemon.api import create_app
+from escrowd.escrow import accounts, apikeys, audit, ledger, service
+from escrowd.escrow.payouts import PlatformAddresses
+from escrowd.escrow.webhooks import SecretCipher
+from escrowd.models import ApiScope, AuditLog, TransferCode
+from escrowd.models.registry import ensure_asset
+from escrowd.wallets.allocation import AddressDeriver
+from escrowd.wallets.hd import (
+    EVM_ACCOUNT_PATH,
+    EvmXpubDeriver,
+    ExtendedPrivateKey,
+    SolanaSeedDeriver,
+)
+from escrowd.wallets.mnemonic import mnemonic_to_seed
+from escrowd.wallets.secrets import Secret
 
 USDC_ADDRESS = "0x" + "ab" * 20
 CHAIN = "base"

@@ -14,9 +14,15 @@ import pytest
 import requests
 from web3 import Web3
 
-from devnet.anvil import AnvilProcess, find_anvil
-from devnet.evm import TestUSDC, deploy_test_usdc, dev_accounts, web3_for_tester, web3_for_url
-from indexer.evm_source import EthTesterSource, JsonRpcEvmSource, RetryPolicy
+from escrowd.devnet.anvil import AnvilProcess, find_anvil
+from escrowd.devnet.evm import (
+    TestUSDC,
+    deploy_test_usdc,
+    dev_accounts,
+    web3_for_tester,
+    web3_for_url,
+)
+from escrowd.indexer.evm_source import EthTesterSource, JsonRpcEvmSource, RetryPolicy
 
 # Every dev account starts with this many micro-USDC (1,000,000 USDC).
 INITIAL_TOKEN_BALANCE = 1_000_000 * 10**6

@@ -9,12 +9,12 @@ from eth_account import Account
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import EvmChainSettings
-from escrow import accounts, audit, ledger
-from escrow.deposits import LedgerDepositSink
-from indexer.evm_poller import EvmPoller
-from indexer.evm_source import EvmSource
-from models import Agent, Chain, Deposit, DepositAddress
+from escrowd.config.settings import EvmChainSettings
+from escrowd.escrow import accounts, audit, ledger
+from escrowd.escrow.deposits import LedgerDepositSink
+from escrowd.indexer.evm_poller import EvmPoller
+from escrowd.indexer.evm_source import EvmSource
+from escrowd.models import Agent, Chain, Deposit, DepositAddress
 from tests.evm_fixtures import EvmChain
 
 CHAIN = "testevm"

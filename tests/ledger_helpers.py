@@ -6,8 +6,8 @@ import itertools
 
 from sqlalchemy.orm import Session
 
-from escrow import ledger
-from models import AccountKind, LedgerAccount, TransferCode
+from escrowd.escrow import ledger
+from escrowd.models import AccountKind, LedgerAccount, TransferCode
 
 _keys = itertools.count(1)
 

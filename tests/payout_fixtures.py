@@ -18,17 +18,17 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 from web3.types import Wei
 
-from config.settings import EvmChainSettings, KeystoreSettings, PayoutSettings, Settings
-from devnet.anvil import REPO_ROOT
-from escrow import accounts, audit, ledger, reconcile
-from escrow.payout_worker import EvmPayoutChain, PayoutWorker, WorkerOptions
-from escrow.payouts import PlatformAddresses, request_payout
-from indexer.evm_sender import EvmSender
-from models import Payout, PayoutReason, PayoutStatus, TransferCode
-from models.registry import ensure_asset
+from escrowd.config.settings import EvmChainSettings, KeystoreSettings, PayoutSettings, Settings
+from escrowd.devnet.anvil import REPO_ROOT
+from escrowd.escrow import accounts, audit, ledger, reconcile
+from escrowd.escrow.payout_worker import EvmPayoutChain, PayoutWorker, WorkerOptions
+from escrowd.escrow.payouts import PlatformAddresses, request_payout
+from escrowd.indexer.evm_sender import EvmSender
+from escrowd.models import Payout, PayoutReason, PayoutStatus, TransferCode
+from escrowd.models.registry import ensure_asset
+from escrowd.wallets.keystore import UnlockedKeystore, create_keystore
+from escrowd.wallets.secrets import Secret
 from tests.evm_fixtures import EvmChain
-from wallets.keystore import UnlockedKeystore, create_keystore
-from wallets.secrets import Secret
 
 PASSPHRASE = "payout-test-passphrase"
 CHAIN = "anvil"
@@ -164,7 +164,7 @@ class EvmPayoutWorld:
             [
                 sys.executable,
                 "-m",
-                "escrow.payout_worker",
+                "escrowd.escrow.payout_worker",
                 "--config",
                 str(self.config_path),
                 "--chain",
@@ -181,7 +181,7 @@ class EvmPayoutWorld:
 
 
 def make_evm_world(chain: EvmChain, db_url: str, engine: Engine, tmp_path: Path) -> EvmPayoutWorld:
-    from models.db import make_session_factory
+    from escrowd.models.db import make_session_factory
 
     assert chain.url is not None
     keystore = create_keystore(tmp_path / "keystore.json", Secret(PASSPHRASE), scrypt_log2_n=10)

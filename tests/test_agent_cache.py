@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import pytest
 
-from escrow.agent_cache import AgentCache
-from escrow.errors import AgentNotFound
-from models import Agent
+from escrowd.escrow.agent_cache import AgentCache
+from escrowd.escrow.errors import AgentNotFound
+from escrowd.models import Agent
 
 
 def _loader(known: dict[str, int], calls: list[str]) -> Callable[[str], Agent]:

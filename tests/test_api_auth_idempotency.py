@@ -11,10 +11,10 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
-from daemon.cli_api import apikey_app
-from escrow import apikeys
-from models import ApiKey, ApiScope, Escrow, IdempotencyKey
-from models.db import make_session_factory
+from escrowd.daemon.cli_api import apikey_app
+from escrowd.escrow import apikeys
+from escrowd.models import ApiKey, ApiScope, Escrow, IdempotencyKey
+from escrowd.models.db import make_session_factory
 from tests.escrow_fixtures import available, make_client, make_key, seed_agents
 
 ESCROW = {"job_id": "job-1", "buyer": "alice", "worker": "bob", "asset": "USDC", "amount": "1"}

@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from escrow import service
-from models import ApiScope, Asset, Deposit, DepositAddress
+from escrowd.escrow import service
+from escrowd.models import ApiScope, Asset, Deposit, DepositAddress
 from tests.escrow_fixtures import (
     credit,
     derivers,

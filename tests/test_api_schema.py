@@ -19,10 +19,10 @@ from schemathesis.specs.openapi.checks import (
 )
 from sqlalchemy import Engine
 
-from daemon.api import create_app
-from escrow.webhooks import SecretCipher
-from models import ApiScope
-from models.db import make_engine, make_session_factory
+from escrowd.daemon.api import create_app
+from escrowd.escrow.webhooks import SecretCipher
+from escrowd.models import ApiScope
+from escrowd.models.db import make_engine, make_session_factory
 from tests.escrow_fixtures import PLATFORM, derivers, make_key, make_settings, seed_agents
 
 CHECKS = [

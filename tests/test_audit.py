@@ -7,9 +7,9 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from escrow import audit
-from models import AuditLog
-from models.db import make_session_factory
+from escrowd.escrow import audit
+from escrowd.models import AuditLog
+from escrowd.models.db import make_session_factory
 
 
 def _trail(session: Session) -> list[AuditLog]:

@@ -10,10 +10,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from escrow import audit
-from escrow.deposits import LedgerDepositSink
-from indexer.store import FoundDeposit, WatchedAddresses, record_deposits
-from models import (
+from escrowd.escrow import audit
+from escrowd.escrow.deposits import LedgerDepositSink
+from escrowd.indexer.store import FoundDeposit, WatchedAddresses, record_deposits
+from escrowd.models import (
     Agent,
     AuditLog,
     Chain,
@@ -24,7 +24,7 @@ from models import (
     bulk,
     utcnow,
 )
-from models.registry import ensure_asset
+from escrowd.models.registry import ensure_asset
 
 CHAIN = "testevm"
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from models.db import make_engine
+from escrowd.models.db import make_engine
 
-ESCROWD = [sys.executable, "-c", "from daemon.cli import main; main()"]
+ESCROWD = [sys.executable, "-c", "from escrowd.daemon.cli import main; main()"]
 
 
 def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -33,6 +33,43 @@ def test_version(cli_env: dict[str, str]) -> None:
     result = run(["--version"], cli_env)
     assert result.returncode == 0
     assert result.stdout.startswith("escrowd ")
+
+
+# What makes a command slow to start (bench/cli_startup.py times it): none of these may be
+# imported for --version or --help, only by the subcommand that needs it.
+HEAVY_MODULES = ("web3", "solana", "solders", "fastapi", "sqlalchemy", "eth_tester", "pydantic")
+LIST_MODULES = f"""
+import sys
+from escrowd.daemon.cli import main
+try:
+    main()
+except SystemExit:
+    pass
+print("MODULES", *sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY_MODULES!r})))
+"""
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["payouts", "--help"]])
+def test_version_and_help_import_no_heavy_module(
+    cli_env: dict[str, str], args: list[str]
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", LIST_MODULES, *args],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("MODULES")]
+    imported = line.split()[1:]
+    if args[0] == "payouts":
+        # The subcommand itself may load what it needs; the check is that the root does not.
+        assert "sqlalchemy" in imported
+    else:
+        assert imported == []
+    assert "Usage:" in result.stdout or result.stdout.startswith("escrowd ")
 
 
 def test_init_then_checks_pass(cli_env: dict[str, str], tmp_path: Path) -> None:

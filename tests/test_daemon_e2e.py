@@ -20,15 +20,15 @@ from solders.pubkey import Pubkey
 from sqlalchemy import select
 from web3.types import Wei
 
-from devnet.evm import mine_blocks, web3_for_url
-from devnet.solana_rpc import SolanaSimulator
-from escrow import apikeys, audit, ledger
-from models import ApiScope, Payout
-from models.db import make_engine, make_session_factory
+from escrowd.devnet.evm import mine_blocks, web3_for_url
+from escrowd.devnet.solana_rpc import SolanaSimulator
+from escrowd.escrow import apikeys, audit, ledger
+from escrowd.models import ApiScope, Payout
+from escrowd.models.db import make_engine, make_session_factory
+from escrowd.wallets.keystore import create_keystore
+from escrowd.wallets.secrets import Secret
 from tests.daemon_support import DaemonProcess, daemon_env
 from tests.evm_fixtures import EvmChain
-from wallets.keystore import create_keystore
-from wallets.secrets import Secret
 
 pytestmark = [pytest.mark.postgres, pytest.mark.anvil]
 

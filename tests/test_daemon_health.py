@@ -12,8 +12,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine
 
-from daemon.health import ReadinessProbe, create_health_app
-from daemon.jobs import (
+from escrowd.daemon.health import ReadinessProbe, create_health_app
+from escrowd.daemon.jobs import (
     Job,
     JobProgress,
     JobRunner,
@@ -23,7 +23,7 @@ from daemon.jobs import (
     PgAdvisoryLocks,
     advisory_key,
 )
-from models.db import make_engine
+from escrowd.models.db import make_engine
 from tests.conftest import PG_URL_BASE
 
 

@@ -13,9 +13,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from config.settings import load_settings
-from daemon.runner import Daemon, SchemaNotAtHead
-from models.db import make_engine
+from escrowd.config.settings import load_settings
+from escrowd.daemon.runner import Daemon, SchemaNotAtHead
+from escrowd.models.db import make_engine
 from tests.daemon_support import DaemonProcess, daemon_env
 
 PROBE_TABLE = (

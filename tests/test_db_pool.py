@@ -6,8 +6,8 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
-import models.db
-from models.db import make_engine
+from escrowd.models import db as models_db
+from escrowd.models.db import make_engine
 from tests.conftest import _admin
 
 
@@ -28,7 +28,7 @@ def test_idle_connection_dropped_by_the_server_is_replaced_unseen(
         dropped = _backend_pid(engine)
         _terminate(dropped)
         # Every pooled connection counts as idle: the checkout pings and reconnects.
-        monkeypatch.setattr(models.db, "PING_AFTER_IDLE_S", 0.0)
+        monkeypatch.setattr(models_db, "PING_AFTER_IDLE_S", 0.0)
         with engine.connect() as conn:
             assert conn.scalar(text("SELECT 1")) == 1
             assert conn.scalar(text("SELECT pg_backend_pid()")) != dropped
@@ -39,7 +39,7 @@ def test_idle_connection_dropped_by_the_server_is_replaced_unseen(
 def test_recently_used_connection_fails_once_then_the_pool_recovers(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(models.db, "PING_AFTER_IDLE_S", 3600.0)
+    monkeypatch.setattr(models_db, "PING_AFTER_IDLE_S", 3600.0)
     engine = make_engine(pg_url, pool_size=1)
     try:
         dropped = _backend_pid(engine)

@@ -10,11 +10,11 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from escrow import service
-from escrow.errors import EscrowConflict, InsufficientFunds
-from escrow.uow import in_transaction
-from models import Agent
-from models.db import make_session_factory
+from escrowd.escrow import service
+from escrowd.escrow.errors import EscrowConflict, InsufficientFunds
+from escrowd.escrow.uow import in_transaction
+from escrowd.models import Agent
+from escrowd.models.db import make_session_factory
 from tests.escrow_fixtures import available, ledger_clean, platform_fees, seed_agents
 
 pytestmark = pytest.mark.postgres

@@ -12,8 +12,8 @@ from typing import Any
 from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from escrow import service
-from models import Agent
+from escrowd.escrow import service
+from escrowd.models import Agent
 from tests.escrow_fixtures import seed_agents
 
 

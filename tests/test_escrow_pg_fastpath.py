@@ -12,10 +12,10 @@ import pytest
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.errors import EscrowdError
-from escrow import audit, ledger, service
-from escrow.audit import canonical_json
-from models import (
+from escrowd.config.errors import EscrowdError
+from escrowd.escrow import audit, ledger, service
+from escrowd.escrow.audit import canonical_json
+from escrowd.models import (
     Agent,
     AuditLog,
     Escrow,
@@ -23,7 +23,7 @@ from models import (
     LedgerTransfer,
     WebhookEvent,
 )
-from models.db import make_engine, make_session_factory
+from escrowd.models.db import make_engine, make_session_factory
 from tests.escrow_fixtures import credit, seed_asset
 
 # JSON-special, multi-byte, astral and control characters: the SQL must escape them

@@ -12,10 +12,10 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from escrow.errors import EscrowConflict, InsufficientFunds
-from escrow.interface import EscrowService
-from migrations.runner import alembic_config, current_revision, head_revision
-from models.db import make_session_factory
+from escrowd.escrow.errors import EscrowConflict, InsufficientFunds
+from escrowd.escrow.interface import EscrowService
+from escrowd.migrations.runner import alembic_config, current_revision, head_revision
+from escrowd.models.db import make_session_factory
 from tests.escrow_fixtures import (
     PLATFORM,
     audit_actions,

@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from escrow import EscrowService, service
-from escrow.errors import EscrowConflict, EscrowNotFound, InsufficientFunds, InvalidAmount
-from escrow.payouts import request_payout
-from models import (
+from escrowd.escrow import EscrowService, service
+from escrowd.escrow.errors import EscrowConflict, EscrowNotFound, InsufficientFunds, InvalidAmount
+from escrowd.escrow.payouts import request_payout
+from escrowd.models import (
     Agent,
     Chain,
     DepositAddress,
@@ -22,6 +22,7 @@ from models import (
     PayoutReason,
     WebhookEvent,
 )
+from escrowd.wallets.errors import InvalidAddress
 from tests.escrow_fixtures import (
     CHAIN,
     PLATFORM,
@@ -34,7 +35,6 @@ from tests.escrow_fixtures import (
     seed_agents,
     seed_asset,
 )
-from wallets.errors import InvalidAddress
 
 DEST = "0x" + "12" * 20
 

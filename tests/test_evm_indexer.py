@@ -10,14 +10,14 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from devnet.evm import deploy_test_usdc
-from indexer import evm_poller, store
-from indexer.errors import RangeTooLarge, RpcUnavailable
-from indexer.evm_poller import ChainIdMismatch
-from indexer.evm_source import BlockHeader, EthTesterSource, TransferLog
-from indexer.store import get_cursor
-from models import ChainBlock, DepositStatus
-from models.db import make_engine, make_session_factory
+from escrowd.devnet.evm import deploy_test_usdc
+from escrowd.indexer import evm_poller, store
+from escrowd.indexer.errors import RangeTooLarge, RpcUnavailable
+from escrowd.indexer.evm_poller import ChainIdMismatch
+from escrowd.indexer.evm_source import BlockHeader, EthTesterSource, TransferLog
+from escrowd.indexer.store import get_cursor
+from escrowd.models import ChainBlock, DepositStatus
+from escrowd.models.db import make_engine, make_session_factory
 from tests.evm_fixtures import EvmChain
 from tests.evm_indexer_helpers import (
     CHAIN,

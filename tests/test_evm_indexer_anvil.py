@@ -19,15 +19,15 @@ from eth_typing import HexStr
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
-from daemon.cli import CliState
-from daemon.cli_backfill import backfill_app
-from devnet.evm import mine_blocks, revert, snapshot
-from escrow.deposits import DEEP_REORG_REVERSALS
-from indexer.evm_source import JsonRpcEvmSource, RetryPolicy
-from indexer.reorg import CREDITED_ORPHANED
-from indexer.store import get_cursor
-from models import DepositStatus
-from models.db import make_engine, make_session_factory
+from escrowd.daemon.cli import CliState
+from escrowd.daemon.cli_backfill import backfill_app
+from escrowd.devnet.evm import mine_blocks, revert, snapshot
+from escrowd.escrow.deposits import DEEP_REORG_REVERSALS
+from escrowd.indexer.evm_source import JsonRpcEvmSource, RetryPolicy
+from escrowd.indexer.reorg import CREDITED_ORPHANED
+from escrowd.indexer.store import get_cursor
+from escrowd.models import DepositStatus
+from escrowd.models.db import make_engine, make_session_factory
 from tests.evm_fixtures import EvmChain
 from tests.evm_indexer_helpers import (
     CHAIN,
@@ -166,11 +166,11 @@ def test_rpc_faults_skip_no_block_and_fail_over(
 _CHILD = textwrap.dedent(
     """
     import sys
-    from escrow.deposits import LedgerDepositSink
-    from indexer.evm_poller import EvmPoller
-    from indexer.evm_source import JsonRpcEvmSource
-    from config.settings import EvmChainSettings
-    from models.db import make_engine, make_session_factory
+    from escrowd.escrow.deposits import LedgerDepositSink
+    from escrowd.indexer.evm_poller import EvmPoller
+    from escrowd.indexer.evm_source import JsonRpcEvmSource
+    from escrowd.config.settings import EvmChainSettings
+    from escrowd.models.db import make_engine, make_session_factory
 
     settings = EvmChainSettings.model_validate_json(sys.argv[1])
     sessions = make_session_factory(make_engine(sys.argv[2]))

@@ -8,9 +8,9 @@ import pytest
 from eth_account import Account
 from web3 import Web3
 
-from devnet.evm import deploy_test_usdc
-from indexer.errors import NodeBehind
-from indexer.evm_source import EvmSource
+from escrowd.devnet.evm import deploy_test_usdc
+from escrowd.indexer.errors import NodeBehind
+from escrowd.indexer.evm_source import EvmSource
 from tests.evm_fixtures import INITIAL_TOKEN_BALANCE, EvmChain, anvil_chain, eth_tester_chain
 
 __all__ = ["anvil_chain", "eth_tester_chain"]

@@ -8,9 +8,9 @@ import time
 import httpx
 import pytest
 
-from devnet.anvil import AnvilError, AnvilProcess, find_anvil
-from devnet.evm import DevnetTxFailed, anvil_reorg, mine_blocks
-from indexer.evm_source import EthTesterSource
+from escrowd.devnet.anvil import AnvilError, AnvilProcess, find_anvil
+from escrowd.devnet.evm import DevnetTxFailed, anvil_reorg, mine_blocks
+from escrowd.indexer.evm_source import EthTesterSource
 from tests.evm_fixtures import EvmChain, anvil_chain, eth_tester_chain, require_anvil
 
 __all__ = ["anvil_chain", "eth_tester_chain"]

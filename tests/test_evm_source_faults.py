@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from devnet.anvil import free_port
-from indexer.errors import NodeBehind, RangeTooLarge, RpcError, RpcUnavailable
-from indexer.evm_source import JsonRpcEvmSource, RetryPolicy, classify_rpc_error
+from escrowd.devnet.anvil import free_port
+from escrowd.indexer.errors import NodeBehind, RangeTooLarge, RpcError, RpcUnavailable
+from escrowd.indexer.evm_source import JsonRpcEvmSource, RetryPolicy, classify_rpc_error
 from tests.evm_fixtures import EvmChain, anvil_chain
 
 __all__ = ["anvil_chain"]

@@ -8,16 +8,16 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from escrow import audit, ledger
-from escrow.errors import (
+from escrowd.escrow import audit, ledger
+from escrowd.escrow.errors import (
     AssetMismatch,
     IdempotencyConflict,
     InsufficientFunds,
     InvalidAmount,
     UnknownAccount,
 )
-from escrow.money import format_amount, parse_amount
-from models import AccountKind, AuditLog, LedgerTransfer
+from escrowd.escrow.money import format_amount, parse_amount
+from escrowd.models import AccountKind, AuditLog, LedgerTransfer
 from tests.ledger_helpers import fund, make_accounts, new_key, spec
 
 

@@ -10,10 +10,10 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from escrow import audit, ledger
-from escrow.errors import InsufficientFunds
-from escrow.uow import in_transaction
-from models.db import make_session_factory
+from escrowd.escrow import audit, ledger
+from escrowd.escrow.errors import InsufficientFunds
+from escrowd.escrow.uow import in_transaction
+from escrowd.models.db import make_session_factory
 from tests.ledger_helpers import fund, make_accounts, spec
 
 THREADS = 16

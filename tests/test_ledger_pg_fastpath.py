@@ -18,10 +18,10 @@ import pytest
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
-from config.errors import EscrowdError
-from escrow import audit, ledger
-from models import AccountKind, AuditLog, LedgerAccount, LedgerTransfer, TransferCode
-from models.db import make_engine, make_session_factory
+from escrowd.config.errors import EscrowdError
+from escrowd.escrow import audit, ledger
+from escrowd.models import AccountKind, AuditLog, LedgerAccount, LedgerTransfer, TransferCode
+from escrowd.models.db import make_engine, make_session_factory
 
 pytestmark = pytest.mark.postgres
 

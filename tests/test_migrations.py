@@ -6,8 +6,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect
 
-from migrations.runner import current_revision, head_revision, is_at_head, upgrade_to_head
-from models import Base
+from escrowd.migrations.runner import current_revision, head_revision, is_at_head, upgrade_to_head
+from escrowd.models import Base
 
 
 def test_models_and_migrations_agree(engine: Engine) -> None:

@@ -18,10 +18,9 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-import models.db
-from config.errors import ValidationFailed
-from escrow import accounts, audit, ledger, service
-from escrow.errors import (
+from escrowd.config.errors import ValidationFailed
+from escrowd.escrow import accounts, audit, ledger, service
+from escrowd.escrow.errors import (
     AgentNotFound,
     EscrowConflict,
     EscrowNotFound,
@@ -31,8 +30,8 @@ from escrow.errors import (
     UnknownAccount,
     UnknownAsset,
 )
-from escrow.interface import EscrowService
-from models import (
+from escrowd.escrow.interface import EscrowService
+from escrowd.models import (
     AccountKind,
     AuditLog,
     Escrow,
@@ -41,7 +40,8 @@ from models import (
     LedgerTransfer,
     TransferCode,
 )
-from models.db import make_session_factory, statement_rows
+from escrowd.models import db as models_db
+from escrowd.models.db import make_session_factory, statement_rows
 from tests.escrow_fixtures import PLATFORM, credit, make_settings, platform_fees, seed_asset
 from tests.ledger_helpers import fund
 
@@ -363,7 +363,7 @@ def test_statement_rows_pings_an_idle_connection(
     pid = _backend_pid(pg_engine)
     _wait_gone(pg_url.replace("postgresql+psycopg://", "postgresql://"), pid)
     # Idle for longer than the ping threshold: the dead connection is found before use.
-    monkeypatch.setattr(models.db, "PING_AFTER_IDLE_S", 0.0)
+    monkeypatch.setattr(models_db, "PING_AFTER_IDLE_S", 0.0)
 
     [posted] = ledger.post_alone(pg_engine, [_leg(alice, bob, 3)], actor="tester")
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from escrow import service
-from escrow.payout_worker import CRASH_POINTS
-from models.db import make_engine
+from escrowd.escrow import service
+from escrowd.escrow.payout_worker import CRASH_POINTS
+from escrowd.models.db import make_engine
 from tests.evm_fixtures import EvmChain, anvil_chain
 from tests.payout_fixtures import EvmPayoutWorld, make_evm_world, random_address
 

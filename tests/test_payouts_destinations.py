@@ -13,13 +13,13 @@ from httpx import Response
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.errors import EscrowdError, InsufficientFunds, Unavailable, ValidationFailed
-from config.settings import Settings, SolanaSettings
-from daemon.api import create_app
-from escrow import EscrowService, accounts, ledger, service
-from escrow.payouts import PlatformAddresses, request_payout
-from escrow.webhooks import SecretCipher
-from models import (
+from escrowd.config.errors import EscrowdError, InsufficientFunds, Unavailable, ValidationFailed
+from escrowd.config.settings import Settings, SolanaSettings
+from escrowd.daemon.api import create_app
+from escrowd.escrow import EscrowService, accounts, ledger, service
+from escrowd.escrow.payouts import PlatformAddresses, request_payout
+from escrowd.escrow.webhooks import SecretCipher
+from escrowd.models import (
     ApiScope,
     AuditLog,
     DepositAddress,
@@ -31,8 +31,12 @@ from models import (
     TransferCode,
     WebhookEvent,
 )
-from models.db import make_engine, make_session_factory
-from models.registry import ensure_asset
+from escrowd.models.db import make_engine, make_session_factory
+from escrowd.models.registry import ensure_asset
+from escrowd.wallets.addresses import associated_token_address
+from escrowd.wallets.errors import InvalidAddress
+from escrowd.wallets.keystore import UnlockedKeystore, create_keystore
+from escrowd.wallets.secrets import Secret
 from tests.escrow_fixtures import (
     CHAIN,
     PLATFORM,
@@ -41,10 +45,6 @@ from tests.escrow_fixtures import (
     make_settings,
     seed_agents,
 )
-from wallets.addresses import associated_token_address
-from wallets.errors import InvalidAddress
-from wallets.keystore import UnlockedKeystore, create_keystore
-from wallets.secrets import Secret
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, select
 
-from devnet.evm import _rpc, mine_blocks
-from escrow import accounts, ledger, service
-from indexer.errors import RpcError
-from models import Escrow, Payout, PayoutReason, PayoutTransaction
-from models.db import make_engine
+from escrowd.devnet.evm import _rpc, mine_blocks
+from escrowd.escrow import accounts, ledger, service
+from escrowd.indexer.errors import RpcError
+from escrowd.models import Escrow, Payout, PayoutReason, PayoutTransaction
+from escrowd.models.db import make_engine
 from tests.escrow_fixtures import audit_actions
 from tests.evm_fixtures import EvmChain, anvil_chain
 from tests.payout_fixtures import EvmPayoutWorld, make_evm_world, random_address

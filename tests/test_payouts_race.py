@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, select, update
 
-from escrow import service
-from escrow.payout_worker import PassStats, PayoutWorker, _LostClaim
-from models import Payout, utcnow
+from escrowd.escrow import service
+from escrowd.escrow.payout_worker import PassStats, PayoutWorker, _LostClaim
+from escrowd.models import Payout, utcnow
 from tests.conftest import PG_URL_BASE
 from tests.evm_fixtures import EvmChain, anvil_chain
 from tests.payout_fixtures import EvmPayoutWorld, make_evm_world, random_address

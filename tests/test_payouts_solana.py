@@ -15,9 +15,9 @@ from solders.pubkey import Pubkey
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from devnet.solana_rpc import SolanaSimulator
-from escrow import accounts, audit, ledger, reconcile, service
-from escrow.payout_worker import (
+from escrowd.devnet.solana_rpc import SolanaSimulator
+from escrowd.escrow import accounts, audit, ledger, reconcile, service
+from escrowd.escrow.payout_worker import (
     CRASH_POINTS,
     CrashHook,
     PayoutWorker,
@@ -25,16 +25,16 @@ from escrow.payout_worker import (
     SolanaPayoutChain,
     WorkerOptions,
 )
-from escrow.payouts import PlatformAddresses, request_payout
-from indexer.errors import RpcError
-from indexer.solana_sender import SolanaSender
-from indexer.solana_source import SolanaRpcSource
-from models import Escrow, Payout, PayoutReason, PayoutTransaction, TransferCode
-from models.db import make_engine, make_session_factory
-from models.registry import ensure_asset
+from escrowd.escrow.payouts import PlatformAddresses, request_payout
+from escrowd.indexer.errors import RpcError
+from escrowd.indexer.solana_sender import SolanaSender
+from escrowd.indexer.solana_source import SolanaRpcSource
+from escrowd.models import Escrow, Payout, PayoutReason, PayoutTransaction, TransferCode
+from escrowd.models.db import make_engine, make_session_factory
+from escrowd.models.registry import ensure_asset
+from escrowd.wallets.keystore import UnlockedKeystore, create_keystore
+from escrowd.wallets.secrets import Secret
 from tests.escrow_fixtures import audit_actions
-from wallets.keystore import UnlockedKeystore, create_keystore
-from wallets.secrets import Secret
 
 CHAIN = "solana"
 SOL_FLOAT = 10 * 10**9
@@ -124,7 +124,7 @@ class SolanaWorld:
 
     def differences(self) -> list[reconcile.Difference]:
         def read(asset: object, addresses: object) -> int:
-            from models import Asset
+            from escrowd.models import Asset
 
             assert isinstance(asset, Asset) and isinstance(addresses, list)
             if asset.token_address is None:

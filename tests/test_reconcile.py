@@ -10,11 +10,11 @@ import typer
 from sqlalchemy import Engine
 from typer.testing import CliRunner
 
-from daemon.cli import CliState
-from daemon.cli_payouts import payouts_app, reconcile
-from escrow import service
-from escrow.reconcile import Line
-from models.db import make_engine
+from escrowd.daemon.cli import CliState
+from escrowd.daemon.cli_payouts import payouts_app, reconcile
+from escrowd.escrow import service
+from escrowd.escrow.reconcile import Line
+from escrowd.models.db import make_engine
 from tests.evm_fixtures import EvmChain, anvil_chain
 from tests.payout_fixtures import PASSPHRASE, EvmPayoutWorld, make_evm_world, random_address
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import SettingsError, load_settings
+from escrowd.config.settings import SettingsError, load_settings
 
 CHAIN = """
 [[evm_chains]]

@@ -21,14 +21,14 @@ from solders.transaction import VersionedTransaction
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import SolanaSettings
-from devnet.solana_rpc import SolanaSimulator
-from escrow import accounts, audit, ledger
-from escrow.deposits import LedgerDepositSink
-from indexer.errors import BlockNotAvailable, SlotSkipped
-from indexer.sink import StoredDeposit
-from indexer.solana_indexer import BLOCK_SCAN, PER_ADDRESS, SolanaPoller, rpc_source
-from indexer.solana_source import (
+from escrowd.config.settings import SolanaSettings
+from escrowd.devnet.solana_rpc import SolanaSimulator
+from escrowd.escrow import accounts, audit, ledger
+from escrowd.escrow.deposits import LedgerDepositSink
+from escrowd.indexer.errors import BlockNotAvailable, SlotSkipped
+from escrowd.indexer.sink import StoredDeposit
+from escrowd.indexer.solana_indexer import BLOCK_SCAN, PER_ADDRESS, SolanaPoller, rpc_source
+from escrowd.indexer.solana_source import (
     Commitment,
     SignatureStatus,
     SolanaBlock,
@@ -36,11 +36,11 @@ from indexer.solana_source import (
     SolanaTransaction,
     TransactionDetails,
 )
-from models import AuditLog, ChainCursor, Deposit, DepositStatus
-from models.db import make_engine, make_session_factory
-from wallets.allocation import allocate_deposit_address, get_or_create_agent
-from wallets.hd import SolanaSeedDeriver
-from wallets.secrets import Secret
+from escrowd.models import AuditLog, ChainCursor, Deposit, DepositStatus
+from escrowd.models.db import make_engine, make_session_factory
+from escrowd.wallets.allocation import allocate_deposit_address, get_or_create_agent
+from escrowd.wallets.hd import SolanaSeedDeriver
+from escrowd.wallets.secrets import Secret
 
 CHAIN = "solana"
 SOL = 10**9

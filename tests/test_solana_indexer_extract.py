@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from indexer.solana_deposits import USDC_INDEX_OFFSET, BalanceDeposit, extract_deposits
-from indexer.solana_source import SolanaTransaction, TokenBalanceEntry
+from escrowd.indexer.solana_deposits import USDC_INDEX_OFFSET, BalanceDeposit, extract_deposits
+from escrowd.indexer.solana_source import SolanaTransaction, TokenBalanceEntry
 
 USDC_MINT = "EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v"
 FAKE_MINT = "FakeUsdc1111111111111111111111111111111111"

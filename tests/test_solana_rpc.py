@@ -24,8 +24,8 @@ from solders.transaction import VersionedTransaction
 from spl.token.constants import TOKEN_PROGRAM_ID
 from spl.token.instructions import get_associated_token_address
 
-from devnet.solana_rpc import SolanaSimulator
-from indexer.solana_source import SolanaRpcSource
+from escrowd.devnet.solana_rpc import SolanaSimulator
+from escrowd.indexer.solana_source import SolanaRpcSource
 
 # One client for the module: building an httpx client per call costs ~70 ms.
 HTTP = httpx.Client(timeout=10)

@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-RUN_APP = "from daemon.cli_devnet import devnet_app; devnet_app(prog_name='escrowd devnet')"
+RUN_APP = "from escrowd.daemon.cli_devnet import devnet_app; devnet_app(prog_name='escrowd devnet')"
 
 
 def test_devnet_solana_command_serves_until_interrupted() -> None:

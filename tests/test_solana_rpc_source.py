@@ -16,9 +16,9 @@ from solders.system_program import TransferParams, transfer
 from solders.transaction import VersionedTransaction
 from spl.token.instructions import get_associated_token_address
 
-from devnet.solana_rpc import SolanaSimulator
-from indexer.errors import BlockNotAvailable, RpcError, RpcUnavailable, SlotSkipped
-from indexer.solana_source import SolanaRpcSource, SolanaSource
+from escrowd.devnet.solana_rpc import SolanaSimulator
+from escrowd.indexer.errors import BlockNotAvailable, RpcError, RpcUnavailable, SlotSkipped
+from escrowd.indexer.solana_source import SolanaRpcSource, SolanaSource
 
 
 @pytest.fixture

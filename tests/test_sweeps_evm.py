@@ -10,10 +10,10 @@ import pytest
 from sqlalchemy import Engine, func, select
 from web3.types import Wei
 
-from escrow import service
-from escrow.sweeps import EvmSweeper, build_evm_sweeper
-from models import DepositAddress, LedgerTransfer, Payout
-from models.db import make_engine
+from escrowd.escrow import service
+from escrowd.escrow.sweeps import EvmSweeper, build_evm_sweeper
+from escrowd.models import DepositAddress, LedgerTransfer, Payout
+from escrowd.models.db import make_engine
 from tests.evm_fixtures import EvmChain, anvil_chain
 from tests.payout_fixtures import EvmPayoutWorld, make_evm_world
 
@@ -57,7 +57,7 @@ def test_sweep_moves_deposits_to_the_hot_wallet_once(world: EvmPayoutWorld) -> N
             world.credit(s, agent.id, amount)  # minted into the hot wallet by the helper...
     # ...so move those coins to the deposit addresses, where deposits really land.
     hot = world.keystore.evm_hot_wallet.address
-    from devnet.evm import _rpc
+    from escrowd.devnet.evm import _rpc
 
     _rpc(chain.w3, "anvil_impersonateAccount", [hot])
     for index, amount in amounts.items():

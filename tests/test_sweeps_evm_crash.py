@@ -22,12 +22,12 @@ import pytest
 from sqlalchemy import Engine, func, select
 from web3.types import Wei
 
-from devnet.anvil import REPO_ROOT
-from devnet.evm import _rpc, mine_blocks
-from escrow import accounts, ledger, service
-from escrow.payout_worker import CrashHook, SimulatedCrash
-from escrow.sweeps import CRASH_POINTS, build_evm_sweeper
-from models import (
+from escrowd.devnet.anvil import REPO_ROOT
+from escrowd.devnet.evm import _rpc, mine_blocks
+from escrowd.escrow import accounts, ledger, service
+from escrowd.escrow.payout_worker import CrashHook, SimulatedCrash
+from escrowd.escrow.sweeps import CRASH_POINTS, build_evm_sweeper
+from escrowd.models import (
     AuditLog,
     DepositAddress,
     LedgerTransfer,
@@ -36,7 +36,7 @@ from models import (
     PayoutTransaction,
     TransferCode,
 )
-from models.db import make_engine
+from escrowd.models.db import make_engine
 from tests.evm_fixtures import EvmChain, anvil_chain
 from tests.payout_fixtures import CHAIN, PASSPHRASE, EvmPayoutWorld, make_evm_world
 
@@ -81,7 +81,7 @@ def _run_sweeper(
     if crash_at is not None:
         env["ESCROWD_TEST_CRASH_AT"] = crash_at
         env["ESCROWD_TEST_CRASH_AFTER"] = str(crash_after)
-    command = [sys.executable, "-m", "escrow.sweeps", "--config", str(world.config_path)]
+    command = [sys.executable, "-m", "escrowd.escrow.sweeps", "--config", str(world.config_path)]
     return subprocess.Popen(
         [*command, "--chain", CHAIN, "--until-idle"],
         cwd=REPO_ROOT,

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from escrow import accounts, ledger, service
-from escrow.payout_worker import PayoutWorker, SolanaPayoutChain, WorkerOptions
-from escrow.sweeps import discover_solana_sweeps
-from models import DepositAddress, Payout, WebhookEvent
+from escrowd.escrow import accounts, ledger, service
+from escrowd.escrow.payout_worker import PayoutWorker, SolanaPayoutChain, WorkerOptions
+from escrowd.escrow.sweeps import discover_solana_sweeps
+from escrowd.models import DepositAddress, Payout, WebhookEvent
 from tests.test_payouts_solana import CHAIN, SolanaWorld, world
 
 __all__ = ["world"]

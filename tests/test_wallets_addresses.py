@@ -6,13 +6,13 @@ import pytest
 from solders.pubkey import Pubkey
 from spl.token.instructions import get_associated_token_address
 
-from wallets.addresses import (
+from escrowd.wallets.addresses import (
     associated_token_address,
     validate_evm_address,
     validate_evm_destination,
     validate_solana_address,
 )
-from wallets.errors import InvalidAddress
+from escrowd.wallets.errors import InvalidAddress
 
 # EIP-55 reference examples.
 EIP55 = [

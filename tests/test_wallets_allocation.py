@@ -12,17 +12,22 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import Agent, DepositAddress
-from models.db import make_session_factory
-from wallets.allocation import (
+from escrowd.models import Agent, DepositAddress
+from escrowd.models.db import make_session_factory
+from escrowd.wallets.allocation import (
     allocate_deposit_address,
     get_or_create_agent,
     list_deposit_addresses,
 )
-from wallets.errors import InvalidDerivation
-from wallets.hd import EVM_ACCOUNT_PATH, EvmXpubDeriver, ExtendedPrivateKey, SolanaSeedDeriver
-from wallets.mnemonic import mnemonic_to_seed
-from wallets.secrets import Secret
+from escrowd.wallets.errors import InvalidDerivation
+from escrowd.wallets.hd import (
+    EVM_ACCOUNT_PATH,
+    EvmXpubDeriver,
+    ExtendedPrivateKey,
+    SolanaSeedDeriver,
+)
+from escrowd.wallets.mnemonic import mnemonic_to_seed
+from escrowd.wallets.secrets import Secret
 
 SEED = mnemonic_to_seed(Secret("abandon " * 11 + "about"))
 XPUB = ExtendedPrivateKey.from_seed(SEED).derive(EVM_ACCOUNT_PATH).public().serialize()

@@ -14,12 +14,12 @@ import structlog
 import typer
 from typer.testing import CliRunner
 
-from daemon.cli_keys import address_app, keys_app
-from daemon.logs import configure_logging
-from wallets.errors import WalletError
-from wallets.keystore import unlock_keystore
-from wallets.mnemonic import mnemonic_to_entropy, mnemonic_to_seed
-from wallets.secrets import Secret
+from escrowd.daemon.cli_keys import address_app, keys_app
+from escrowd.daemon.logs import configure_logging
+from escrowd.wallets.errors import WalletError
+from escrowd.wallets.keystore import unlock_keystore
+from escrowd.wallets.mnemonic import mnemonic_to_entropy, mnemonic_to_seed
+from escrowd.wallets.secrets import Secret
 
 PASSPHRASE = "cli-test-passphrase-9"
 

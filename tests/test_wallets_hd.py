@@ -14,16 +14,16 @@ from bip_utils import (
     SolAddrEncoder,
 )
 
-from wallets.errors import InvalidDerivation, InvalidMnemonic
-from wallets.hd import (
+from escrowd.wallets.errors import InvalidDerivation, InvalidMnemonic
+from escrowd.wallets.hd import (
     EVM_ACCOUNT_PATH,
     EvmXpubDeriver,
     ExtendedPrivateKey,
     ExtendedPublicKey,
     SolanaSeedDeriver,
 )
-from wallets.mnemonic import generate_mnemonic, mnemonic_to_seed, validate_mnemonic
-from wallets.secrets import Secret
+from escrowd.wallets.mnemonic import generate_mnemonic, mnemonic_to_seed, validate_mnemonic
+from escrowd.wallets.secrets import Secret
 
 ABANDON_ABOUT = "abandon " * 11 + "about"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from wallets.errors import (
+from escrowd.wallets.errors import (
     KeystoreCorrupt,
     KeystoreExists,
     KeystoreNotFound,
@@ -17,15 +17,15 @@ from wallets.errors import (
     PassphraseUnavailable,
     WrongPassphrase,
 )
-from wallets.hd import EvmXpubDeriver, SolanaSeedDeriver, evm_address_of_private_key
-from wallets.keystore import (
+from escrowd.wallets.hd import EvmXpubDeriver, SolanaSeedDeriver, evm_address_of_private_key
+from escrowd.wallets.keystore import (
     create_keystore,
     load_passphrase,
     read_account_xpub,
     unlock_keystore,
 )
-from wallets.mnemonic import mnemonic_to_seed
-from wallets.secrets import Secret
+from escrowd.wallets.mnemonic import mnemonic_to_seed
+from escrowd.wallets.secrets import Secret
 
 ABANDON_ABOUT = "abandon " * 11 + "about"
 FAST_SCRYPT = 10  # tests only; production default is 2**15

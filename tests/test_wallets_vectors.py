@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from wallets.hd import (
+from escrowd.wallets.hd import (
     EVM_ACCOUNT_PATH,
     EvmXpubDeriver,
     ExtendedPrivateKey,
@@ -14,8 +14,8 @@ from wallets.hd import (
     SolanaSeedDeriver,
     evm_address_of_private_key,
 )
-from wallets.mnemonic import entropy_to_mnemonic, mnemonic_to_entropy, mnemonic_to_seed
-from wallets.secrets import Secret
+from escrowd.wallets.mnemonic import entropy_to_mnemonic, mnemonic_to_entropy, mnemonic_to_seed
+from escrowd.wallets.secrets import Secret
 
 ABANDON_ABOUT = "abandon " * 11 + "about"
 

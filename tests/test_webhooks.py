@@ -20,11 +20,11 @@ from prometheus_client import REGISTRY
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import Settings, WebhookSettings
-from escrow.events import emit
-from escrow.uow import in_transaction
-from escrow.webhook_delivery import RETRY_DELAYS_S, deliver_due, retry_delay_s, run_webhooks
-from escrow.webhooks import (
+from escrowd.config.settings import Settings, WebhookSettings
+from escrowd.escrow.events import emit
+from escrowd.escrow.uow import in_transaction
+from escrowd.escrow.webhook_delivery import RETRY_DELAYS_S, deliver_due, retry_delay_s, run_webhooks
+from escrowd.escrow.webhooks import (
     InvalidEventTypes,
     InvalidWebhookUrl,
     SecretCipher,
@@ -45,8 +45,8 @@ from escrow.webhooks import (
     signature_header,
     verify_webhook,
 )
-from models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, utcnow
-from models.db import make_session_factory
+from escrowd.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, utcnow
+from escrowd.models.db import make_session_factory
 
 
 @dataclass

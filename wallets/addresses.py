@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import base58
 from solders.pubkey import Pubkey
 
-from wallets.errors import InvalidAddress
+from escrowd.wallets.errors import InvalidAddress
 
 if TYPE_CHECKING:
 

@@ -15,10 +15,10 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from config.errors import ValidationFailed
-from models import Agent, Chain, DepositAddress
-from wallets.errors import AllocationContention, InvalidDerivation
-from wallets.hd import DerivedAddress
+from escrowd.config.errors import ValidationFailed
+from escrowd.models import Agent, Chain, DepositAddress
+from escrowd.wallets.errors import AllocationContention, InvalidDerivation
+from escrowd.wallets.hd import DerivedAddress
 
 log = structlog.get_logger(__name__)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from config.errors import Conflict, EscrowdError, Unavailable, ValidationFailed
+from escrowd.config.errors import Conflict, EscrowdError, Unavailable, ValidationFailed
 
 
 class WalletError(EscrowdError):

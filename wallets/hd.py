@@ -24,14 +24,14 @@ from coincurve._libsecp256k1 import lib as _lib
 from coincurve.context import GLOBAL_CONTEXT
 from solders.keypair import Keypair
 
-from wallets.addresses import (
+from escrowd.wallets.addresses import (
     CHECKSUM_TABLE,
     associated_token_address,
     evm_address_from_public_key,
     keccak256,
 )
-from wallets.errors import InvalidDerivation
-from wallets.secrets import Secret
+from escrowd.wallets.errors import InvalidDerivation
+from escrowd.wallets.secrets import Secret
 
 HARDENED: Final = 0x80000000
 MAX_INDEX: Final = HARDENED - 1

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from solders.keypair import Keypair
 
-from wallets.errors import (
+from escrowd.wallets.errors import (
     KeystoreCorrupt,
     KeystoreExists,
     KeystoreNotFound,
@@ -43,7 +43,7 @@ from wallets.errors import (
     PassphraseUnavailable,
     WrongPassphrase,
 )
-from wallets.hd import (
+from escrowd.wallets.hd import (
     EVM_ACCOUNT_PATH,
     EVM_GAS_WALLET_PATH,
     EVM_HOT_WALLET_PATH,
@@ -54,13 +54,13 @@ from wallets.hd import (
     SolanaSeedDeriver,
     evm_address_of_private_key,
 )
-from wallets.mnemonic import (
+from escrowd.wallets.mnemonic import (
     entropy_to_mnemonic,
     generate_mnemonic,
     mnemonic_to_entropy,
     mnemonic_to_seed,
 )
-from wallets.secrets import Secret
+from escrowd.wallets.secrets import Secret
 
 log = structlog.get_logger(__name__)
 

@@ -7,8 +7,8 @@ import secrets
 import unicodedata
 from functools import cache
 
-from wallets.errors import InvalidMnemonic
-from wallets.secrets import Secret
+from escrowd.wallets.errors import InvalidMnemonic
+from escrowd.wallets.secrets import Secret
 
 WORD_COUNTS = (12, 15, 18, 21, 24)
 DEFAULT_WORD_COUNT = 24

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import models.base
+from escrowd.models import base as models_base
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -304,7 +304,7 @@ def upgrade() -> None:
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("external_id", sa.String(length=128), nullable=False),
         sa.Column("name", sa.String(length=200), nullable=True),
-        sa.Column("created_at", models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", models_base.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_agents")),
         sa.UniqueConstraint("external_id", name=op.f("uq_agents_external_id")),
     )
@@ -315,9 +315,9 @@ def upgrade() -> None:
         sa.Column("prefix", sa.String(length=32), nullable=False),
         sa.Column("key_hash", sa.String(length=128), nullable=False),
         sa.Column("scope", sa.String(length=16), nullable=False),
-        sa.Column("created_at", models.base.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("revoked_at", models.base.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("last_used_at", models.base.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", models_base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("revoked_at", models_base.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("last_used_at", models_base.UTCDateTime(timezone=True), nullable=True),
         sa.CheckConstraint(
             "scope IN ('read', 'write', 'admin')", name=op.f("ck_api_keys_scope_valid")
         ),
@@ -331,7 +331,7 @@ def upgrade() -> None:
         sa.Column("symbol", sa.String(length=16), nullable=False),
         sa.Column("decimals", sa.Integer(), nullable=False),
         sa.Column("token_address", sa.String(length=64), nullable=True),
-        sa.Column("created_at", models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", models_base.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
             "decimals >= 0 AND decimals <= 36", name=op.f("ck_assets_decimals_range")
         ),
@@ -355,7 +355,7 @@ def upgrade() -> None:
         sa.Column("asset", sa.String(length=16), nullable=True),
         sa.Column("amount", sa.BigInteger(), nullable=True),
         sa.Column("details", sa.Text(), nullable=False),
-        sa.Column("created_at", models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", models_base.UTCDateTime(timezone=True), nullable=False),
         sa.Column("prev_hash", sa.String(length=64), nullable=False),
         sa.Column("row_hash", sa.String(length=64), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_audit_log")),
@@ -376,7 +376,7 @@ def upgrade() -> None:
         sa.Column("block_number", sa.BigInteger(), nullable=True),
         sa.Column("block_hash", sa.String(length=100), nullable=True),
         sa.Column("signature", sa.String(length=100), nullable=True),
-        sa.Column("updated_at", models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", models_base.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("chain", "key", name=op.f("pk_chain_cursors")),
     )
     op.create_table(
@@ -389,7 +389,7 @@ def upgrade() -> None:
         sa.Column("request_hash", sa.String(length=64), nullable=False),
         sa.Column("response_status", sa.Integer(), nullable=False),
         sa.Column("response_body", sa.Text(), nullable=False),
-        sa.Column("created_at", models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", models_base.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_idempotency_keys")),
         sa.UniqueConstraint("principal", "key", name=op.f("uq_idempotency_keys_principal_key")),
     )
@@ -402,7 +402,7 @@ def upgrade() -> None:
         sa.Column("no_overdraft", sa.Boolean(), nullable=False),
         sa.Column("debits_posted", sa.BigInteger(), nullable=False),
         sa.Column("credits_posted", sa.BigInteger(), nullable=False),
-        sa.Column("created_at", models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", models_base.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
             "kind IN ('agent_available', 'escrow', 'platform_fees', 'custody', 'payouts_in_flight', 'general')",
             name=op.f("ck_ledger_accounts_kind_valid"),
@@ -435,8 +435,8 @@ def upgrade() -> None:
         sa.Column("event_types", sa.Text(), nullable=False),
         sa.Column("enabled", sa.Boolean(), nullable=False),
         sa.Column("disabled_reason", sa.String(length=500), nullable=True),
-        sa.Column("created_at", models.base.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("deleted_at", models.base.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", models_base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("deleted_at", models_base.UTCDateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_webhook_endpoints")),
     )
     op.create_table(
@@ -446,7 +446,7 @@ def upgrade() -> None:
         sa.Column("api_version", sa.String(length=16), nullable=False),
         sa.Column("payload", sa.Text(), nullable=False),
         sa.Column("fanned_out", sa.Boolean(), nullable=False),
-        sa.Column("created_at", models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", models_base.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_webhook_events")),
     )
     with op.batch_alter_table("webhook_events", schema=None) as batch_op:
@@ -462,7 +462,7 @@ def upgrade() -> None:
         sa.Column("address", sa.String(length=64), nullable=False),
         sa.Column("derivation_index", sa.Integer(), nullable=False),
         sa.Column("token_account", sa.String(length=64), nullable=True),
-        sa.Column("created_at", models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", models_base.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
             "derivation_index >= 0", name=op.f("ck_deposit_addresses_derivation_index_nonnegative")
         ),
@@ -496,12 +496,12 @@ def upgrade() -> None:
         sa.Column("worker_amount", sa.BigInteger(), nullable=True),
         sa.Column("fee_amount", sa.BigInteger(), nullable=True),
         sa.Column("refund_amount", sa.BigInteger(), nullable=True),
-        sa.Column("expires_at", models.base.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("resolved_at", models.base.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("expires_at", models_base.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("resolved_at", models_base.UTCDateTime(timezone=True), nullable=True),
         sa.Column("payout_tx_hash", sa.String(length=100), nullable=True),
         sa.Column("refund_tx_hash", sa.String(length=100), nullable=True),
-        sa.Column("created_at", models.base.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", models_base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", models_base.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
             "status IN ('funded', 'released', 'refunded', 'resolved', 'expired')",
             name=op.f("ck_escrows_status_valid"),
@@ -545,7 +545,7 @@ def upgrade() -> None:
         sa.Column("ref_type", sa.String(length=32), nullable=False),
         sa.Column("ref_id", sa.String(length=128), nullable=False),
         sa.Column("batch_id", sa.String(length=36), nullable=False),
-        sa.Column("created_at", models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", models_base.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
             "code IN ('deposit', 'deposit_reversal', 'escrow_fund', 'escrow_release', 'fee', 'refund', 'payout_hold', 'payout', 'payout_reversal', 'adjustment')",
             name=op.f("ck_ledger_transfers_code_valid"),
@@ -582,11 +582,11 @@ def upgrade() -> None:
         sa.Column("event_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
-        sa.Column("next_attempt_at", models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("next_attempt_at", models_base.UTCDateTime(timezone=True), nullable=False),
         sa.Column("last_status_code", sa.Integer(), nullable=True),
         sa.Column("last_error", sa.String(length=500), nullable=True),
-        sa.Column("delivered_at", models.base.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("created_at", models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("delivered_at", models_base.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", models_base.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
             "status IN ('pending', 'delivered', 'failed')",
             name=op.f("ck_webhook_deliveries_status_valid"),
@@ -636,8 +636,8 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("credited", sa.Boolean(), nullable=False),
         sa.Column("reversed", sa.Boolean(), nullable=False),
-        sa.Column("created_at", models.base.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", models_base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", models_base.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
             "status IN ('pending', 'confirmed', 'orphaned')", name=op.f("ck_deposits_status_valid")
         ),
@@ -678,7 +678,7 @@ def upgrade() -> None:
         sa.Column("amount", sa.BigInteger(), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("claimed_by", sa.String(length=64), nullable=True),
-        sa.Column("claimed_until", models.base.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("claimed_until", models_base.UTCDateTime(timezone=True), nullable=True),
         sa.Column("nonce", sa.BigInteger(), nullable=True),
         sa.Column("tx_hash", sa.String(length=100), nullable=True),
         sa.Column("raw_tx", sa.LargeBinary(), nullable=True),
@@ -687,10 +687,10 @@ def upgrade() -> None:
         sa.Column("block_number", sa.BigInteger(), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("error", sa.String(length=500), nullable=True),
-        sa.Column("created_at", models.base.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", models.base.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("broadcast_at", models.base.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("confirmed_at", models.base.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", models_base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", models_base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("broadcast_at", models_base.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("confirmed_at", models_base.UTCDateTime(timezone=True), nullable=True),
         sa.CheckConstraint(
             "reason IN ('release', 'refund', 'withdrawal', 'sweep')",
             name=op.f("ck_payouts_reason_valid"),
@@ -725,7 +725,7 @@ def upgrade() -> None:
         sa.Column("status_code", sa.Integer(), nullable=True),
         sa.Column("error", sa.String(length=500), nullable=True),
         sa.Column("duration_ms", sa.Integer(), nullable=False),
-        sa.Column("created_at", models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", models_base.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["delivery_id"],
             ["webhook_deliveries.id"],
@@ -749,7 +749,7 @@ def upgrade() -> None:
         sa.Column("nonce", sa.BigInteger(), nullable=True),
         sa.Column("max_fee_per_gas", sa.BigInteger(), nullable=True),
         sa.Column("last_valid_block_height", sa.BigInteger(), nullable=True),
-        sa.Column("created_at", models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", models_base.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["payout_id"], ["payouts.id"], name=op.f("fk_payout_transactions_payout_id_payouts")
         ),
