@@ -254,6 +254,8 @@ class AsyncEscrowdClient:
         return await self.send(ops.list_webhook_endpoints())
 
     async def delete_webhook_endpoint(self, endpoint_id: int) -> WebhookEndpoint:
+        """Stop sending to an endpoint. DELETE takes no Idempotency-Key: a retry after a
+        lost answer finds the endpoint gone and raises NotFound."""
         return await self.send(ops.delete_webhook_endpoint(endpoint_id))
 
     async def rotate_webhook_secret(

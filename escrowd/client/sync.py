@@ -252,6 +252,8 @@ class EscrowdClient:
         return self.send(ops.list_webhook_endpoints())
 
     def delete_webhook_endpoint(self, endpoint_id: int) -> WebhookEndpoint:
+        """Stop sending to an endpoint. DELETE takes no Idempotency-Key: a retry after a
+        lost answer finds the endpoint gone and raises NotFound."""
         return self.send(ops.delete_webhook_endpoint(endpoint_id))
 
     def rotate_webhook_secret(
