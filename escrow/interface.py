@@ -312,7 +312,8 @@ class AsyncEscrowService:
         platform: PlatformAddresses | None = None,
         max_workers: int = DEFAULT_ASYNC_WORKERS,
     ) -> AsyncEscrowService:
-        engine = make_engine(database_url)
+        # A connection for every thread, so no call waits on the pool.
+        engine = make_engine(database_url, pool_size=max_workers)
         return cls(EscrowService(engine, settings, platform=platform), max_workers=max_workers)
 
     async def _run(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
