@@ -1,30 +1,76 @@
-"""`EscrowService`: the escrow use cases for a Python backend in the same process.
+"""`EscrowService` and `AsyncEscrowService`: the escrow use cases for a Python backend in
+the same process.
 
 Each call is one transaction (retried on deadlock or serialization failure), with the
-same semantics and errors as the HTTP API. Amounts are integers in base units. On
-PostgreSQL, funding and settling an escrow are one database function call each, run as a
-transaction of its own (`service.fund_escrow_alone`, `service.settle_escrow_alone`).
+same semantics and the same typed errors as the HTTP API (`escrowd.escrow.errors`,
+`escrowd.config.errors`: the classes the API maps to statuses). Amounts are integers in
+base units. Calls return the plain values of `escrowd.escrow.values`, never ORM objects:
+nothing returned is bound to escrowd's sessions. On PostgreSQL, funding and settling an
+escrow are one database function call each, run as a transaction of its own
+(`service.fund_escrow_alone`, `service.settle_escrow_alone`).
+
+`AsyncEscrowService` runs the same calls on a bounded thread pool, for asyncio backends:
+the database work is blocking, and a thread per call keeps the event loop free.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import TypeVar
+from functools import partial
+from typing import Any, TypeVar, get_args
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from escrowd import models
 from escrowd.config.errors import Unavailable
 from escrowd.config.settings import Settings
 from escrowd.escrow import service
 from escrowd.escrow.agent_cache import AgentCache
 from escrowd.escrow.payouts import PlatformAddresses, chain_family, minimum_payout
 from escrowd.escrow.uow import in_transaction
-from escrowd.models import Agent, Escrow, Payout
+from escrowd.escrow.values import Agent, Balance, Escrow, EscrowState, Withdrawal
 from escrowd.models.db import make_engine, make_session_factory
 
 T = TypeVar("T")
+_STATES: dict[str, EscrowState] = {state: state for state in get_args(EscrowState)}
+# Threads of AsyncEscrowService when not given: each holds one pooled connection at most.
+DEFAULT_ASYNC_WORKERS = 8
+
+
+def agent_value(agent: models.Agent) -> Agent:
+    return Agent(id=agent.external_id, name=agent.name, created_at=agent.created_at)
+
+
+def escrow_value(escrow: models.Escrow, buyer: str, worker: str) -> Escrow:
+    """The escrow as a value; `buyer` and `worker` are the parties' external ids."""
+    return Escrow(
+        job_id=escrow.job_id,
+        status=_STATES[escrow.status],
+        buyer=buyer,
+        worker=worker,
+        asset=escrow.asset,
+        amount_base_units=escrow.amount,
+        fee_bps=escrow.fee_bps,
+        worker_amount_base_units=escrow.worker_amount,
+        fee_amount_base_units=escrow.fee_amount,
+        refund_amount_base_units=escrow.refund_amount,
+        expires_at=escrow.expires_at,
+        resolved_at=escrow.resolved_at,
+        created_at=escrow.created_at,
+    )
+
+
+def balance_value(balance: service.AssetBalance) -> Balance:
+    return Balance(
+        asset=balance.asset,
+        decimals=balance.decimals,
+        available_base_units=balance.available,
+        escrowed_as_buyer_base_units=balance.escrowed_as_buyer,
+    )
 
 
 class EscrowService:
@@ -69,19 +115,51 @@ class EscrowService:
             return work(session)
 
     def register_agent(self, external_id: str, name: str | None = None) -> Agent:
-        return self._write(lambda s: service.register_agent(s, external_id, name))
+        """The agent with this marketplace id, created on first call (idempotent)."""
+        return self._write(lambda s: agent_value(service.register_agent(s, external_id, name)))
 
     def get_agent(self, external_id: str) -> Agent:
-        return self._read(lambda s: service.get_agent(s, external_id))
+        return self._read(lambda s: agent_value(service.get_agent(s, external_id)))
 
-    def _known_agent(self, external_id: str) -> Agent:
-        return self._agents.get(external_id, self.get_agent)
+    def _known_agent(self, external_id: str) -> models.Agent:
+        return self._agents.get(
+            external_id, lambda wanted: self._read(lambda s: service.get_agent(s, wanted))
+        )
 
-    def balances(self, external_id: str) -> list[service.AssetBalance]:
-        return self._read(lambda s: service.balances(s, service.get_agent(s, external_id)))
+    def _party_names(self, escrow: models.Escrow) -> tuple[str, str]:
+        """The external ids of an escrow's buyer and worker, from the agent cache or one
+        query (which fills the cache)."""
+        ids = (escrow.buyer_agent_id, escrow.worker_agent_id)
+        names = [self._agents.external_id(agent_id) for agent_id in ids]
+        if None in names:
+            loaded = self._read(
+                lambda s: {
+                    agent.external_id: agent
+                    for agent in s.scalars(select(models.Agent).where(models.Agent.id.in_(ids)))
+                }
+            )
+            by_id = {
+                agent.id: agent.external_id
+                for agent in (self._agents.get(name, loaded.__getitem__) for name in loaded)
+            }
+            names = [by_id[agent_id] for agent_id in ids]
+        buyer, worker = names
+        assert buyer is not None and worker is not None
+        return buyer, worker
+
+    def _escrow_value(self, escrow: models.Escrow) -> Escrow:
+        return escrow_value(escrow, *self._party_names(escrow))
+
+    def balances(self, external_id: str) -> list[Balance]:
+        """Per asset: what the agent can spend and what it has locked as a buyer."""
+        return self._read(
+            lambda s: [
+                balance_value(b) for b in service.balances(s, service.get_agent(s, external_id))
+            ]
+        )
 
     def get_escrow(self, job_id: str) -> Escrow:
-        return self._read(lambda s: service.get_escrow(s, job_id))
+        return self._escrow_value(self._read(lambda s: service.get_escrow(s, job_id)))
 
     def fund_escrow(
         self,
@@ -98,7 +176,7 @@ class EscrowService:
         by their external ids; fee_bps defaults to the configured platform fee."""
         bps = self.settings.escrow.default_fee_bps if fee_bps is None else fee_bps
         if self._one_call:
-            return service.fund_escrow_alone(
+            funded = service.fund_escrow_alone(
                 self.engine,
                 job_id=job_id,
                 buyer=self._known_agent(buyer),
@@ -109,9 +187,10 @@ class EscrowService:
                 expires_at=expires_at,
                 actor="python",
             )
+            return escrow_value(funded, buyer, worker)
 
         def work(s: Session) -> Escrow:
-            return service.fund_escrow(
+            escrow = service.fund_escrow(
                 s,
                 job_id=job_id,
                 buyer=service.get_agent(s, buyer),
@@ -122,29 +201,49 @@ class EscrowService:
                 expires_at=expires_at,
                 actor="python",
             )
+            return escrow_value(escrow, buyer, worker)
 
         return self._write(work)
 
     def release_escrow(self, job_id: str) -> Escrow:
+        """Pay the worker amount - fee and the platform the fee."""
         if self._one_call:
-            return service.settle_escrow_alone(self.engine, job_id, service.RELEASE, actor="python")
-        return self._write(lambda s: service.release_escrow(s, job_id, actor="python"))
+            return self._escrow_value(
+                service.settle_escrow_alone(self.engine, job_id, service.RELEASE, actor="python")
+            )
+        return self._escrow_value(
+            self._write(lambda s: service.release_escrow(s, job_id, actor="python"))
+        )
 
     def refund_escrow(self, job_id: str) -> Escrow:
+        """Return the whole amount to the buyer (from funded or expired)."""
         if self._one_call:
-            return service.settle_escrow_alone(self.engine, job_id, service.REFUND, actor="python")
-        return self._write(lambda s: service.refund_escrow(s, job_id, actor="python"))
+            return self._escrow_value(
+                service.settle_escrow_alone(self.engine, job_id, service.REFUND, actor="python")
+            )
+        return self._escrow_value(
+            self._write(lambda s: service.refund_escrow(s, job_id, actor="python"))
+        )
 
     def resolve_escrow(self, job_id: str, worker_amount: int) -> Escrow:
+        """Split a disputed escrow: `worker_amount` base units (minus the fee on them) to
+        the worker, the rest back to the buyer."""
         if self._one_call:
-            return service.settle_escrow_alone(
-                self.engine, job_id, service.RESOLVE, worker_amount=worker_amount, actor="python"
+            return self._escrow_value(
+                service.settle_escrow_alone(
+                    self.engine,
+                    job_id,
+                    service.RESOLVE,
+                    worker_amount=worker_amount,
+                    actor="python",
+                )
             )
-        return self._write(
-            lambda s: service.resolve_escrow(s, job_id, worker_amount, actor="python")
+        return self._escrow_value(
+            self._write(lambda s: service.resolve_escrow(s, job_id, worker_amount, actor="python"))
         )
 
     def expire_due_escrows(self, now: datetime, *, limit: int = 100) -> list[str]:
+        """Expire and refund funded escrows due at `now`; returns their job ids."""
         return self._write(lambda s: service.expire_due_escrows(s, now, limit=limit))
 
     def withdraw(
@@ -156,7 +255,9 @@ class EscrowService:
         to_address: str,
         amount: int,
         idempotency_key: str,
-    ) -> Payout:
+    ) -> Withdrawal:
+        """Hold `amount` base units of the agent's balance for an on-chain payout; the
+        same `idempotency_key` for the same agent returns the original withdrawal."""
         platform = self.platform
         if platform is None:
             raise Unavailable(
@@ -165,8 +266,9 @@ class EscrowService:
             )
         family = chain_family(self.settings, chain)
         minimum = minimum_payout(self.settings, asset)
-        return self._write(
-            lambda s: service.withdraw(
+
+        def work(s: Session) -> Withdrawal:
+            payout = service.withdraw(
                 s,
                 agent=service.get_agent(s, agent),
                 asset=asset,
@@ -178,4 +280,113 @@ class EscrowService:
                 min_amount_base_units=minimum,
                 platform=platform,
             )
+            return Withdrawal(
+                id=payout.id,
+                agent=agent,
+                chain=payout.chain,
+                asset=asset,
+                destination=payout.destination,
+                amount_base_units=payout.amount,
+                status=payout.status,
+                created_at=payout.created_at,
+            )
+
+        return self._write(work)
+
+
+class AsyncEscrowService:
+    """`EscrowService` for asyncio backends: the same calls, values and errors, each run
+    on a thread of a pool of at most `max_workers` (give the engine a connection pool at
+    least that large)."""
+
+    def __init__(self, escrows: EscrowService, *, max_workers: int = DEFAULT_ASYNC_WORKERS):
+        self.sync = escrows
+        self._threads = ThreadPoolExecutor(max_workers, thread_name_prefix="escrowd")
+
+    @classmethod
+    def from_url(
+        cls,
+        database_url: str,
+        settings: Settings | None = None,
+        *,
+        platform: PlatformAddresses | None = None,
+        max_workers: int = DEFAULT_ASYNC_WORKERS,
+    ) -> AsyncEscrowService:
+        # A connection for every thread, so no call waits on the pool.
+        engine = make_engine(database_url, pool_size=max_workers)
+        return cls(EscrowService(engine, settings, platform=platform), max_workers=max_workers)
+
+    async def _run(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, partial(call, *args, **kwargs))
+
+    async def aclose(self) -> None:
+        """Wait for running calls, then close the pool and the engine."""
+        await asyncio.get_running_loop().run_in_executor(None, self._threads.shutdown)
+        self.sync.close()
+
+    async def register_agent(self, external_id: str, name: str | None = None) -> Agent:
+        return await self._run(self.sync.register_agent, external_id, name)
+
+    async def get_agent(self, external_id: str) -> Agent:
+        return await self._run(self.sync.get_agent, external_id)
+
+    async def balances(self, external_id: str) -> list[Balance]:
+        return await self._run(self.sync.balances, external_id)
+
+    async def get_escrow(self, job_id: str) -> Escrow:
+        return await self._run(self.sync.get_escrow, job_id)
+
+    async def fund_escrow(
+        self,
+        *,
+        job_id: str,
+        buyer: str,
+        worker: str,
+        asset: str,
+        amount: int,
+        fee_bps: int | None = None,
+        expires_at: datetime | None = None,
+    ) -> Escrow:
+        return await self._run(
+            self.sync.fund_escrow,
+            job_id=job_id,
+            buyer=buyer,
+            worker=worker,
+            asset=asset,
+            amount=amount,
+            fee_bps=fee_bps,
+            expires_at=expires_at,
+        )
+
+    async def release_escrow(self, job_id: str) -> Escrow:
+        return await self._run(self.sync.release_escrow, job_id)
+
+    async def refund_escrow(self, job_id: str) -> Escrow:
+        return await self._run(self.sync.refund_escrow, job_id)
+
+    async def resolve_escrow(self, job_id: str, worker_amount: int) -> Escrow:
+        return await self._run(self.sync.resolve_escrow, job_id, worker_amount)
+
+    async def expire_due_escrows(self, now: datetime, *, limit: int = 100) -> list[str]:
+        return await self._run(self.sync.expire_due_escrows, now, limit=limit)
+
+    async def withdraw(
+        self,
+        *,
+        agent: str,
+        asset: str,
+        chain: str,
+        to_address: str,
+        amount: int,
+        idempotency_key: str,
+    ) -> Withdrawal:
+        return await self._run(
+            self.sync.withdraw,
+            agent=agent,
+            asset=asset,
+            chain=chain,
+            to_address=to_address,
+            amount=amount,
+            idempotency_key=idempotency_key,
         )

@@ -33,7 +33,7 @@ def _service(engine: Engine, tmp_path: Path, *names: str) -> EscrowService:
 
 
 def _available(svc: EscrowService, agent: str) -> int:
-    return next(b.available for b in svc.balances(agent) if b.asset == "USDC")
+    return next(b.available_base_units for b in svc.balances(agent) if b.asset == "USDC")
 
 
 def _clean(engine: Engine) -> None:
@@ -55,7 +55,11 @@ def test_resolution_credits_both_agents_in_either_id_order(
     resolved = svc.resolve_escrow("split", 300_000)
 
     # Fee floor(300_000 * 333 / 10_000) = 9_990 on the worker's share only.
-    assert (resolved.worker_amount, resolved.fee_amount, resolved.refund_amount) == (
+    assert (
+        resolved.worker_amount_base_units,
+        resolved.fee_amount_base_units,
+        resolved.refund_amount_base_units,
+    ) == (
         290_010,
         9_990,
         200_001,
@@ -155,14 +159,14 @@ def test_downgrade_to_0003_and_back(pg_engine: Engine, tmp_path: Path) -> None:
     assert "ARRAY[" in _constraint(sessions, "ck_escrows_status_valid")
     # Revision 0003's functions are back and serve the same calls.
     svc.fund_escrow(job_id="old", buyer="buyer", worker="worker", asset="USDC", amount=1_000)
-    assert svc.release_escrow("old").worker_amount == 975
+    assert svc.release_escrow("old").worker_amount_base_units == 975
 
     _migrate(pg_engine, "head", down=False)
 
     assert current_revision(pg_engine) == head_revision()
     assert "ANY ('{" in _constraint(sessions, "ck_escrows_status_valid")
     svc.fund_escrow(job_id="new", buyer="buyer", worker="worker", asset="USDC", amount=1_000)
-    assert svc.refund_escrow("new").refund_amount == 1_000
+    assert svc.refund_escrow("new").refund_amount_base_units == 1_000
     assert _available(svc, "buyer") == 1_000_000 - 1_000
     _clean(pg_engine)
 

@@ -261,14 +261,17 @@ def test_escrow_service_in_process(engine: Engine, tmp_path: Path) -> None:
         assert svc.register_agent("buyer").id == svc.get_agent("buyer").id
         with svc._sessions() as s, s.begin():
             seed_asset(s)
-            credit(s, svc.get_agent("buyer").id, 1_000_000)
+            credit(s, service.get_agent(s, "buyer").id, 1_000_000)
         escrow = svc.fund_escrow(
             job_id="job-py", buyer="buyer", worker="worker", asset="USDC", amount=400_000
         )
         assert escrow.fee_bps == 250
         [balance] = svc.balances("buyer")
-        assert (balance.available, balance.escrowed_as_buyer) == (600_000, 400_000)
-        assert svc.release_escrow("job-py").worker_amount == 390_000
+        assert (balance.available_base_units, balance.escrowed_as_buyer_base_units) == (
+            600_000,
+            400_000,
+        )
+        assert svc.release_escrow("job-py").worker_amount_base_units == 390_000
         with pytest.raises(EscrowConflict):
             svc.refund_escrow("job-py")
         payout = svc.withdraw(
@@ -279,8 +282,8 @@ def test_escrow_service_in_process(engine: Engine, tmp_path: Path) -> None:
             amount=100_000,
             idempotency_key="w1",
         )
-        assert payout.amount == 100_000
+        assert payout.amount_base_units == 100_000
         [worker_balance] = svc.balances("worker")
-        assert worker_balance.available == 290_000
+        assert worker_balance.available_base_units == 290_000
     finally:
         svc.close()

@@ -30,7 +30,8 @@ from escrowd.escrow.errors import (
     UnknownAccount,
     UnknownAsset,
 )
-from escrowd.escrow.interface import EscrowService
+from escrowd.escrow.interface import EscrowService, escrow_value
+from escrowd.escrow.values import Escrow as EscrowValue
 from escrowd.models import (
     AccountKind,
     AuditLog,
@@ -508,14 +509,14 @@ def _service(pg_engine: Engine, tmp_path: Path) -> tuple[EscrowService, sessionm
     sessions = make_session_factory(pg_engine)
     with sessions() as s, s.begin():
         seed_asset(s)
-        credit(s, svc.get_agent("buyer").id, 1_000_000)
+        credit(s, service.get_agent(s, "buyer").id, 1_000_000)
     return svc, sessions
 
 
 def _available(svc: EscrowService, agent: str) -> tuple[int, int]:
     found = {b.asset: b for b in svc.balances(agent)}
     b = found.get("USDC")
-    return (0, 0) if b is None else (b.available, b.escrowed_as_buyer)
+    return (0, 0) if b is None else (b.available_base_units, b.escrowed_as_buyer_base_units)
 
 
 def _state(svc: EscrowService, sessions: sessionmaker[Session]) -> tuple[object, ...]:
@@ -532,13 +533,12 @@ def _state(svc: EscrowService, sessions: sessionmaker[Session]) -> tuple[object,
     )
 
 
-def _assert_usable(escrow: Escrow, sessions: sessionmaker[Session]) -> None:
-    """Every column is readable on the returned object and equals the stored row."""
+def _assert_usable(escrow: EscrowValue, sessions: sessionmaker[Session]) -> None:
+    """The returned value equals the stored row, its times timezone-aware UTC."""
     with sessions() as s:
         stored = service.get_escrow(s, escrow.job_id)
-        for column in Escrow.__table__.columns:
-            assert getattr(escrow, column.key) == getattr(stored, column.key), column.key
-    for stamp in (escrow.created_at, escrow.updated_at, escrow.resolved_at, escrow.expires_at):
+        assert escrow == escrow_value(stored, "buyer", "worker")
+    for stamp in (escrow.created_at, escrow.resolved_at, escrow.expires_at):
         assert stamp is None or stamp.utcoffset() == timedelta(0)
 
 
@@ -557,11 +557,11 @@ def test_service_fund_then_resolve(pg_engine: Engine, tmp_path: Path) -> None:
     )
 
     assert funded.status == EscrowStatus.FUNDED
-    assert (funded.amount, funded.fee_bps, funded.asset) == (400_000, 250, "USDC")
+    assert (funded.amount_base_units, funded.fee_bps, funded.asset) == (400_000, 250, "USDC")
     assert funded.expires_at == expires
     assert funded.created_at.tzinfo is not None
     assert abs(datetime.now(UTC) - funded.created_at) < timedelta(minutes=5)
-    assert funded.worker_amount is None and funded.resolved_at is None
+    assert funded.worker_amount_base_units is None and funded.resolved_at is None
     _assert_usable(funded, sessions)
     assert _available(svc, "buyer") == (600_000, 400_000)
 
@@ -569,13 +569,17 @@ def test_service_fund_then_resolve(pg_engine: Engine, tmp_path: Path) -> None:
 
     assert resolved.status == EscrowStatus.RESOLVED
     # The worker's share minus the fee on that share; the rest back to the buyer, no fee.
-    assert (resolved.worker_amount, resolved.fee_amount, resolved.refund_amount) == (
+    assert (
+        resolved.worker_amount_base_units,
+        resolved.fee_amount_base_units,
+        resolved.refund_amount_base_units,
+    ) == (
         97_500,
         2_500,
         300_000,
     )
     assert resolved.resolved_at is not None and resolved.resolved_at.tzinfo is not None
-    assert resolved.updated_at >= resolved.created_at
+    assert resolved.resolved_at >= resolved.created_at
     _assert_usable(resolved, sessions)
     assert _available(svc, "buyer") == (900_000, 0)
     assert _available(svc, "worker") == (97_500, 0)
@@ -594,7 +598,11 @@ def test_service_fund_then_refund_twice(pg_engine: Engine, tmp_path: Path) -> No
     refunded = svc.refund_escrow("job-f")
 
     assert refunded.status == EscrowStatus.REFUNDED
-    assert (refunded.worker_amount, refunded.fee_amount, refunded.refund_amount) == (
+    assert (
+        refunded.worker_amount_base_units,
+        refunded.fee_amount_base_units,
+        refunded.refund_amount_base_units,
+    ) == (
         0,
         0,
         250_000,
@@ -619,7 +627,7 @@ def test_service_fund_then_release_and_second_fund_of_job(
     with pytest.raises(EscrowConflict):
         svc.fund_escrow(job_id="job-x", buyer="buyer", worker="worker", asset="USDC", amount=1)
     released = svc.release_escrow("job-x")
-    assert (released.status, released.worker_amount, released.fee_amount) == (
+    assert (released.status, released.worker_amount_base_units, released.fee_amount_base_units) == (
         EscrowStatus.RELEASED,
         390_000,
         10_000,
@@ -690,7 +698,11 @@ def test_service_resolve_share_out_of_range(pg_engine: Engine, tmp_path: Path) -
 
     # Still funded and settleable: the whole amount to the worker is in range.
     resolved = svc.resolve_escrow("job-s", 400_000)
-    assert (resolved.worker_amount, resolved.fee_amount, resolved.refund_amount) == (
+    assert (
+        resolved.worker_amount_base_units,
+        resolved.fee_amount_base_units,
+        resolved.refund_amount_base_units,
+    ) == (
         390_000,
         10_000,
         0,
