@@ -38,7 +38,7 @@ from escrowd.escrow.webhook_delivery import run_webhooks
 from escrowd.escrow.webhooks import SecretCipher
 from escrowd.indexer.evm_poller import EvmPoller
 from escrowd.indexer.evm_sender import EvmSender
-from escrowd.indexer.evm_source import EvmSource, JsonRpcEvmSource, RetryPolicy
+from escrowd.indexer.evm_source import EvmSource, JsonRpcEvmSource
 from escrowd.indexer.solana_indexer import SolanaPoller
 from escrowd.indexer.solana_sender import SolanaSender
 from escrowd.indexer.solana_source import SolanaRpcSource, SolanaSource
@@ -368,9 +368,7 @@ def _evm_lag(result: object) -> int | str:
 def _evm_source(ctx: JobContext, chain: EvmChainSettings) -> EvmSource:
     source = ctx.evm_sources.get(chain.name)
     if source is None:
-        rpc = JsonRpcEvmSource(
-            chain.rpc_urls, policy=RetryPolicy(timeout_s=chain.rpc_timeout_s), chain=chain.name
-        )
+        rpc = JsonRpcEvmSource.for_chain(chain)
         ctx.closers.append(rpc.close)
         ctx.evm_sources[chain.name] = source = rpc
     return source
