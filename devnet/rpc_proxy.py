@@ -8,8 +8,8 @@ in front of it, switchable while it runs. For tests (in-process) and operators' 
         ...                       # point the client at proxy.url
         proxy.clear()
 
-A request (one call or a batch) goes to one upstream: the first, or each upstream in
-turn (``mode="round_robin"``, a load balancer). Each fault matches calls by JSON-RPC
+A request (one call or a batch) goes to one upstream: the first, each upstream in turn
+(``mode="round_robin"``) or one at random (``"random"``, seeded): a load balancer. Each fault matches calls by JSON-RPC
 method (none named: every call), by upstream index and, in-process, by a predicate on
 (method, params). A fault either answers the whole HTTP request (status, hang,
 truncated or non-JSON body) or changes the answers of the calls it matches (an error
@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,11 +40,12 @@ from typing import Any, ClassVar
 
 import httpx
 import structlog
+from eth_utils.crypto import keccak
 
 log = structlog.get_logger(__name__)
 
 CONTROL_PREFIX = "/_proxy"
-MODES = ("first", "round_robin")
+MODES = ("first", "round_robin", "random")
 
 Call = dict[str, Any]
 Answer = dict[str, Any]
@@ -228,12 +229,21 @@ class NonJson(Fault):
 
 @dataclass(eq=False)
 class RpcErrorFault(Fault):
-    """A JSON-RPC error object for each matched call (e.g. Solana -32004, -32007)."""
+    """A JSON-RPC error object for each matched call (e.g. Solana -32004, -32007), or with
+    ``whole_request`` one error object (id null) for the whole request, as providers
+    answer a rate-limited or refused batch."""
 
     kind: ClassVar[str] = "rpc_error"
     code: int = -32603
     message: str = "internal error"
     data: Any = None
+    whole_request: bool = False
+
+    def reply(self, calls: list[Call]) -> HttpReply | None:
+        if not self.whole_request:
+            return None
+        body = _error({"id": None}, self.code, self.message, self.data)
+        return HttpReply(200, json.dumps(body).encode())
 
     def answer(self, call: Call, upstream: Upstream) -> Answer:
         return _error(call, self.code, self.message, self.data)
@@ -392,6 +402,53 @@ class NodeBehind(Fault):
         return None
 
 
+def fork_hash(block_hash: str) -> str:
+    """The hash the other fork's block at the same height has (`OtherFork`)."""
+    return "0x" + keccak(bytes.fromhex(block_hash[2:]) + b"other fork").hex()
+
+
+@dataclass(eq=False)
+class OtherFork(Fault):
+    """The upstream as a replica on another fork from ``from_block`` up (default: ``depth``
+    blocks below the head when the fault first fires): blocks, logs, receipts and
+    transactions there carry other block hashes (`fork_hash`), consistently linked."""
+
+    kind: ClassVar[str] = "other_fork"
+    from_block: int | None = None
+    depth: int = 3
+
+    def _forked(self, number: int, upstream: Upstream) -> bool:
+        if self.from_block is None:
+            self.from_block = max(1, upstream.head() - self.depth)
+        return number >= self.from_block
+
+    def rewrite(self, call: Call, answer: Answer, upstream: Upstream) -> Answer | None:
+        value = answer.get("result")
+        method = call.get("method")
+        if method in _BLOCK_READS and isinstance(value, dict):
+            number = int(value["number"], 16)
+            if not self._forked(number, upstream):
+                return None
+            block = {**value, "hash": fork_hash(value["hash"])}
+            if self._forked(number - 1, upstream):
+                block["parentHash"] = fork_hash(value["parentHash"])
+            return _result(call, block)
+        if method == "eth_getLogs" and isinstance(value, list):
+            logs = [
+                {**e, "blockHash": fork_hash(e["blockHash"])}
+                if self._forked(int(e["blockNumber"], 16), upstream)
+                else e
+                for e in value
+            ]
+            return None if logs == value else _result(call, logs)
+        if method not in _TX_READS or not isinstance(value, dict):
+            return None
+        tx_block = value.get("blockNumber")
+        if isinstance(tx_block, str) and self._forked(int(tx_block, 16), upstream):
+            return _result(call, {**value, "blockHash": fork_hash(value["blockHash"])})
+        return None
+
+
 FAULT_KINDS: dict[str, type[Fault]] = {
     cls.kind: cls
     for cls in (
@@ -404,6 +461,7 @@ FAULT_KINDS: dict[str, type[Fault]] = {
         RangeRefusal,
         HeadLogsIncomplete,
         NodeBehind,
+        OtherFork,
     )
 }
 
@@ -413,7 +471,8 @@ FAULT_KINDS: dict[str, type[Fault]] = {
 
 class RpcProxy:
     """The proxy server. ``upstreams`` are JSON-RPC URLs; ``mode`` "first" sends every
-    request to the first, "round_robin" to each in turn."""
+    request to the first, "round_robin" to each in turn, "random" to one picked with a
+    generator seeded by ``seed``."""
 
     def __init__(
         self,
@@ -422,6 +481,7 @@ class RpcProxy:
         host: str = "127.0.0.1",
         port: int = 0,
         mode: str = "first",
+        seed: int = 0,
         upstream_timeout_s: float = 10.0,
     ) -> None:
         if not upstreams:
@@ -435,6 +495,7 @@ class RpcProxy:
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
         self._turn = 0
+        self._random = random.Random(seed)
         self._released = threading.Event()
         self._client = httpx.Client(
             timeout=httpx.Timeout(upstream_timeout_s),
@@ -514,6 +575,8 @@ class RpcProxy:
             self.requests += 1
             if self.mode == "first":
                 return 0
+            if self.mode == "random":
+                return self._random.randrange(len(self.upstreams))
             index = self._turn % len(self.upstreams)
             self._turn += 1
             return index
@@ -641,6 +704,9 @@ class RpcProxy:
 def _handler_for(proxy: RpcProxy) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out in two writes: without this, Nagle's algorithm and the
+        # client's delayed ACK hold every answer back ~40 ms.
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:
             return
@@ -681,9 +747,6 @@ def _handler_for(proxy: RpcProxy) -> type[BaseHTTPRequestHandler]:
             if self.path.startswith(CONTROL_PREFIX):
                 self._control("POST")
                 return
-            started = time.monotonic()
-            reply = proxy.handle(self._body())
-            log.debug("proxy_request", status=reply.status, ms=(time.monotonic() - started) * 1e3)
-            self._send(reply)
+            self._send(proxy.handle(self._body()))
 
     return Handler

@@ -125,11 +125,15 @@ def check_head(
     """Read the head and the newest stored blocks (``rows``, newest first) from one node in
     one request. Only a changed block hash, read twice the same way from a node at least as
     far as ``scanned``, is a reorg: a node below ``scanned`` raises `NodeLagging`, a block
-    it answers null for `NodeBehind`, two reads that differ `ReadsDisagree`."""
+    it answers null for `NodeBehind`, two reads that differ `ReadsDisagree`. A head below
+    ``scanned`` is read once more before the poll is given up as lagging."""
     recent = list(rows[:RECHECK_BLOCKS])
     numbers = [n for n, _ in recent]
     head, node = source.head_with_headers(numbers)
-    check_not_behind(chain, head, scanned)
+    if scanned is not None and head < scanned:
+        # Behind a load balancer the next request may reach another replica: ask once more.
+        head, node = source.head_with_headers(numbers)
+        check_not_behind(chain, head, scanned)
     if all(h is not None and h.hash == stored for h, (_, stored) in zip(node, recent, strict=True)):
         return HeadCheck(head)
     missing = [n for h, n in zip(node, numbers, strict=True) if h is None]

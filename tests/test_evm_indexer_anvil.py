@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from escrowd.daemon.cli import CliState
 from escrowd.daemon.cli_backfill import backfill_app
 from escrowd.devnet.evm import mine_blocks, revert, snapshot
+from escrowd.devnet.rpc_proxy import RpcProxy
 from escrowd.escrow.deposits import DEEP_REORG_REVERSALS
 from escrowd.indexer.evm_source import JsonRpcEvmSource, RetryPolicy
 from escrowd.indexer.reorg import CREDITED_ORPHANED
@@ -38,7 +39,7 @@ from tests.evm_indexer_helpers import (
     poll_until_done,
     watch,
 )
-from tests.test_evm_source_faults import FaultProxy
+from tests.test_evm_source_faults import fault
 
 pytestmark = pytest.mark.anvil
 CONFIRMATIONS = 3
@@ -132,13 +133,13 @@ def test_rpc_faults_skip_no_block_and_fail_over(
     chain = anvil_chain
     assert chain.url is not None
     agent, address = watch(lite)
-    with FaultProxy(chain.url) as flaky, FaultProxy(chain.url) as backup:
+    with RpcProxy([chain.url]) as flaky, RpcProxy([chain.url]) as backup:
         source = JsonRpcEvmSource([flaky.url, backup.url], policy=FAST, chain=CHAIN)
         poller = make_poller(chain, lite, source, confirmations=1, max_block_window=2)
         amounts = [11, 12, 13, 14, 15, 16]
-        for fault, amount in zip(["hang", "429", "garbage", "lag", "500", "stale_hash"], amounts):
+        for name, amount in zip(["hang", "429", "garbage", "lag", "500", "stale_hash"], amounts):
             chain.token.transfer(chain.accounts[1], address, amount)
-            flaky.faults.extend([fault, fault])
+            flaky.add(fault(name, times=2))
             result = poller.poll_once()
             assert result.cursor is None or result.cursor <= chain.source.head()
 
@@ -146,13 +147,16 @@ def test_rpc_faults_skip_no_block_and_fail_over(
         with lite() as session:
             cursor = get_cursor(session, CHAIN).block_number
         chain.token.transfer(chain.accounts[1], address, 17)
-        flaky.always = backup.always = "500"
+        flaky.clear()
+        flaky.add(fault("500"))
+        backup.add(fault("500"))
         down = poller.poll_once()
         assert down.error is not None and "RpcUnavailable" in down.error
         with lite() as session:
             assert get_cursor(session, CHAIN).block_number == cursor
 
-        flaky.always = backup.always = None
+        flaky.clear()
+        backup.clear()
         mine_blocks(chain.w3, 2)
         poll_until_done(poller)
         poller.confirm_once()
