@@ -8,14 +8,15 @@ in front of it, switchable while it runs. For tests (in-process) and operators' 
         ...                       # point the client at proxy.url
         proxy.clear()
 
-A request (one call or a batch) goes to one upstream: the first, each upstream in turn
-(``mode="round_robin"``) or one at random (``"random"``, seeded): a load balancer. Each fault matches calls by JSON-RPC
-method (none named: every call), by upstream index and, in-process, by a predicate on
-(method, params). A fault either answers the whole HTTP request (status, hang,
-truncated or non-JSON body) or changes the answers of the calls it matches (an error
-object, a replaced result, logs missing at the head, a node lagging N blocks); calls no
-fault answers are forwarded in one batch. ``times`` bounds how often a fault fires (it
-fires when it changes an answer); an exhausted fault is dropped.
+A request (one call or a batch) goes to one upstream: the first, each in turn
+(``mode="round_robin"``) or one at random (``"random"``, seeded), like a load balancer.
+Each fault matches calls by JSON-RPC method (none named: every call), by upstream index
+and, in-process, by a predicate on (method, params). A fault either answers the whole
+HTTP request (status, hang, truncated or non-JSON body) or changes the answers of the
+calls it matches (an error object, a replaced result, logs missing at the head, a node
+lagging N blocks, a replica on another fork); calls no fault answers are forwarded in one
+batch. ``times`` bounds how often a fault fires (it fires when it changes an answer); an
+exhausted fault is dropped.
 
 Control endpoint on the same port: ``GET /_proxy/faults``, ``POST /_proxy/faults`` with a
 fault as JSON (``{"kind": "node_behind", "blocks": 5, "times": 10}``), ``DELETE
@@ -28,9 +29,11 @@ predicate, or a subclass registered there.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import random
+import ssl
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -469,6 +472,12 @@ FAULT_KINDS: dict[str, type[Fault]] = {
 # --- the proxy --------------------------------------------------------------------------------
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    # Built once: httpx builds one per client otherwise (~60 ms each, a test starts many).
+    return httpx.create_ssl_context()
+
+
 class RpcProxy:
     """The proxy server. ``upstreams`` are JSON-RPC URLs; ``mode`` "first" sends every
     request to the first, "round_robin" to each in turn, "random" to one picked with a
@@ -500,6 +509,7 @@ class RpcProxy:
         self._client = httpx.Client(
             timeout=httpx.Timeout(upstream_timeout_s),
             headers={"content-type": "application/json"},
+            verify=_tls_context(),
         )
         self._server = ThreadingHTTPServer((host, port), _handler_for(self))
         self._server.daemon_threads = True
