@@ -114,6 +114,14 @@ class EvmSource(Protocol):
         request. `NodeBehind` if the end block is missing or its logs disagree with it."""
         ...
 
+    def transfers_to(
+        self, addresses: Sequence[str], from_block: int, to_block: int
+    ) -> tuple[list[TransferLog], BlockHeader]:
+        """ERC-20 Transfer logs of any contract whose recipient is one of ``addresses`` in
+        [from_block, to_block], and the header of ``to_block``, from one node in one request
+        (a topic filter on the recipient). `NodeBehind` as for `logs_with_end_header`."""
+        ...
+
     def receipt(self, tx_hash: str) -> TxReceipt | None:
         """None while the transaction is unknown or pending."""
         ...
@@ -617,6 +625,28 @@ class JsonRpcEvmSource:
             parse,
         )
 
+    def transfers_to(
+        self, addresses: Sequence[str], from_block: int, to_block: int
+    ) -> tuple[list[TransferLog], BlockHeader]:
+        if from_block > to_block:
+            raise ValueError(f"from_block {from_block} > to_block {to_block}")
+        recipients = ["0x" + a.lower().removeprefix("0x").rjust(64, "0") for a in addresses]
+        query = {
+            "fromBlock": hex(from_block),
+            "toBlock": hex(to_block),
+            "topics": [TRANSFER_TOPIC, None, recipients],
+        }
+
+        def parse(results: list[Any]) -> tuple[list[TransferLog], BlockHeader]:
+            end = _decode_header(results[1], to_block)
+            logs = self._decode_logs(results[0])
+            _check_window(logs, from_block, to_block, end)
+            return logs, end
+
+        return self.call_batch(
+            [("eth_getLogs", [query]), ("eth_getBlockByNumber", [hex(to_block), False])], parse
+        )
+
     def receipt(self, tx_hash: str) -> TxReceipt | None:
         def parse(raw: Any) -> TxReceipt | None:
             if raw is None or raw.get("blockNumber") is None:
@@ -728,16 +758,31 @@ class EthTesterSource:
         return head, [self._header(n) if n <= head else None for n in numbers]
 
     def get_transfer_logs(self, contract: str, from_block: int, to_block: int) -> list[TransferLog]:
+        return self._transfer_logs(to_checksum_address(contract), from_block, to_block)
+
+    def transfers_to(
+        self, addresses: Sequence[str], from_block: int, to_block: int
+    ) -> tuple[list[TransferLog], BlockHeader]:
+        wanted = {a.lower() for a in addresses}
+        logs = [
+            e
+            for e in self._transfer_logs(None, from_block, to_block)
+            if e.to_addr.lower() in wanted
+        ]
+        end = self._header(to_block)
+        _check_window(logs, from_block, to_block, end)
+        return logs, end
+
+    def _transfer_logs(
+        self, contract: str | None, from_block: int, to_block: int
+    ) -> list[TransferLog]:
         if from_block > to_block:
             raise ValueError(f"from_block {from_block} > to_block {to_block}")
         head = self.head()
         if to_block > head:
             raise NodeBehind(f"block {to_block} does not exist yet (head {head}); retry later")
         raw_logs = self.tester.get_logs(
-            from_block=from_block,
-            to_block=to_block,
-            address=to_checksum_address(contract),
-            topics=[TRANSFER_TOPIC],
+            from_block=from_block, to_block=to_block, address=contract, topics=[TRANSFER_TOPIC]
         )
         out: list[TransferLog] = []
         for raw in raw_logs:
