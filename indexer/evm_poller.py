@@ -285,7 +285,8 @@ class EvmPoller:
             scanned, found, late = self._scan(asset_id, head, state, max_windows, on_window)
         except reorg.NodeLagging as exc:
             RPC_ERRORS.labels(self.chain, "NodeLagging").inc()
-            NODE_BEHIND.labels(self.chain).set(exc.blocks)
+            if self.cursor_key == "":
+                NODE_BEHIND.labels(self.chain).set(exc.blocks)
             log.warning(
                 "node_lagging", chain=self.chain, node_head=exc.head, scanned_to=exc.scanned
             )
@@ -308,12 +309,12 @@ class EvmPoller:
             return PollResult(chain=self.chain, head=head, error=f"DeepReorg: {exc.message}")
         finally:
             POLL_SECONDS.labels(self.chain).observe(time.monotonic() - started)
-        NODE_BEHIND.labels(self.chain).set(0)
         scanned_to = state.scanned
         target = self._target(head)
         lag = max(0, head - (scanned_to if scanned_to is not None else self.start_block - 1))
         if self.cursor_key == "":
             BLOCKS_BEHIND.labels(self.chain).set(lag)
+            NODE_BEHIND.labels(self.chain).set(0)
         return PollResult(
             chain=self.chain,
             blocks_scanned=scanned,
