@@ -24,6 +24,7 @@ NOT_SETTINGS = frozenset({CONFIG_ENV, "ESCROWD_KEYSTORE_PASSPHRASE", "ESCROWD_AN
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
 # Paths arrive as TOML/env strings; strict mode would refuse the str -> Path conversion.
 PathValue = Annotated[Path, Field(strict=False)]
 
@@ -81,6 +82,10 @@ class EvmChainSettings(_Section):
     rpc_max_retries: Annotated[int, Field(ge=0, le=20)] = 4
     max_lag_blocks: PositiveInt = 200
     max_fee_gwei: PositiveInt = 200
+    # Transfers of other ERC-20 tokens into deposit addresses: how often they are looked
+    # for (0: never) and how many addresses one eth_getLogs topic filter names.
+    token_scan_interval_s: NonNegativeFloat = 300.0
+    token_scan_batch_addresses: Annotated[int, Field(ge=1, le=10_000)] = 500
 
     @model_validator(mode="after")
     def _reorg_covers_confirmations(self) -> EvmChainSettings:

@@ -45,6 +45,11 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
         "reconcile",
         "On-chain balances against the ledger's custody.",
     ),
+    "tokens": (
+        "escrowd.daemon.cli_tokens",
+        "tokens_app",
+        "Other tokens sent to deposit addresses: list, recover.",
+    ),
 }
 
 

@@ -23,8 +23,9 @@ from sqlalchemy import Engine
 
 from escrowd.config.settings import EvmChainSettings, Settings
 from escrowd.escrow.deposits import LedgerDepositSink
+from escrowd.indexer.errors import RpcError
 from escrowd.indexer.evm_poller import EvmPoller, WindowDone
-from escrowd.indexer.evm_source import JsonRpcEvmSource, RetryPolicy
+from escrowd.indexer.evm_source import JsonRpcEvmSource
 from escrowd.models.db import make_session_factory
 
 EXIT_PROBLEMS = 1
@@ -76,6 +77,25 @@ def _progress(done: int, total: int, found: int, elapsed_s: float) -> str:
     )
 
 
+def _last_block(source: JsonRpcEvmSource, chain: str, from_block: int, to_block: int | None) -> int:
+    """The range's last block: ``to_block``, or the head now. A range that starts or ends
+    above the head is refused at once (exit 2) rather than waited for."""
+    try:
+        head = source.head()
+    except RpcError as exc:
+        typer.echo(f"escrowd: cannot read the head of {chain}: {exc}", err=True)
+        raise typer.Exit(EXIT_PROBLEMS) from None
+    for option, block in (("--from", from_block), ("--to", to_block)):
+        if block is not None and block > head:
+            typer.echo(
+                f"escrowd: {option} {block} is above the head of {chain} (block {head}); "
+                "a backfill scans blocks that exist: lower it (omit --to to scan to the head)",
+                err=True,
+            )
+            raise typer.Exit(EXIT_USAGE)
+    return head if to_block is None else to_block
+
+
 @backfill_app.command("evm")
 def backfill_evm(
     ctx: typer.Context,
@@ -94,11 +114,9 @@ def backfill_evm(
     if to_block is not None and to_block < from_block:
         typer.echo(f"escrowd: --to {to_block} is before --from {from_block}", err=True)
         raise typer.Exit(EXIT_USAGE)
-    policy = RetryPolicy(
-        timeout_s=settings.rpc_timeout_s, attempts_per_url=max(1, settings.rpc_max_retries)
-    )
     sessions = make_session_factory(state.engine)
-    with JsonRpcEvmSource(settings.rpc_urls, policy=policy, chain=settings.name) as source:
+    with JsonRpcEvmSource.for_chain(settings) as source:
+        last = _last_block(source, settings.name, from_block, to_block)
         poller = EvmPoller(
             settings,
             source,
@@ -106,7 +124,7 @@ def backfill_evm(
             LedgerDepositSink(),
             cursor_key=backfill_key(from_block, to_block),
             start_block=from_block,
-            stop_block=to_block,
+            stop_block=last,
             track_reorgs=False,
         )
         # Everything alive now (modules, settings, engine) lasts as long as the command. A
@@ -121,8 +139,7 @@ def backfill_evm(
             failures = 0
             scanned += window.blocks_scanned
             found += window.deposits_found
-            last = window.head if to_block is None else min(to_block, window.head)
-            done = window.cursor - from_block + 1
+            done = window.scanned_to - from_block + 1
             total = last - from_block + 1
             typer.echo(
                 _progress(done, total, found, time.monotonic() - started), err=True, nl=False
@@ -138,10 +155,20 @@ def backfill_evm(
                         typer.echo("escrowd: giving up; run again to resume", err=True)
                         raise typer.Exit(EXIT_PROBLEMS)
                     continue
-                assert result.head is not None
-                last = result.head if to_block is None else min(to_block, result.head)
                 if result.done:
                     break
+                if result.blocks_scanned == 0:
+                    # The node answered a head below the range (a lagging replica): wait.
+                    failures += 1
+                    typer.echo(
+                        f"\nno progress ({failures}): node head {result.head} is below block "
+                        f"{last}; waiting",
+                        err=True,
+                    )
+                    if failures >= MAX_FAILURES:
+                        typer.echo("escrowd: giving up; run again to resume", err=True)
+                        raise typer.Exit(EXIT_PROBLEMS)
+                    time.sleep(settings.poll_interval_s)
         except KeyboardInterrupt:
             typer.echo(
                 f"\ninterrupted after {scanned} blocks; run the same command to resume", err=True

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import threading
+from typing import Annotated
 
 import structlog
 import typer
 
+from escrowd.devnet.rpc_proxy import MODES, Fault, FaultSpecError, RpcProxy
 from escrowd.devnet.solana_rpc import SolanaSimulator
 
 log = structlog.get_logger(__name__)
@@ -47,3 +50,50 @@ def solana(
         log.info("solana_sim_stopping")
     finally:
         sim.stop()
+
+
+@devnet_app.command("proxy")
+def proxy(
+    *,
+    upstream: Annotated[
+        list[str],
+        typer.Option("--upstream", metavar="URL", help="JSON-RPC URL of a node (repeat for more)."),
+    ],
+    port: int = typer.Option(8546, help="TCP port to listen on (0 = any free port)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    mode: str = typer.Option(
+        "", help="first | round_robin | random (default: round_robin with several upstreams)."
+    ),
+    fault: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fault", metavar="JSON", help='A fault to start with: \'{"kind": "hang"}\'.'
+        ),
+    ] = None,
+    seed: int = typer.Option(0, help="Seed of the random mode."),
+) -> None:
+    """Run the fault-injecting JSON-RPC proxy in front of UPSTREAM node(s) until Ctrl-C.
+
+    Switch faults while it runs: POST a fault as JSON to /_proxy/faults, DELETE
+    /_proxy/faults to clear them, GET /_proxy/stats to see what it served."""
+    chosen = mode or ("round_robin" if len(upstream) > 1 else "first")
+    if chosen not in MODES:
+        typer.echo(f"escrowd: --mode must be one of {', '.join(MODES)}", err=True)
+        raise typer.Exit(2)
+    try:
+        faults = [Fault.from_json(json.loads(spec)) for spec in fault or []]
+    except (ValueError, FaultSpecError) as exc:
+        typer.echo(f"escrowd: bad --fault: {exc}", err=True)
+        raise typer.Exit(2) from None
+    server = RpcProxy(upstream, host=host, port=port, mode=chosen, seed=seed)
+    for item in faults:
+        server.add(item)
+    server.start()
+    try:
+        typer.echo(f"rpc proxy: {server.url} -> {', '.join(upstream)} ({chosen})")
+        typer.echo(f"control: {server.control_url}/faults")
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        log.info("rpc_proxy_stopping")
+    finally:
+        server.stop()

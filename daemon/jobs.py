@@ -33,12 +33,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from escrowd.config.settings import EvmChainSettings, Settings, SolanaSettings
 from escrowd.escrow import audit, payout_worker, service, sweeps
 from escrowd.escrow.deposits import LedgerDepositSink
+from escrowd.escrow.unsupported import UnsupportedDepositRecorder
 from escrowd.escrow.uow import in_transaction
 from escrowd.escrow.webhook_delivery import run_webhooks
 from escrowd.escrow.webhooks import SecretCipher
 from escrowd.indexer.evm_poller import EvmPoller
 from escrowd.indexer.evm_sender import EvmSender
-from escrowd.indexer.evm_source import EvmSource, JsonRpcEvmSource, RetryPolicy
+from escrowd.indexer.evm_source import EvmSource, JsonRpcEvmSource
+from escrowd.indexer.evm_tokens import TokenScanner
 from escrowd.indexer.solana_indexer import SolanaPoller
 from escrowd.indexer.solana_sender import SolanaSender
 from escrowd.indexer.solana_source import SolanaRpcSource, SolanaSource
@@ -368,9 +370,7 @@ def _evm_lag(result: object) -> int | str:
 def _evm_source(ctx: JobContext, chain: EvmChainSettings) -> EvmSource:
     source = ctx.evm_sources.get(chain.name)
     if source is None:
-        rpc = JsonRpcEvmSource(
-            chain.rpc_urls, policy=RetryPolicy(timeout_s=chain.rpc_timeout_s), chain=chain.name
-        )
+        rpc = JsonRpcEvmSource.for_chain(chain)
         ctx.closers.append(rpc.close)
         ctx.evm_sources[chain.name] = source = rpc
     return source
@@ -393,6 +393,13 @@ def evm_jobs(ctx: JobContext) -> list[Job]:
         poller = EvmPoller(chain, _evm_source(ctx, chain), ctx.sessions, LedgerDepositSink())
         probe = LagProbe(chain.name, "blocks", chain.max_lag_blocks, _evm_lag)
         jobs.append(Job(name, chain.poll_interval_s, _poll_and_confirm(poller), probe))
+        if chain.token_scan_interval_s > 0:
+            scanner = TokenScanner(
+                chain, _evm_source(ctx, chain), ctx.sessions, UnsupportedDepositRecorder()
+            )
+            jobs.append(
+                Job(f"evm_tokens:{chain.name}", chain.token_scan_interval_s, scanner.scan_once)
+            )
     return jobs
 
 

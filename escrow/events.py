@@ -18,6 +18,7 @@ EVENT_TYPES = frozenset(
         "deposit.pending",
         "deposit.confirmed",
         "deposit.orphaned",
+        "deposit.unsupported",
         "escrow.funded",
         "escrow.released",
         "escrow.refunded",

@@ -773,7 +773,7 @@ def build_chain(settings: Settings, chain: str, keystore: UnlockedKeystore) -> P
     from escrowd.indexer.evm_source import JsonRpcEvmSource
 
     evm = settings.evm_chain(chain)
-    source = JsonRpcEvmSource(evm.rpc_urls, chain=evm.name)
+    source = JsonRpcEvmSource.for_chain(evm)
     return EvmPayoutChain(
         EvmSender(
             source,

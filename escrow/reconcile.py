@@ -149,7 +149,7 @@ def reconcile_configured(
 
     lines: list[Line] = []
     for evm in settings.evm_chains:
-        with JsonRpcEvmSource(evm.rpc_urls, chain=evm.name) as source:
+        with JsonRpcEvmSource.for_chain(evm) as source:
 
             def read_evm(
                 asset: Asset, addresses: Sequence[str], src: JsonRpcEvmSource = source

@@ -498,7 +498,7 @@ def build_evm_sweeper(
     evm = settings.evm_chain(chain)
     return EvmSweeper(
         sessions,
-        source or JsonRpcEvmSource(evm.rpc_urls, chain=evm.name),
+        source or JsonRpcEvmSource.for_chain(evm),
         chain=evm.name,
         chain_id=evm.chain_id,
         gas_wallet=keystore.evm_gas_wallet,

@@ -1,8 +1,11 @@
 """The confirmation step: a pending EVM deposit is credited once it is `confirmations`
-blocks deep and its block hash is still the canonical one at that moment."""
+blocks deep and its block hash is still the canonical one at that moment. It is orphaned
+only when two reads of its block agree on another hash: a replica on a stale fork behind
+a load balancer, answering once, orphans nothing."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -49,7 +52,7 @@ def confirm_once(
     while True:
         with sessions() as session:
             rows = session.execute(
-                select(Deposit.id, Deposit.block_number)
+                select(Deposit.id, Deposit.block_number, Deposit.block_hash)
                 .where(
                     Deposit.chain == chain,
                     Deposit.status == DepositStatus.PENDING,
@@ -64,6 +67,9 @@ def confirm_once(
         last_id = rows[-1].id
         numbers = sorted({row.block_number for row in rows})
         canonical = {header.number: header.hash for header in headers_of(source, numbers)}
+        _drop_unconfirmed_changes(
+            source, chain, canonical, [(r.block_number, r.block_hash) for r in rows]
+        )
         with sessions() as session, session.begin():
             for row in rows:
                 deposit = session.get(Deposit, row.id, with_for_update=True)
@@ -73,6 +79,8 @@ def confirm_once(
                 if canonical.get(deposit.block_number) == deposit.block_hash:
                     sink.confirmed(session, deposit)
                     confirmed += 1
+                    continue
+                if deposit.block_number not in canonical:
                     continue
                 log.warning(
                     "deposit_block_replaced",
@@ -88,3 +96,19 @@ def confirm_once(
     if confirmed or orphaned:
         log.info("deposits_confirmed", chain=chain, confirmed=confirmed, orphaned=orphaned)
     return ConfirmResult(head=head, confirmed=confirmed, orphaned=orphaned)
+
+
+def _drop_unconfirmed_changes(
+    source: EvmSource, chain: str, canonical: dict[int, str], blocks: Sequence[tuple[int, str]]
+) -> None:
+    """Read again, in one request, the blocks whose hash differs from a deposit's (``blocks``:
+    (number, hash) of the deposits); keep in ``canonical`` only the changes the second read
+    repeats (the others wait for a later tick)."""
+    changed = sorted({number for number, block_hash in blocks if canonical[number] != block_hash})
+    if not changed:
+        return
+    _, again = source.head_with_headers(changed)
+    for number, header in zip(changed, again, strict=True):
+        if header is None or header.hash != canonical[number]:
+            log.warning("deposit_block_reads_disagree", chain=chain, block_number=number)
+            del canonical[number]

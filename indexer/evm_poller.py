@@ -1,10 +1,23 @@
 """The EVM deposit poller: one object per configured chain, driven by the daemon's
 scheduler (`poll_once`, `confirm_once`) or looped by `escrowd backfill evm`.
 
-A poll verifies the stored block hashes (reorgs), then scans windows of USDC `Transfer`
-logs from the cursor to the head. Each window's deposits, block hashes and cursor advance
-commit in one transaction, so a crash between fetching and committing loses nothing:
-the next poll scans the window again and recording is idempotent.
+A poll reads the node's head with the newest stored block hashes (one request), then
+scans windows of USDC `Transfer` logs from the cursor to the head. Each window's
+deposits, block hashes and cursor advance commit in one transaction, so a crash between
+fetching and committing loses nothing: the next poll scans the window again and recording
+is idempotent.
+
+What a node says is checked before the cursor moves (the fault model in the README):
+- The cursor is the last block whose logs were read when it was already ``settle`` blocks
+  deep (``max(1, confirmations)``): the newest blocks are read again on every poll until
+  they are, so logs a node serves late (header first, logs a moment later) are still
+  found before anything in their block is credited.
+- A head below what was already scanned is a lagging replica, not a reorg: the poll is
+  skipped and reported (`NodeLagging`), nothing is rolled back. Only a block hash that
+  changed, read twice the same way, is a reorg.
+- Blocks read again must carry the hashes stored for them, new blocks near the head must
+  link to each other and to the last scanned block; otherwise the window is dropped and
+  the next poll's head check decides.
 """
 
 from __future__ import annotations
@@ -39,6 +52,16 @@ DEPOSITS_FOUND = Counter(
 )
 RPC_ERRORS = Counter(
     "escrowd_evm_poll_errors_total", "Polls that ended on an RPC failure.", ["chain", "reason"]
+)
+NODE_BEHIND = Gauge(
+    "escrowd_evm_node_behind_blocks",
+    "How far the node's head was below the blocks already scanned at the last poll (0: not).",
+    ["chain"],
+)
+LATE_DEPOSITS = Counter(
+    "escrowd_evm_late_deposits_total",
+    "Deposits found by reading a block again after an earlier read of it lacked them.",
+    ["chain"],
 )
 POLL_SECONDS = Histogram(
     "escrowd_evm_poll_duration_seconds",
@@ -127,26 +150,50 @@ class _Window:
 
 @dataclass(frozen=True)
 class WindowDone:
-    """Progress after one committed window."""
+    """Progress after one committed window: logs read up to ``scanned_to``, verified up to
+    ``cursor``."""
 
     head: int
-    cursor: int
+    cursor: int | None
+    scanned_to: int
     blocks_scanned: int
     deposits_found: int
 
 
 @dataclass(frozen=True)
 class PollResult:
+    """What one poll did. ``cursor`` is the verified cursor, ``scanned_to`` the newest block
+    whose logs were read, ``lag_blocks`` the head minus ``scanned_to``. ``error`` is set when
+    the poll failed or was skipped; ``node_behind_blocks`` when the node's head was below
+    ``scanned_to`` (a lagging replica)."""
+
     chain: str
     blocks_scanned: int = 0
     deposits_found: int = 0
+    late_deposits: int = 0
     head: int | None = None
     cursor: int | None = None
+    scanned_to: int | None = None
     lag_blocks: int | None = None
+    node_behind_blocks: int | None = None
     rolled_back_to: int | None = None
     reorg: bool = False
     done: bool = False
     error: str | None = None
+
+
+@dataclass
+class _ScanState:
+    """Where a scan stands: the verified cursor, the newest block read, and the hashes
+    stored for the blocks read above the cursor (read again until they settle)."""
+
+    cursor: int | None
+    cursor_hash: str | None
+    known: dict[int, str]
+
+    @property
+    def scanned(self) -> int | None:
+        return max(self.known, default=self.cursor)
 
 
 class EvmPoller:
@@ -221,15 +268,36 @@ class EvmPoller:
         set and the cursor where the last fully committed window left it."""
         started = time.monotonic()
         head: int | None = None
+        state: _ScanState | None = None
         try:
             asset_id = self._start()
             with self.sessions() as session:
                 self.watched.refresh(session)
-            head = self.source.head()
+            state = self._state()
             rolled: reorg.Rollback | None = None
             if self.track_reorgs:
-                rolled = self._check_reorg(head)
-            scanned, found, cursor = self._scan(asset_id, head, max_windows, on_window)
+                head, rolled = self._check_head(state)
+                if rolled is not None:
+                    state = self._state()
+            else:
+                head = self.source.head()
+                reorg.check_not_behind(self.chain, head, state.scanned)
+            scanned, found, late = self._scan(asset_id, head, state, max_windows, on_window)
+        except reorg.NodeLagging as exc:
+            RPC_ERRORS.labels(self.chain, "NodeLagging").inc()
+            if self.cursor_key == "":
+                NODE_BEHIND.labels(self.chain).set(exc.blocks)
+            log.warning(
+                "node_lagging", chain=self.chain, node_head=exc.head, scanned_to=exc.scanned
+            )
+            return PollResult(
+                chain=self.chain,
+                head=exc.head,
+                cursor=state.cursor if state else None,
+                scanned_to=exc.scanned,
+                node_behind_blocks=exc.blocks,
+                error=f"NodeLagging: {exc}",
+            )
         except (RpcError, reorg.CursorMoved) as exc:
             reason = type(exc).__name__
             RPC_ERRORS.labels(self.chain, reason).inc()
@@ -241,20 +309,24 @@ class EvmPoller:
             return PollResult(chain=self.chain, head=head, error=f"DeepReorg: {exc.message}")
         finally:
             POLL_SECONDS.labels(self.chain).observe(time.monotonic() - started)
+        scanned_to = state.scanned
         target = self._target(head)
-        lag = max(0, head - (cursor if cursor is not None else self.start_block - 1))
+        lag = max(0, head - (scanned_to if scanned_to is not None else self.start_block - 1))
         if self.cursor_key == "":
             BLOCKS_BEHIND.labels(self.chain).set(lag)
+            NODE_BEHIND.labels(self.chain).set(0)
         return PollResult(
             chain=self.chain,
             blocks_scanned=scanned,
             deposits_found=found,
+            late_deposits=late,
             head=head,
-            cursor=cursor,
+            cursor=state.cursor,
+            scanned_to=scanned_to,
             lag_blocks=lag,
             rolled_back_to=rolled.to_block if rolled else None,
             reorg=rolled is not None,
-            done=cursor is not None and cursor >= target,
+            done=scanned_to is not None and scanned_to >= target,
         )
 
     def confirm_once(self) -> confirm.ConfirmResult:
@@ -273,43 +345,57 @@ class EvmPoller:
     def _target(self, head: int) -> int:
         return head if self.stop_block is None else min(head, self.stop_block)
 
-    def _cursor(self) -> tuple[int | None, str | None]:
+    @property
+    def settle_blocks(self) -> int:
+        """How deep a block must be before its logs are read for the last time. Only the
+        live poller settles; a backfill reads history once (the live poller reads the
+        newest blocks again in any case)."""
+        return max(1, self.settings.confirmations) if self.track_reorgs else 0
+
+    def _state(self) -> _ScanState:
         with self.sessions() as session, session.begin():
             cursor = get_cursor(session, self.chain, self.cursor_key)
-            return cursor.block_number, cursor.block_hash
+            number, block_hash = cursor.block_number, cursor.block_hash
+            known: dict[int, str] = {}
+            if self.track_reorgs:
+                floor = -1 if number is None else number
+                known = {
+                    b.block_number: b.block_hash
+                    for b in reorg.stored_blocks(session, self.chain, floor + 1)
+                }
+        return _ScanState(number, block_hash, known)
 
-    def _check_reorg(self, head: int) -> reorg.Rollback | None:
-        cursor_block, _ = self._cursor()
-        if cursor_block is None:
-            return None
+    def _check_head(self, state: _ScanState) -> tuple[int, reorg.Rollback | None]:
+        """The node's head, after rolling back a reorg the stored hashes reveal."""
+        scanned = state.scanned
         depth = self.settings.max_reorg_depth
+        floor = (scanned if scanned is not None else self.start_block) - depth
         with self.sessions() as session:
             rows = [
                 (b.block_number, b.block_hash)
-                for b in reorg.stored_blocks(session, self.chain, cursor_block - depth)
+                for b in reorg.stored_blocks(session, self.chain, floor)
             ]
-        found = reorg.find_ancestor(
+        checked = reorg.check_head(
             self.source,
             self.chain,
             rows,
-            head,
+            scanned=scanned,
             start_block=self.start_block,
-            cursor_block=cursor_block,
             max_reorg_depth=depth,
         )
-        reorged, ancestor = found
-        if not reorged:
-            return None
-        return reorg.roll_back(
+        if not checked.reorged:
+            return checked.head, None
+        rolled = reorg.roll_back(
             self.sessions,
             self.source,
             self.sink,
             chain=self.chain,
             cursor_key=self.cursor_key,
-            expected_cursor=cursor_block,
-            ancestor=ancestor,
-            head=head,
+            expected_cursor=state.cursor,
+            ancestor=checked.ancestor,
+            head=checked.head,
         )
+        return checked.head, rolled
 
     def _fetch(self, from_block: int, head: int) -> tuple[int, list[TransferLog], BlockHeader]:
         """Logs of the largest window from ``from_block`` the provider accepts."""
@@ -339,54 +425,98 @@ class EvmPoller:
         self,
         asset_id: int,
         head: int,
+        state: _ScanState,
         max_windows: int | None,
         on_window: Callable[[WindowDone], None] | None,
-    ) -> tuple[int, int, int | None]:
-        """Windows from the cursor towards ``target``. While a window commits, one thread
-        fetches the next: the node and the database work at the same time, and the next
-        window's logs are only used after this one's commit (in chain order)."""
-        cursor_block, cursor_hash = self._cursor()
+    ) -> tuple[int, int, int]:
+        """Windows from the cursor towards the target: (blocks read, deposits found, of
+        which late). While a window commits, one thread fetches the next: the node and the
+        database work at the same time, and the next window's logs are only used after
+        this one's commit (in chain order). ``state`` follows the commits."""
         target = self._target(head)
-        scanned = found = windows = 0
-        depth = self.settings.max_reorg_depth
+        settled = head - self.settle_blocks
+        read_before = state.scanned
+        position = self.start_block - 1 if state.cursor is None else state.cursor
+        parent_hash = state.cursor_hash
+        scanned = found = late = windows = 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evm-prefetch") as prefetch:
             next_fetch: Future[_Window] | None = None
             while True:
-                from_block = self.start_block if cursor_block is None else cursor_block + 1
+                from_block = position + 1
                 if from_block > target or (max_windows is not None and windows >= max_windows):
-                    return scanned, found, cursor_block
+                    return scanned, found, late
                 if next_fetch is None:
                     window = self._fetch_window(from_block, head, asset_id)
                 else:
                     window = next_fetch.result()
                     next_fetch = None
-                to_block, logs, end = window.to_block, window.logs, window.end
-                headers: list[BlockHeader] = []
-                if self.track_reorgs and to_block > head - depth:
-                    first = max(from_block, head - depth + 1)
-                    headers = reorg.headers_of(self.source, list(range(first, to_block + 1)))
-                    parent = cursor_hash if first == from_block else None
-                    problem = reorg.check_linkage(headers, end, parent)
-                    if problem is None:
-                        problem = _logs_disagree(logs, headers)
-                    if problem is not None:
-                        raise ChainChanged(f"{self.chain}: {problem}; rescanning next poll")
+                to_block, end = window.to_block, window.end
+                fresh: list[BlockHeader] = []
+                if self.track_reorgs:
+                    fresh = self._verify(window, from_block, head, state.known, parent_hash)
                 if to_block < target and (max_windows is None or windows + 1 < max_windows):
                     next_fetch = prefetch.submit(self._fetch_window, to_block + 1, head, asset_id)
-                new = self._commit(
-                    expected_cursor=cursor_block,
-                    to_block=to_block,
-                    end=end,
-                    headers=headers,
-                    deposits=window.deposits,
+                hashes = {**state.known, **{h.number: h.hash for h in fresh}, to_block: end.hash}
+                cursor: tuple[int, str] | None = None
+                settled_to = min(to_block, settled)
+                if settled_to in hashes and (state.cursor is None or settled_to > state.cursor):
+                    cursor = (settled_to, hashes[settled_to])
+                deposits, again = _split(window.deposits, read_before)
+                new, new_late = self._commit(
+                    expected_cursor=state.cursor,
+                    cursor=cursor,
+                    headers=fresh or ([] if to_block in state.known else [end]),
+                    deposits=deposits,
+                    again=again,
                     head=head,
                 )
                 found += new
+                late += new_late
                 scanned += to_block - from_block + 1
                 windows += 1
-                cursor_block, cursor_hash = to_block, end.hash
+                if cursor is not None:
+                    state.cursor, state.cursor_hash = cursor
+                if self.track_reorgs:
+                    floor = -1 if state.cursor is None else state.cursor
+                    state.known = {n: h for n, h in hashes.items() if n > floor}
+                position, parent_hash = to_block, end.hash
                 if on_window is not None:
-                    on_window(WindowDone(head, to_block, to_block - from_block + 1, new))
+                    on_window(
+                        WindowDone(head, state.cursor, to_block, to_block - from_block + 1, new)
+                    )
+
+    def _verify(
+        self,
+        window: _Window,
+        from_block: int,
+        head: int,
+        known: dict[int, str],
+        parent_hash: str | None,
+    ) -> list[BlockHeader]:
+        """Check a window against the hashes stored for the blocks read before and, for the
+        blocks near the head read for the first time, against their headers, which must
+        link to each other and to the block before. Returns those headers; raises
+        `ChainChanged` when anything disagrees (a reorg in flight or a node on another
+        fork: the next poll's head check tells which)."""
+        to_block, end = window.to_block, window.end
+        first = max(from_block, head - self.settings.max_reorg_depth)
+        fresh = reorg.headers_of(
+            self.source, [n for n in range(first, to_block + 1) if n not in known]
+        )
+        hashes = {**known, **{h.number: h.hash for h in fresh}}
+        problem: str | None = None
+        if hashes.get(to_block, end.hash) != end.hash:
+            problem = f"block {to_block} changed since it was read"
+        elif fresh:
+            before = hashes.get(fresh[0].number - 1)
+            if fresh[0].number == from_block:
+                before = parent_hash
+            problem = reorg.check_linkage(fresh, end, before)
+        if problem is None:
+            problem = _logs_disagree(window.logs, hashes)
+        if problem is not None:
+            raise ChainChanged(f"{self.chain}: {problem}; rescanning next poll")
+        return fresh
 
     def _fetch_window(self, from_block: int, head: int, asset_id: int) -> _Window:
         # The watched set only changes at the start of a poll, so the prefetch thread can
@@ -425,29 +555,35 @@ class EvmPoller:
         self,
         *,
         expected_cursor: int | None,
-        to_block: int,
-        end: BlockHeader,
+        cursor: tuple[int, str] | None,
         headers: list[BlockHeader],
         deposits: list[FoundDeposit],
+        again: list[FoundDeposit],
         head: int,
-    ) -> int:
-        """Record the window's deposits and block hashes and advance the cursor, together."""
+    ) -> tuple[int, int]:
+        """Record the window's deposits and new block hashes and advance the cursor (when
+        ``cursor`` is given), together. ``again`` are the deposits in blocks read before;
+        returns (new deposits, of which found only on reading a block again)."""
         with self.sessions() as session, session.begin():
-            cursor = get_cursor(session, self.chain, self.cursor_key, lock=True)
-            if cursor.block_number != expected_cursor:
+            row = get_cursor(session, self.chain, self.cursor_key, lock=True)
+            if row.block_number != expected_cursor:
                 raise reorg.CursorMoved(
-                    f"{self.chain}: cursor {self.cursor_key!r} moved to {cursor.block_number} "
+                    f"{self.chain}: cursor {self.cursor_key!r} moved to {row.block_number} "
                     f"while this poller scanned from {expected_cursor}; retrying next poll"
                 )
             new = record_deposits(session, self.chain, deposits, self.sink)
-            if self.track_reorgs:
-                self._store_blocks(session, headers or [end], head)
-            cursor.block_number = to_block
-            cursor.block_hash = end.hash
-        if new:
-            DEPOSITS_FOUND.labels(self.chain).inc(new)
-            log.info("deposits_found", chain=self.chain, count=new, to_block=to_block)
-        return new
+            late = record_deposits(session, self.chain, again, self.sink) if again else 0
+            if self.track_reorgs and headers:
+                self._store_blocks(session, headers, head)
+            if cursor is not None:
+                row.block_number, row.block_hash = cursor
+        if new or late:
+            DEPOSITS_FOUND.labels(self.chain).inc(new + late)
+            log.info("deposits_found", chain=self.chain, count=new + late, head=head)
+        if late:
+            LATE_DEPOSITS.labels(self.chain).inc(late)
+            log.warning("late_deposit_logs", chain=self.chain, count=late, head=head)
+        return new + late, late
 
     def _store_blocks(self, session: Session, headers: list[BlockHeader], head: int) -> None:
         first, last = headers[0].number, headers[-1].number
@@ -476,14 +612,22 @@ class EvmPoller:
         )
 
 
-def _logs_disagree(logs: list[TransferLog], headers: list[BlockHeader]) -> str | None:
-    if not headers:
-        return None
-    first = headers[0].number
+def _split(
+    deposits: list[FoundDeposit], read_before: int | None
+) -> tuple[list[FoundDeposit], list[FoundDeposit]]:
+    """(deposits in blocks read for the first time, deposits in blocks read before)."""
+    if read_before is None:
+        return deposits, []
+    first: list[FoundDeposit] = []
+    again: list[FoundDeposit] = []
+    for deposit in deposits:
+        (again if deposit.block_number <= read_before else first).append(deposit)
+    return first, again
+
+
+def _logs_disagree(logs: list[TransferLog], hashes: dict[int, str]) -> str | None:
     for entry in logs:
-        if (
-            entry.block_number >= first
-            and entry.block_hash != headers[entry.block_number - first].hash
-        ):
+        expected = hashes.get(entry.block_number)
+        if expected is not None and entry.block_hash != expected:
             return f"logs of block {entry.block_number} belong to another fork"
     return None

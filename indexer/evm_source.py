@@ -13,6 +13,7 @@ transaction hashes are ``0x``-prefixed lower-case hex; amounts are ints in base 
 
 from __future__ import annotations
 
+import email.utils
 import functools
 import json
 import random
@@ -27,6 +28,7 @@ import structlog
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
+from escrowd.config.settings import EvmChainSettings
 from escrowd.indexer.errors import NodeBehind, RangeTooLarge, RpcError, RpcUnavailable
 
 log = structlog.get_logger(__name__)
@@ -96,6 +98,11 @@ class EvmSource(Protocol):
         """Headers in the order asked; `NodeBehind` if any is missing."""
         ...
 
+    def head_with_headers(self, numbers: Sequence[int]) -> tuple[int, list[BlockHeader | None]]:
+        """The latest block number and the headers asked for, read from one node in one
+        request; None for a block that node does not have."""
+        ...
+
     def get_transfer_logs(self, contract: str, from_block: int, to_block: int) -> list[TransferLog]:
         """Transfer logs of ``contract`` in [from_block, to_block], in chain order."""
         ...
@@ -105,6 +112,14 @@ class EvmSource(Protocol):
     ) -> tuple[list[TransferLog], BlockHeader]:
         """Logs of the window and the header of ``to_block``, read from one node in one
         request. `NodeBehind` if the end block is missing or its logs disagree with it."""
+        ...
+
+    def transfers_to(
+        self, addresses: Sequence[str], from_block: int, to_block: int
+    ) -> tuple[list[TransferLog], BlockHeader]:
+        """ERC-20 Transfer logs of any contract whose recipient is one of ``addresses`` in
+        [from_block, to_block], and the header of ``to_block``, from one node in one request
+        (a topic filter on the recipient). `NodeBehind` as for `logs_with_end_header`."""
         ...
 
     def receipt(self, tx_hash: str) -> TxReceipt | None:
@@ -230,6 +245,11 @@ _RANGE_PHRASES = (
     "range should work",
     "too many results",
     "query timeout exceeded",
+    "block range is too wide",
+    "range is too large",
+    "maximum block range",
+    "ranges over",
+    "block range greater than",
 )
 _BEHIND_PHRASES = ("header not found", "unknown block", "block not found", "after last accepted")
 _RETRYABLE_CODES = {-32603, -32005, -32016, -32002, 429}
@@ -254,11 +274,30 @@ def _suggested_to_block(message: str) -> int | None:
 
 
 class _Retryable(Exception):
-    """A failure worth retrying on the same or the next endpoint."""
+    """A failure worth retrying on the same or the next endpoint. ``retry_after_s`` is
+    what the endpoint asked for (HTTP ``Retry-After``)."""
 
-    def __init__(self, message: str, *, timeout: bool = False) -> None:
+    def __init__(
+        self, message: str, *, timeout: bool = False, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.timeout = timeout
+        self.retry_after_s = retry_after_s
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def classify_rpc_error(error: Mapping[str, Any]) -> Exception:
@@ -287,13 +326,23 @@ def classify_rpc_error(error: Mapping[str, Any]) -> Exception:
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """Bounds for one logical call: ``attempts_per_url`` tries on each URL, sleeping
-    ``backoff_base_s * 2**n`` (capped, full jitter) between tries."""
+    ``backoff_base_s * 2**n`` (capped, full jitter) between tries. An endpoint that
+    answers 429/503 with a ``Retry-After`` up to ``backoff_max_s`` is waited for; one
+    asking for longer is left alone that long (at most ``retry_after_max_s``) while the
+    other endpoints are tried."""
 
     timeout_s: float = 10.0
     attempts_per_url: int = 3
     backoff_base_s: float = 0.2
     backoff_max_s: float = 2.0
     primary_retry_after_s: float = 60.0
+    retry_after_max_s: float = 300.0
+
+    @classmethod
+    def for_chain(cls, chain: EvmChainSettings) -> RetryPolicy:
+        """The policy of a configured chain: ``rpc_max_retries`` retries after the first
+        attempt on each URL, ``rpc_timeout_s`` per request."""
+        return cls(timeout_s=chain.rpc_timeout_s, attempts_per_url=chain.rpc_max_retries + 1)
 
 
 class JsonRpcEvmSource:
@@ -321,6 +370,20 @@ class JsonRpcEvmSource:
         self._next_id = 0
         self._current = 0
         self._failed_over_at = 0.0
+        self._resting_until: dict[int, float] = {}
+
+    @classmethod
+    def for_chain(
+        cls, chain: EvmChainSettings, *, transport: httpx.BaseTransport | None = None
+    ) -> JsonRpcEvmSource:
+        """The source of a configured chain: its URLs and `RetryPolicy.for_chain`. Every
+        EVM source the daemon and the CLI build comes from here."""
+        return cls(
+            chain.rpc_urls,
+            policy=RetryPolicy.for_chain(chain),
+            chain=chain.name,
+            transport=transport,
+        )
 
     @property
     def urls(self) -> list[str]:
@@ -344,13 +407,21 @@ class JsonRpcEvmSource:
         return list(range(start, start + count))
 
     def _url_order(self) -> list[int]:
+        """URL indexes to try, current first; endpoints resting after a long Retry-After
+        are left out."""
+        now = time.monotonic()
         with self._lock:
-            if self._current and time.monotonic() - self._failed_over_at > (
-                self._policy.primary_retry_after_s
-            ):
+            if self._current and now - self._failed_over_at > self._policy.primary_retry_after_s:
                 self._current = 0
             first = self._current
-        return [(first + i) % len(self._urls) for i in range(len(self._urls))]
+            order = [(first + i) % len(self._urls) for i in range(len(self._urls))]
+            return [i for i in order if self._resting_until.get(i, 0.0) <= now]
+
+    def _rest(self, url_index: int, seconds: float) -> None:
+        with self._lock:
+            self._resting_until[url_index] = time.monotonic() + min(
+                seconds, self._policy.retry_after_max_s
+            )
 
     def _post(self, url: str, calls: Sequence[tuple[str, list[Any]]]) -> list[Any]:
         """One HTTP round trip; returns the results in call order or raises."""
@@ -366,7 +437,10 @@ class JsonRpcEvmSource:
         except httpx.TransportError as exc:
             raise _Retryable(f"connection error: {type(exc).__name__}") from exc
         if response.status_code == 429 or response.status_code >= 500:
-            raise _Retryable(f"http {response.status_code}")
+            raise _Retryable(
+                f"http {response.status_code}",
+                retry_after_s=_retry_after_s(response.headers.get("retry-after")),
+            )
         try:
             payload = response.json()
         except ValueError as exc:
@@ -406,6 +480,11 @@ class JsonRpcEvmSource:
         last: Exception | None = None
         all_timeouts = True
         order = self._url_order()
+        if not order:
+            raise RpcUnavailable(
+                f"every RPC endpoint of {self._chain} asked to be left alone (Retry-After); "
+                f"{calls[0][0]} not sent, retry later"
+            )
         for position, url_index in enumerate(order):
             url = self._urls[url_index]
             for attempt in range(self._policy.attempts_per_url):
@@ -437,8 +516,21 @@ class JsonRpcEvmSource:
                     method=calls[0][0],
                     error=str(last),
                 )
+                wait_s = last.retry_after_s if isinstance(last, _Retryable) else None
+                if wait_s is not None and wait_s > self._policy.backoff_max_s:
+                    self._rest(url_index, wait_s)
+                    log.warning(
+                        "rpc_endpoint_resting",
+                        chain=self._chain,
+                        url_index=url_index,
+                        retry_after_s=wait_s,
+                    )
+                    break
                 if attempt + 1 < self._policy.attempts_per_url:
-                    self._sleep_backoff(attempt)
+                    if wait_s is not None:
+                        time.sleep(wait_s)
+                    else:
+                        self._sleep_backoff(attempt)
             if position + 1 < len(order):
                 log.warning("rpc_failover", chain=self._chain, from_url_index=url_index)
         if isinstance(last, NodeBehind):
@@ -473,6 +565,20 @@ class JsonRpcEvmSource:
                 _decode_header(raw, n) for raw, n in zip(results, numbers, strict=True)
             ],
         )
+
+    def head_with_headers(self, numbers: Sequence[int]) -> tuple[int, list[BlockHeader | None]]:
+        def parse(results: list[Any]) -> tuple[int, list[BlockHeader | None]]:
+            head = _hex_to_int(results[0])
+            return head, [
+                None if raw is None else _decode_header(raw, n)
+                for raw, n in zip(results[1:], numbers, strict=True)
+            ]
+
+        calls = [
+            ("eth_blockNumber", []),
+            *(("eth_getBlockByNumber", [hex(n), False]) for n in numbers),
+        ]
+        return self.call_batch(calls, parse)
 
     def _logs_call(self, contract: str, from_block: int, to_block: int) -> tuple[str, list[Any]]:
         if from_block > to_block:
@@ -517,6 +623,28 @@ class JsonRpcEvmSource:
                 ("eth_getBlockByNumber", [hex(to_block), False]),
             ],
             parse,
+        )
+
+    def transfers_to(
+        self, addresses: Sequence[str], from_block: int, to_block: int
+    ) -> tuple[list[TransferLog], BlockHeader]:
+        if from_block > to_block:
+            raise ValueError(f"from_block {from_block} > to_block {to_block}")
+        recipients = ["0x" + a.lower().removeprefix("0x").rjust(64, "0") for a in addresses]
+        query = {
+            "fromBlock": hex(from_block),
+            "toBlock": hex(to_block),
+            "topics": [TRANSFER_TOPIC, None, recipients],
+        }
+
+        def parse(results: list[Any]) -> tuple[list[TransferLog], BlockHeader]:
+            end = _decode_header(results[1], to_block)
+            logs = self._decode_logs(results[0])
+            _check_window(logs, from_block, to_block, end)
+            return logs, end
+
+        return self.call_batch(
+            [("eth_getLogs", [query]), ("eth_getBlockByNumber", [hex(to_block), False])], parse
         )
 
     def receipt(self, tx_hash: str) -> TxReceipt | None:
@@ -625,17 +753,36 @@ class EthTesterSource:
     def block_headers(self, numbers: Sequence[int]) -> list[BlockHeader]:
         return [self._header(n) for n in numbers]
 
+    def head_with_headers(self, numbers: Sequence[int]) -> tuple[int, list[BlockHeader | None]]:
+        head = self.head()
+        return head, [self._header(n) if n <= head else None for n in numbers]
+
     def get_transfer_logs(self, contract: str, from_block: int, to_block: int) -> list[TransferLog]:
+        return self._transfer_logs(to_checksum_address(contract), from_block, to_block)
+
+    def transfers_to(
+        self, addresses: Sequence[str], from_block: int, to_block: int
+    ) -> tuple[list[TransferLog], BlockHeader]:
+        wanted = {a.lower() for a in addresses}
+        logs = [
+            e
+            for e in self._transfer_logs(None, from_block, to_block)
+            if e.to_addr.lower() in wanted
+        ]
+        end = self._header(to_block)
+        _check_window(logs, from_block, to_block, end)
+        return logs, end
+
+    def _transfer_logs(
+        self, contract: str | None, from_block: int, to_block: int
+    ) -> list[TransferLog]:
         if from_block > to_block:
             raise ValueError(f"from_block {from_block} > to_block {to_block}")
         head = self.head()
         if to_block > head:
             raise NodeBehind(f"block {to_block} does not exist yet (head {head}); retry later")
         raw_logs = self.tester.get_logs(
-            from_block=from_block,
-            to_block=to_block,
-            address=to_checksum_address(contract),
-            topics=[TRANSFER_TOPIC],
+            from_block=from_block, to_block=to_block, address=contract, topics=[TRANSFER_TOPIC]
         )
         out: list[TransferLog] = []
         for raw in raw_logs:

@@ -18,6 +18,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from escrowd.config.errors import Unavailable
+from escrowd.indexer.errors import NodeBehind
 from escrowd.indexer.evm_source import BlockHeader, EvmSource
 from escrowd.indexer.sink import DepositSink
 from escrowd.indexer.store import get_cursor
@@ -82,6 +83,86 @@ def _canonical(source: EvmSource, numbers: Sequence[int], head: int) -> dict[int
     return {header.number: header.hash for header in headers_of(source, wanted)}
 
 
+class NodeLagging(NodeBehind):
+    """The node's head is below blocks escrowd already scanned: a replica that lags (or a
+    reorg onto a chain not yet as long as ours), never taken for a reorg. The poll is
+    skipped; ``blocks`` is how far the node is behind what was scanned."""
+
+    def __init__(self, message: str, *, head: int, scanned: int) -> None:
+        super().__init__(message)
+        self.head = head
+        self.scanned = scanned
+
+    @property
+    def blocks(self) -> int:
+        return self.scanned - self.head
+
+
+class ReadsDisagree(NodeBehind):
+    """Two reads of the same blocks answered different hashes (replicas on different forks
+    behind one URL): nothing is rolled back on it; the next poll looks again."""
+
+
+@dataclass(frozen=True)
+class HeadCheck:
+    """The node's head and whether the blocks scanned are still its chain; ``ancestor`` is
+    the newest stored block still canonical after a reorg (None: rescan from the start)."""
+
+    head: int
+    reorged: bool = False
+    ancestor: int | None = None
+
+
+def check_head(
+    source: EvmSource,
+    chain: str,
+    rows: Sequence[tuple[int, str]],
+    *,
+    scanned: int | None,
+    start_block: int,
+    max_reorg_depth: int,
+) -> HeadCheck:
+    """Read the head and the newest stored blocks (``rows``, newest first) from one node in
+    one request. Only a changed block hash, read twice the same way from a node at least as
+    far as ``scanned``, is a reorg: a node below ``scanned`` raises `NodeLagging`, a block
+    it answers null for `NodeBehind`, two reads that differ `ReadsDisagree`. A head below
+    ``scanned`` is read once more before the poll is given up as lagging."""
+    recent = list(rows[:RECHECK_BLOCKS])
+    numbers = [n for n, _ in recent]
+    head, node = source.head_with_headers(numbers)
+    if scanned is not None and head < scanned:
+        # Behind a load balancer the next request may reach another replica: ask once more.
+        head, node = source.head_with_headers(numbers)
+        check_not_behind(chain, head, scanned)
+    if all(h is not None and h.hash == stored for h, (_, stored) in zip(node, recent, strict=True)):
+        return HeadCheck(head)
+    missing = [n for h, n in zip(node, numbers, strict=True) if h is None]
+    if missing:
+        raise NodeBehind(f"{chain}: node at head {head} answered null for block {missing[0]}")
+    again_head, again = source.head_with_headers(numbers)
+    check_not_behind(chain, again_head, scanned)
+    if any(b is None or a is None or a.hash != b.hash for a, b in zip(node, again, strict=True)):
+        raise ReadsDisagree(
+            f"{chain}: two reads of blocks {numbers[-1]}-{numbers[0]} answered different "
+            "hashes (replicas on different forks?); nothing rolled back, retrying next poll"
+        )
+    floor = (scanned if scanned is not None else start_block) - max_reorg_depth
+    ancestor = find_ancestor(
+        source, chain, rows, min(head, again_head), start_block=start_block, floor_block=floor
+    )
+    return HeadCheck(min(head, again_head), reorged=True, ancestor=ancestor)
+
+
+def check_not_behind(chain: str, head: int, scanned: int | None) -> None:
+    if scanned is not None and head < scanned:
+        raise NodeLagging(
+            f"{chain}: node head {head} is below block {scanned} already scanned (a lagging "
+            "replica); poll skipped, nothing rolled back",
+            head=head,
+            scanned=scanned,
+        )
+
+
 def find_ancestor(
     source: EvmSource,
     chain: str,
@@ -89,35 +170,24 @@ def find_ancestor(
     head: int,
     *,
     start_block: int,
-    cursor_block: int,
-    max_reorg_depth: int,
-) -> tuple[bool, int | None]:
-    """Check stored (number, hash) pairs (newest first) against the node.
-
-    Returns (False, None) when the newest ones still match (no reorg); else (True, the
-    highest stored block that is still canonical), or (True, None) when the reorg reaches
-    below the first block ever scanned (rescan from ``start_block``). Raises `DeepReorg`
-    beyond that."""
-    if not rows:
-        return False, None
-    recent = rows[:RECHECK_BLOCKS]
-    node = _canonical(source, [n for n, _ in recent], head)
-    if all(node.get(n) == h for n, h in recent):
-        return False, None
-    floor = cursor_block - max_reorg_depth
-    candidates = [(n, h) for n, h in rows if n >= floor]
+    floor_block: int,
+) -> int | None:
+    """The highest stored block (``rows`` newest first) the node still has with the same
+    hash, or None when the reorg reaches below the first block ever scanned (rescan from
+    ``start_block``). Raises `DeepReorg` when nothing at or above ``floor_block`` is."""
+    candidates = [(n, h) for n, h in rows if n >= floor_block]
     for start in range(0, len(candidates), HEADER_BATCH):
         batch = candidates[start : start + HEADER_BATCH]
         node = _canonical(source, [n for n, _ in batch], head)
         for number, block_hash in batch:
             if node.get(number) == block_hash:
-                return True, number
-    if start_block > floor:
-        return True, None
+                return number
+    if start_block > floor_block:
+        return None
     raise DeepReorg(
-        f"{chain}: no stored block in the last {max_reorg_depth} below block {cursor_block} "
-        "is still canonical; the reorg is deeper than max_reorg_depth. The cursor is not "
-        "moved: check the node, then raise max_reorg_depth or reset the cursor by hand"
+        f"{chain}: no stored block at or above {floor_block} is still canonical; the reorg "
+        "is deeper than max_reorg_depth. The cursor is not moved: check the node, then raise "
+        "max_reorg_depth or reset the cursor by hand"
     )
 
 
@@ -132,9 +202,9 @@ def roll_back(
     ancestor: int | None,
     head: int,
 ) -> Rollback:
-    """Move the cursor back to ``ancestor`` (None: before the first block), forget the
-    abandoned block hashes and orphan the deposits whose block is no longer canonical,
-    all in one transaction."""
+    """Forget the block hashes above ``ancestor`` (None: every one), move the cursor back
+    to it if it is above, and orphan the deposits up to ``head`` whose block is no longer
+    canonical, all in one transaction."""
     above = -1 if ancestor is None else ancestor
     with sessions() as session:
         numbers = session.scalars(
@@ -142,6 +212,7 @@ def roll_back(
             .where(
                 Deposit.chain == chain,
                 Deposit.block_number > above,
+                Deposit.block_number <= head,
                 Deposit.status != DepositStatus.ORPHANED,
             )
             .distinct()
@@ -157,6 +228,7 @@ def roll_back(
             .where(
                 Deposit.chain == chain,
                 Deposit.block_number > above,
+                Deposit.block_number <= head,
                 Deposit.status != DepositStatus.ORPHANED,
             )
             .order_by(Deposit.id)
@@ -180,15 +252,16 @@ def roll_back(
         session.execute(
             delete(ChainBlock).where(ChainBlock.chain == chain, ChainBlock.block_number > above)
         )
-        ancestor_hash = None
-        if ancestor is not None:
-            ancestor_hash = session.scalar(
-                select(ChainBlock.block_hash).where(
-                    ChainBlock.chain == chain, ChainBlock.block_number == ancestor
+        if ancestor is None or (cursor.block_number is not None and ancestor < cursor.block_number):
+            # The reorg reached below what was verified: scan again from the ancestor.
+            cursor.block_number = ancestor
+            cursor.block_hash = None
+            if ancestor is not None:
+                cursor.block_hash = session.scalar(
+                    select(ChainBlock.block_hash).where(
+                        ChainBlock.chain == chain, ChainBlock.block_number == ancestor
+                    )
                 )
-            )
-        cursor.block_number = ancestor
-        cursor.block_hash = ancestor_hash
     REORGS.labels(chain).inc()
     log.warning(
         "reorg_rolled_back",

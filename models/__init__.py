@@ -25,6 +25,7 @@ from escrowd.models.base import (
 from escrowd.models.chain import Agent, Asset, ChainBlock, ChainCursor, Deposit, DepositAddress
 from escrowd.models.escrow import Escrow, Payout, PayoutTransaction, SenderNonce
 from escrowd.models.ledger import LedgerAccount, LedgerTransfer
+from escrowd.models.tokens import RecoveryStatus, TokenRecovery, UnsupportedDeposit
 
 __all__ = [
     "AccountKind",
@@ -51,8 +52,11 @@ __all__ = [
     "PayoutReason",
     "PayoutStatus",
     "PayoutTransaction",
+    "RecoveryStatus",
     "SenderNonce",
+    "TokenRecovery",
     "TransferCode",
+    "UnsupportedDeposit",
     "WebhookAttempt",
     "WebhookDelivery",
     "WebhookEndpoint",

@@ -246,8 +246,10 @@ def test_next_window_is_fetched_while_this_one_commits(
     windows: list[evm_poller.WindowDone] = []
     result = poller.poll_once(on_window=windows.append)
     assert result.error is None and result.done and result.deposits_found == 6
-    assert len(windows) >= 4 and [w.cursor for w in windows] == sorted(w.cursor for w in windows)
-    assert windows[-1].cursor == result.cursor
+    scanned = [w.scanned_to for w in windows]
+    assert len(windows) >= 4 and scanned == sorted(scanned)
+    assert windows[-1].scanned_to == result.scanned_to == chain.source.head()
+    assert windows[-1].cursor == result.cursor == chain.source.head() - 1  # settles 1 deep
     assert sum(w.deposits_found for w in windows) == 6
     # Every commit but the last ran while the next window was being fetched.
     assert overlapped == [True] * (len(windows) - 1) + [False]

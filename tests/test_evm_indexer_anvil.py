@@ -19,10 +19,15 @@ from eth_typing import HexStr
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
+from escrowd.config.settings import Settings
+from escrowd.daemon import jobs
 from escrowd.daemon.cli import CliState
-from escrowd.daemon.cli_backfill import backfill_app
+from escrowd.daemon.cli_backfill import backfill_app, backfill_key
+from escrowd.daemon.jobs import JobContext
 from escrowd.devnet.evm import mine_blocks, revert, snapshot
+from escrowd.devnet.rpc_proxy import Fault, RpcProxy
 from escrowd.escrow.deposits import DEEP_REORG_REVERSALS
+from escrowd.indexer.errors import RpcUnavailable
 from escrowd.indexer.evm_source import JsonRpcEvmSource, RetryPolicy
 from escrowd.indexer.reorg import CREDITED_ORPHANED
 from escrowd.indexer.store import get_cursor
@@ -33,12 +38,13 @@ from tests.evm_indexer_helpers import (
     CHAIN,
     assert_books_clean,
     available,
+    chain_settings,
     deposits,
     make_poller,
     poll_until_done,
     watch,
 )
-from tests.test_evm_source_faults import FaultProxy
+from tests.test_evm_source_faults import fault
 
 pytestmark = pytest.mark.anvil
 CONFIRMATIONS = 3
@@ -132,13 +138,13 @@ def test_rpc_faults_skip_no_block_and_fail_over(
     chain = anvil_chain
     assert chain.url is not None
     agent, address = watch(lite)
-    with FaultProxy(chain.url) as flaky, FaultProxy(chain.url) as backup:
+    with RpcProxy([chain.url]) as flaky, RpcProxy([chain.url]) as backup:
         source = JsonRpcEvmSource([flaky.url, backup.url], policy=FAST, chain=CHAIN)
         poller = make_poller(chain, lite, source, confirmations=1, max_block_window=2)
         amounts = [11, 12, 13, 14, 15, 16]
-        for fault, amount in zip(["hang", "429", "garbage", "lag", "500", "stale_hash"], amounts):
+        for name, amount in zip(["hang", "429", "garbage", "lag", "500", "stale_hash"], amounts):
             chain.token.transfer(chain.accounts[1], address, amount)
-            flaky.faults.extend([fault, fault])
+            flaky.add(fault(name, times=2))
             result = poller.poll_once()
             assert result.cursor is None or result.cursor <= chain.source.head()
 
@@ -146,13 +152,16 @@ def test_rpc_faults_skip_no_block_and_fail_over(
         with lite() as session:
             cursor = get_cursor(session, CHAIN).block_number
         chain.token.transfer(chain.accounts[1], address, 17)
-        flaky.always = backup.always = "500"
+        flaky.clear()
+        flaky.add(fault("500"))
+        backup.add(fault("500"))
         down = poller.poll_once()
         assert down.error is not None and "RpcUnavailable" in down.error
         with lite() as session:
             assert get_cursor(session, CHAIN).block_number == cursor
 
-        flaky.always = backup.always = None
+        flaky.clear()
+        backup.clear()
         mine_blocks(chain.w3, 2)
         poll_until_done(poller)
         poller.confirm_once()
@@ -262,3 +271,71 @@ def test_backfill_command_scans_a_range_resumably(
 
     unknown = runner.invoke(app, ["backfill", "evm", "--chain", "nope", "--from", "0"])
     assert unknown.exit_code == 2 and "no EVM chain named 'nope'" in unknown.output
+
+
+def _backfill_cli(config: Path) -> typer.Typer:
+    app = typer.Typer()
+
+    @app.callback()
+    def root(ctx: typer.Context) -> None:
+        ctx.obj = CliState(config_path=config)
+
+    app.add_typer(backfill_app, name="backfill")
+    return app
+
+
+def test_backfill_above_the_head_exits_at_once(
+    anvil_chain: EvmChain, lite: sessionmaker[Session], sqlite_url: str, tmp_path: Path
+) -> None:
+    settings = make_poller(anvil_chain, lite).settings
+    config = tmp_path / "escrowd.toml"
+    config.write_text(
+        tomli_w.dumps(
+            {"database_url": sqlite_url, "evm_chains": [settings.model_dump(mode="json")]}
+        )
+    )
+    head = anvil_chain.source.head()
+    runner = CliRunner()
+    app = _backfill_cli(config)
+    for args in (["--from", str(head + 1000)], ["--from", "0", "--to", str(head + 1)]):
+        started = time.monotonic()
+        result = runner.invoke(app, ["backfill", "evm", "--chain", CHAIN, *args])
+        assert result.exit_code == 2, result.output
+        assert f"is above the head of {CHAIN} (block {head})" in result.output
+        assert time.monotonic() - started < 5
+    with lite() as session:
+        assert get_cursor(session, CHAIN, backfill_key(head + 1000, None)).block_number is None
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_daemon_and_backfill_sources_retry_as_configured(
+    anvil_chain: EvmChain,
+    lite: sessionmaker[Session],
+    sqlite_url: str,
+    tmp_path: Path,
+    retries: int,
+) -> None:
+    assert anvil_chain.url is not None
+    with RpcProxy([anvil_chain.url]) as proxy:
+        proxy.add(Fault.of("http_status", status=503))
+        chain = chain_settings(
+            anvil_chain, rpc_urls=[proxy.url], rpc_max_retries=retries, rpc_timeout_s=1.0
+        )
+        settings = Settings(data_dir=tmp_path, database_url=sqlite_url, evm_chains=[chain])
+        ctx = JobContext(settings=settings, engine=make_engine(sqlite_url), sessions=lite)
+        jobs.evm_jobs(ctx)  # builds the chain's source as the daemon does
+        with pytest.raises(RpcUnavailable):
+            ctx.evm_sources[CHAIN].head()
+        assert proxy.requests == retries + 1  # one try, then rpc_max_retries more
+
+        config = tmp_path / "escrowd.toml"
+        config.write_text(tomli_w.dumps(settings.model_dump(mode="json", exclude_none=True)))
+        before = proxy.requests
+        result = CliRunner().invoke(
+            _backfill_cli(config), ["backfill", "evm", "--chain", CHAIN, "--from", "0"]
+        )
+        assert result.exit_code == 1 and f"cannot read the head of {CHAIN}" in result.output
+        assert proxy.requests - before == retries + 1
+        for close in ctx.closers:
+            close()
+        ctx.engine.dispose()

@@ -1,20 +1,16 @@
-"""JsonRpcEvmSource under RPC faults: a small fault-injecting HTTP proxy on 127.0.0.1 sits
+"""JsonRpcEvmSource under RPC faults: the fault-injecting proxy (devnet/rpc_proxy.py) sits
 in front of anvil and hangs, rate-limits, errors, returns garbage, refuses ranges or lags."""
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-import urllib.request
-from collections import deque
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 from escrowd.devnet.anvil import free_port
+from escrowd.devnet.rpc_proxy import Fault, RpcProxy
 from escrowd.indexer.errors import NodeBehind, RangeTooLarge, RpcError, RpcUnavailable
 from escrowd.indexer.evm_source import JsonRpcEvmSource, RetryPolicy, classify_rpc_error
 from tests.evm_fixtures import EvmChain, anvil_chain
@@ -23,7 +19,6 @@ __all__ = ["anvil_chain"]
 
 # The timeout leaves room for a loaded 2-core CI box; a healthy forwarded call takes ~5 ms.
 FAST = RetryPolicy(timeout_s=0.75, attempts_per_url=3, backoff_base_s=0.01, backoff_max_s=0.05)
-FAKE_HASH = "0x" + "ee" * 32
 ALCHEMY_RANGE = (
     "Log response size exceeded. You can make eth_getLogs requests with up to a 2K block "
     "range and no limit on the response size. Based on your parameters, this block range "
@@ -31,107 +26,33 @@ ALCHEMY_RANGE = (
 )
 
 
-class FaultProxy:
-    """Forwards JSON-RPC POSTs to ``upstream``; each request first takes the next fault
-    from ``faults`` (or ``always`` when the queue is empty)."""
+# The faults the tests below switch on, by name.
+FAULTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "hang": ("hang", {"hang_s": 5}),
+    "429": ("http_status", {"status": 429}),
+    "500": ("http_status", {"status": 500}),
+    "garbage": ("non_json", {}),
+    "truncated": ("truncated", {}),
+    "rate_limited": (
+        "rpc_error",
+        {"code": -32005, "message": "rate limit exceeded, slow down", "whole_request": True},
+    ),
+    "range": ("range_refusal", {"wording": "infura_plain"}),
+    "range_suggest": ("range_refusal", {"wording": "alchemy"}),
+    "lag": ("node_behind", {"blocks": 3}),
+    "stale_hash": ("other_fork", {"depth": 100, "methods": ["eth_getBlockByNumber"]}),
+}
 
-    def __init__(self, upstream: str) -> None:
-        self.upstream = upstream
-        self.faults: deque[str] = deque()
-        self.always: str | None = None
-        self.requests = 0
-        self.release = threading.Event()
-        proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                return
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                proxy.requests += 1
-                fault = proxy.faults.popleft() if proxy.faults else proxy.always
-                proxy.handle(self, fault, body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def _reply(self, handler: BaseHTTPRequestHandler, status: int, payload: bytes) -> None:
-        handler.send_response(status)
-        handler.send_header("content-type", "application/json")
-        handler.send_header("content-length", str(len(payload)))
-        handler.end_headers()
-        handler.wfile.write(payload)
-
-    def _forward(self, body: bytes) -> list[dict[str, Any]]:
-        request = urllib.request.Request(
-            self.upstream, data=body, headers={"content-type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=5) as response:
-            answer: list[dict[str, Any]] = json.loads(response.read())
-        return answer
-
-    def handle(self, handler: BaseHTTPRequestHandler, fault: str | None, body: bytes) -> None:
-        calls = json.loads(body)
-        if fault == "hang":
-            self.release.wait(5)  # bounded: the test's stop() releases it at once
-            return
-        if fault in ("429", "500"):
-            self._reply(handler, int(fault), b"busy")
-            return
-        if fault == "garbage":
-            self._reply(handler, 200, b"<html>upstream error</html>")
-            return
-        if fault == "rate_limited":
-            error = {"code": -32005, "message": "rate limit exceeded, slow down"}
-            self._reply(
-                handler, 200, json.dumps({"jsonrpc": "2.0", "id": None, "error": error}).encode()
-            )
-            return
-        if fault in ("range", "range_suggest"):
-            message = (
-                "query returned more than 10000 results" if fault == "range" else ALCHEMY_RANGE
-            )
-            errors = [
-                {"jsonrpc": "2.0", "id": c["id"], "error": {"code": -32602, "message": message}}
-                for c in calls
-            ]
-            self._reply(handler, 200, json.dumps(errors).encode())
-            return
-        answer = self._forward(body)
-        methods = {c["id"]: c["method"] for c in calls}
-        for item in answer:
-            method = methods.get(item.get("id"))
-            if fault == "lag" and method == "eth_getBlockByNumber":
-                item["result"] = None
-            if fault == "lag" and method == "eth_blockNumber":
-                item["result"] = hex(max(0, int(item["result"], 16) - 3))
-            if fault == "stale_hash" and method == "eth_getBlockByNumber" and item["result"]:
-                item["result"]["hash"] = FAKE_HASH
-        self._reply(handler, 200, json.dumps(answer).encode())
-
-    def __enter__(self) -> FaultProxy:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+def fault(name: str, *, times: int | None = None) -> Fault:
+    kind, options = FAULTS[name]
+    return Fault.of(kind, times=times, **options)
 
 
 @pytest.fixture
-def proxies(anvil_chain: EvmChain) -> Iterator[tuple[FaultProxy, FaultProxy]]:
+def proxies(anvil_chain: EvmChain) -> Iterator[tuple[RpcProxy, RpcProxy]]:
     assert anvil_chain.url is not None
-    with FaultProxy(anvil_chain.url) as first, FaultProxy(anvil_chain.url) as second:
+    with RpcProxy([anvil_chain.url]) as first, RpcProxy([anvil_chain.url]) as second:
         yield first, second
 
 
@@ -180,15 +101,18 @@ def test_other_rpc_errors_are_classified() -> None:
 
 
 @pytest.mark.anvil
-@pytest.mark.parametrize("faults", [["hang"], ["429", "500"], ["garbage"], ["rate_limited"]])
+@pytest.mark.parametrize(
+    "faults", [["hang"], ["429", "500"], ["garbage"], ["truncated"], ["rate_limited"]]
+)
 def test_transient_faults_are_retried(
     anvil_chain: EvmChain,
-    proxies: tuple[FaultProxy, FaultProxy],
+    proxies: tuple[RpcProxy, RpcProxy],
     window: tuple[int, int],
     faults: list[str],
 ) -> None:
     proxy = proxies[0]
-    proxy.faults.extend(faults)
+    for name in faults:
+        proxy.add(fault(name, times=1))
     started = time.monotonic()
     with _source(proxy.url) as src:
         logs, header = src.logs_with_end_header(anvil_chain.token.address, *window)
@@ -200,10 +124,10 @@ def test_transient_faults_are_retried(
 
 @pytest.mark.anvil
 def test_failover_to_second_url_and_stays_there(
-    anvil_chain: EvmChain, proxies: tuple[FaultProxy, FaultProxy], window: tuple[int, int]
+    anvil_chain: EvmChain, proxies: tuple[RpcProxy, RpcProxy], window: tuple[int, int]
 ) -> None:
     bad, good = proxies
-    bad.always = "500"
+    bad.add(fault("500"))
     with _source(bad.url, good.url) as src:
         logs = src.get_transfer_logs(anvil_chain.token.address, *window)
         assert [e.amount for e in logs] == [11, 12]
@@ -214,16 +138,16 @@ def test_failover_to_second_url_and_stays_there(
 
 
 @pytest.mark.anvil
-def test_primary_is_tried_again_after_recovery(proxies: tuple[FaultProxy, FaultProxy]) -> None:
+def test_primary_is_tried_again_after_recovery(proxies: tuple[RpcProxy, RpcProxy]) -> None:
     primary, backup = proxies
-    primary.always = "500"
+    down = primary.add(fault("500"))
     policy = RetryPolicy(
         timeout_s=0.75, attempts_per_url=1, backoff_base_s=0.01, primary_retry_after_s=0.0
     )
     with _source(primary.url, backup.url, policy=policy) as src:
         src.head()
         assert (primary.requests, backup.requests) == (1, 1)
-        primary.always = None
+        primary.remove(down.id)
         time.sleep(0.01)
         src.head()
     assert (primary.requests, backup.requests) == (2, 1)
@@ -238,10 +162,11 @@ def test_dead_endpoint_fails_over(anvil_chain: EvmChain) -> None:
 
 @pytest.mark.anvil
 def test_all_endpoints_failing_is_rpc_unavailable_in_bounded_time(
-    proxies: tuple[FaultProxy, FaultProxy],
+    proxies: tuple[RpcProxy, RpcProxy],
 ) -> None:
     first, second = proxies
-    first.always, second.always = "hang", "429"
+    first.add(fault("hang"))
+    second.add(fault("429"))
     started = time.monotonic()
     with _source(first.url, second.url) as src, pytest.raises(RpcUnavailable) as raised:
         src.head()
@@ -253,45 +178,46 @@ def test_all_endpoints_failing_is_rpc_unavailable_in_bounded_time(
 
 @pytest.mark.anvil
 def test_log_query_that_always_times_out_says_so(
-    anvil_chain: EvmChain, proxies: tuple[FaultProxy, FaultProxy], window: tuple[int, int]
+    anvil_chain: EvmChain, proxies: tuple[RpcProxy, RpcProxy], window: tuple[int, int]
 ) -> None:
     """The poller shrinks its window on a timed-out log query (providers that hang)."""
     proxy = proxies[0]
-    proxy.always = "hang"
+    proxy.add(fault("hang"))
     with _source(proxy.url) as src, pytest.raises(RpcUnavailable) as raised:
         src.get_transfer_logs(anvil_chain.token.address, *window)
     assert raised.value.timed_out
 
 
 @pytest.mark.anvil
-@pytest.mark.parametrize(("fault", "suggested"), [("range", None), ("range_suggest", 5)])
+@pytest.mark.parametrize(("name", "suggests"), [("range", False), ("range_suggest", True)])
 def test_range_refusal_is_raised_at_once(
     anvil_chain: EvmChain,
-    proxies: tuple[FaultProxy, FaultProxy],
+    proxies: tuple[RpcProxy, RpcProxy],
     window: tuple[int, int],
-    fault: str,
-    suggested: int | None,
+    name: str,
+    suggests: bool,
 ) -> None:
     proxy = proxies[0]
-    proxy.always = fault
+    proxy.add(fault(name))
     with _source(proxy.url) as src, pytest.raises(RangeTooLarge) as raised:
         src.logs_with_end_header(anvil_chain.token.address, *window)
-    assert raised.value.suggested_to_block == suggested
+    # The proxy accepts one block at a time: a provider's suggestion names that range.
+    assert raised.value.suggested_to_block == (window[0] if suggests else None)
     assert proxy.requests == 1  # the caller shrinks the window; retrying it is pointless
 
 
 @pytest.mark.anvil
 def test_lagging_node_is_retried_then_failed_over(
-    anvil_chain: EvmChain, proxies: tuple[FaultProxy, FaultProxy], window: tuple[int, int]
+    anvil_chain: EvmChain, proxies: tuple[RpcProxy, RpcProxy], window: tuple[int, int]
 ) -> None:
     lagging, good = proxies
-    lagging.faults.append("lag")
+    lagging.add(fault("lag", times=1))
     with _source(lagging.url) as src:
         logs, header = src.logs_with_end_header(anvil_chain.token.address, *window)
     assert header.number == window[1] and len(logs) == 2
     assert lagging.requests == 2
 
-    lagging.always = "lag"
+    lagging.add(fault("lag"))
     with _source(lagging.url, good.url) as src:
         logs, header = src.logs_with_end_header(anvil_chain.token.address, *window)
     assert header == anvil_chain.source.block_header(window[1])
@@ -299,22 +225,22 @@ def test_lagging_node_is_retried_then_failed_over(
 
 
 @pytest.mark.anvil
-@pytest.mark.parametrize("fault", ["lag", "stale_hash"])
+@pytest.mark.parametrize("name", ["lag", "stale_hash"])
 def test_node_that_stays_behind_raises_node_behind(
     anvil_chain: EvmChain,
-    proxies: tuple[FaultProxy, FaultProxy],
+    proxies: tuple[RpcProxy, RpcProxy],
     window: tuple[int, int],
-    fault: str,
+    name: str,
 ) -> None:
     proxy = proxies[0]
-    proxy.always = fault
+    proxy.add(fault(name))
     with _source(proxy.url) as src, pytest.raises(NodeBehind):
         src.logs_with_end_header(anvil_chain.token.address, *window)
     assert proxy.requests == FAST.attempts_per_url
 
 
 @pytest.mark.anvil
-def test_request_errors_are_not_retried(proxies: tuple[FaultProxy, FaultProxy]) -> None:
+def test_request_errors_are_not_retried(proxies: tuple[RpcProxy, RpcProxy]) -> None:
     proxy = proxies[0]
     with _source(proxy.url) as src, pytest.raises(RpcError) as raised:
         src.call("eth_noSuchMethod", [], lambda result: result)
