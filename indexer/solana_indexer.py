@@ -45,12 +45,12 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Literal
 
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
-from sqlalchemy import or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from escrowd.config.settings import SolanaSettings
@@ -88,7 +88,6 @@ from escrowd.models import (
     Deposit,
     DepositStatus,
     Payout,
-    PayoutStatus,
     utcnow,
 )
 from escrowd.models.registry import ensure_asset
@@ -107,11 +106,10 @@ STATUS_BATCH = 256
 BLOCKHASH_EXPIRY_BLOCKS = 152
 # An SPL token account's amount (u64 at byte 64): with lamports, its state for polling.
 TOKEN_AMOUNT_SLICE = (64, 8)
-# Payouts (sweeps) sent from a deposit wallet this recently force a check of its accounts.
-OUTFLOW_WINDOW = timedelta(minutes=10)
-OPEN_PAYOUTS = tuple(
-    status.value for status in (PayoutStatus.REQUESTED, PayoutStatus.SIGNED, PayoutStatus.BROADCAST)
-)
+ABSENT = "absent"
+# A payout from a deposit wallet that changed after its accounts were last verified (less
+# this margin: the clocks of different hosts may disagree) forces a check of them.
+OUTFLOW_MARGIN = timedelta(minutes=5)
 
 SLOTS_BEHIND = Gauge(
     "escrowd_solana_slots_behind",
@@ -205,7 +203,7 @@ def rpc_source(settings: SolanaSettings) -> SolanaRpcSource:
 def _fingerprint(account: AccountState | None) -> str:
     """An account's state as far as deposits go: lamports and the token amount bytes."""
     if account is None:
-        return "absent"
+        return ABSENT
     return f"{account.lamports}:{account.data.hex()}"
 
 
@@ -559,29 +557,23 @@ class SolanaPoller:
     # ---- per address -----------------------------------------------------------------
 
     def _scan_addresses(self, position: int, confirmed_slot: int, result: PollResult) -> None:
+        owners = self.watched.owners()
+        wallets = [watched.address for watched in owners]
         with self._transaction() as session:
             rows = session.execute(
-                select(ChainCursor.key, ChainCursor.signature, ChainCursor.account_state).where(
-                    ChainCursor.chain == self.chain, ChainCursor.key != ""
-                )
+                select(
+                    ChainCursor.key,
+                    ChainCursor.signature,
+                    ChainCursor.account_state,
+                    ChainCursor.updated_at,
+                ).where(ChainCursor.chain == self.chain, ChainCursor.key != "")
             ).all()
-            paid_from = set(
-                session.scalars(
-                    select(Payout.source_address).where(
-                        Payout.chain == self.chain,
-                        or_(
-                            Payout.status.in_(OPEN_PAYOUTS),
-                            Payout.updated_at >= utcnow() - OUTFLOW_WINDOW,
-                        ),
-                    )
-                )
-            )
+            last_outflow = self._last_outflows(session, wallets)
         cursors = {row.key: (row.signature, row.account_state) for row in rows}
+        verified_at = {row.key: row.updated_at for row in rows}
         # Every watched account with its wallet ("" for token accounts found earlier,
         # known only by their cursor row).
         owner_of: dict[str, str] = {}
-        owners = self.watched.owners()
-        wallets = [watched.address for watched in owners]
         for watched in owners:
             owner_of[watched.address] = watched.address
             if watched.token_account is not None:
@@ -592,15 +584,25 @@ class SolanaPoller:
             owner_of.setdefault(address, wallet)
         accounts = list(owner_of)
         states, context = self._account_states(accounts, confirmed_slot)
-        forced = {
-            address
-            for address, wallet in owner_of.items()
-            if wallet in paid_from or (wallet == "" and paid_from & set(wallets))
-        }
+        latest_outflow = max(last_outflow.values(), default=None)
+        forced = set()
+        for address, wallet in owner_of.items():
+            # Funds left this wallet since the account was last verified: a deposit of
+            # the same amount meanwhile would leave its state as it was.
+            outflow = last_outflow.get(wallet) if wallet else latest_outflow
+            checked = verified_at.get(address)
+            if outflow is not None and (checked is None or outflow + OUTFLOW_MARGIN > checked):
+                forced.add(address)
+        # An account that never existed has no history; one that held funds cannot
+        # be emptied without our signature, so "absent and never scanned" is settled.
         changed = [
             address
             for address in accounts
-            if address in forced or states[address] != cursors.get(address, (None, None))[1]
+            if address in forced
+            or (
+                states[address] != cursors.get(address, (None, None))[1]
+                and not (states[address] == ABSENT and address not in cursors)
+            )
         ]
         result.accounts_checked = len(changed)
         fetched: dict[str, SolanaTransaction] = {}
@@ -639,6 +641,21 @@ class SolanaPoller:
                 scanned_through = context
         result.scanned_through_slot = scanned_through
         self._set_behind(confirmed_slot, scanned_through)
+
+    def _last_outflows(self, session: Session, wallets: list[str]) -> dict[str, datetime]:
+        """When a payout (a sweep) from each watched wallet last changed."""
+        found: dict[str, datetime] = {}
+        for start in range(0, len(wallets), 500):
+            rows = session.execute(
+                select(Payout.source_address, func.max(Payout.updated_at))
+                .where(
+                    Payout.chain == self.chain,
+                    Payout.source_address.in_(wallets[start : start + 500]),
+                )
+                .group_by(Payout.source_address)
+            )
+            found.update((source, changed) for source, changed in rows if changed is not None)
+        return found
 
     def _discover_token_accounts(self, wallets: list[str]) -> list[tuple[str, str]]:
         """USDC token accounts of the wallets due in this poll's rotation."""
