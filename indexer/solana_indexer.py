@@ -487,7 +487,7 @@ class SolanaPoller:
                 reason = "history_pruned" if isinstance(exc, HistoryPruned) else "block_unavailable"
                 self._stop(reason, slot=slot, error=str(exc))
                 break
-            if block.parent_slot >= block.slot:
+            if through_hash is not None and block.parent_slot >= block.slot:
                 self._stop("fork", slot=slot, parent_slot=block.parent_slot)
                 break  # a block cannot descend from a later one: not an answer to trust
             if through_hash is not None and block.parent_slot > through:

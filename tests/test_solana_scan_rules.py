@@ -65,9 +65,9 @@ def settle(chain: Chain, poller: SolanaPoller) -> None:
 
 
 def test_first_block_scan_starts_at_the_finalized_slot(
-    chain: Chain, source: SolanaRpcSource, engine: Engine
+    chain: Chain, source: SolanaRpcSource, sqlite_url: str
 ) -> None:
-    sessions = make_session_factory(engine)
+    sessions = make_session_factory(make_engine(sqlite_url))
     [(agent_id, keypair)] = add_agents(sessions, chain, ["a"])[1]
     poller = poller_for(chain, source, sessions, threshold=1)
     calls_before = source.calls.total()
@@ -152,9 +152,9 @@ def test_crossing_the_threshold_continues_where_per_address_stood(
 
 
 def test_an_idle_per_address_poll_costs_a_call_per_hundred_accounts(
-    chain: Chain, source: SolanaRpcSource, engine: Engine
+    chain: Chain, source: SolanaRpcSource, sqlite_url: str
 ) -> None:
-    sessions = make_session_factory(engine)
+    sessions = make_session_factory(make_engine(sqlite_url))
     _, agents = add_agents(sessions, chain, [f"agent-{i}" for i in range(150)])
     poller = poller_for(chain, source, sessions, threshold=500)
     first = poller.poll_once()
@@ -179,9 +179,9 @@ def test_an_idle_per_address_poll_costs_a_call_per_hundred_accounts(
 
 @pytest.mark.parametrize("strategy", [PER_ADDRESS, BLOCK_SCAN])
 def test_usdc_in_a_token_account_other_than_the_ata_is_credited(
-    chain: Chain, source: SolanaRpcSource, engine: Engine, strategy: str
+    chain: Chain, source: SolanaRpcSource, sqlite_url: str, strategy: str
 ) -> None:
-    sessions = make_session_factory(engine)
+    sessions = make_session_factory(make_engine(sqlite_url))
     _, agents = add_agents(sessions, chain, ["a", "b"])
     wallets = [keypair.pubkey() for _, keypair in agents]
     # Two wallets, one listed per poll: every token account is found within two polls.
