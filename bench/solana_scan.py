@@ -187,8 +187,13 @@ def main() -> None:
         addresses = [(str(w), associated_token_address(str(w), str(usdc))) for w in active]
         addresses += [(str(w), str(Keypair().pubkey())) for w in wallets[ACTIVE_WALLETS:]]
 
+        # The history is written before the first poll: scan it from slot 0.
         settings = SolanaSettings(
-            name="solana", rpc_urls=[sim.url], usdc_mint=str(usdc), block_scan_threshold=1
+            name="solana",
+            rpc_urls=[sim.url],
+            usdc_mint=str(usdc),
+            block_scan_threshold=1,
+            start_slot=0,
         )
         runs = [
             ("ledger sink", 1_000, True),

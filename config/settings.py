@@ -104,10 +104,15 @@ class SolanaSettings(_Section):
     poll_interval_s: PositiveFloat = 2.0
     rpc_timeout_s: PositiveFloat = 10.0
     rpc_max_retries: Annotated[int, Field(ge=0, le=20)] = 4
-    signatures_page_limit: Annotated[int, Field(ge=1, le=1000)] = 1000
+    # Pages overlap by one signature (proof that the node knew `before`), so at least 2.
+    signatures_page_limit: Annotated[int, Field(ge=2, le=1000)] = 1000
     block_scan_threshold: PositiveInt = 500
     max_lag_slots: PositiveInt = 1_000
-    start_slot: NonNegativeInt = 0
+    # None: a first start (no cursor yet) begins at the current finalized slot.
+    start_slot: NonNegativeInt | None = None
+    # Per-address mode: every deposit address's USDC token accounts are listed again
+    # within this time, finding token accounts other than its ATA.
+    token_account_rescan_s: PositiveFloat = 600.0
 
 
 class EscrowSettings(_Section):

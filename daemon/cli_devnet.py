@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
+from pathlib import Path
 from typing import Annotated
 
 import structlog
 import typer
+from solders.keypair import Keypair
 
+from escrowd.devnet import solana_faults
 from escrowd.devnet.rpc_proxy import MODES, Fault, FaultSpecError, RpcProxy
 from escrowd.devnet.solana_rpc import SolanaSimulator
 
@@ -24,13 +28,28 @@ def devnet() -> None:
 
 @devnet_app.command("solana")
 def solana(
-    port: int = typer.Option(8899, help="TCP port for the JSON-RPC endpoint (0 = any free port)."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind."),
-    slot_ms: int = typer.Option(400, min=1, help="Milliseconds per slot."),
-    skip_every_slots: int = typer.Option(
-        7, min=0, help="Every Nth slot produces no block (0 = never skip)."
-    ),
-    usdc: bool = typer.Option(True, help="Create a 6-decimal USDC-like mint at start."),
+    *,
+    port: Annotated[
+        int, typer.Option(help="TCP port for the JSON-RPC endpoint (0 = any free port).")
+    ] = 8899,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    slot_ms: Annotated[int, typer.Option(min=1, help="Milliseconds per slot.")] = 400,
+    skip_every_slots: Annotated[
+        int, typer.Option(min=0, help="Every Nth slot produces no block (0 = never skip).")
+    ] = 7,
+    first_slot: Annotated[
+        int, typer.Option(min=0, help="Slot of the first block (mainnet: about 4e8).")
+    ] = 0,
+    usdc: Annotated[bool, typer.Option(help="Create a 6-decimal USDC-like mint at start.")] = True,
+    mint_authority_file: Annotated[
+        Path,
+        typer.Option(
+            help="Where to write the USDC mint authority's keypair (Solana CLI JSON, mode 0600)."
+        ),
+    ] = Path("escrowd-devnet-usdc-authority.json"),
+    faults: Annotated[
+        str, typer.Option(help="Fault switches at start: the JSON of PUT /simulator/faults.")
+    ] = "",
 ) -> None:
     """Run the local Solana JSON-RPC simulator (LiteSVM) until Ctrl-C."""
     sim = SolanaSimulator(
@@ -38,12 +57,21 @@ def solana(
         port=port,
         slot_ms=slot_ms,
         skip_every_slots=skip_every_slots or None,
+        first_slot=first_slot,
     )
+    if faults:
+        try:
+            sim.faults.configure(json.loads(faults))
+        except (ValueError, solana_faults.FaultSpecError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="--faults") from None
     sim.start()
     try:
         typer.echo(f"solana rpc: {sim.url}")
+        typer.echo(f"fault switches: {sim.url}/simulator/faults")
         if usdc:
             typer.echo(f"usdc mint: {sim.create_usdc_mint()}")
+            _write_keypair(mint_authority_file, sim.mint_authority)
+            typer.echo(f"usdc mint authority keypair: {mint_authority_file.resolve()}")
         # Block the main thread; Ctrl-C raises KeyboardInterrupt here.
         threading.Event().wait()
     except KeyboardInterrupt:
@@ -97,3 +125,11 @@ def proxy(
         log.info("rpc_proxy_stopping")
     finally:
         server.stop()
+
+def _write_keypair(path: Path, keypair: Keypair) -> None:
+    """The keypair as the Solana CLI stores one (a JSON list of its 64 bytes), readable by
+    its owner only: any tool can then mint test USDC. A throwaway development key."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(list(bytes(keypair)), out)
+    os.chmod(path, 0o600)

@@ -3,9 +3,17 @@
 LiteSVM runs transactions instantly and remembers nothing about slots or blocks, so the
 ledger assigns each accepted transaction to the current tip block and records what a
 node's ``getTransaction`` would show (pre/post lamport and token balances, ``err``,
-fee, logs), plus per-address signature lists for every account key a transaction lists.
-Slots advance explicitly (``advance_slots``) or on a clock driven by the RPC server.
-Commitments are slot lags behind the tip; some slots are skipped deterministically.
+fee, logs, inner instructions), plus per-address signature lists for every account key a
+transaction lists. Slots advance explicitly (``advance_slots``) or on a clock driven by
+the RPC server. Commitments are slot lags behind the tip; some slots are skipped
+deterministically.
+
+Like a real node it can start at any slot (``first_slot``, e.g. mainnet's ~4x10^8), forget
+history below a slot (``prune_history``: its first available block moves up), answer as a
+replica some slots behind (``commitment_slot(..., behind_slots=N)``, ``account_at``), and
+drop blocks that are not finalized yet (``drop_blocks``: a fork switch; their transactions
+vanish and the accounts they wrote are restored, so the same signed transaction may land
+again in a later block).
 """
 
 from __future__ import annotations
@@ -33,7 +41,11 @@ from solders.system_program import (
 )
 from solders.token.state import Mint, TokenAccount
 from solders.transaction import VersionedTransaction
-from solders.transaction_metadata import FailedTransactionMetadata
+from solders.transaction_metadata import (
+    FailedTransactionMetadata,
+    InnerInstruction,
+    TransactionMetadata,
+)
 from spl.token.constants import ASSOCIATED_TOKEN_PROGRAM_ID, TOKEN_PROGRAM_ID
 from spl.token.instructions import (
     create_idempotent_associated_token_account,
@@ -57,6 +69,8 @@ FAUCET_LAMPORTS = 10**18
 STATUS_CACHE_SLOTS = 300
 # An address lookup table account: a 56-byte header, then 32-byte addresses.
 LOOKUP_TABLE_META_SIZE = 56
+# An SPL token account's amount: a little-endian u64 after the mint and owner keys.
+TOKEN_AMOUNT_OFFSET = 64
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,16 @@ class TokenBalance:
     owner: Pubkey
     amount_base_units: int
     decimals: int
+
+
+@dataclass(frozen=True)
+class InnerIx:
+    """One instruction a program invoked (CPI) while executing a top-level instruction."""
+
+    program_id_index: int
+    accounts: bytes
+    data: bytes
+    stack_height: int | None
 
 
 @dataclass(frozen=True)
@@ -87,6 +111,9 @@ class RecordedTx:
     compute_units: int
     loaded_writable: tuple[Pubkey, ...] = ()
     loaded_readonly: tuple[Pubkey, ...] = ()
+    # (top-level instruction index, the instructions it invoked), as a node's
+    # meta.innerInstructions lists them: only instructions that invoked something.
+    inner_instructions: tuple[tuple[int, tuple[InnerIx, ...]], ...] = ()
 
     @property
     def account_keys(self) -> list[Pubkey]:
@@ -163,17 +190,22 @@ class SolanaChain:
         finalized_lag_slots: int = 32,
         skip_every_slots: int | None = 7,
         blockhash_valid_blocks: int = 150,
+        first_slot: int = 0,
     ) -> None:
         assert 0 <= confirmed_lag_slots <= finalized_lag_slots
         assert skip_every_slots is None or skip_every_slots >= 2
+        assert first_slot >= 0
         self.confirmed_lag_slots = confirmed_lag_slots
         self.finalized_lag_slots = finalized_lag_slots
         self.skip_every_slots = skip_every_slots
         self.blockhash_valid_blocks = blockhash_valid_blocks
+        self.first_slot = first_slot
         self._lock = threading.RLock()
         # Our own blockhash window replaces LiteSVM's check, which accepts only the
-        # single latest blockhash; each new block still calls expire_blockhash().
-        self.svm = LiteSVM().with_blockhash_check(False)
+        # single latest blockhash; each new block still calls expire_blockhash(). Our own
+        # duplicate check replaces LiteSVM's history, so a transaction of a dropped block
+        # can land again.
+        self.svm = LiteSVM().with_blockhash_check(False).with_transaction_history(0)
         self.faucet = Keypair()
         self.svm.set_account(
             self.faucet.pubkey(),
@@ -181,16 +213,20 @@ class SolanaChain:
         )
         self.mint_authority = Keypair()
         self.usdc_mint: Pubkey | None = None
-        self._slot = 0
+        self._slot = first_slot
         genesis_hash = self.svm.latest_blockhash()
-        self._blocks: dict[int, Block] = {
-            0: Block(0, 0, genesis_hash, Hash.default(), 0, int(time.time()))
-        }
-        self._produced: list[int] = [0]
+        genesis = Block(first_slot, first_slot, genesis_hash, Hash.default(), 0, int(time.time()))
+        self._blocks: dict[int, Block] = {first_slot: genesis}
+        self._produced: list[int] = [first_slot]
+        self._first_available = first_slot
         self._blockhash_height: dict[Hash, int] = {genesis_hash: 0}
         self._by_signature: dict[Signature, RecordedTx] = {}
         self._by_address: dict[Pubkey, list[RecordedTx]] = {}
-        self.svm.warp_to_slot(0)
+        # Per unfinalized block: each transaction's written accounts as they were before
+        # it ran, so drop_blocks can restore them.
+        self._undo: dict[int, list[list[tuple[Pubkey, Account | None]]]] = {}
+        self._fillers: list[Keypair] = []
+        self.svm.warp_to_slot(first_slot)
         # Transactions land in the tip block; genesis itself stays empty and finalized.
         self.advance_slots(1)
 
@@ -198,7 +234,7 @@ class SolanaChain:
 
     def is_skipped(self, slot: int) -> bool:
         every = self.skip_every_slots
-        return every is not None and slot > 0 and slot % every == 0
+        return every is not None and slot > self.first_slot and slot % every == 0
 
     def advance_slots(self, n_slots: int = 1) -> int:
         """Let ``n_slots`` slots pass (skipped ones produce no block); returns the tip slot."""
@@ -208,22 +244,29 @@ class SolanaChain:
                 self._slot += 1
                 if self.is_skipped(self._slot):
                     continue
-                parent = self._blocks[self._produced[-1]]
-                self.svm.expire_blockhash()
-                self.svm.warp_to_slot(self._slot)
-                blockhash = self.svm.latest_blockhash()
-                block = Block(
-                    slot=self._slot,
-                    parent_slot=parent.slot,
-                    blockhash=blockhash,
-                    previous_blockhash=parent.blockhash,
-                    block_height=parent.block_height + 1,
-                    block_time=int(time.time()),
-                )
-                self._blocks[self._slot] = block
-                self._produced.append(self._slot)
-                self._blockhash_height[blockhash] = block.block_height
+                self._produce_block()
+            finalized = self.commitment_slot("finalized")
+            for slot in [s for s in self._undo if s <= finalized]:
+                del self._undo[slot]
             return self._produced[-1]
+
+    def _produce_block(self) -> None:
+        parent = self._blocks[self._produced[-1]]
+        self.svm.expire_blockhash()
+        self.svm.warp_to_slot(self._slot)
+        blockhash = self.svm.latest_blockhash()
+        block = Block(
+            slot=self._slot,
+            parent_slot=parent.slot,
+            blockhash=blockhash,
+            previous_blockhash=parent.blockhash,
+            block_height=parent.block_height + 1,
+            block_time=int(time.time()),
+        )
+        self._blocks[self._slot] = block
+        self._produced.append(self._slot)
+        self._blockhash_height[blockhash] = block.block_height
+        self._undo[self._slot] = []
 
     def finalize_all(self) -> int:
         """Advance until everything sent so far is finalized; returns the finalized slot."""
@@ -233,9 +276,10 @@ class SolanaChain:
                 self.advance_slots(1)
             return self.commitment_slot("finalized")
 
-    def commitment_slot(self, commitment: str) -> int:
-        """The highest block slot visible at ``commitment``."""
-        assert commitment in COMMITMENTS
+    def commitment_slot(self, commitment: str, behind_slots: int = 0) -> int:
+        """The highest block slot visible at ``commitment``; ``behind_slots`` answers as a
+        replica that has seen the chain only up to that many slots before the tip."""
+        assert commitment in COMMITMENTS and behind_slots >= 0
         with self._lock:
             tip = self._produced[-1]
             lag = {
@@ -243,7 +287,7 @@ class SolanaChain:
                 "confirmed": self.confirmed_lag_slots,
                 "finalized": self.finalized_lag_slots,
             }[commitment]
-            limit = max(0, tip - lag)
+            limit = max(self.first_slot, tip - behind_slots - lag)
             return self._produced[bisect.bisect_right(self._produced, limit) - 1]
 
     def block(self, slot: int) -> Block | None:
@@ -254,9 +298,9 @@ class SolanaChain:
         with self._lock:
             return self._blocks[self._produced[-1]]
 
-    def block_at(self, commitment: str) -> Block:
+    def block_at(self, commitment: str, behind_slots: int = 0) -> Block:
         with self._lock:
-            return self._blocks[self.commitment_slot(commitment)]
+            return self._blocks[self.commitment_slot(commitment, behind_slots)]
 
     def produced_slots(self, start: int, end: int) -> list[int]:
         with self._lock:
@@ -269,7 +313,59 @@ class SolanaChain:
         with self._lock:
             return self._slot
 
-    # ---- blockhashes -------------------------------------------------------------
+    # ---- pruned history --------------------------------------------------------------
+
+    @property
+    def first_available_block(self) -> int:
+        """The lowest slot whose block this node still has (getFirstAvailableBlock)."""
+        with self._lock:
+            return self._first_available
+
+    def prune_history(self, below_slot: int) -> int:
+        """Forget blocks and transactions below ``below_slot`` (a node's ledger cleanup);
+        it must not pass the finalized slot. Returns the first available block."""
+        with self._lock:
+            assert below_slot <= self.commitment_slot("finalized"), "prune finalized slots only"
+            first = self.produced_slots(below_slot, self._produced[-1])[0]
+            self._first_available = max(self._first_available, first)
+            return self._first_available
+
+    def is_pruned(self, slot: int) -> bool:
+        return slot < self._first_available
+
+    # ---- forks -------------------------------------------------------------------------
+
+    def drop_blocks(self, from_slot: int) -> list[Signature]:
+        """A fork switch: the blocks from ``from_slot`` on (none of them finalized) leave
+        the chain, their slots count as skipped, the accounts their transactions wrote
+        are restored, and a new block is produced on the remaining tip. Returns the
+        signatures that vanished (each may be sent again)."""
+        with self._lock:
+            assert from_slot > self.commitment_slot("finalized"), "finalized blocks never drop"
+            dropped = [slot for slot in self._produced if slot >= from_slot]
+            gone: list[Signature] = []
+            for slot in reversed(dropped):
+                block = self._blocks.pop(slot)
+                undone = list(zip(block.txs, self._undo.pop(slot), strict=True))
+                for record, undo in reversed(undone):
+                    for address, account in undo:
+                        empty = Account(lamports=0, data=b"", owner=SYSTEM_PROGRAM_ID)
+                        self.svm.set_account(address, account or empty)
+                    del self._by_signature[record.signature]
+                    for key in dict.fromkeys(record.account_keys):
+                        history = self._by_address[key]
+                        assert history[-1] is record
+                        history.pop()
+                    gone.append(record.signature)
+                del self._blockhash_height[block.blockhash]
+                self._produced.pop()
+            self._slot += 1
+            self._produce_block()
+            gone.reverse()
+            log.debug("solana_sim_fork", dropped_slots=dropped, transactions=len(gone))
+            return gone
+
+        # ---- blockhashes -------------------------------------------------------------
 
     def blockhash_valid(self, blockhash: Hash) -> bool:
         with self._lock:
@@ -300,6 +396,40 @@ class SolanaChain:
                         lamports -= rec.post_balances[index] - rec.pre_balances[index]
                         break
             return lamports
+
+    def account_at(self, address: Pubkey, slot: int) -> Account | None:
+        """The account as of the end of block ``slot`` (what a replica at that slot
+        serves): later transactions' lamport and token amount changes undone; None when
+        it held no lamports then."""
+        with self._lock:
+            current = self.svm.get_account(address)
+            lamports = current.lamports if current is not None else 0
+            amount_change = 0
+            for rec in reversed(self._by_address.get(address, [])):
+                if rec.slot <= slot:
+                    break
+                index = rec.account_keys.index(address)
+                lamports -= rec.post_balances[index] - rec.pre_balances[index]
+                amount_change += _token_amount(rec.post_token_balances, index) - _token_amount(
+                    rec.pre_token_balances, index
+                )
+            if lamports == 0:
+                return None
+            if current is None:
+                # Closed since: only its lamports are known.
+                return Account(lamports=lamports, data=b"", owner=SYSTEM_PROGRAM_ID)
+            data = bytes(current.data)
+            if amount_change:
+                start = TOKEN_AMOUNT_OFFSET
+                amount = int.from_bytes(data[start : start + 8], "little") - amount_change
+                data = data[:start] + amount.to_bytes(8, "little") + data[start + 8 :]
+            return Account(
+                lamports=lamports,
+                data=data,
+                owner=current.owner,
+                executable=current.executable,
+                rent_epoch=current.rent_epoch,
+            )
 
     # ---- accounts --------------------------------------------------------------------
 
@@ -389,7 +519,10 @@ class SolanaChain:
                         meta.compute_units_consumed(),
                     )
             loaded_writable, loaded_readonly = self._loaded_addresses(vtx)
-            keys = [*vtx.message.account_keys, *loaded_writable, *loaded_readonly]
+            static = list(vtx.message.account_keys)
+            keys = [*static, *loaded_writable, *loaded_readonly]
+            written = [k for i, k in enumerate(static) if is_writable(vtx.message, i)]
+            undo = [(k, self.svm.get_account(k)) for k in dict.fromkeys(written + loaded_writable)]
             pre_balances = [self.svm.get_balance(k) or 0 for k in keys]
             pre_tokens = self._token_balances(keys)
             result = self.svm.send_transaction(vtx)
@@ -421,8 +554,10 @@ class SolanaChain:
                 compute_units=meta.compute_units_consumed(),
                 loaded_writable=tuple(loaded_writable),
                 loaded_readonly=tuple(loaded_readonly),
+                inner_instructions=_inner_instructions(meta),
             )
             block.txs.append(record)
+            self._undo.setdefault(block.slot, []).append(undo)
             self._by_signature[signature] = record
             for key in dict.fromkeys(keys):
                 self._by_address.setdefault(key, []).append(record)
@@ -569,6 +704,38 @@ class SolanaChain:
         ix = transfer(TransferParams(from_pubkey=sender.pubkey(), to_pubkey=to, lamports=lamports))
         return self.sign_and_send([ix], [sender])
 
+    def add_filler_transactions(self, n_transactions: int) -> None:
+        """``n_transactions`` unrelated SOL transfers into the tip block, so blocks can be
+        as large as mainnet's (1,000-3,000 transactions); about 0.4 ms each."""
+        with self._lock:
+            if not self._fillers:
+                self._fillers = [Keypair() for _ in range(8)]
+                for payer in self._fillers:
+                    self.airdrop(payer.pubkey(), FAUCET_LAMPORTS // 100)
+            for i in range(n_transactions):
+                # Each amount differs, so no two transactions of a block are identical.
+                payer = self._fillers[i % len(self._fillers)]
+                self.transfer_sol(payer, Keypair().pubkey(), 1_000_000 + i)
+
+
+def _token_amount(balances: list[TokenBalance], account_index: int) -> int:
+    return next((b.amount_base_units for b in balances if b.account_index == account_index), 0)
+
+
+def _inner_instructions(
+    meta: TransactionMetadata,
+) -> tuple[tuple[int, tuple[InnerIx, ...]], ...]:
+    found = []
+    for index, invoked in enumerate(meta.inner_instructions()):
+        if invoked:
+            found.append((index, tuple(_inner_ix(inner) for inner in invoked)))
+    return tuple(found)
+
+
+def _inner_ix(inner: InnerInstruction) -> InnerIx:
+    ix = inner.instruction()
+    return InnerIx(ix.program_id_index, bytes(ix.accounts), bytes(ix.data), inner.stack_height())
+
 
 __all__ = [
     "ASSOCIATED_TOKEN_PROGRAM_ID",
@@ -576,6 +743,7 @@ __all__ = [
     "SYSTEM_PROGRAM_ID",
     "TOKEN_PROGRAM_ID",
     "Block",
+    "InnerIx",
     "RecordedTx",
     "SendRejected",
     "SolanaChain",

@@ -27,16 +27,20 @@ from solders.token.state import Mint, TokenAccount
 from escrowd.devnet.solana_chain import (
     ASSOCIATED_TOKEN_PROGRAM_ID,
     COMMITMENTS,
+    MINT_SIZE,
     STATUS_CACHE_SLOTS,
     SYSTEM_PROGRAM_ID,
+    TOKEN_ACCOUNT_SIZE,
     TOKEN_PROGRAM_ID,
     Block,
+    InnerIx,
     RecordedTx,
     SendRejected,
     SolanaChain,
     TokenBalance,
     is_writable,
 )
+from escrowd.devnet.solana_faults import FaultSpecError, SolanaFaults, error_message
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +48,9 @@ API_VERSION = "2.1.21"
 FEATURE_SET = 3271415109
 MAX_SIGNATURES_LIMIT = 1000
 MAX_BLOCKS_RANGE = 500_000
+MAX_MULTIPLE_ACCOUNTS = 100
+MAX_STATUS_SIGNATURES = 256
+FAULTS_PATH = "/simulator/faults"
 MAX_REQUEST_BYTES = 5 * 1024 * 1024
 U64_MAX = 2**64 - 1
 
@@ -71,13 +78,18 @@ def ui_amount_string(amount_base_units: int, decimals: int) -> str:
     return f"{whole}.{frac_str}" if frac_str else str(whole)
 
 
-def ui_token_amount(amount_base_units: int, decimals: int) -> dict[str, Any]:
+def ui_token_amount(
+    amount_base_units: int, decimals: int, *, zero_is_null: bool = False
+) -> dict[str, Any]:
+    """``uiTokenAmount``. uiAmount is a float on the wire (deprecated, kept for
+    compatibility); a transaction's stored token balances come back from the node's
+    ledger with a zero uiAmount as null (``zero_is_null``), account data with 0.0."""
     text = ui_amount_string(amount_base_units, decimals)
-    # uiAmount is a float on the wire (deprecated by the node, kept for compatibility).
+    ui_amount = None if zero_is_null and amount_base_units == 0 else float(text)
     return {
         "amount": str(amount_base_units),
         "decimals": decimals,
-        "uiAmount": float(text),
+        "uiAmount": ui_amount,
         "uiAmountString": text,
     }
 
@@ -145,14 +157,18 @@ def _at_least_confirmed(config: dict[str, Any]) -> str:
 
 
 def _account_json(
-    acc: Account, address: Pubkey, encoding: str, chain: SolanaChain
+    acc: Account,
+    encoding: str,
+    chain: SolanaChain,
+    data_slice: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     data = bytes(acc.data)
-    encoded: Any = [base64.b64encode(data).decode(), "base64"]
+    shown = data if data_slice is None else data[data_slice[0] : data_slice[0] + data_slice[1]]
+    encoded: Any = [base64.b64encode(shown).decode(), "base64"]
     if encoding == "base58":
-        encoded = [base58.b58encode(data).decode(), "base58"]
-    elif encoding == "jsonParsed":
-        parsed = _parse_token_state(address, acc, chain)
+        encoded = [base58.b58encode(shown).decode(), "base58"]
+    elif encoding == "jsonParsed" and data_slice is None:
+        parsed = _parse_token_state(acc, chain)
         if parsed is not None:
             encoded = {"parsed": parsed, "program": "spl-token", "space": len(data)}
     return {
@@ -165,11 +181,13 @@ def _account_json(
     }
 
 
-def _parse_token_state(address: Pubkey, acc: Account, chain: SolanaChain) -> dict[str, Any] | None:
+def _parse_token_state(acc: Account, chain: SolanaChain) -> dict[str, Any] | None:
+    """The account's own bytes parsed (also a past state a lagging replica serves)."""
     if acc.owner != TOKEN_PROGRAM_ID:
         return None
-    state = chain.token_account(address)
-    if state is not None:
+    data = bytes(acc.data)
+    if len(data) == TOKEN_ACCOUNT_SIZE:
+        state = TokenAccount.from_bytes(data)
         decimals = chain.mint_decimals(state.mint) or 0
         return {
             "info": {
@@ -181,9 +199,9 @@ def _parse_token_state(address: Pubkey, acc: Account, chain: SolanaChain) -> dic
             },
             "type": "account",
         }
-    if chain.mint_decimals(address) is None:
+    if len(data) != MINT_SIZE:
         return None
-    mint = Mint.from_bytes(bytes(acc.data))
+    mint = Mint.from_bytes(data)
     return {
         "info": {
             "decimals": mint.decimals,
@@ -202,7 +220,9 @@ def _token_balance_json(balance: TokenBalance) -> dict[str, Any]:
         "mint": str(balance.mint),
         "owner": str(balance.owner),
         "programId": str(TOKEN_PROGRAM_ID),
-        "uiTokenAmount": ui_token_amount(balance.amount_base_units, balance.decimals),
+        "uiTokenAmount": ui_token_amount(
+            balance.amount_base_units, balance.decimals, zero_is_null=True
+        ),
     }
 
 
@@ -276,44 +296,49 @@ def _parsed_instruction(
     return None
 
 
+def _encode_instruction(
+    ix: InnerIx, keys: list[Pubkey], encoding: str, chain: SolanaChain
+) -> dict[str, Any]:
+    """One instruction; top-level ones have no stack height on the wire (null)."""
+    program_id_index, account_indexes, data = ix.program_id_index, list(ix.accounts), ix.data
+    stack_height = ix.stack_height
+    program = keys[program_id_index]
+    if encoding != "jsonParsed":
+        return {
+            "accounts": account_indexes,
+            "data": base58.b58encode(data).decode(),
+            "programIdIndex": program_id_index,
+            "stackHeight": stack_height,
+        }
+    parsed = _parsed_instruction(program, [keys[i] for i in account_indexes], data, chain)
+    if parsed is not None:
+        return {
+            "parsed": {"info": parsed["info"], "type": parsed["type"]},
+            "program": parsed["program"],
+            "programId": str(program),
+            "stackHeight": stack_height,
+        }
+    return {
+        "accounts": [str(keys[i]) for i in account_indexes],
+        "data": base58.b58encode(data).decode(),
+        "programId": str(program),
+        "stackHeight": stack_height,
+    }
+
+
 def encode_transaction(record: RecordedTx, encoding: str, chain: SolanaChain) -> dict[str, Any]:
     message = record.tx.message
     keys = record.account_keys
     header = message.header
-    instructions: list[dict[str, Any]] = []
-    for ix in message.instructions:
-        program = keys[ix.program_id_index]
-        account_indexes = list(bytes(ix.accounts))
-        data = bytes(ix.data)
-        if encoding == "jsonParsed":
-            parsed = _parsed_instruction(program, [keys[i] for i in account_indexes], data, chain)
-            if parsed is not None:
-                instructions.append(
-                    {
-                        "parsed": {"info": parsed["info"], "type": parsed["type"]},
-                        "program": parsed["program"],
-                        "programId": str(program),
-                        "stackHeight": None,
-                    }
-                )
-            else:
-                instructions.append(
-                    {
-                        "accounts": [str(keys[i]) for i in account_indexes],
-                        "data": base58.b58encode(data).decode(),
-                        "programId": str(program),
-                        "stackHeight": None,
-                    }
-                )
-        else:
-            instructions.append(
-                {
-                    "accounts": account_indexes,
-                    "data": base58.b58encode(data).decode(),
-                    "programIdIndex": ix.program_id_index,
-                    "stackHeight": None,
-                }
-            )
+    instructions = [
+        _encode_instruction(
+            InnerIx(ix.program_id_index, bytes(ix.accounts), bytes(ix.data), None),
+            keys,
+            encoding,
+            chain,
+        )
+        for ix in message.instructions
+    ]
     if encoding == "jsonParsed":
         account_keys: list[Any] = [
             {
@@ -361,12 +386,20 @@ def encode_transaction(record: RecordedTx, encoding: str, chain: SolanaChain) ->
     return {"message": msg, "signatures": [str(s) for s in record.tx.signatures]}
 
 
-def encode_meta(record: RecordedTx, encoding: str) -> dict[str, Any]:
+def encode_meta(record: RecordedTx, encoding: str, chain: SolanaChain) -> dict[str, Any]:
+    keys = record.account_keys
+    inner = [
+        {
+            "index": index,
+            "instructions": [_encode_instruction(ix, keys, encoding, chain) for ix in invoked],
+        }
+        for index, invoked in record.inner_instructions
+    ]
     meta: dict[str, Any] = {
         "computeUnitsConsumed": record.compute_units,
         "err": record.err,
         "fee": record.fee_lamports,
-        "innerInstructions": [],
+        "innerInstructions": inner,
         "logMessages": record.logs,
         "postBalances": record.post_balances,
         "postTokenBalances": [_token_balance_json(b) for b in record.post_token_balances],
@@ -385,7 +418,7 @@ def encode_meta(record: RecordedTx, encoding: str) -> dict[str, Any]:
 
 def _accounts_only(record: RecordedTx, chain: SolanaChain) -> dict[str, Any]:
     """A block entry for ``transactionDetails: accounts``: keys, signatures, balances."""
-    full = encode_meta(record, "jsonParsed")
+    full = encode_meta(record, "jsonParsed", chain)
     meta_keys = ("err", "fee", "postBalances", "postTokenBalances", "preBalances")
     meta = {key: full[key] for key in (*meta_keys, "preTokenBalances", "status")}
     parsed = encode_transaction(record, "jsonParsed", chain)
@@ -430,10 +463,17 @@ def _tx_encoding(config: dict[str, Any]) -> str:
 
 
 class SolanaRpcHandler:
-    """Dispatches JSON-RPC requests to the chain. Pure: no HTTP here."""
+    """Dispatches JSON-RPC requests to the chain. No HTTP here, except that the caller
+    asks `faults` whether to answer 429 first.
 
-    def __init__(self, chain: SolanaChain) -> None:
+    Each request is answered from one replica: an up-to-date one, or (fault switch) one
+    ``faults.lag_slots`` behind the tip; ``_behind()`` says which for this request.
+    """
+
+    def __init__(self, chain: SolanaChain, faults: SolanaFaults | None = None) -> None:
         self.chain = chain
+        self.faults = faults or SolanaFaults()
+        self._request = threading.local()
         self.methods: dict[str, Callable[[list[Any]], Any]] = {
             "getHealth": lambda params: "ok",
             "getVersion": lambda params: {"feature-set": FEATURE_SET, "solana-core": API_VERSION},
@@ -443,11 +483,14 @@ class SolanaRpcHandler:
             "isBlockhashValid": self.is_blockhash_valid,
             "getBalance": self.get_balance,
             "getAccountInfo": self.get_account_info,
+            "getMultipleAccounts": self.get_multiple_accounts,
             "getTokenAccountsByOwner": self.get_token_accounts_by_owner,
             "getTokenAccountBalance": self.get_token_account_balance,
             "getMinimumBalanceForRentExemption": self.get_minimum_balance_for_rent_exemption,
             "getSignaturesForAddress": self.get_signatures_for_address,
             "getBlocks": self.get_blocks,
+            "getBlocksWithLimit": self.get_blocks_with_limit,
+            "getFirstAvailableBlock": lambda params: self.chain.first_available_block,
             "getTransaction": self.get_transaction,
             "getBlock": self.get_block,
             "getSignatureStatuses": self.get_signature_statuses,
@@ -463,11 +506,28 @@ class SolanaRpcHandler:
             request = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             return _error(None, RpcFault(-32700, "Parse error"))
+        # A batch goes to one replica, as behind a load balancer.
+        self._request.behind = self.faults.behind_slots()
         if isinstance(request, list):
             if not request:
                 return _error(None, RpcFault(-32600, "Invalid request"))
             return [self.handle_one(item) for item in request]
         return self.handle_one(request)
+
+    def throttled(self, body: bytes) -> int | None:
+        """Retry-After seconds when a 429 fault answers this HTTP request instead."""
+        try:
+            request = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        items = request if isinstance(request, list) else [request]
+        for item in items:
+            method = item.get("method") if isinstance(item, dict) else None
+            if isinstance(method, str):
+                rule = self.faults.take("http_429", method)
+                if rule is not None:
+                    return rule.retry_after_s
+        return None
 
     def handle_one(self, request: Any) -> dict[str, Any]:
         if not isinstance(request, dict):
@@ -485,7 +545,14 @@ class SolanaRpcHandler:
         if not isinstance(params, list):
             return _error(req_id, invalid_params("invalid type: map, expected a sequence"))
         try:
-            return {"jsonrpc": "2.0", "result": handler(params), "id": req_id}
+            injected = self.faults.take("error", method)
+            if injected is not None:
+                assert injected.code is not None
+                raise self._injected_error(injected.code, params)
+            result = handler(params)
+            if self.faults.take("null", method) is not None:
+                result = self._nulled(method, result)
+            return {"jsonrpc": "2.0", "result": result, "id": req_id}
         except RpcFault as fault:
             return _error(req_id, fault)
         except SendRejected as rejected:
@@ -494,19 +561,60 @@ class SolanaRpcHandler:
             log.exception("solana_sim_internal_error", method=method)
             return _error(req_id, RpcFault(-32603, f"Internal error: {type(exc).__name__}"))
 
+    def _injected_error(self, code: int, params: list[Any]) -> RpcFault:
+        first = params[0] if params else None
+        if code == -32016:
+            slot = self._slot("confirmed")
+        elif isinstance(first, int) and not isinstance(first, bool):
+            slot = first
+        else:
+            slot = self._slot("confirmed")
+        message, data = error_message(code, slot, self.chain.first_available_block)
+        return RpcFault(code, message, data)
+
+    @staticmethod
+    def _nulled(method: str, result: Any) -> Any:
+        if method == "getSignatureStatuses":
+            return {**result, "value": [None for _ in result["value"]]}
+        return None
+
     def _context(self, slot: int, value: Any) -> dict[str, Any]:
         return {"context": {"apiVersion": API_VERSION, "slot": slot}, "value": value}
+
+    # ---- the replica answering this request -------------------------------------------
+
+    def _behind(self) -> int:
+        return int(getattr(self._request, "behind", 0))
+
+    def _slot(self, commitment: str) -> int:
+        return self.chain.commitment_slot(commitment, self._behind())
+
+    def _bank_slot(self, config: dict[str, Any], commitment: str | None = None) -> int:
+        """The slot of the bank answering at the config's commitment, refusing with
+        -32016 when it is below the config's minContextSlot."""
+        slot = self._slot(commitment or _commitment(config))
+        minimum = config.get("minContextSlot")
+        if minimum is not None and slot < _u64(minimum, "minContextSlot"):
+            message, data = error_message(-32016, slot, self.chain.first_available_block)
+            raise RpcFault(-32016, message, data)
+        return slot
+
+    def _visible(self, record: RecordedTx, max_slot: int) -> bool:
+        return record.slot <= max_slot and not self.chain.is_pruned(record.slot)
 
     # ---- methods -------------------------------------------------------------------
 
     def get_slot(self, params: list[Any]) -> int:
-        return self.chain.commitment_slot(_commitment(_config(params, 0)))
+        return self._bank_slot(_config(params, 0))
 
     def get_block_height(self, params: list[Any]) -> int:
-        return self.chain.block_at(_commitment(_config(params, 0))).block_height
+        block = self.chain.block(self._bank_slot(_config(params, 0)))
+        assert block is not None
+        return block.block_height
 
     def get_latest_blockhash(self, params: list[Any]) -> dict[str, Any]:
-        block = self.chain.block_at(_commitment(_config(params, 0)))
+        block = self.chain.block(self._bank_slot(_config(params, 0)))
+        assert block is not None
         value = {
             "blockhash": str(block.blockhash),
             "lastValidBlockHeight": block.block_height + self.chain.blockhash_valid_blocks,
@@ -515,44 +623,69 @@ class SolanaRpcHandler:
 
     def is_blockhash_valid(self, params: list[Any]) -> dict[str, Any]:
         raw = _param(params, 0)
-        commitment = _commitment(_config(params, 1))
+        config = _config(params, 1)
         try:
             blockhash = Hash.from_string(raw) if isinstance(raw, str) else None
         except ValueError:
             blockhash = None
         if blockhash is None:
             raise RpcFault(-32602, "Invalid param: Invalid")
+        slot = self._bank_slot(config)
         valid = self.chain.blockhash_valid(blockhash)
-        return self._context(self.chain.commitment_slot(commitment), valid)
+        return self._context(slot, valid)
 
     def get_balance(self, params: list[Any]) -> dict[str, Any]:
         address = _pubkey(_param(params, 0))
-        slot = self.chain.commitment_slot(_commitment(_config(params, 1)))
+        slot = self._bank_slot(_config(params, 1))
         return self._context(slot, self.chain.balance_at(address, slot))
+
+    def _encoding(self, config: dict[str, Any]) -> str:
+        encoding = config.get("encoding", "base58")
+        if encoding not in ("base58", "base64", "jsonParsed"):
+            raise invalid_params(f"unsupported encoding `{encoding}`")
+        return str(encoding)
+
+    @staticmethod
+    def _data_slice(config: dict[str, Any]) -> tuple[int, int] | None:
+        raw = config.get("dataSlice")
+        if raw is None:
+            return None
+        if not isinstance(raw, dict) or set(raw) != {"offset", "length"}:
+            raise invalid_params("dataSlice is a map with `offset` and `length`")
+        return _u64(raw["offset"], "offset"), _u64(raw["length"], "length")
 
     def get_account_info(self, params: list[Any]) -> dict[str, Any]:
         address = _pubkey(_param(params, 0))
         config = _config(params, 1)
-        # Account state is the tip's; the context slot says so whatever the commitment.
-        _commitment(config)
-        slot = self.chain.commitment_slot("processed")
-        encoding = config.get("encoding", "base58")
-        if encoding not in ("base58", "base64", "jsonParsed"):
-            raise invalid_params(f"unsupported encoding `{encoding}`")
-        acc = self.chain.account(address)
-        value = None if acc is None else _account_json(acc, address, encoding, self.chain)
+        slot = self._bank_slot(config)
+        encoding, data_slice = self._encoding(config), self._data_slice(config)
+        acc = self.chain.account_at(address, slot)
+        value = None if acc is None else _account_json(acc, encoding, self.chain, data_slice)
+        return self._context(slot, value)
+
+    def get_multiple_accounts(self, params: list[Any]) -> dict[str, Any]:
+        raw = _param(params, 0)
+        if not isinstance(raw, list):
+            raise invalid_params("invalid type: expected a sequence of public keys")
+        if len(raw) > MAX_MULTIPLE_ACCOUNTS:
+            raise RpcFault(-32602, f"Too many inputs provided; max {MAX_MULTIPLE_ACCOUNTS}")
+        addresses = [_pubkey(item) for item in raw]
+        config = _config(params, 1)
+        slot = self._bank_slot(config)
+        encoding, data_slice = self._encoding(config), self._data_slice(config)
+        value = []
+        for address in addresses:
+            acc = self.chain.account_at(address, slot)
+            shown = None if acc is None else _account_json(acc, encoding, self.chain, data_slice)
+            value.append(shown)
         return self._context(slot, value)
 
     def get_token_accounts_by_owner(self, params: list[Any]) -> dict[str, Any]:
         owner = _pubkey(_param(params, 0))
         token_filter = _param(params, 1)
         config = _config(params, 2)
-        # Account state is the tip's; the context slot says so whatever the commitment.
-        _commitment(config)
-        slot = self.chain.commitment_slot("processed")
-        encoding = config.get("encoding", "base58")
-        if encoding not in ("base58", "base64", "jsonParsed"):
-            raise invalid_params(f"unsupported encoding `{encoding}`")
+        slot = self._bank_slot(config)
+        encoding = self._encoding(config)
         if not isinstance(token_filter, dict) or len(token_filter) != 1:
             raise invalid_params("expected a map with one of `mint` or `programId`")
         mint: Pubkey | None = None
@@ -569,19 +702,21 @@ class SolanaRpcHandler:
         for address, state in self.chain.token_accounts_of(owner):
             if mint is not None and state.mint != mint:
                 continue
-            acc = self.chain.account(address)
-            assert acc is not None
-            account = _account_json(acc, address, encoding, self.chain)
+            acc = self.chain.account_at(address, slot)
+            if acc is None:
+                continue  # created after the slot this bank is at
+            account = _account_json(acc, encoding, self.chain)
             value.append({"account": account, "pubkey": str(address)})
         return self._context(slot, value)
 
     def get_token_account_balance(self, params: list[Any]) -> dict[str, Any]:
         address = _pubkey(_param(params, 0))
-        _commitment(_config(params, 1))
-        slot = self.chain.commitment_slot("processed")
-        state: TokenAccount | None = self.chain.token_account(address)
-        if state is None:
+        slot = self._bank_slot(_config(params, 1))
+        acc = self.chain.account_at(address, slot)
+        data = bytes(acc.data) if acc is not None else b""
+        if acc is None or acc.owner != TOKEN_PROGRAM_ID or len(data) != TOKEN_ACCOUNT_SIZE:
             raise RpcFault(-32602, "Invalid param: not a Token account")
+        state = TokenAccount.from_bytes(data)
         decimals = self.chain.mint_decimals(state.mint) or 0
         return self._context(slot, ui_token_amount(state.amount, decimals))
 
@@ -592,7 +727,7 @@ class SolanaRpcHandler:
     def get_signatures_for_address(self, params: list[Any]) -> list[dict[str, Any]]:
         address = _pubkey(_param(params, 0))
         config = _config(params, 1)
-        max_slot = self.chain.commitment_slot(_at_least_confirmed(config))
+        max_slot = self._bank_slot(config, _at_least_confirmed(config))
         limit = config.get("limit", MAX_SIGNATURES_LIMIT)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise invalid_params("invalid type: expected usize for limit")
@@ -600,7 +735,9 @@ class SolanaRpcHandler:
             raise RpcFault(-32602, f"Invalid limit; max {MAX_SIGNATURES_LIMIT}")
         before = _signature(config["before"]) if config.get("before") else None
         until = _signature(config["until"]) if config.get("until") else None
-        records = [r for r in self.chain.signatures_for(address) if r.slot <= max_slot]
+        if before is not None and self.faults.take("empty_before", "getSignaturesForAddress"):
+            return []  # a replica that does not have `before` (yet)
+        records = [r for r in self.chain.signatures_for(address) if self._visible(r, max_slot)]
         records.reverse()
         if before is not None:
             positions = [i for i, r in enumerate(records) if r.signature == before]
@@ -627,11 +764,18 @@ class SolanaRpcHandler:
         }
 
     def _confirmation_status(self, slot: int) -> str:
-        if slot <= self.chain.commitment_slot("finalized"):
+        if slot <= self._slot("finalized"):
             return "finalized"
-        if slot <= self.chain.commitment_slot("confirmed"):
+        if slot <= self._slot("confirmed"):
             return "confirmed"
         return "processed"
+
+    def _blocks_end(self, config: dict[str, Any]) -> int:
+        commitment = _at_least_confirmed(config)
+        if commitment == "finalized":
+            return self._bank_slot(config, "finalized")
+        self._bank_slot(config, "confirmed")
+        return self._slot("confirmed")
 
     def get_blocks(self, params: list[Any]) -> list[int]:
         start = _u64(_param(params, 0), "start slot")
@@ -639,11 +783,24 @@ class SolanaRpcHandler:
         config = _config(params, 2)
         if isinstance(end_param, dict):
             config, end_param = end_param, None
-        max_slot = self.chain.commitment_slot(_at_least_confirmed(config))
-        end = max_slot if end_param is None else min(_u64(end_param, "end slot"), max_slot)
-        if end >= start and end - start > MAX_BLOCKS_RANGE:
+        # Without an end slot the node caps the range; with one it refuses a long range.
+        wanted = start + MAX_BLOCKS_RANGE if end_param is None else _u64(end_param, "end slot")
+        end = min(wanted, self._blocks_end(config))
+        if end < start:
+            return []
+        if end - start > MAX_BLOCKS_RANGE:
             raise RpcFault(-32602, f"Slot range too large; max {MAX_BLOCKS_RANGE}")
-        return self.chain.produced_slots(start, end)
+        return self.chain.produced_slots(max(start, self.chain.first_available_block), end)
+
+    def get_blocks_with_limit(self, params: list[Any]) -> list[int]:
+        start = _u64(_param(params, 0), "start slot")
+        limit = _u64(_param(params, 1), "limit")
+        config = _config(params, 2)
+        if limit > MAX_BLOCKS_RANGE:
+            raise RpcFault(-32602, f"Limit too large; max {MAX_BLOCKS_RANGE}")
+        end = self._blocks_end(config)
+        start = max(start, self.chain.first_available_block)
+        return self.chain.produced_slots(start, end)[:limit]
 
     def get_transaction(self, params: list[Any]) -> dict[str, Any] | None:
         signature = _signature(_param(params, 0))
@@ -651,16 +808,16 @@ class SolanaRpcHandler:
         if isinstance(_param(params, 1, required=False), str):
             config = {"encoding": params[1]}
         encoding = _tx_encoding(config)
-        max_slot = self.chain.commitment_slot(_at_least_confirmed(config))
+        max_slot = self._slot(_at_least_confirmed(config))
         record = self.chain.transaction(signature)
-        if record is None or record.slot > max_slot:
+        if record is None or not self._visible(record, max_slot):
             return None
         with_version = _check_version(record, config)
         block = self.chain.block(record.slot)
         assert block is not None
         result = {
             "blockTime": block.block_time,
-            "meta": encode_meta(record, encoding),
+            "meta": encode_meta(record, encoding, self.chain),
             "slot": record.slot,
             "transaction": encode_transaction(record, encoding, self.chain),
         }
@@ -677,14 +834,8 @@ class SolanaRpcHandler:
         details = config.get("transactionDetails", "full")
         if details not in ("full", "signatures", "none", "accounts"):
             raise invalid_params(f"unknown variant `{details}` for transactionDetails")
-        max_slot = self.chain.commitment_slot(_at_least_confirmed(config))
-        if slot > max_slot:
-            raise RpcFault(-32004, f"Block not available for slot {slot}")
-        block: Block | None = self.chain.block(slot)
-        if block is None:
-            raise RpcFault(
-                -32007, f"Slot {slot} was skipped, or missing due to ledger jump to recent snapshot"
-            )
+        commitment = _at_least_confirmed(config)
+        block = self._block_for(slot, commitment)
         result: dict[str, Any] = {
             "blockHeight": block.block_height,
             "blockTime": block.block_time,
@@ -700,7 +851,7 @@ class SolanaRpcHandler:
                     entry = _accounts_only(record, self.chain)
                 else:
                     entry = {
-                        "meta": encode_meta(record, encoding),
+                        "meta": encode_meta(record, encoding, self.chain),
                         "transaction": encode_transaction(record, encoding, self.chain),
                     }
                 if with_version:
@@ -713,27 +864,50 @@ class SolanaRpcHandler:
             result["rewards"] = []
         return result
 
+    def _block_for(self, slot: int, commitment: str) -> Block:
+        """A node's answer for a slot: the block, or the error its finality implies.
+
+        At or below the finalized slot a missing block is known skipped (-32007) and a
+        pruned one cleaned up (-32001); above it nothing is known yet (-32004), also for
+        a slot that will turn out skipped."""
+        finalized = self._slot("finalized")
+        first_available = self.chain.first_available_block
+        if slot <= finalized:
+            if slot < first_available:
+                message, _ = error_message(-32001, slot, first_available)
+                raise RpcFault(-32001, message)
+            block = self.chain.block(slot)
+            if block is None:
+                raise RpcFault(-32007, error_message(-32007, slot, first_available)[0])
+            return block
+        if commitment == "confirmed" and slot <= self._slot("confirmed"):
+            block = self.chain.block(slot)
+            if block is not None:
+                return block
+        raise RpcFault(-32004, error_message(-32004, slot, first_available)[0])
+
     def get_signature_statuses(self, params: list[Any]) -> dict[str, Any]:
         raw = _param(params, 0)
         if not isinstance(raw, list):
             raise invalid_params("invalid type: expected a sequence of signatures")
-        if len(raw) > 256:
-            raise RpcFault(-32602, "Too many inputs provided; max 256")
+        if len(raw) > MAX_STATUS_SIGNATURES:
+            raise RpcFault(-32602, f"Too many inputs provided; max {MAX_STATUS_SIGNATURES}")
         config = _config(params, 1)
         search_history = bool(config.get("searchTransactionHistory", False))
-        tip = self.chain.tip_block()
-        finalized_slot = self.chain.commitment_slot("finalized")
+        tip_slot = self._slot("processed")
         value: list[dict[str, Any] | None] = []
         for item in raw:
             record = self.chain.transaction(_signature(item))
-            if record is None or (
-                not search_history and tip.slot - record.slot > STATUS_CACHE_SLOTS
+            if (
+                record is None
+                or not self._visible(record, tip_slot)
+                or (not search_history and tip_slot - record.slot > STATUS_CACHE_SLOTS)
             ):
                 value.append(None)
                 continue
             confirmations = None
-            if record.slot > finalized_slot:
-                confirmations = sum(1 for s in self.chain.produced_slots(record.slot + 1, tip.slot))
+            if record.slot > self._slot("finalized"):
+                confirmations = len(self.chain.produced_slots(record.slot + 1, tip_slot))
             value.append(
                 {
                     "confirmationStatus": self._confirmation_status(record.slot),
@@ -743,7 +917,7 @@ class SolanaRpcHandler:
                     "status": {"Ok": None} if record.err is None else {"Err": record.err},
                 }
             )
-        return self._context(tip.slot, value)
+        return self._context(tip_slot, value)
 
     def send_transaction(self, params: list[Any]) -> str:
         raw = _param(params, 0)
@@ -794,26 +968,82 @@ class _RequestHandler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     wbufsize = 1 << 16
 
-    def do_POST(self) -> None:
+    def _body(self) -> bytes | None:
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_REQUEST_BYTES:
             self._reply(413, b"request too large")
+            return None
+        return self.rfile.read(length)
+
+    def do_POST(self) -> None:
+        body = self._body()
+        if body is None:
             return
-        body = self.rfile.read(length)
-        answer = self.server.rpc.handle_body(body)
+        rpc = self.server.rpc
+        retry_after_s = rpc.throttled(body)
+        if retry_after_s is not None:
+            # What public endpoints answer when a client exceeds its rate limit.
+            payload = json.dumps(
+                {
+                    "jsonrpc": "2.0",
+                    "error": {"code": 429, "message": "Too many requests for a specific RPC call"},
+                    "id": None,
+                }
+            ).encode()
+            self._reply(429, payload, "application/json", {"Retry-After": str(retry_after_s)})
+            return
+        answer = rpc.handle_body(body)
         self._reply(200, json.dumps(answer).encode(), "application/json")
 
     def do_GET(self) -> None:
         # A node answers GET /health for load balancers.
         if self.path == "/health":
             self._reply(200, b"ok")
+        elif self.path == FAULTS_PATH:
+            self._faults_reply()
         else:
             self._reply(405, b"Used HTTP Method is not allowed. POST or OPTIONS is required")
 
-    def _reply(self, status: int, payload: bytes, content_type: str = "text/plain") -> None:
+    def do_PUT(self) -> None:
+        """Replace the simulator's fault switches (the simulator's own control path)."""
+        if self.path != FAULTS_PATH:
+            self._reply(405, b"Used HTTP Method is not allowed. POST or OPTIONS is required")
+            return
+        body = self._body()
+        if body is None:
+            return
+        try:
+            self.server.rpc.faults.configure(json.loads(body))
+        except (ValueError, FaultSpecError) as exc:
+            self._reply(400, json.dumps({"error": str(exc)}).encode(), "application/json")
+            return
+        log.info("solana_sim_faults_set", faults=self.server.rpc.faults.to_json())
+        self._faults_reply()
+
+    def do_DELETE(self) -> None:
+        if self.path != FAULTS_PATH:
+            self._reply(405, b"Used HTTP Method is not allowed. POST or OPTIONS is required")
+            return
+        self.server.rpc.faults.clear()
+        log.info("solana_sim_faults_cleared")
+        self._faults_reply()
+
+    def _faults_reply(self) -> None:
+        payload = json.dumps(self.server.rpc.faults.to_json()).encode()
+        self._reply(200, payload, "application/json")
+
+    def _reply(
+        self,
+        status: int,
+        payload: bytes,
+        content_type: str = "text/plain",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(payload)
 
@@ -827,6 +1057,8 @@ class SolanaSimulator:
     ``slot_ms=None`` advances slots only on ``advance_slots``; otherwise a clock thread
     advances one slot every ``slot_ms`` milliseconds. Helpers (``airdrop``, ``mint_to``,
     ...) go through the same path as ``sendTransaction``, so their history is visible.
+    ``faults`` holds the fault switches (``devnet.solana_faults``), also reachable over
+    HTTP at ``/simulator/faults``.
     """
 
     def __init__(
@@ -839,6 +1071,7 @@ class SolanaSimulator:
         finalized_lag_slots: int = 32,
         skip_every_slots: int | None = 7,
         blockhash_valid_blocks: int = 150,
+        first_slot: int = 0,
     ) -> None:
         assert slot_ms is None or slot_ms > 0
         self.chain = SolanaChain(
@@ -846,8 +1079,10 @@ class SolanaSimulator:
             finalized_lag_slots=finalized_lag_slots,
             skip_every_slots=skip_every_slots,
             blockhash_valid_blocks=blockhash_valid_blocks,
+            first_slot=first_slot,
         )
-        self.rpc = SolanaRpcHandler(self.chain)
+        self.faults = SolanaFaults()
+        self.rpc = SolanaRpcHandler(self.chain, self.faults)
         self.host = host
         self.port = port
         self.slot_ms = slot_ms
@@ -946,3 +1181,9 @@ class SolanaSimulator:
 
     def finalize_all(self) -> int:
         return self.chain.finalize_all()
+
+    def prune_history(self, below_slot: int) -> int:
+        return self.chain.prune_history(below_slot)
+
+    def drop_blocks(self, from_slot: int) -> list[Signature]:
+        return self.chain.drop_blocks(from_slot)

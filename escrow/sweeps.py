@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
 
 import rlp
 import structlog
@@ -58,6 +59,7 @@ from escrowd.models import (
     PayoutReason,
     PayoutStatus,
     PayoutTransaction,
+    utcnow,
 )
 from escrowd.wallets.keystore import EvmKey, UnlockedKeystore
 
@@ -66,6 +68,9 @@ log = structlog.get_logger(__name__)
 OPEN = (PayoutStatus.REQUESTED.value, PayoutStatus.SIGNED.value, PayoutStatus.BROADCAST.value)
 # Gas sent to a deposit address covers this many times one transfer at the quoted fee.
 GAS_MARGIN = 2
+# A Solana sweep that failed is not retried for this long, doubled per failure in a row.
+SOLANA_SWEEP_RETRY = timedelta(minutes=5)
+SOLANA_SWEEP_RETRY_MAX = timedelta(hours=6)
 # Where a crash test may kill the EVM sweeper; each leaves different state stored.
 CRASH_POINTS = (
     "after_fund_sign",
@@ -142,8 +147,10 @@ def discover_solana_sweeps(
     min_base_units: dict[str, int],
 ) -> int:
     """Create a sweep for every Solana deposit address holding at least the minimum of
-    an asset (SOL: its whole balance, the hot wallet pays the fee; USDC: its token
-    balance). The payout worker, built with `deposit_key`, signs and sends them."""
+    an asset (SOL: its whole balance, the hot wallet pays the fee; USDC: the sum over all
+    its token accounts of the mint, which the signed sweep takes from each). The payout
+    worker, built with `deposit_key`, signs and sends them. After a sweep of an address
+    and asset failed, the next waits `SOLANA_SWEEP_RETRY` doubled per failure in a row."""
     with sessions() as session:
         assets = list(session.scalars(select(Asset).where(Asset.chain == chain)))
         rows = session.execute(
@@ -151,9 +158,24 @@ def discover_solana_sweeps(
                 DepositAddress.chain == Chain.SOLANA.value
             )
         ).all()
+        not_before = _after_failures(session, chain)
     created = 0
+    now = utcnow()
     for address, agent_id in rows:
         for asset in assets:
+            wait = not_before.get((address, asset.id))
+            if wait is not None and now < wait[0]:
+                if (chain, address, asset.id, wait[1]) not in _BACKOFF_LOGGED:
+                    _BACKOFF_LOGGED.add((chain, address, asset.id, wait[1]))
+                    log.warning(
+                        "sweep_backing_off",
+                        chain=chain,
+                        source=address,
+                        asset=asset.symbol,
+                        failures=wait[1],
+                        next_attempt=wait[0].isoformat(),
+                    )
+                continue
             if asset.token_address is None:
                 balance = source.get_balance(address)
             else:
@@ -174,6 +196,30 @@ def discover_solana_sweeps(
             )
             created += in_transaction(sessions, create)
     return created
+
+
+# Each (chain, address, asset, failures) backing off is logged once per process.
+_BACKOFF_LOGGED: set[tuple[str, str, int, int]] = set()
+
+
+def _after_failures(session: Session, chain: str) -> dict[tuple[str, int], tuple[datetime, int]]:
+    """(source, asset id) whose latest sweeps failed: when the next may start, and how
+    many failed in a row."""
+    failed: dict[tuple[str, int], tuple[int, datetime]] = {}
+    for row in session.execute(
+        select(Payout.source_address, Payout.asset_id, Payout.status, Payout.updated_at)
+        .where(Payout.chain == chain, Payout.reason == PayoutReason.SWEEP.value)
+        .order_by(Payout.id)
+    ):
+        key = (row.source_address, row.asset_id)
+        if row.status == PayoutStatus.FAILED.value:
+            failed[key] = (failed.get(key, (0, row.updated_at))[0] + 1, row.updated_at)
+        else:
+            failed.pop(key, None)
+    return {
+        key: (at + min(SOLANA_SWEEP_RETRY_MAX, SOLANA_SWEEP_RETRY * 2 ** (count - 1)), count)
+        for key, (count, at) in failed.items()
+    }
 
 
 def _recipient(raw_tx: bytes) -> str:

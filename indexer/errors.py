@@ -56,3 +56,8 @@ class SlotSkipped(RpcError):
 class BlockNotAvailable(RpcError):
     """The block is not available yet at the requested commitment (-32004 / -32014).
     Retry on a later poll; never advance a cursor past it."""
+
+
+class HistoryPruned(RpcError):
+    """The node no longer has the block or history asked for (-32001: cleaned up below its
+    first available block). Another endpoint (an archival one) may; never skip past it."""

@@ -28,6 +28,7 @@ from spl.token.instructions import (
 )
 from spl.token.models import TransferCheckedParams
 
+from escrowd.indexer.errors import RpcError
 from escrowd.indexer.sending import SignedTx, TxOutcome, TxState
 from escrowd.indexer.solana_source import Commitment, SolanaSource
 from escrowd.wallets.keystore import SolanaKey
@@ -47,9 +48,11 @@ def transfer_instructions(
     amount_base_units: int,
     mint: str | None,
     decimals: int,
+    sources: Sequence[tuple[str, int]] = (),
 ) -> list[Instruction]:
-    """A SOL transfer (mint None) or an SPL transfer_checked between associated token
-    accounts, creating the destination's when missing (paid by `payer`)."""
+    """A SOL transfer (mint None) or an SPL transfer_checked into the destination's
+    associated token account, creating it when missing (paid by `payer`), from the
+    source owner's ATA or, given `sources`, from those (token account, amount) pairs."""
     assert amount_base_units > 0
     if mint is None:
         return [
@@ -59,20 +62,57 @@ def transfer_instructions(
         ]
     mint_key = Pubkey.from_string(mint)
     dest = get_associated_token_address(to, mint_key)
+    ata = str(get_associated_token_address(source_owner, mint_key))
+    assert not sources or sum(amount for _, amount in sources) == amount_base_units
     return [
         create_idempotent_associated_token_account(payer, to, mint_key),
-        transfer_checked(
-            TransferCheckedParams(
-                program_id=TOKEN_PROGRAM_ID,
-                source=get_associated_token_address(source_owner, mint_key),
-                mint=mint_key,
-                dest=dest,
-                owner=source_owner,
-                amount=amount_base_units,
-                decimals=decimals,
+        *(
+            transfer_checked(
+                TransferCheckedParams(
+                    program_id=TOKEN_PROGRAM_ID,
+                    source=Pubkey.from_string(account),
+                    mint=mint_key,
+                    dest=dest,
+                    owner=source_owner,
+                    amount=amount,
+                    decimals=decimals,
+                )
             )
+            for account, amount in (sources or [(ata, amount_base_units)])
         ),
     ]
+
+
+class SweepSourceShort(RpcError):
+    """The deposit address's token accounts hold less than the sweep's amount now."""
+
+
+def sweep_sources(
+    source: SolanaSource, owner: str, mint: str, amount_base_units: int
+) -> list[tuple[str, int]]:
+    """The token accounts (any of the owner's, not only its ATA) a sweep of
+    `amount_base_units` takes from, largest first, with the amount from each."""
+    held = sorted(
+        (
+            (account.amount_base_units, account.address)
+            for account in source.get_token_accounts_by_owner(owner, mint, "confirmed")
+            if account.owner == owner and account.amount_base_units > 0
+        ),
+        reverse=True,
+    )
+    taken: list[tuple[str, int]] = []
+    left = amount_base_units
+    for balance, address in held:
+        if left == 0:
+            break
+        taken.append((address, min(balance, left)))
+        left -= taken[-1][1]
+    if left:
+        raise SweepSourceShort(
+            f"{owner}'s token accounts of {mint} hold {amount_base_units - left}, "
+            f"less than the sweep's {amount_base_units}"
+        )
+    return taken
 
 
 class SolanaSender:
@@ -119,7 +159,9 @@ class SolanaSender:
         self, source: Keypair, *, mint: str | None, decimals: int, amount_base_units: int
     ) -> SignedTx:
         """Move funds from a deposit address (`source` signs) into the hot wallet, which
-        pays the fee."""
+        pays the fee; USDC from whichever of its token accounts hold it."""
+        owner = str(source.pubkey())
+        sources = [] if mint is None else sweep_sources(self.source, owner, mint, amount_base_units)
         return self._sign(
             transfer_instructions(
                 payer=self._keypair.pubkey(),
@@ -128,6 +170,7 @@ class SolanaSender:
                 amount_base_units=amount_base_units,
                 mint=mint,
                 decimals=decimals,
+                sources=sources,
             ),
             [source],
         )

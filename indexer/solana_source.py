@@ -4,6 +4,13 @@
 ``solana`` client (``AsyncClient.send_rpc_request``, driven from a private event loop so
 callers stay synchronous), with failover across URLs, per-request timeouts and bounded
 retries with exponential backoff and jitter. Amounts are ints in base units.
+
+Each node error code is treated by its meaning (``call``): -32007/-32009 (slot skipped)
+raise ``SlotSkipped``; -32004/-32014 (not available yet) ``BlockNotAvailable`` and
+-32001 (cleaned up) ``HistoryPruned``, both only after the other URLs were asked too;
+-32016 (the replica is below the requested minContextSlot), HTTP 429 (waiting at least its
+``Retry-After``), 5xx, timeouts and garbage are retried and failed over, then
+``RpcUnavailable`` / ``NodeBehind``. Every request and failure is counted per method.
 """
 
 from __future__ import annotations
@@ -17,23 +24,50 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+import httpx
 import structlog
+from prometheus_client import Counter
 from solana.exceptions import SolanaRpcException
 from solana.rpc.async_api import AsyncClient
 from solana.rpc.jsonrpc import JsonRpcRequest, SolanaJsonRpcError
 
-from escrowd.indexer.errors import BlockNotAvailable, RpcError, RpcUnavailable, SlotSkipped
+from escrowd.indexer.errors import (
+    BlockNotAvailable,
+    HistoryPruned,
+    NodeBehind,
+    RpcError,
+    RpcUnavailable,
+    SlotSkipped,
+)
 
 log = structlog.get_logger(__name__)
 
 Commitment = Literal["processed", "confirmed", "finalized"]
-TransactionDetails = Literal["full", "none"]
+# "none": the header only; "signatures": the header and the signatures it holds;
+# "accounts": each transaction's keys, balances and token balances, without instructions.
+TransactionDetails = Literal["full", "accounts", "signatures", "none"]
 
 TOKEN_PROGRAM_ID = "TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA"
 SKIPPED_CODES = frozenset({-32007, -32009})
 NOT_AVAILABLE_CODES = frozenset({-32004, -32014})
+CLEANED_UP_CODE = -32001
+MIN_CONTEXT_SLOT_CODE = -32016
 # Answers that say the request itself is wrong: retrying or failing over cannot help.
 FINAL_CODES = frozenset({-32700, -32600, -32601, -32602, -32002, -32003, -32015})
+# getMultipleAccounts takes at most this many addresses per call.
+MAX_MULTIPLE_ACCOUNTS = 100
+
+RPC_REQUESTS = Counter(
+    "escrowd_solana_rpc_requests_total",
+    "Solana JSON-RPC requests sent, by method (each attempt on each URL counts).",
+    ["method"],
+)
+RPC_FAILURES = Counter(
+    "escrowd_solana_rpc_failures_total",
+    "Solana JSON-RPC attempts that failed, by method and reason (http_429, http_5xx, "
+    "timeout, transport, malformed, or the node's error code).",
+    ["method", "reason"],
+)
 
 
 @dataclass(frozen=True)
@@ -82,6 +116,23 @@ class SolanaBlock:
     block_height: int | None
     block_time: int | None
     transactions: tuple[SolanaTransaction, ...]
+    # Filled by transaction_details="signatures" only.
+    signatures: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AccountState:
+    """An account as getMultipleAccounts shows it: lamports and (a slice of) its data."""
+
+    lamports: int
+    owner: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class AccountStates:
+    context_slot: int
+    accounts: tuple[AccountState | None, ...]
 
 
 @dataclass(frozen=True)
@@ -111,7 +162,9 @@ class SignatureStatus:
 class SolanaSource(Protocol):
     """A Solana node as the indexer and payouts see it."""
 
-    def get_slot(self, commitment: Commitment = "finalized") -> int: ...
+    def get_slot(
+        self, commitment: Commitment = "finalized", *, min_context_slot: int | None = None
+    ) -> int: ...
 
     def get_block_height(self, commitment: Commitment = "finalized") -> int: ...
 
@@ -123,6 +176,7 @@ class SolanaSource(Protocol):
         until: str | None = None,
         limit: int = 1000,
         commitment: Commitment = "finalized",
+        min_context_slot: int | None = None,
     ) -> list[SignatureInfo]:
         """Newest first, as the node answers."""
         ...
@@ -135,6 +189,23 @@ class SolanaSource(Protocol):
         self, start_slot: int, end_slot: int | None = None, commitment: Commitment = "finalized"
     ) -> list[int]: ...
 
+    def get_blocks_with_limit(
+        self, start_slot: int, limit: int, commitment: Commitment = "finalized"
+    ) -> list[int]: ...
+
+    def get_first_available_block(self) -> int: ...
+
+    def get_multiple_accounts(
+        self,
+        addresses: Sequence[str],
+        *,
+        commitment: Commitment = "confirmed",
+        min_context_slot: int | None = None,
+        data_slice: tuple[int, int] | None = None,
+    ) -> AccountStates:
+        """At most MAX_MULTIPLE_ACCOUNTS addresses; None for an account that does not exist."""
+        ...
+
     def get_block(
         self,
         slot: int,
@@ -142,10 +213,8 @@ class SolanaSource(Protocol):
         *,
         transaction_details: TransactionDetails = "full",
     ) -> SolanaBlock:
-        """Raises ``SlotSkipped`` or ``BlockNotAvailable`` for slots without a block.
-
-        ``transaction_details="none"`` reads only the header (hash, parent): no transactions.
-        """
+        """Raises ``SlotSkipped``, ``BlockNotAvailable`` or ``HistoryPruned`` for slots
+        without a block here (a null answer is ``BlockNotAvailable``)."""
         ...
 
     def get_balance(self, address: str, commitment: Commitment = "finalized") -> int: ...
@@ -185,11 +254,12 @@ def _token_balances(entries: list[dict[str, Any]] | None) -> tuple[TokenBalanceE
 def parse_transaction(
     entry: dict[str, Any], slot: int, block_time: int | None
 ) -> SolanaTransaction:
-    """One transaction (``json`` or ``jsonParsed`` encoding) with its meta."""
+    """One transaction (``json`` or ``jsonParsed`` encoding, or a block's ``accounts``
+    details, whose keys already include those loaded from lookup tables) with its meta."""
     tx = entry["transaction"]
     meta = entry.get("meta") or {}
-    message = tx["message"]
-    keys = [k["pubkey"] if isinstance(k, dict) else k for k in message["accountKeys"]]
+    listed = tx["message"]["accountKeys"] if "message" in tx else tx["accountKeys"]
+    keys = [k["pubkey"] if isinstance(k, dict) else k for k in listed]
     loaded = meta.get("loadedAddresses") or {}
     keys += list(loaded.get("writable", [])) + list(loaded.get("readonly", []))
     return SolanaTransaction(
@@ -212,8 +282,10 @@ class SolanaRpcSource:
     Calls are synchronous and serialized (one private event loop); do not call from
     inside a running asyncio loop. Each request tries the URLs in turn, starting with
     the last one that worked; a full round of failures waits ``backoff_base_s * 2**n``
-    (capped, with jitter) before the next, up to ``max_rounds`` rounds, then raises
-    ``RpcUnavailable``.
+    (capped, with jitter, and at least a 429's ``Retry-After`` up to
+    ``retry_after_max_s``) before the next, up to ``max_rounds`` rounds, then raises
+    ``RpcUnavailable`` (``NodeBehind`` when every answer was -32016). ``calls`` counts
+    the requests sent per method.
     """
 
     def __init__(
@@ -224,6 +296,7 @@ class SolanaRpcSource:
         max_rounds: int = 4,
         backoff_base_s: float = 0.2,
         backoff_max_s: float = 5.0,
+        retry_after_max_s: float = 10.0,
     ) -> None:
         if not urls:
             raise ValueError("SolanaRpcSource needs at least one RPC URL")
@@ -233,6 +306,8 @@ class SolanaRpcSource:
         self.max_rounds = max_rounds
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
+        self.retry_after_max_s = retry_after_max_s
+        self.calls: CallCounter = CallCounter()
         self._preferred = 0
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -266,26 +341,45 @@ class SolanaRpcSource:
         """One JSON-RPC call with failover and retries; returns the raw ``result``."""
         with self._lock:
             last_problem = "no attempt made"
+            retry_after_s = 0.0
+            behind_only = True
             for round_no in range(self.max_rounds):
                 if round_no:
                     delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** (round_no - 1))
-                    time.sleep(delay * (0.5 + random.random() / 2))
+                    time.sleep(max(delay * (0.5 + random.random() / 2), retry_after_s))
+                    retry_after_s = 0.0
+                # A slot-state answer (not available yet, cleaned up) is the meaning of
+                # the request on that node; another URL may still have the block.
+                slot_state: RpcError | None = None
                 for step in range(len(self.urls)):
                     index = (self._preferred + step) % len(self.urls)
                     url = self.urls[index]
+                    self.calls[method] += 1
+                    RPC_REQUESTS.labels(method).inc()
                     try:
                         result = self._call_once(url, method, params)
                     except SolanaJsonRpcError as exc:
+                        RPC_FAILURES.labels(method, str(exc.code)).inc()
                         if exc.code in SKIPPED_CODES:
                             raise SlotSkipped(exc.message, code=exc.code) from None
                         if exc.code in NOT_AVAILABLE_CODES:
-                            raise BlockNotAvailable(exc.message, code=exc.code) from None
+                            slot_state = BlockNotAvailable(exc.message, code=exc.code)
+                            continue
+                        if exc.code == CLEANED_UP_CODE:
+                            slot_state = slot_state or HistoryPruned(exc.message, code=exc.code)
+                            continue
                         if exc.code in FINAL_CODES:
                             raise RpcError(f"{method}: {exc.message}", code=exc.code) from None
+                        behind_only = behind_only and exc.code == MIN_CONTEXT_SLOT_CODE
                         last_problem = f"node error {exc.code}: {exc.message}"
                     except SolanaRpcException as exc:
-                        last_problem = _transport_problem(exc)
+                        behind_only = False
+                        reason, last_problem, wait_s = _transport_problem(exc)
+                        RPC_FAILURES.labels(method, reason).inc()
+                        retry_after_s = max(retry_after_s, min(wait_s, self.retry_after_max_s))
                     except ValueError as exc:  # a body that is not JSON-RPC
+                        behind_only = False
+                        RPC_FAILURES.labels(method, "malformed").inc()
                         last_problem = f"malformed answer: {exc}"
                     else:
                         self._preferred = index
@@ -297,7 +391,10 @@ class SolanaRpcSource:
                         round=round_no,
                         problem=last_problem,
                     )
-            raise RpcUnavailable(
+                if slot_state is not None:
+                    raise slot_state
+            error = NodeBehind if behind_only else RpcUnavailable
+            raise error(
                 f"{method} failed on all {len(self.urls)} Solana RPC URL(s) after "
                 f"{self.max_rounds} rounds (last: {last_problem}); retry on the next poll"
             )
@@ -309,8 +406,13 @@ class SolanaRpcSource:
 
     # ---- SolanaSource ------------------------------------------------------------------
 
-    def get_slot(self, commitment: Commitment = "finalized") -> int:
-        return int(self.call("getSlot", [{"commitment": commitment}]))
+    def get_slot(
+        self, commitment: Commitment = "finalized", *, min_context_slot: int | None = None
+    ) -> int:
+        config: dict[str, Any] = {"commitment": commitment}
+        if min_context_slot is not None:
+            config["minContextSlot"] = min_context_slot
+        return int(self.call("getSlot", [config]))
 
     def get_block_height(self, commitment: Commitment = "finalized") -> int:
         return int(self.call("getBlockHeight", [{"commitment": commitment}]))
@@ -323,6 +425,7 @@ class SolanaRpcSource:
         until: str | None = None,
         limit: int = 1000,
         commitment: Commitment = "finalized",
+        min_context_slot: int | None = None,
     ) -> list[SignatureInfo]:
         assert 1 <= limit <= 1000
         config: dict[str, Any] = {"limit": limit, "commitment": commitment}
@@ -330,6 +433,8 @@ class SolanaRpcSource:
             config["before"] = before
         if until is not None:
             config["until"] = until
+        if min_context_slot is not None:
+            config["minContextSlot"] = min_context_slot
         result = self.call("getSignaturesForAddress", [address, config])
         return [
             SignatureInfo(
@@ -360,6 +465,46 @@ class SolanaRpcSource:
         params.append({"commitment": commitment})
         return [int(slot) for slot in self.call("getBlocks", params)]
 
+    def get_blocks_with_limit(
+        self, start_slot: int, limit: int, commitment: Commitment = "finalized"
+    ) -> list[int]:
+        params = [start_slot, limit, {"commitment": commitment}]
+        return [int(slot) for slot in self.call("getBlocksWithLimit", params)]
+
+    def get_first_available_block(self) -> int:
+        return int(self.call("getFirstAvailableBlock", []))
+
+    def get_multiple_accounts(
+        self,
+        addresses: Sequence[str],
+        *,
+        commitment: Commitment = "confirmed",
+        min_context_slot: int | None = None,
+        data_slice: tuple[int, int] | None = None,
+    ) -> AccountStates:
+        assert len(addresses) <= MAX_MULTIPLE_ACCOUNTS
+        config: dict[str, Any] = {"encoding": "base64", "commitment": commitment}
+        if min_context_slot is not None:
+            config["minContextSlot"] = min_context_slot
+        if data_slice is not None:
+            config["dataSlice"] = {"offset": data_slice[0], "length": data_slice[1]}
+        result = self.call("getMultipleAccounts", [list(addresses), config])
+        accounts = tuple(
+            None
+            if item is None
+            else AccountState(
+                lamports=int(item["lamports"]),
+                owner=str(item["owner"]),
+                data=base64.b64decode(item["data"][0]),
+            )
+            for item in result["value"]
+        )
+        if len(accounts) != len(addresses):
+            raise RpcUnavailable(
+                f"getMultipleAccounts answered {len(accounts)} accounts for {len(addresses)}"
+            )
+        return AccountStates(int(result["context"]["slot"]), accounts)
+
     def get_block(
         self,
         slot: int,
@@ -389,6 +534,7 @@ class SolanaRpcSource:
                 parse_transaction(entry, slot, block_time)
                 for entry in result.get("transactions", [])
             ),
+            signatures=tuple(str(s) for s in result.get("signatures", [])),
         )
 
     def get_balance(self, address: str, commitment: Commitment = "finalized") -> int:
@@ -454,10 +600,30 @@ class SolanaRpcSource:
         return int(self.call("getMinimumBalanceForRentExemption", [data_len]))
 
 
-def _transport_problem(exc: SolanaRpcException) -> str:
+def _transport_problem(exc: SolanaRpcException) -> tuple[str, str, float]:
+    """(metric reason, description, seconds the server asked us to wait)."""
     cause = exc.__cause__
     response = getattr(cause, "response", None)
     status = getattr(response, "status_code", None)
     if status is not None:
-        return f"HTTP {status}"
-    return f"{type(cause).__name__ if cause else type(exc).__name__}: {cause or exc}"
+        wait_s = 0.0
+        if status == 429:
+            try:
+                wait_s = float(response.headers.get("Retry-After") or 0)  # type: ignore[union-attr]
+            except ValueError:
+                wait_s = 0.0  # an HTTP date: fall back to our own backoff
+        return f"http_{status}", f"HTTP {status}", wait_s
+    if isinstance(cause, httpx.TimeoutException):
+        return "timeout", f"timeout: {cause}", 0.0
+    name = type(cause).__name__ if cause else type(exc).__name__
+    return "transport", f"{name}: {cause or exc}", 0.0
+
+
+class CallCounter(dict[str, int]):
+    """Requests sent per method (a dict that starts every method at 0)."""
+
+    def __missing__(self, method: str) -> int:
+        return 0
+
+    def total(self) -> int:
+        return sum(self.values())

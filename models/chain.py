@@ -106,6 +106,9 @@ class ChainCursor(Base):
     block_hash: Mapped[str | None] = mapped_column(String(100))
     # Solana per-address paging: the newest signature already processed.
     signature: Mapped[str | None] = mapped_column(String(100))
+    # Solana per-address: the account's state (lamports, token amount) whose history up
+    # to it is recorded; polls page its signatures only when the state differs.
+    account_state: Mapped[str | None] = mapped_column(String(120))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 

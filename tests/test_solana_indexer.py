@@ -30,7 +30,6 @@ from escrowd.indexer.sink import StoredDeposit
 from escrowd.indexer.solana_indexer import BLOCK_SCAN, PER_ADDRESS, SolanaPoller, rpc_source
 from escrowd.indexer.solana_source import (
     Commitment,
-    SignatureStatus,
     SolanaBlock,
     SolanaRpcSource,
     SolanaTransaction,
@@ -83,6 +82,7 @@ def settings_for(world: World, urls: Sequence[str], threshold: int) -> SolanaSet
         usdc_mint=str(world.usdc),
         block_scan_threshold=threshold,
         signatures_page_limit=2,  # tiny pages, so paging is exercised
+        start_slot=0,  # the history is sent before the first poll
     )
 
 
@@ -352,45 +352,85 @@ def test_failover_to_the_second_url_and_all_dead_keeps_the_cursor(
     assert sample("escrowd_solana_slots_behind") == 0
 
 
-class ForkedSource(SolanaRpcSource):
-    """A node whose canonical chain dropped some signatures (their fork lost)."""
+@pytest.mark.parametrize("strategy", [PER_ADDRESS, BLOCK_SCAN])
+def test_transaction_of_a_dropped_block_is_orphaned_only_once_it_cannot_land(
+    world: World, sessions: sessionmaker[Session], strategy: str
+) -> None:
+    """A fork drops the block a deposit was seen in. The deposit stays pending while its
+    blockhash could still land it elsewhere and until two reads agree it is absent; the
+    same signed transaction landing again later is credited once, at its new slot."""
+    agents = add_agents(world, sessions, ["alice", "bob"])
+    kept = str(world.sim.transfer_sol(world.payer, agents[1].pubkey, 1 * SOL))
+    world.sim.advance_slots(1)
+    lost = str(world.sim.transfer_sol(world.payer, agents[0].pubkey, 4 * SOL))
+    world.sim.advance_slots(1)
+    moved_tx = world.sim.chain.transaction(Signature.from_string(lost))
+    assert moved_tx is not None
+    poller = make_poller(world, sessions, strategy=strategy)
+    assert poller.poll_once().deposits_found == 2
 
-    dropped: frozenset[str] = frozenset()
+    assert world.sim.drop_blocks(moved_tx.slot) == [Signature.from_string(lost)]
+    assert world.sim.chain.transaction(Signature.from_string(lost)) is None
+    relanded_sig = str(world.sim.transfer_sol(world.payer, agents[1].pubkey, 2 * SOL))
+    # The confirmed slot went back with the fork: polls wait until it passes what they saw.
+    assert poller.poll_once().error is not None
+    world.sim.advance_slots(4)
+    assert poller.poll_once().error is None
+    world.sim.finalize_all()
+    assert poller.poll_once().error is None
+    first = poller.confirm_once()
+    # Kept and the new deposit are final; the dropped one may still land: it waits.
+    assert (first.confirmed, first.orphaned, first.waiting) == (2, 0, 1)
 
-    def get_signature_statuses(
-        self, signatures: Sequence[str], *, search_transaction_history: bool = True
-    ) -> list[SignatureStatus | None]:
-        statuses = super().get_signature_statuses(signatures)
-        return [
-            None if s in self.dropped else st for s, st in zip(signatures, statuses, strict=True)
-        ]
+    world.sim.advance_slots(200)  # more than a blockhash's lifetime of blocks
+    world.sim.finalize_all()
+    second = poller.confirm_once()
+    assert (second.confirmed, second.orphaned, second.waiting) == (0, 0, 1)  # absent once
+    world.sim.advance_slots(3)
+    third = poller.confirm_once()
+    assert (third.confirmed, third.orphaned) == (0, 1)  # absent again, at a later slot
+    statuses = {d[0]: d[4] for d in deposits(sessions)}
+    assert statuses == {
+        lost: DepositStatus.ORPHANED,
+        kept: DepositStatus.CONFIRMED,
+        relanded_sig: DepositStatus.CONFIRMED,
+    }
+    assert balance(sessions, agents[0], "SOL") == 0
+    assert balance(sessions, agents[1], "SOL") == 3 * SOL
+    assert_books_clean(sessions)
 
-    def get_transaction(
-        self, signature: str, commitment: Commitment = "finalized"
-    ) -> SolanaTransaction | None:
-        if signature in self.dropped and commitment == "finalized":
-            return None
-        return super().get_transaction(signature, commitment)
 
-
-def test_dropped_transaction_is_orphaned_not_credited(
+def test_the_same_transaction_landing_again_after_a_fork_is_credited_once(
     world: World, sessions: sessionmaker[Session]
 ) -> None:
     agents = add_agents(world, sessions, ["alice", "bob"])
-    lost = str(world.sim.transfer_sol(world.payer, agents[0].pubkey, 4 * SOL))
-    kept = str(world.sim.transfer_sol(world.payer, agents[1].pubkey, 1 * SOL))
+    # Signed against a block that survives the fork, so it can land again after it.
+    ix = transfer(
+        TransferParams(
+            from_pubkey=world.payer.pubkey(), to_pubkey=agents[0].pubkey, lamports=3 * SOL
+        )
+    )
+    message = Message.new_with_blockhash([ix], world.payer.pubkey(), world.sim.latest_blockhash())
+    raw = bytes(VersionedTransaction(message, [world.payer]))
+    world.sim.advance_slots(1)
+    sig = world.sim.send_transaction(raw)
+    record = world.sim.chain.transaction(sig)
+    assert record is not None
+    world.sim.advance_slots(1)
+    poller = make_poller(world, sessions, strategy=BLOCK_SCAN)
+    assert poller.poll_once().deposits_found == 1
+    world.sim.drop_blocks(record.slot)
+    # The sender broadcasts the same signed bytes again: they land in a later block.
+    world.sim.send_transaction(raw)
+    landed = world.sim.chain.transaction(sig)
+    assert landed is not None and landed.slot > record.slot
     world.sim.finalize_all()
-    source = ForkedSource([world.sim.url], timeout_s=5, max_rounds=1)
-    source.dropped = frozenset({lost})
-    settings = settings_for(world, [world.sim.url], threshold=1000)
-    poller = SolanaPoller(settings, source, sessions, LedgerDepositSink())
-    assert poller.poll_once().deposits_found == 2
-    result = poller.confirm_once()
-    assert (result.confirmed, result.orphaned) == (1, 1)
-    statuses = {d[0]: d[4] for d in deposits(sessions)}
-    assert statuses == {lost: DepositStatus.ORPHANED, kept: DepositStatus.CONFIRMED}
-    assert balance(sessions, agents[0], "SOL") == 0
-    assert balance(sessions, agents[1], "SOL") == SOL
+    assert poller.poll_once().deposits_found == 0  # the same (signature, index)
+    assert poller.confirm_once().confirmed == 1
+    with sessions() as session:
+        deposit = session.scalars(select(Deposit)).one()
+    assert (deposit.status, deposit.block_number) == (DepositStatus.CONFIRMED, landed.slot)
+    assert balance(sessions, agents[0], "SOL") == 3 * SOL
     assert_books_clean(sessions)
 
 
@@ -429,15 +469,22 @@ def test_block_scan_passes_skipped_slots_and_stops_at_unavailable(
 
     first = poller.poll_once()
     assert first.error is None and first.strategy == BLOCK_SCAN
-    assert first.scanned_through_slot == late_slot - 1  # never past a missing block
+    assert first.scanned_through_slot is not None
+    assert first.scanned_through_slot < late_slot  # never past a missing block
     assert [d[0] for d in deposits(sessions)] == [early]
 
     source.missing_from = None
     second = poller.poll_once()
     assert second.scanned_through_slot == source.get_slot("confirmed")
     assert sorted(d[0] for d in deposits(sessions)) == sorted([early, late])
-    with pytest.raises(SlotSkipped):
+    # A skip is known only once finalized: above that a node says "not available".
+    with pytest.raises(BlockNotAvailable) as above:
         source.get_block(7, "confirmed")
+    assert above.value.code == -32004
+    world.sim.finalize_all()
+    with pytest.raises(SlotSkipped) as below:
+        source.get_block(7, "confirmed")
+    assert below.value.code == -32007
     assert poller.poll_once().deposits_found == 0
 
 

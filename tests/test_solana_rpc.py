@@ -418,3 +418,153 @@ def test_v0_transaction_with_lookup_table(sim: SolanaSimulator) -> None:
         typed = source.get_transaction(sig["result"])
     assert typed is not None and typed.account_keys[dest_index] == str(dest)
     assert typed.post_balances[dest_index] - typed.pre_balances[dest_index] == 12345
+
+
+def test_block_errors_follow_finality_and_pruned_history() -> None:
+    """What an Agave node answers for a slot: a skip is known only once finalized
+    (-32004 above, -32007 below), pruned history is -32001 and gone from every method."""
+    with SolanaSimulator(first_slot=400_000_000, skip_every_slots=7) as sim:
+        wallet = Keypair().pubkey()
+        old = sim.airdrop(wallet, 10**9)
+        sim.advance_slots(60)
+        skipped = next(s for s in range(400_000_002, 400_000_040) if sim.chain.is_skipped(s))
+        finalized = sim.chain.commitment_slot("finalized")
+        later_skip = next(
+            s for s in range(finalized + 1, finalized + 40) if sim.chain.is_skipped(s)
+        )
+        above = rpc(sim, "getBlock", [later_skip, {"commitment": "confirmed"}])["error"]
+        assert above == {"code": -32004, "message": f"Block not available for slot {later_skip}"}
+        assert rpc(sim, "getBlock", [skipped])["error"]["code"] == -32007
+        assert rpc(sim, "getFirstAvailableBlock")["result"] == 400_000_000
+        # No end slot: the range is capped (500,000 slots), so from 0 nothing is listed;
+        # with an end slot, a longer range is refused.
+        assert rpc(sim, "getBlocks", [0])["result"] == []
+        too_long = rpc(sim, "getBlocks", [0, 400_000_010])["error"]
+        assert too_long == {"code": -32602, "message": "Slot range too large; max 500000"}
+        assert rpc(sim, "getBlocks", [400_000_000])["result"][:2] == [400_000_000, 400_000_001]
+        limited = rpc(sim, "getBlocksWithLimit", [400_000_005, 3])["result"]
+        assert limited == sim.chain.produced_slots(400_000_005, finalized)[:3]
+        assert rpc(sim, "getBlocksWithLimit", [0, 500_001])["error"]["code"] == -32602
+
+        first = sim.prune_history(400_000_010)
+        assert rpc(sim, "getFirstAvailableBlock")["result"] == first
+        cleaned = rpc(sim, "getBlock", [400_000_003])["error"]
+        assert cleaned == {
+            "code": -32001,
+            "message": "Block 400000003 cleaned up, does not exist on node. "
+            f"First available block: {first}",
+        }
+        assert rpc(sim, "getBlocks", [400_000_000, 400_000_020])["result"][0] == first
+        assert rpc(sim, "getTransaction", [str(old)])["result"] is None
+        assert rpc(sim, "getSignaturesForAddress", [str(wallet)])["result"] == []
+        statuses = rpc(
+            sim, "getSignatureStatuses", [[str(old)], {"searchTransactionHistory": True}]
+        )
+        assert statuses["result"]["value"] == [None]
+
+
+def test_ata_creation_inner_instructions_and_zero_ui_amount(sim: SolanaSimulator) -> None:
+    usdc = sim.create_usdc_mint()
+    owner = Keypair().pubkey()
+    mint_sig = sim.mint_to(usdc, owner, 5)  # creates the ATA first, in its own transaction
+    sim.advance_slots(1)
+    create_sig = sim.chain.signatures_for(get_associated_token_address(owner, usdc))[0].signature
+    answer = rpc(sim, "getTransaction", [str(create_sig), {"commitment": "confirmed"}])["result"]
+    inner = answer["meta"]["innerInstructions"]
+    keys = answer["transaction"]["message"]["accountKeys"]
+    assert [entry["index"] for entry in inner] == [0]
+    # The ATA program's CPIs: token program (size), system createAccount, token init.
+    programs = [keys[ix["programIdIndex"]] for ix in inner[0]["instructions"]]
+    assert "11111111111111111111111111111111" in programs
+    assert programs.count(str(TOKEN_PROGRAM_ID)) >= 2
+    assert {ix["stackHeight"] for ix in inner[0]["instructions"]} == {2}
+    parsed = rpc(
+        sim,
+        "getTransaction",
+        [str(create_sig), {"commitment": "confirmed", "encoding": "jsonParsed"}],
+    )["result"]
+    created = [
+        ix["parsed"]
+        for ix in parsed["meta"]["innerInstructions"][0]["instructions"]
+        if ix.get("program") == "system"
+    ]
+    assert created[0]["type"] == "createAccount"
+    assert created[0]["info"]["newAccount"] == str(get_associated_token_address(owner, usdc))
+    # A transaction's stored token balances answer a zero uiAmount as null (the node's
+    # ledger encoding); account data answers 0.0.
+    minted = rpc(sim, "getTransaction", [str(mint_sig), {"commitment": "confirmed"}])["result"]
+    before = minted["meta"]["preTokenBalances"][0]["uiTokenAmount"]
+    assert before == {"amount": "0", "decimals": 6, "uiAmount": None, "uiAmountString": "0"}
+    after = minted["meta"]["postTokenBalances"][0]["uiTokenAmount"]
+    assert after["uiAmount"] == 0.000005 and after["uiAmountString"] == "0.000005"
+    empty = get_associated_token_address(Keypair().pubkey(), usdc)
+    assert rpc(sim, "getTokenAccountBalance", [str(empty)])["error"]["code"] == -32602
+
+
+def test_replica_lag_min_context_slot_and_account_history(sim: SolanaSimulator) -> None:
+    wallet = Keypair().pubkey()
+    sim.advance_slots(5)
+    sim.airdrop(wallet, 7 * 10**9)
+    sim.advance_slots(3)
+    landed = sim.airdrop(wallet, 11 * 10**9)
+    sim.advance_slots(2)
+    confirmed = sim.chain.commitment_slot("confirmed")
+    accounts = rpc(
+        sim,
+        "getMultipleAccounts",
+        [[str(wallet), str(Keypair().pubkey())], {"commitment": "confirmed", "encoding": "base64"}],
+    )["result"]
+    assert accounts["context"]["slot"] == confirmed
+    assert accounts["value"][0]["lamports"] == 18 * 10**9 and accounts["value"][1] is None
+    refused = rpc(sim, "getSlot", [{"commitment": "confirmed", "minContextSlot": confirmed + 1}])
+    assert refused["error"] == {
+        "code": -32016,
+        "message": "Minimum context slot has not been reached",
+        "data": {"contextSlot": confirmed},
+    }
+    sim.faults.set_lag(4)
+    assert rpc(sim, "getSlot", [{"commitment": "confirmed"}])["result"] < confirmed
+    # The replica has not seen the second airdrop yet: its state and history say so.
+    behind = rpc(sim, "getMultipleAccounts", [[str(wallet)], {"commitment": "confirmed"}])
+    assert behind["result"]["value"][0]["lamports"] == 7 * 10**9
+    assert rpc(sim, "getTransaction", [str(landed), {"commitment": "confirmed"}])["result"] is None
+    sim.faults.set_lag(4, alternate=True)
+    answers = [rpc(sim, "getSlot", [{"commitment": "confirmed"}])["result"] for _ in range(4)]
+    assert len(set(answers)) == 2  # a load balancer between two replicas
+    sim.faults.clear()
+
+
+def test_fault_switches_over_http(sim: SolanaSimulator) -> None:
+    url = sim.url + "/simulator/faults"
+    spec = {
+        "lag_slots": 2,
+        "rules": [
+            {"kind": "http_429", "methods": ["getSlot"], "count": 1, "retry_after_s": 3},
+            {"kind": "error", "methods": ["getBlock"], "code": -32009, "count": 1},
+        ],
+    }
+    put = HTTP.put(url, json=spec)
+    assert put.status_code == 200 and put.json()["lag_slots"] == 2
+    throttled = HTTP.post(sim.url, json={"jsonrpc": "2.0", "id": 1, "method": "getSlot"})
+    assert throttled.status_code == 429 and throttled.headers["Retry-After"] == "3"
+    assert rpc(sim, "getSlot")["result"] == 0
+    assert rpc(sim, "getBlock", [0])["error"]["code"] == -32009
+    state = HTTP.get(url).json()
+    assert state["rules"] == [] and state["injected"]["http_429"] == 1
+    bad = HTTP.put(url, json={"rules": [{"kind": "error", "code": -1}]})
+    assert bad.status_code == 400 and "code among" in bad.json()["error"]
+    assert HTTP.get(url).json()["lag_slots"] == 2  # a refused change changes nothing
+    assert HTTP.delete(url).json()["lag_slots"] == 0
+
+
+def test_blocks_as_large_as_mainnets_are_served() -> None:
+    with SolanaSimulator(skip_every_slots=None, finalized_lag_slots=1) as sim:
+        sim.chain.add_filler_transactions(1_500)
+        wallet = Keypair().pubkey()
+        sig = sim.airdrop(wallet, 10**9)
+        sim.finalize_all()
+        with SolanaRpcSource([sim.url], timeout_s=30) as source:
+            slot = source.get_signatures_for_address(str(wallet))[0].slot
+            block = source.get_block(slot, transaction_details="accounts")
+        assert len(block.transactions) >= 1_500
+        assert str(sig) in [tx.signature for tx in block.transactions]

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import socket
-import threading
+import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 import pytest
 from solders.hash import Hash
 from solders.keypair import Keypair
@@ -16,8 +14,16 @@ from solders.system_program import TransferParams, transfer
 from solders.transaction import VersionedTransaction
 from spl.token.instructions import get_associated_token_address
 
+from escrowd.devnet.solana_faults import FaultRule
 from escrowd.devnet.solana_rpc import SolanaSimulator
-from escrowd.indexer.errors import BlockNotAvailable, RpcError, RpcUnavailable, SlotSkipped
+from escrowd.indexer.errors import (
+    BlockNotAvailable,
+    HistoryPruned,
+    NodeBehind,
+    RpcError,
+    RpcUnavailable,
+    SlotSkipped,
+)
 from escrowd.indexer.solana_source import SolanaRpcSource, SolanaSource
 
 
@@ -136,49 +142,47 @@ def test_all_urls_dead_is_rpc_unavailable() -> None:
         src.get_slot()
 
 
-class _FlakyProxy(BaseHTTPRequestHandler):
-    """Answers 429 to the first ``failures`` requests, then forwards to the simulator."""
-
-    upstream = ""
-    failures = 0
-    seen = 0
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).seen += 1
-        if type(self).seen <= type(self).failures:
-            payload, status = b"Too Many Requests", 429
-        else:
-            answer = httpx.post(
-                self.upstream, content=body, headers={"Content-Type": "application/json"}
-            )
-            payload, status = answer.content, answer.status_code
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, format: str, *args: object) -> None:
-        return
-
-
 def test_retries_after_429(sim: SolanaSimulator) -> None:
-    _FlakyProxy.upstream, _FlakyProxy.failures, _FlakyProxy.seen = sim.url, 2, 0
-    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyProxy)
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{proxy.server_address[1]}"
-        with SolanaRpcSource([url], timeout_s=5, max_rounds=3, backoff_base_s=0.01) as src:
-            assert src.get_slot("processed") == 1
-        assert _FlakyProxy.seen == 3
-        _FlakyProxy.failures, _FlakyProxy.seen = 10, 0
-        with (
-            SolanaRpcSource([url], timeout_s=5, max_rounds=3, backoff_base_s=0.01) as src,
-            pytest.raises(RpcUnavailable, match="HTTP 429"),
-        ):
-            src.get_slot()
-        assert _FlakyProxy.seen == 3
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
+    sim.faults.add(FaultRule("http_429", count=2, retry_after_s=0))
+    with SolanaRpcSource([sim.url], timeout_s=5, max_rounds=3, backoff_base_s=0.01) as src:
+        assert src.get_slot("processed") == 1
+        assert src.calls["getSlot"] == 3
+    sim.faults.add(FaultRule("http_429", count=10, retry_after_s=0))
+    with (
+        SolanaRpcSource([sim.url], timeout_s=5, max_rounds=3, backoff_base_s=0.01) as src,
+        pytest.raises(RpcUnavailable, match="HTTP 429"),
+    ):
+        src.get_slot()
+    assert src.calls["getSlot"] == 3
+
+
+def test_each_node_error_code_is_treated_by_its_meaning(sim: SolanaSimulator) -> None:
+    sim.advance_slots(40)
+    with SolanaRpcSource(
+        [sim.url, sim.url], timeout_s=5, max_rounds=2, backoff_base_s=0.01
+    ) as two_urls:
+        # Not available on one endpoint: the other is asked before giving up.
+        sim.faults.add(FaultRule("error", methods=frozenset({"getBlock"}), code=-32004, count=1))
+        assert two_urls.get_block(5).slot == 5
+        sim.faults.add(FaultRule("error", methods=frozenset({"getBlock"}), code=-32001))
+        with pytest.raises(HistoryPruned) as pruned:
+            two_urls.get_block(5)
+        assert pruned.value.code == -32001
+        assert two_urls.calls["getBlock"] == 4
+        sim.faults.clear()
+        # Behind the asked context slot everywhere: NodeBehind, not a plain outage.
+        with pytest.raises(NodeBehind, match="-32016"):
+            two_urls.get_slot("confirmed", min_context_slot=10**6)
+        sim.faults.add(FaultRule("error", methods=frozenset({"getBlock"}), code=-32009, count=1))
+        with pytest.raises(SlotSkipped) as storage_gap:
+            two_urls.get_block(5)
+        assert storage_gap.value.code == -32009
+
+
+def test_retry_after_of_a_429_is_waited(sim: SolanaSimulator) -> None:
+    sim.faults.add(FaultRule("http_429", count=1, retry_after_s=1))
+    with SolanaRpcSource([sim.url], timeout_s=5, max_rounds=2, backoff_base_s=0.01) as src:
+        started = time.monotonic()
+        assert src.get_slot("processed") == 1
+        assert time.monotonic() - started >= 1.0
+        assert src.calls["getSlot"] == 2
