@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from escrowd.config.settings import SolanaSettings
 from escrowd.indexer.errors import BlockNotAvailable, RpcError, SlotSkipped
-from escrowd.indexer.sink import DepositSink
+from escrowd.indexer.sink import DepositSink, Finalized
 from escrowd.indexer.solana_deposits import (
     SOL,
     SOL_DECIMALS,
@@ -208,9 +208,12 @@ class SolanaPoller:
                         )
                     )
                 )
+            # Every status first, then one transaction: the sink credits the step together.
+            outcomes: dict[str, _Outcome] = {}
             for start in range(0, len(signatures), STATUS_BATCH):
-                chunk = signatures[start : start + STATUS_BATCH]
-                self._apply_outcomes(self._outcomes(chunk), result)
+                outcomes.update(self._outcomes(signatures[start : start + STATUS_BATCH]))
+            if outcomes:
+                self._apply_outcomes(outcomes, result)
         except RpcError as exc:
             RPC_ERRORS.labels(self.chain).inc()
             result.error = str(exc)
@@ -478,6 +481,7 @@ class SolanaPoller:
                 .with_for_update()
             ).all()
             relanded: dict[str, _Outcome] = {}
+            final: list[Finalized] = []
             for deposit in pending:
                 outcome = outcomes[deposit.tx_hash]
                 if outcome.kind == "confirm" and outcome.slot != deposit.block_number:
@@ -506,8 +510,8 @@ class SolanaPoller:
                         deposit.block_number = outcome.slot
                         deposit.block_hash = outcome.block_hash
                         session.flush()
-                    self.sink.confirmed(session, deposit)
-                    result.confirmed += 1
+                    final.append(Finalized(deposit.id, deposit.block_hash))
+            result.confirmed += self.sink.confirmed_many(session, final)
 
     def _relanded(self, signature: str) -> _Outcome:
         """The transaction is finalized in another slot than the one we recorded: read

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from psycopg import sql
-from sqlalchemy import Table
+from sqlalchemy import Table, bindparam, update
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
@@ -136,3 +136,48 @@ def _insert_executemany(
         statement.returning(*(table.c[name] for name in returning)), list(rows)
     )
     return [tuple(r) for r in result]
+
+
+def update_rows(
+    session: Session, table: Table, rows: Sequence[Mapping[str, Any]], *, key: str = "id"
+) -> None:
+    """Set columns of many rows, each found by its ``key`` column (every row gives the same
+    columns), in the caller's transaction: PostgreSQL gets one ``UPDATE ... FROM unnest``
+    per chunk, SQLite an executemany."""
+    if not rows:
+        return
+    session.flush()
+    names = [name for name in rows[0] if name != key]
+    assert all(len(row) == len(names) + 1 for row in rows), "every row needs the same columns"
+    if session.get_bind().dialect.name != "postgresql":
+        statement = (
+            update(table)
+            .where(table.c[key] == bindparam(f"b_{key}"))
+            .values({name: bindparam(f"b_{name}") for name in names})
+        )
+        session.connection().execute(
+            statement, [{f"b_{name}": value for name, value in row.items()} for row in rows]
+        )
+        return
+    dialect = session.get_bind().dialect
+    columns = [key, *names]
+    query = sql.SQL(
+        "UPDATE {table} AS t SET {assignments} FROM unnest({arrays}) AS u({aliases}) "
+        "WHERE t.{key} = u.{key}"
+    ).format(
+        table=sql.Identifier(table.name),
+        assignments=sql.SQL(", ").join(
+            sql.SQL("{} = u.{}").format(sql.Identifier(name), sql.Identifier(name))
+            for name in names
+        ),
+        arrays=sql.SQL(", ").join(
+            sql.SQL("%b::{}[]").format(sql.SQL(table.c[name].type.compile(dialect=dialect)))
+            for name in columns
+        ),
+        aliases=sql.SQL(", ").join(map(sql.Identifier, columns)),
+        key=sql.Identifier(key),
+    )
+    with driver_cursor(session) as cursor:
+        for start in range(0, len(rows), MAX_ROWS_PER_STATEMENT):
+            chunk = rows[start : start + MAX_ROWS_PER_STATEMENT]
+            cursor.execute(query, [[row[name] for row in chunk] for name in columns])
