@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from escrowd.config.errors import EscrowdError
+from escrowd.config.settings import LEDGER_DECIMALS
 from escrowd.escrow import audit
 from escrowd.escrow.errors import (
     AssetMismatch,
@@ -37,8 +38,19 @@ from escrowd.escrow.errors import (
     InvalidAmount,
     UnknownAccount,
 )
+from escrowd.escrow.money import to_ledger_units
 from escrowd.escrow.uow import in_transaction, with_retries
-from escrowd.models import AccountKind, LedgerAccount, LedgerTransfer, TransferCode, bulk
+from escrowd.models import (
+    AccountKind,
+    Asset,
+    Deposit,
+    DepositCreditState,
+    DepositStatus,
+    LedgerAccount,
+    LedgerTransfer,
+    TransferCode,
+    bulk,
+)
 from escrowd.models.base import utcnow
 from escrowd.models.db import driver_cursor, make_session_factory, prepared_rows, statement_rows
 
@@ -754,7 +766,112 @@ def check(session: Session) -> list[Violation]:
             violations.append(
                 Violation("sum_zero", f"balances of {asset} sum to {total}, not zero")
             )
+    violations.extend(_asset_scales(session))
+    violations.extend(_deposit_credits(session))
     return violations
+
+
+def _asset_scales(session: Session) -> list[Violation]:
+    """Every registered token of a ledger asset converts exactly into the ledger's scale."""
+    out = []
+    for asset in session.scalars(select(Asset).order_by(Asset.id)):
+        scale = LEDGER_DECIMALS.get(asset.symbol)
+        if scale is not None and asset.decimals < scale:
+            out.append(
+                Violation(
+                    "asset_scale",
+                    f"{asset.symbol} on {asset.chain} has {asset.decimals} decimals, coarser "
+                    f"than the ledger's {scale}: its amounts cannot all be paid out there",
+                )
+            )
+    return out
+
+
+# Deposit credit states and the ledger units that stand for a deposit in each.
+_CONFIRMED_STATES = {
+    DepositCreditState.CREDITED.value,
+    DepositCreditState.DUST.value,
+    DepositCreditState.REFUSED.value,
+}
+_UNCREDITED_STATES = {
+    DepositCreditState.NONE.value,
+    DepositCreditState.DUST.value,
+    DepositCreditState.REFUSED.value,
+    DepositCreditState.REVERSED.value,
+}
+
+
+def _deposit_credits(session: Session) -> list[Violation]:
+    """Each deposit's credit is what its amount converts to at the ledger's scale, the
+    ledger's deposit transfers for it net to what its row says stands, and its credit
+    state fits its status: every confirmed deposit credited once, at the right scale."""
+    net: dict[str, int] = defaultdict(int)
+    for ref_id, code, total in session.execute(
+        select(LedgerTransfer.ref_id, LedgerTransfer.code, func.sum(LedgerTransfer.amount))
+        .where(
+            LedgerTransfer.ref_type == "deposit",
+            LedgerTransfer.code.in_([TransferCode.DEPOSIT, TransferCode.DEPOSIT_REVERSAL]),
+        )
+        .group_by(LedgerTransfer.ref_id, LedgerTransfer.code)
+    ):
+        net[ref_id] += int(total) if code == TransferCode.DEPOSIT else -int(total)
+    out: list[Violation] = []
+    rows = session.execute(
+        select(
+            Deposit.id,
+            Deposit.chain,
+            Deposit.tx_hash,
+            Deposit.amount,
+            Deposit.status,
+            Deposit.credit_state,
+            Deposit.credited_base_units,
+            Asset.symbol,
+            Asset.decimals,
+        )
+        .join(Asset, Asset.id == Deposit.asset_id)
+        .order_by(Deposit.id)
+        .execution_options(yield_per=10_000)
+    )
+    for row in rows:
+        where = f"deposit {row.id} ({row.chain} {row.tx_hash})"
+        posted = net.pop(str(row.id), 0)
+        if posted != row.credited_base_units:
+            out.append(
+                Violation(
+                    "deposit_credit",
+                    f"{where}: its ledger transfers credit {posted} {row.symbol} base units "
+                    f"but it records {row.credited_base_units} standing",
+                )
+            )
+        scale = LEDGER_DECIMALS.get(row.symbol)
+        units = None if scale is None else to_ledger_units(row.amount, row.decimals, scale)[0]
+        state = row.credit_state
+        if state == DepositCreditState.CREDITED and row.credited_base_units != units:
+            out.append(
+                Violation(
+                    "deposit_scale",
+                    f"{where}: credited {row.credited_base_units} {row.symbol} base units, "
+                    f"but {row.amount} at {row.decimals} decimals is {units} at the ledger's "
+                    f"scale of {scale}",
+                )
+            )
+        if state in _UNCREDITED_STATES and row.credited_base_units != 0:
+            out.append(Violation("deposit_credit", f"{where}: {state} but a credit stands for it"))
+        confirmed = row.status == DepositStatus.CONFIRMED
+        if confirmed != (state in _CONFIRMED_STATES) or (
+            row.status == DepositStatus.ORPHANED and state == DepositCreditState.CREDITED
+        ):
+            out.append(
+                Violation("deposit_credit", f"{where}: status {row.status} with credit {state}")
+            )
+    for ref_id, posted in sorted(net.items()):
+        if posted:
+            out.append(
+                Violation(
+                    "deposit_credit", f"deposit transfers net {posted} for missing deposit {ref_id}"
+                )
+            )
+    return out
 
 
 def _all_summed(session: Session) -> dict[int, tuple[int, int]]:
