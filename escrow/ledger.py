@@ -585,7 +585,22 @@ def post_credits(
         for spec, transfer_id in zip(specs, transfer_ids or [0] * len(specs), strict=True)
     ]
     transfers = LedgerTransfer.metadata.tables[LedgerTransfer.__tablename__]
-    rows = [{**dataclasses.asdict(p), "created_at": now} for p in posted]
+    rows = [
+        {
+            "id": p.id,
+            "idempotency_key": p.idempotency_key,
+            "debit_account_id": p.debit_account_id,
+            "credit_account_id": p.credit_account_id,
+            "asset": p.asset,
+            "amount": p.amount,
+            "code": p.code,
+            "ref_type": p.ref_type,
+            "ref_id": p.ref_id,
+            "batch_id": p.batch_id,
+            "created_at": now,
+        }
+        for p in posted
+    ]
     if transfer_ids:
         bulk.insert_rows(session, transfers, rows)
     else:

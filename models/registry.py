@@ -4,6 +4,7 @@ the one scale the ledger keeps each asset at (`ledger_decimals`)."""
 from __future__ import annotations
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from escrowd.config.settings import LEDGER_DECIMALS
@@ -33,16 +34,19 @@ def ensure_asset(
             f"{symbol} on {chain} with {decimals} decimals is coarser than the ledger's "
             f"{scale}: its amounts cannot all be paid out there"
         )
-    asset = session.scalars(
-        select(Asset).where(Asset.chain == chain, Asset.symbol == symbol)
-    ).one_or_none()
+    asset = find_asset(session, chain, symbol)
     if asset is None:
-        with session.begin_nested():
-            asset = Asset(
-                chain=chain, symbol=symbol, decimals=decimals, token_address=token_address
-            )
-            session.add(asset)
-        return asset
+        try:
+            with session.begin_nested():
+                asset = Asset(
+                    chain=chain, symbol=symbol, decimals=decimals, token_address=token_address
+                )
+                session.add(asset)
+            return asset
+        except IntegrityError:
+            # Registered meanwhile by another poller starting on the same database.
+            asset = find_asset(session, chain, symbol)
+            assert asset is not None, "the asset that conflicted is there"
     if asset.decimals != decimals or (asset.token_address or None) != (token_address or None):
         raise AssetRegistryConflict(
             f"{symbol} on {chain} is registered with decimals {asset.decimals} and token "
