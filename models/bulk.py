@@ -13,6 +13,7 @@ of the same rows.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from psycopg import sql
@@ -65,10 +66,49 @@ def _copy_rows(
     statement = sql.SQL("COPY {table} ({columns}) FROM STDIN").format(
         table=sql.Identifier(table.name), columns=sql.SQL(", ").join(map(sql.Identifier, names))
     )
-    # The session's own connection, so the rows belong to the caller's transaction.
+    # The session's own connection, so the rows belong to the caller's transaction. Lines are
+    # formatted here and written in blocks: the driver's write_row costs ~5 us a row in
+    # Python, a third of crediting a deposit.
     with driver_cursor(session) as cursor, cursor.copy(statement) as copy:
+        lines: list[str] = []
+        text_of = _CopyText()
         for row in rows:
-            copy.write_row([row[name] for name in names])
+            lines.append("\t".join([text_of(row[name]) for name in names]))
+            if len(lines) >= 2_000:
+                copy.write("\n".join(lines) + "\n")
+                lines.clear()
+        if lines:
+            copy.write("\n".join(lines) + "\n")
+
+
+class _CopyText:
+    """A value in COPY's text format: NULL is \\N; backslash, newline, carriage return and
+    tab are backslash-escaped; booleans t/f; timestamps in ISO 8601 with their offset."""
+
+    _ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+    def __init__(self) -> None:
+        # Rows of one batch share their timestamp object.
+        self._last_datetime: datetime | None = None
+        self._last_text = ""
+
+    def __call__(self, value: Any) -> str:
+        if value is None:
+            return "\\N"
+        if isinstance(value, str):
+            if "\\" in value or "\n" in value or "\r" in value or "\t" in value:
+                return value.translate(self._ESCAPES)
+            return str(value)
+        if isinstance(value, bool):
+            return "t" if value else "f"
+        if isinstance(value, int):
+            return str(value)
+        if isinstance(value, datetime):
+            if value is not self._last_datetime:
+                assert value.tzinfo is not None, "timestamps are stored with their offset"
+                self._last_datetime, self._last_text = value, value.isoformat()
+            return self._last_text
+        raise TypeError(f"no COPY text form for {type(value).__name__}: {value!r}")
 
 
 def _insert_unnest(
