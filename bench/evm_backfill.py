@@ -154,6 +154,7 @@ def seed_addresses(template: str, watched: list[str]) -> None:
 @dataclass(frozen=True)
 class EscrowdRun:
     wall_s: float
+    scan_s: float
     credit_s: float
     credited: int
 
@@ -191,8 +192,10 @@ def escrowd_backfill(url: str, history: History, template: str, workdir: Path) -
         match = re.search(r"confirmed (\d+), orphaned 0 in ([0-9.]+)s", proc.stderr)
         assert match is not None, proc.stderr[-2000:]
         credited, credit_s = int(match.group(1)), float(match.group(2))
+        scanned = re.search(r"new deposits in ([0-9.]+)s", proc.stderr)
+        assert scanned is not None, proc.stderr[-2000:]
         check_books(config, database_url, history)
-        return EscrowdRun(wall_s, credit_s, credited)
+        return EscrowdRun(wall_s, float(scanned.group(1)), credit_s, credited)
     finally:
         admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -338,9 +341,9 @@ def run_backfill(url: str, history: History, rounds: int, etl_venv: Path) -> Non
         workdir.mkdir()
         n = history.transfers
         print(
-            "| round | escrowd backfill + credit, process wall | crediting alone | "
-            "ethereum-etl | raw eth_getLogs | escrowd / etl | escrowd / raw |\n"
-            "|---:|---:|---:|---:|---:|---:|---:|"
+            "| round | escrowd backfill + credit, process wall | of it: scan + record | "
+            "crediting alone | ethereum-etl | raw eth_getLogs | escrowd / etl | "
+            "escrowd / raw |\n|---:|---:|---:|---:|---:|---:|---:|---:|"
         )
         totals = {"escrowd": 0.0, "etl": 0.0, "raw": 0.0}
         for number in range(1, rounds + 1):
@@ -369,9 +372,9 @@ def run_backfill(url: str, history: History, rounds: int, etl_venv: Path) -> Non
                 etl_cell, ratio = f"not run: {etl}", "-"
             print(
                 f"| {number} | {run.wall_s:.2f} s, {n / run.wall_s:,.0f} transfers/s | "
-                f"{run.credited:,} in {run.credit_s:.2f} s, {run.credited / run.credit_s:,.0f}"
-                f" deposits/s | {etl_cell} | {raw:.2f} s, {n / raw:,.0f}/s | {ratio} | "
-                f"{raw / run.wall_s:.0%} |"
+                f"{run.scan_s:.2f} s | {run.credited:,} in {run.credit_s:.2f} s, "
+                f"{run.credited / run.credit_s:,.0f} deposits/s | {etl_cell} | "
+                f"{raw:.2f} s, {n / raw:,.0f}/s | {ratio} | {raw / run.wall_s:.0%} |"
             )
         etl_total = totals["etl"] or float("nan")
         print(

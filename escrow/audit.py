@@ -222,7 +222,7 @@ def _lock_heads(session: Session, streams: Sequence[str]) -> dict[str, tuple[int
     if session.get_bind().dialect.name == "postgresql":
         with driver_cursor(session) as cursor:
             cursor.execute(
-                "SELECT stream, seq, row_hash FROM audit_heads WHERE stream = ANY(%s) "
+                "SELECT stream, seq, row_hash FROM audit_heads WHERE stream = ANY(%b::text[]) "
                 'ORDER BY stream COLLATE "C" FOR UPDATE',
                 [list(streams)],
             )

@@ -683,7 +683,7 @@ def _count(chain: str, symbol: str, credits: Sequence[Credit]) -> None:
 _PENDING_SQL = (
     "SELECT d.id, chain, tx_hash, log_index, asset_id, agent_id, amount, block_number, "
     "block_hash, status, credit_state, credited_base_units, dust_base_units, credit_note "
-    "FROM deposits AS d JOIN unnest(%s::bigint[]) AS u (id) ON d.id = u.id "
+    "FROM deposits AS d JOIN unnest(%b::bigint[]) AS u (id) ON d.id = u.id "
     "WHERE status = 'pending' ORDER BY d.id"
 )
 # Confirms the rows still pending at the block hash and standing credit they were read
@@ -695,8 +695,8 @@ UPDATE deposits AS d SET status = 'confirmed', credit_state = u.credit_state,
     credited_base_units = u.credited_base_units, dust_base_units = u.dust_base_units,
     credit_note = u.credit_note, credited = u.credit_state = 'credited', reversed = false,
     updated_at = %s
-FROM unnest(%s::bigint[], %s::text[], %s::bigint[], %s::text[], %s::bigint[],
-            %s::numeric(78, 0)[], %s::text[])
+FROM unnest(%b::bigint[], %b::text[], %b::bigint[], %b::text[], %b::bigint[],
+            %b::numeric(78, 0)[], %b::text[])
     AS u (id, block_hash, standing, credit_state, credited_base_units, dust_base_units,
           credit_note)
 WHERE d.id = u.id AND d.status = 'pending' AND d.block_hash = u.block_hash

@@ -103,6 +103,10 @@ def _history(sessions: sessionmaker[Session], sink: LedgerDepositSink) -> None:
         bsc = ensure_asset(
             s, chain="bsc", symbol="USDC", decimals=18, token_address="0x" + "02" * 20
         )
+        # A token finer still: its dust alone can pass BIGINT.
+        wide = ensure_asset(
+            s, chain="wide", symbol="USDC", decimals=36, token_address="0x" + "03" * 20
+        )
         watched = []
         for i in range(AGENTS):
             agent = Agent(external_id=f"market-agent-{i}")
@@ -115,10 +119,10 @@ def _history(sessions: sessionmaker[Session], sink: LedgerDepositSink) -> None:
             s.flush()
             watched.append(Watched(address.id, agent.id, address.address, None))
             accounts.agent_available(s, agent.id, "USDC")
-        for chain in ("base", "bsc"):
+        for chain in ("base", "bsc", "wide"):
             accounts.custody(s, chain, "USDC")
         spent = ledger.get_or_create_account(s, AccountKind.GENERAL, "spent", "USDC")
-        base_id, bsc_id = base.id, bsc.id
+        base_id, bsc_id, wide_id = base.id, bsc.id, wide.id
     # A deposit credited, mostly spent, orphaned by a deep reorg (its reversal falls short
     # by 3 USDC), then seen again at the same position in a new block.
     short = _found(watched[0], base_id, 1, 5_000_000, 10)
@@ -177,6 +181,9 @@ def _history(sessions: sessionmaker[Session], sink: LedgerDepositSink) -> None:
             ],
             sink,
         )
+        record_deposits(
+            s, "wide", [_found(watched[1], wide_id, 30, 2 * 10**36 + 10**29 + 7, 40)], sink
+        )
 
 
 def _pending(sessions: sessionmaker[Session]) -> list[Finalized]:
@@ -226,7 +233,7 @@ def test_one_by_one_and_set_based_crediting_write_the_same_rows(
         _reset_uuids(monkeypatch)
         _history(sessions, sink)
         pending = _pending(sessions)
-        assert len(pending) == 10
+        assert len(pending) == 11
         with sessions() as s, s.begin():
             if path == "one":
                 for final in pending:
@@ -234,7 +241,7 @@ def test_one_by_one_and_set_based_crediting_write_the_same_rows(
                     assert deposit is not None
                     sink.confirmed(s, deposit)
             else:
-                assert sink.confirmed_many(s, pending) == 10
+                assert sink.confirmed_many(s, pending) == 11
         with sessions() as s:
             assert ledger.check(s) == []
             report = audit.verify(s)
@@ -259,6 +266,11 @@ def test_one_by_one_and_set_based_crediting_write_the_same_rows(
     )
     assert "dust" in deposits["15"]["credit_note"]
     assert (deposits["16"]["credit_state"], deposits["16"]["credited_base_units"]) == ("dust", 0)
+    # 2 USDC at 36 decimals, and dust past BIGINT: 10^29 + 7 token units.
+    assert (deposits["1e"]["credited_base_units"], deposits["1e"]["dust_base_units"]) == (
+        2_000_000,
+        10**29 + 7,
+    )
     assert deposits["17"]["credit_state"] == "refused"
     assert "largest ledger amount" in deposits["17"]["credit_note"]
     # Came back after a reversal 3 USDC short: 2 USDC credited again, 5 USDC stand once.
@@ -279,5 +291,6 @@ def test_one_by_one_and_set_based_crediting_write_the_same_rows(
         f"deposit:base:{deposits['01']['id']}:1",
     ]
     confirmed = [e for e in one["events"] if e["type"] == "deposit.confirmed"]
-    assert '"agent":"market-agent-3"' in confirmed[-2]["payload"]
+    assert '"agent":"market-agent-3"' in confirmed[-3]["payload"]
+    assert f'"dust_base_units":"{10**29 + 7}"' in confirmed[-1]["payload"]
     assert '"agent_id"' not in "".join(e["payload"] for e in one["events"])
