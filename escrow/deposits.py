@@ -573,6 +573,12 @@ class LedgerDepositSink:
         )
         if standing:
             self._reverse(session, deposit, asset, standing)
+        elif deposit.credit_state in (DepositCreditState.DUST, DepositCreditState.REFUSED):
+            # Nothing was credited, and what was held on chain left with the block.
+            deposit.credit_state = DepositCreditState.NONE.value
+            deposit.dust_base_units = 0
+            deposit.credit_note = None
+            session.flush()
         agent = self._agents(session, [deposit.agent_id])[deposit.agent_id]
         events.emit(session, "deposit.orphaned", _event_data(_Row.of(deposit), asset, agent))
 

@@ -802,12 +802,23 @@ def _asset_scales(session: Session) -> list[Violation]:
     return out
 
 
-# Deposit credit states and the ledger units that stand for a deposit in each.
-_CONFIRMED_STATES = {
-    DepositCreditState.CREDITED.value,
-    DepositCreditState.DUST.value,
-    DepositCreditState.REFUSED.value,
+# The credit states a deposit of each status can be in: a final deposit was credited, held
+# as dust or refused; any other has no credit or what a deep reorg left of one.
+_NOT_FINAL_STATES = {
+    DepositCreditState.NONE.value,
+    DepositCreditState.REVERSED.value,
+    DepositCreditState.REVERSAL_SHORT.value,
 }
+_STATES_BY_STATUS = {
+    DepositStatus.CONFIRMED.value: {
+        DepositCreditState.CREDITED.value,
+        DepositCreditState.DUST.value,
+        DepositCreditState.REFUSED.value,
+    },
+    DepositStatus.PENDING.value: _NOT_FINAL_STATES,
+    DepositStatus.ORPHANED.value: _NOT_FINAL_STATES,
+}
+# States in which no ledger units stand for a deposit.
 _UNCREDITED_STATES = {
     DepositCreditState.NONE.value,
     DepositCreditState.DUST.value,
@@ -872,10 +883,7 @@ def _deposit_credits(session: Session) -> list[Violation]:
             )
         if state in _UNCREDITED_STATES and row.credited_base_units != 0:
             out.append(Violation("deposit_credit", f"{where}: {state} but a credit stands for it"))
-        confirmed = row.status == DepositStatus.CONFIRMED
-        if confirmed != (state in _CONFIRMED_STATES) or (
-            row.status == DepositStatus.ORPHANED and state == DepositCreditState.CREDITED
-        ):
+        if state not in _STATES_BY_STATUS.get(row.status, set()):
             out.append(
                 Violation("deposit_credit", f"{where}: status {row.status} with credit {state}")
             )

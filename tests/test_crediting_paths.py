@@ -294,3 +294,38 @@ def test_one_by_one_and_set_based_crediting_write_the_same_rows(
     assert '"agent":"market-agent-3"' in confirmed[-3]["payload"]
     assert f'"dust_base_units":"{10**29 + 7}"' in confirmed[-1]["payload"]
     assert '"agent_id"' not in "".join(e["payload"] for e in one["events"])
+
+
+def test_a_dust_deposit_taken_by_a_reorg_holds_nothing_any_more(sqlite_url: str) -> None:
+    engine = make_engine(sqlite_url)
+    sessions = make_session_factory(engine)
+    sink = LedgerDepositSink()
+    with sessions() as s, s.begin():
+        asset_id = ensure_asset(
+            s, chain="bsc", symbol="USDC", decimals=18, token_address="0x" + "02" * 20
+        ).id
+        agent = Agent(external_id="dusty")
+        s.add(agent)
+        s.flush()
+        address = DepositAddress(
+            agent_id=agent.id, chain=Chain.EVM, address="0x" + "0d" * 20, derivation_index=0
+        )
+        s.add(address)
+        s.flush()
+        watched = Watched(address.id, agent.id, address.address, None)
+        record_deposits(s, "bsc", [_found(watched, asset_id, 1, 10**11, 5)], sink)
+    with sessions() as s, s.begin():
+        assert sink.confirmed_many(s, _pending(sessions)) == 1
+    with sessions() as s, s.begin():
+        deposit = s.scalars(select(Deposit).with_for_update()).one()
+        assert (deposit.credit_state, deposit.dust_base_units) == ("dust", 10**11)
+        sink.orphaned(s, deposit)
+    with sessions() as s:
+        deposit = s.scalars(select(Deposit)).one()
+        assert (deposit.status, deposit.credit_state, deposit.dust_base_units) == (
+            "orphaned",
+            "none",
+            0,
+        )
+        assert ledger.check(s) == []
+    engine.dispose()
