@@ -424,6 +424,8 @@ class LedgerDepositSink:
         rows = [
             row for row in _pending(session, sorted(expected)) if expected[row.id] == row.block_hash
         ]
+        if not rows:
+            return 0
         assets = self._assets(session, {row.asset_id for row in rows})
         planned = [
             plan_credit(
