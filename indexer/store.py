@@ -299,13 +299,14 @@ def _move_standing_orphans(
     )
     if not candidates:
         return []
-    stored = set(
-        session.execute(
+    stored = {
+        (row.tx_hash, row.log_index)
+        for row in session.execute(
             select(Deposit.tx_hash, Deposit.log_index).where(
                 Deposit.chain == chain, Deposit.tx_hash.in_({tx for tx, _ in candidates})
             )
-        ).all()
-    )
+        )
+    }
     moved: list[tuple[str, int]] = []
     for key in candidates:
         item = unique[key]
