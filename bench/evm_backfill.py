@@ -1,37 +1,52 @@
-"""EVM backfill benchmark: escrowd's backfill vs ethereum-etl's export_token_transfers over
-the same anvil blocks, and poll cost with 1,000 vs 1,000,000 watched addresses.
+"""EVM backfill benchmark: the `escrowd backfill evm` process, start to exit, with its
+deposits credited, beside ethereum-etl's `export_token_transfers` and a raw `eth_getLogs`
+scan over the same anvil blocks in the same run; and poll cost with 1,000 vs 1,000,000
+watched addresses.
 
-    /work/venv/bin/python -m bench.evm_backfill [--part backfill|poll] [--transfers 50000]
+    python -m bench.evm_backfill [--part backfill|poll] [--transfers 50000] [--blocks 250]
+                                 [--rounds 3] [--etl /tmp/etl-venv39]
+
+Backfill part: anvil gets `--transfers` USDC Transfer logs over `--blocks` blocks, half of
+them to 1,000 deposit addresses (1,000 agents, written straight into the database), and 12
+more blocks so all are past the confirmation depth. Each round times, in ABBA order, the
+escrowd process (`escrowd --config ... backfill evm --chain bench --from F --to L` on a
+fresh PostgreSQL database: scan, record, then credit every deposit), ethereum-etl 2.4.2 from
+its own virtual environment (`--etl`; it does not start on Python 3.11: make one with
+Python 3.9, never a project dependency), and a raw `eth_getLogs` + filter with no database.
+After each escrowd run every agent's ledger balance must equal what the chain sent its
+address, and `escrowd ledger check` and `escrowd audit verify` must pass. "Crediting" is
+the process's own timing of its confirmation step (25,000 deposits credited).
 
 Needs anvil (`npm ci`) and PostgreSQL (ESCROWD_TEST_PG_URL / ESCROWD_TEST_PG_DSN as in the
-tests). ethereum-etl runs from its own virtual environment (``--etl``); when it cannot be
-run, the error is printed instead of a figure. Prints the figures as a markdown table.
+tests). Run it as a module: bench/escrow.py would shadow the escrow package as a script.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import os
+import re
 import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import requests
+import tomli_w
 from eth_account import Account
-from sqlalchemy import func, select, text
+from sqlalchemy import text
 
 from escrowd.config.settings import EvmChainSettings
 from escrowd.devnet.anvil import AnvilProcess
-from escrowd.devnet.evm import TestUSDC, deploy_test_usdc, dev_accounts, web3_for_url
+from escrowd.devnet.evm import TestUSDC, deploy_test_usdc, dev_accounts, mine_blocks, web3_for_url
 from escrowd.escrow.deposits import LedgerDepositSink
 from escrowd.indexer.evm_poller import EvmPoller
-from escrowd.indexer.evm_source import JsonRpcEvmSource
+from escrowd.indexer.evm_source import TRANSFER_TOPIC, JsonRpcEvmSource
 from escrowd.migrations.runner import upgrade_to_head
-from escrowd.models import Agent, Chain, Deposit, DepositAddress
+from escrowd.models import Chain
 from escrowd.models.db import make_engine, make_session_factory
 
 PG_ADMIN_DSN = os.environ.get(
@@ -39,8 +54,9 @@ PG_ADMIN_DSN = os.environ.get(
 )
 PG_URL_BASE = os.environ.get("ESCROWD_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432")
 CHAIN = "bench"
-PER_TX = 500
 WATCHED = 1_000
+CONFIRMATIONS = 12
+ESCROWD = Path(sys.executable).with_name("escrowd")
 
 
 def rss_mb() -> float:
@@ -52,11 +68,23 @@ def rss_mb() -> float:
 
 def admin(sql: str) -> None:
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(sql)
+        conn.execute(sql.encode())
 
 
-def build_chain(url: str, transfers: int) -> tuple[str, int, int, list[str], dict[str, int]]:
-    """Token + ``transfers`` Transfer logs, half to the watched addresses."""
+@dataclass(frozen=True)
+class History:
+    token: str
+    first: int
+    last: int
+    watched: list[str]
+    expected: dict[str, int]
+    transfers: int
+
+
+def build_chain(url: str, transfers: int, blocks: int) -> History:
+    """`transfers` Transfer logs over `blocks` blocks (one batch transaction per block),
+    every other one to a watched address, then CONFIRMATIONS empty blocks."""
+    per_tx = max(1, transfers // max(1, blocks))
     with requests.Session() as http:
         w3 = web3_for_url(url, session=http)
         token = deploy_test_usdc(w3)
@@ -67,10 +95,10 @@ def build_chain(url: str, transfers: int) -> tuple[str, int, int, list[str], dic
         first = w3.eth.block_number + 1
         expected: dict[str, int] = dict.fromkeys(watched, 0)
         last_tx = ""
-        for batch in range(transfers // PER_TX):
+        for batch in range(transfers // per_tx):
             recipients, amounts = [], []
-            for i in range(PER_TX):
-                n = batch * PER_TX + i
+            for i in range(per_tx):
+                n = batch * per_tx + i
                 to = watched[n // 2 % WATCHED] if n % 2 == 0 else others[n // 2 % WATCHED]
                 amount = 1 + n % 997
                 recipients.append(to)
@@ -79,113 +107,176 @@ def build_chain(url: str, transfers: int) -> tuple[str, int, int, list[str], dic
                     expected[to] += amount
             last_tx = token.batch_transfer(sender, recipients, amounts, wait=False, gas=29_000_000)
         if last_tx:
-            w3.eth.wait_for_transaction_receipt(last_tx, timeout=120)  # type: ignore[arg-type]
+            w3.eth.wait_for_transaction_receipt(last_tx, timeout=300)  # type: ignore[arg-type]
         last = w3.eth.block_number
+        mine_blocks(w3, CONFIRMATIONS)
         for address in watched[:20]:  # the chain's own word on a sample
             assert token.balance_of(address) == expected[address]
-        return token.address, first, last, watched, expected
+        return History(token.address, first, last, watched, expected, transfers // per_tx * per_tx)
 
 
-def escrowd_backfill(
-    url: str,
-    token: str,
-    first: int,
-    last: int,
-    watched: list[str],
-    expected: dict[str, int],
-    max_block_window: int,
-) -> tuple[float, int, float]:
-    name = f"bench_{uuid.uuid4().hex[:10]}"
+def make_template() -> str:
+    """A migrated database with the 1,000 agents and their deposit addresses; each escrowd
+    run gets a copy."""
+    name = f"bench_tmpl_{uuid.uuid4().hex[:10]}"
     admin(f'CREATE DATABASE "{name}"')
     engine = make_engine(f"{PG_URL_BASE}/{name}")
     try:
         upgrade_to_head(engine)
-        sessions = make_session_factory(engine)
-        with sessions() as session, session.begin():
-            for i, address in enumerate(watched):
-                agent = Agent(external_id=f"a{i}")
-                session.add(agent)
-                session.flush()
-                session.add(
-                    DepositAddress(
-                        agent_id=agent.id, chain=Chain.EVM, address=address, derivation_index=i
-                    )
-                )
-        settings = EvmChainSettings(
-            name=CHAIN,
-            chain_id=31337,
-            rpc_urls=[url],
-            usdc_address=token,
-            confirmations=0,
-            max_block_window=max_block_window,
-        )
-        with JsonRpcEvmSource([url], chain=CHAIN) as source:
-            poller = EvmPoller(
-                settings,
-                source,
-                sessions,
-                LedgerDepositSink(),
-                cursor_key=f"backfill:{first}-{last}",
-                start_block=first,
-                stop_block=last,
-                track_reorgs=False,
-            )
-            gc.freeze()  # as `escrowd backfill evm` does before its loop
-            started = time.perf_counter()
-            while not (result := poller.poll_once()).done:
-                assert result.error is None, result.error
-            elapsed_s = time.perf_counter() - started
-        with sessions() as session:
-            totals = dict(
-                session.execute(
-                    select(DepositAddress.address, func.sum(Deposit.amount))
-                    .join(Deposit, Deposit.deposit_address_id == DepositAddress.id)
-                    .group_by(DepositAddress.address)
-                ).all()
-            )
-            found = session.scalar(select(func.count()).select_from(Deposit)) or 0
-        mismatched = [a for a in watched if int(totals.get(a, 0)) != expected[a]]
-        assert not mismatched, f"{len(mismatched)} addresses differ, e.g. {mismatched[0]}"
-        return elapsed_s, int(found), rss_mb()
     finally:
         engine.dispose()
+    return name
+
+
+def seed_addresses(template: str, watched: list[str]) -> None:
+    engine = make_engine(f"{PG_URL_BASE}/{template}")
+    try:
+        with engine.begin() as conn:
+            for i, address in enumerate(watched):
+                agent_id = conn.execute(
+                    text(
+                        "INSERT INTO agents (external_id, created_at) VALUES (:e, now()) "
+                        "RETURNING id"
+                    ),
+                    {"e": f"agent-{i}"},
+                ).scalar_one()
+                conn.execute(
+                    text(
+                        "INSERT INTO deposit_addresses (agent_id, chain, address, "
+                        "derivation_index, created_at) VALUES (:a, :c, :addr, :i, now())"
+                    ),
+                    {"a": agent_id, "c": Chain.EVM.value, "addr": address, "i": i},
+                )
+    finally:
+        engine.dispose()
+
+
+@dataclass(frozen=True)
+class EscrowdRun:
+    wall_s: float
+    scan_s: float
+    credit_s: float
+    credited: int
+
+
+def escrowd_backfill(url: str, history: History, template: str, workdir: Path) -> EscrowdRun:
+    name = f"bench_{uuid.uuid4().hex[:10]}"
+    admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    database_url = f"{PG_URL_BASE}/{name}"
+    config = workdir / f"{name}.toml"
+    config.write_text(
+        tomli_w.dumps(
+            {
+                "data_dir": str(workdir),
+                "database_url": database_url,
+                "log": {"level": "warning"},
+                "evm_chains": [
+                    {
+                        "name": CHAIN,
+                        "chain_id": 31337,
+                        "rpc_urls": [url],
+                        "usdc_address": history.token,
+                        "confirmations": CONFIRMATIONS,
+                    }
+                ],
+            }
+        )
+    )
+    try:
+        command = [str(ESCROWD), "--config", str(config), "backfill", "evm", "--chain", CHAIN]
+        command += ["--from", str(history.first), "--to", str(history.last)]
+        started = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
+        wall_s = time.perf_counter() - started
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        match = re.search(r"confirmed (\d+), orphaned 0 in ([0-9.]+)s", proc.stderr)
+        assert match is not None, proc.stderr[-2000:]
+        credited, credit_s = int(match.group(1)), float(match.group(2))
+        scanned = re.search(r"new deposits in ([0-9.]+)s", proc.stderr)
+        assert scanned is not None, proc.stderr[-2000:]
+        check_books(config, database_url, history)
+        return EscrowdRun(wall_s, float(scanned.group(1)), credit_s, credited)
+    finally:
         admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def etl_export(
-    etl_venv: Path, url: str, token: str, first: int, last: int
-) -> tuple[float, int] | str:
+def check_books(config: Path, database_url: str, history: History) -> None:
+    """Every agent's balance is what the chain sent its address; ledger and audit clean."""
+    for args in (["ledger", "check"], ["audit", "verify"]):
+        proc = subprocess.run(
+            [str(ESCROWD), "--config", str(config), *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert proc.returncode == 0, f"escrowd {' '.join(args)}: {proc.stdout[-2000:]}"
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            balances = dict(
+                conn.execute(
+                    text(
+                        "SELECT a.address, l.credits_posted - l.debits_posted "
+                        "FROM deposit_addresses a JOIN ledger_accounts l "
+                        "ON l.owner = a.agent_id::text AND l.kind = 'agent_available'"
+                    )
+                ).all()
+            )
+    finally:
+        engine.dispose()
+    wrong = [a for a in history.watched if int(balances.get(a, 0)) != history.expected[a]]
+    assert not wrong, f"{len(wrong)} agents' balances differ from the chain, e.g. {wrong[0]}"
+
+
+def etl_export(etl_venv: Path, url: str, history: History) -> float | str:
     exe = etl_venv / "bin" / "ethereumetl"
     if not exe.exists():
         return f"ethereum-etl not installed at {exe}"
     out = Path(f"/tmp/etl-{uuid.uuid4().hex[:8]}.csv")
+    command = [str(exe), "export_token_transfers", "--start-block", str(history.first)]
+    command += ["--end-block", str(history.last), "--provider-uri", url]
+    command += ["--tokens", history.token, "--output", str(out)]
     started = time.perf_counter()
-    proc = subprocess.run(
-        [
-            str(exe),
-            "export_token_transfers",
-            "--start-block",
-            str(first),
-            "--end-block",
-            str(last),
-            "--provider-uri",
-            url,
-            "--tokens",
-            token,
-            "--output",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        check=False,
-    )
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
     elapsed_s = time.perf_counter() - started
     if proc.returncode != 0 or not out.exists():
         return f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"
-    rows = sum(1 for _ in out.open()) - 1
+    with out.open() as rows:
+        exported = sum(1 for _ in rows) - 1
     out.unlink()
-    return elapsed_s, rows
+    assert exported == history.transfers, f"ethereum-etl exported {exported} rows"
+    return elapsed_s
+
+
+def raw_get_logs(url: str, history: History) -> float:
+    """eth_getLogs over the range (2,000-block windows, as escrowd's default) and the
+    watched-address filter, nothing stored: the floor for any indexer."""
+    watched = {a.lower() for a in history.watched}
+    started = time.perf_counter()
+    found = 0
+    with requests.Session() as http:
+        for start in range(history.first, history.last + 1, 2_000):
+            end = min(history.last, start + 1_999)
+            body = {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "eth_getLogs",
+                "params": [
+                    {
+                        "fromBlock": hex(start),
+                        "toBlock": hex(end),
+                        "address": history.token,
+                        "topics": [TRANSFER_TOPIC],
+                    }
+                ],
+            }
+            for entry in http.post(url, json=body, timeout=300).json()["result"]:
+                if "0x" + entry["topics"][2][-40:] in watched:
+                    found += 1
+    elapsed_s = time.perf_counter() - started
+    assert found == history.transfers // 2, found
+    return elapsed_s
 
 
 def poll_cost(url: str, token: str, watched_count: int) -> tuple[float, float, float]:
@@ -242,49 +333,88 @@ def poll_cost(url: str, token: str, watched_count: int) -> tuple[float, float, f
         admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def run_backfill(url: str, history: History, rounds: int, etl_venv: Path) -> None:
+    template = make_template()
+    try:
+        seed_addresses(template, history.watched)
+        workdir = Path(f"/tmp/bench-backfill-{uuid.uuid4().hex[:8]}")
+        workdir.mkdir()
+        n = history.transfers
+        print(
+            "| round | escrowd backfill + credit, process wall | of it: scan + record | "
+            "crediting alone | ethereum-etl | raw eth_getLogs | escrowd / etl | "
+            "escrowd / raw |\n|---:|---:|---:|---:|---:|---:|---:|---:|"
+        )
+        totals = {"escrowd": 0.0, "etl": 0.0, "raw": 0.0}
+        for number in range(1, rounds + 1):
+            order = ["escrowd", "etl", "raw"]
+            if number % 2 == 0:
+                order.reverse()
+            got: dict[str, object] = {}
+            for step in order:
+                if step == "escrowd":
+                    got[step] = escrowd_backfill(url, history, template, workdir)
+                elif step == "etl":
+                    got[step] = etl_export(etl_venv, url, history)
+                else:
+                    got[step] = raw_get_logs(url, history)
+            run = got["escrowd"]
+            assert isinstance(run, EscrowdRun)
+            etl, raw = got["etl"], got["raw"]
+            assert isinstance(raw, float)
+            totals["escrowd"] += run.wall_s
+            totals["raw"] += raw
+            if isinstance(etl, float):
+                totals["etl"] += etl
+                etl_cell = f"{etl:.2f} s, {n / etl:,.0f}/s"
+                ratio = f"{etl / run.wall_s:.2f}x"
+            else:
+                etl_cell, ratio = f"not run: {etl}", "-"
+            print(
+                f"| {number} | {run.wall_s:.2f} s, {n / run.wall_s:,.0f} transfers/s | "
+                f"{run.scan_s:.2f} s | {run.credited:,} in {run.credit_s:.2f} s, "
+                f"{run.credited / run.credit_s:,.0f} deposits/s | {etl_cell} | "
+                f"{raw:.2f} s, {n / raw:,.0f}/s | {ratio} | {raw / run.wall_s:.0%} |"
+            )
+        etl_total = totals["etl"] or float("nan")
+        print(
+            f"\nOver the {rounds} rounds: escrowd {n * rounds / totals['escrowd']:,.0f} "
+            f"transfers/s = {etl_total / totals['escrowd']:.2f}x ethereum-etl and "
+            f"{totals['raw'] / totals['escrowd']:.0%} of raw eth_getLogs; every run credited "
+            f"{n // 2:,} deposits, balances equal the chain's, ledger check and audit verify "
+            "clean."
+        )
+    finally:
+        admin(f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--part", choices=["backfill", "poll"], default="backfill")
     parser.add_argument("--transfers", type=int, default=50_000)
-    parser.add_argument("--etl", type=Path, default=Path("/tmp/etl-venv"))
+    parser.add_argument("--blocks", type=int, default=250)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--etl", type=Path, default=Path("/tmp/etl-venv39"))
     parser.add_argument(
         "--watched", type=int, default=1_000_000, help="with --part poll: watched addresses"
     )
-    parser.add_argument("--part", choices=["backfill", "poll"], default="backfill")
-    parser.add_argument(
-        "--max-block-window", type=int, default=2_000, help="escrowd's blocks per eth_getLogs"
-    )
     args = parser.parse_args()
     with AnvilProcess(extra_args=["--gas-limit", "30000000"]) as anvil:
-        started = time.perf_counter()
-        token, first, last, watched, expected = build_chain(anvil.url, args.transfers)
-        print(
-            f"chain built: {args.transfers} transfers in blocks [{first}, {last}] "
-            f"in {time.perf_counter() - started:.1f}s"
-        )
         if args.part == "backfill":
-            elapsed_s, found, rss = escrowd_backfill(
-                anvil.url, token, first, last, watched, expected, args.max_block_window
-            )
+            started = time.perf_counter()
+            history = build_chain(anvil.url, args.transfers, args.blocks)
             print(
-                f"| escrowd backfill | {args.transfers} transfers | {elapsed_s:.1f} s | "
-                f"{args.transfers / elapsed_s:,.0f} transfers/s | {found} deposits recorded, "
-                f"per-address totals equal the chain's | RSS {rss:.0f} MB |"
+                f"chain built: {history.transfers} transfers in blocks "
+                f"[{history.first}, {history.last}] in {time.perf_counter() - started:.1f}s"
             )
-            etl = etl_export(args.etl, anvil.url, token, first, last)
-            if isinstance(etl, str):
-                print(f"| ethereum-etl export_token_transfers | not run: {etl} |")
-            else:
-                print(
-                    f"| ethereum-etl export_token_transfers | {etl[1]} rows | {etl[0]:.1f} s | "
-                    f"{etl[1] / etl[0]:,.0f} transfers/s |"
-                )
-        if args.part == "poll":
-            for count in (args.watched,):
-                refresh_s, poll_s, rss = poll_cost(anvil.url, token, count)
-                print(
-                    f"| poll, {count:,} watched | first load {refresh_s:.2f} s | "
-                    f"median poll {poll_s * 1000:.1f} ms | RSS {rss:.0f} MB |"
-                )
+            run_backfill(anvil.url, history, args.rounds, args.etl)
+        else:
+            token = build_chain(anvil.url, 0, 1).token
+            refresh_s, poll_s, rss = poll_cost(anvil.url, token, args.watched)
+            print(
+                f"| poll, {args.watched:,} watched | first load {refresh_s:.2f} s | "
+                f"median poll {poll_s * 1000:.1f} ms | RSS {rss:.0f} MB |"
+            )
     sys.stdout.flush()
 
 

@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from escrowd.config.settings import SolanaSettings
 from escrowd.devnet.solana_rpc import SolanaSimulator
 from escrowd.escrow.deposits import LedgerDepositSink
-from escrowd.indexer.sink import DepositSink, StoredDeposit
+from escrowd.indexer.sink import DepositSink, Finalized, StoredDeposit
 from escrowd.indexer.solana_indexer import BLOCK_SCAN, SolanaPoller
 from escrowd.indexer.solana_source import SolanaRpcSource
 from escrowd.migrations.runner import upgrade_to_head
@@ -67,6 +67,9 @@ class CountingSink:
         pass
 
     def confirmed(self, session: Session, deposit: Deposit) -> None:
+        raise AssertionError("the counting run does not confirm")
+
+    def confirmed_many(self, session: Session, deposits: Sequence[Finalized]) -> int:
         raise AssertionError("the counting run does not confirm")
 
     def orphaned(self, session: Session, deposit: Deposit) -> None:

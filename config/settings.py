@@ -33,6 +33,12 @@ class SettingsError(Exception):
     """The configuration cannot be used; the message names the key and what to fix."""
 
 
+# The ledger keeps each asset at one scale, whatever decimals its token has on a chain:
+# deposits are converted into it and payouts out of it exactly (models.registry). A chain
+# whose token is coarser than this could not pay every ledger amount, so it is refused.
+LEDGER_DECIMALS = {"USDC": 6, "SOL": 9}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -86,6 +92,18 @@ class EvmChainSettings(_Section):
     # for (0: never) and how many addresses one eth_getLogs topic filter names.
     token_scan_interval_s: NonNegativeFloat = 300.0
     token_scan_batch_addresses: Annotated[int, Field(ge=1, le=10_000)] = 500
+
+    @field_validator("usdc_decimals")
+    @classmethod
+    def _reconciles_with_ledger_scale(cls, value: int) -> int:
+        scale = LEDGER_DECIMALS["USDC"]
+        if value < scale:
+            raise ValueError(
+                f"{value} is below the ledger's USDC scale of {scale} decimals: USDC balances "
+                f"are kept in units of 10^-{scale} and could not all be paid out on this "
+                "chain; check the token's decimals"
+            )
+        return value
 
     @model_validator(mode="after")
     def _reorg_covers_confirmations(self) -> EvmChainSettings:

@@ -58,6 +58,7 @@ from escrowd.daemon.api_schemas import (
 )
 from escrowd.escrow import audit, service, webhooks
 from escrowd.escrow.agent_cache import AgentCache
+from escrowd.escrow.deposits import credit_view
 from escrowd.escrow.errors import AgentNotFound
 from escrowd.escrow.money import format_amount, parse_amount
 from escrowd.escrow.payouts import PlatformAddresses, chain_family, minimum_payout
@@ -303,6 +304,7 @@ def _deposit_routes(router: APIRouter, page_max: int) -> None:
             items = []
             for row in rows:
                 asset = s.get_one(Asset, row.asset_id)
+                credit = credit_view(row)
                 items.append(
                     DepositOut(
                         id=row.id,
@@ -316,6 +318,11 @@ def _deposit_routes(router: APIRouter, page_max: int) -> None:
                         block_number=row.block_number,
                         status=row.status,
                         credited=row.credited,
+                        credit_state=credit.state,
+                        credited_base_units=str(credit.credited_base_units),
+                        reversal_shortfall_base_units=str(credit.reversal_shortfall_base_units),
+                        dust_base_units=str(credit.dust_base_units),
+                        credit_note=credit.note,
                         created_at=row.created_at,
                     )
                 )

@@ -79,6 +79,19 @@ class DepositOut(BaseModel):
     block_number: int
     status: str
     credited: bool
+    credit_state: str = Field(
+        description="What happened to its credit: none, credited, dust (below one ledger "
+        "unit, held on chain), refused (too large), reversed, reversal_short (a reorg took "
+        "it back but the reversal fell short by reversal_shortfall_base_units)."
+    )
+    credited_base_units: BaseUnits = Field(
+        description="Ledger units (the asset's ledger decimals) standing for this deposit."
+    )
+    reversal_shortfall_base_units: BaseUnits
+    dust_base_units: BaseUnits = Field(
+        description="Token base units below one ledger unit, held on chain, not credited."
+    )
+    credit_note: str | None
     created_at: datetime
 
 

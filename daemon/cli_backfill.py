@@ -181,5 +181,10 @@ def backfill_evm(
             err=True,
         )
         if confirm:
+            started = time.monotonic()
             confirmed = poller.confirm_once()
-            typer.echo(f"confirmed {confirmed.confirmed}, orphaned {confirmed.orphaned}", err=True)
+            typer.echo(
+                f"confirmed {confirmed.confirmed}, orphaned {confirmed.orphaned} "
+                f"in {time.monotonic() - started:.2f}s",
+                err=True,
+            )

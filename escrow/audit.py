@@ -22,10 +22,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from escrowd.models import AuditHead, AuditLog, bulk, utcnow
+from escrowd.models.db import driver_cursor
 
 GENESIS_HASH = "0" * 64
 CHECKPOINT_STREAM = "checkpoint"
 _VERIFY_BATCH_ROWS = 5_000
+# Keys per IN list on SQLite (its bound-parameter limit is far above this).
+_IN_BATCH = 500
 
 
 # json.dumps with these options builds this encoder on every call; one costs ~40% less.
@@ -183,6 +186,57 @@ def append_bulk(session: Session, stream: str, entries: Sequence[Entry]) -> None
     rows = _chained_rows(stream, *_lock_head(session, stream), entries)
     bulk.insert_rows(session, AuditLog.metadata.tables[AuditLog.__tablename__], rows)
     _move_head(session, stream, rows)
+
+
+def append_streams(session: Session, entries: Mapping[str, Sequence[Entry]]) -> None:
+    """Append rows to many streams at once (a confirmation pass's deposits, each its own
+    stream), in the caller's transaction: the rows and hashes `append_many` would write
+    stream by stream, in a few set-based statements whatever the number of streams.
+
+    Existing heads are locked in stream order (code points, as `append_many` callers and
+    the posting functions take them); new ones are inserted with their final values, so a
+    stream created by a concurrent writer meanwhile fails this transaction rather than
+    forking its chain."""
+    streams = sorted(entries)
+    if not streams:
+        return
+    heads = _lock_heads(session, streams)
+    rows: list[dict[str, Any]] = []
+    new_heads: list[dict[str, Any]] = []
+    moved_heads: list[dict[str, Any]] = []
+    for stream in streams:
+        assert stream and entries[stream], "audit streams are named and get rows"
+        seq, prev_hash = heads.get(stream, (0, GENESIS_HASH))
+        chained = _chained_rows(stream, seq, prev_hash, entries[stream])
+        rows.extend(chained)
+        head = {"stream": stream, "seq": chained[-1]["seq"], "row_hash": chained[-1]["row_hash"]}
+        (moved_heads if stream in heads else new_heads).append(head)
+    bulk.insert_rows(session, AuditLog.metadata.tables[AuditLog.__tablename__], rows)
+    heads_table = AuditHead.metadata.tables[AuditHead.__tablename__]
+    bulk.insert_rows(session, heads_table, new_heads)
+    bulk.update_rows(session, heads_table, moved_heads, key="stream")
+
+
+def _lock_heads(session: Session, streams: Sequence[str]) -> dict[str, tuple[int, str]]:
+    """(seq, hash) of the streams that have a head, each locked until the transaction ends."""
+    if session.get_bind().dialect.name == "postgresql":
+        with driver_cursor(session) as cursor:
+            cursor.execute(
+                "SELECT stream, seq, row_hash FROM audit_heads WHERE stream = ANY(%b::text[]) "
+                'ORDER BY stream COLLATE "C" FOR UPDATE',
+                [list(streams)],
+            )
+            return {stream: (int(seq), str(row_hash)) for stream, seq, row_hash in cursor}
+    # SQLite: the transaction already holds the database's one write lock.
+    found: dict[str, tuple[int, str]] = {}
+    for start in range(0, len(streams), _IN_BATCH):
+        for row in session.execute(
+            select(AuditHead.stream, AuditHead.seq, AuditHead.row_hash).where(
+                AuditHead.stream.in_(streams[start : start + _IN_BATCH])
+            )
+        ):
+            found[row.stream] = (int(row.seq), str(row.row_hash))
+    return found
 
 
 def append(

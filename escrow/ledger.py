@@ -14,6 +14,7 @@ outcomes, rows and audit hashes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections import defaultdict
@@ -22,12 +23,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, insert, or_, select, update
+from sqlalchemy import Engine, bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from escrowd.config.errors import EscrowdError
+from escrowd.config.settings import LEDGER_DECIMALS
 from escrowd.escrow import audit
 from escrowd.escrow.errors import (
     AssetMismatch,
@@ -36,10 +38,21 @@ from escrowd.escrow.errors import (
     InvalidAmount,
     UnknownAccount,
 )
+from escrowd.escrow.money import to_ledger_units
 from escrowd.escrow.uow import in_transaction, with_retries
-from escrowd.models import AccountKind, LedgerAccount, LedgerTransfer, TransferCode
+from escrowd.models import (
+    AccountKind,
+    Asset,
+    Deposit,
+    DepositCreditState,
+    DepositStatus,
+    LedgerAccount,
+    LedgerTransfer,
+    TransferCode,
+    bulk,
+)
 from escrowd.models.base import utcnow
-from escrowd.models.db import make_session_factory, prepared_rows, statement_rows
+from escrowd.models.db import driver_cursor, make_session_factory, prepared_rows, statement_rows
 
 # Kinds whose balance must never go below zero.
 NO_OVERDRAFT_KINDS = frozenset({AccountKind.AGENT_AVAILABLE, AccountKind.ESCROW})
@@ -452,6 +465,209 @@ def _pg_posted(specs: Sequence[TransferSpec], rows: list[tuple[Any, ...]]) -> li
     return posted
 
 
+# Account ids per IN list when looking many up.
+_IN_BATCH = 500
+
+
+def account_ids(
+    session: Session, kind: AccountKind, asset: str, owners: Sequence[str]
+) -> dict[str, int]:
+    """Ids of the (kind, owner, asset) accounts of many owners, missing ones created in the
+    order given: what `get_or_create_account` does for each, in a few statements; safe
+    under races."""
+    wanted = list(dict.fromkeys(owners))
+    found = _ids_by_owner(session, kind, asset, wanted)
+    missing = [owner for owner in wanted if owner not in found]
+    if missing:
+        now = utcnow()
+        bulk.insert_rows(
+            session,
+            LedgerAccount.metadata.tables[LedgerAccount.__tablename__],
+            [
+                {
+                    "kind": kind.value,
+                    "owner": owner,
+                    "asset": asset,
+                    "no_overdraft": kind in NO_OVERDRAFT_KINDS,
+                    "debits_posted": 0,
+                    "credits_posted": 0,
+                    "created_at": now,
+                }
+                for owner in missing
+            ],
+            skip_conflicts_on=("kind", "owner", "asset"),
+        )
+        found.update(_ids_by_owner(session, kind, asset, missing))
+    return found
+
+
+def _ids_by_owner(
+    session: Session, kind: AccountKind, asset: str, owners: Sequence[str]
+) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for start in range(0, len(owners), _IN_BATCH):
+        found.update(
+            session.execute(
+                select(LedgerAccount.owner, LedgerAccount.id).where(
+                    LedgerAccount.kind == kind.value,
+                    LedgerAccount.asset == asset,
+                    LedgerAccount.owner.in_(owners[start : start + _IN_BATCH]),
+                )
+            ).all()
+        )
+    return found
+
+
+def post_credits(
+    session: Session, specs: Sequence[TransferSpec], *, actor: str, audit_streams: Sequence[str]
+) -> list[Posted]:
+    """Post many unlinked transfers at once, each as `post` would post it alone (a batch
+    id of its own, its audit row in its stream, `audit_streams[i]` for `specs[i]`), in a
+    few set-based statements: one insert of the transfers, each protected account's
+    credits added once, the audit rows appended together (tests/test_crediting_paths.py
+    holds the two to the same rows and hashes).
+
+    For credits: nothing is debited from a no-overdraft account (the one check per account
+    a debit would need is `post`'s). Every key must be new; the caller has claimed what it
+    credits (a deposit row lock), so a key used already fails the transaction."""
+    assert len(specs) == len(audit_streams)
+    if not specs:
+        return []
+    for spec in specs:
+        _validate([spec])
+    session.flush()
+    ids = sorted(
+        {spec.debit_account_id for spec in specs} | {spec.credit_account_id for spec in specs}
+    )
+    accounts = {}
+    for start in range(0, len(ids), _IN_BATCH):
+        for row in session.execute(
+            select(LedgerAccount.id, LedgerAccount.asset, LedgerAccount.no_overdraft).where(
+                LedgerAccount.id.in_(ids[start : start + _IN_BATCH])
+            )
+        ):
+            accounts[row.id] = row
+    credits: dict[int, int] = defaultdict(int)
+    for spec in specs:
+        debit = accounts.get(spec.debit_account_id)
+        credit = accounts.get(spec.credit_account_id)
+        if debit is None or credit is None:
+            missing = spec.debit_account_id if debit is None else spec.credit_account_id
+            raise UnknownAccount(f"no ledger account with id {missing}")
+        if debit.asset != credit.asset:
+            raise AssetMismatch(
+                f"cannot move {debit.asset} from account {debit.id} into {credit.asset} "
+                f"account {credit.id}: both sides of a transfer must hold the same asset"
+            )
+        if debit.no_overdraft:
+            raise InvalidAmount(
+                f"account {debit.id} may not be overdrawn: debit it with ledger.post, which "
+                "checks its balance"
+            )
+        if credit.no_overdraft:
+            credits[credit.id] += spec.amount
+    _add_credits(session, credits)
+    transfer_ids = _reserve_transfer_ids(session, len(specs))
+    now = utcnow()
+    posted = [
+        Posted(
+            id=transfer_id,
+            idempotency_key=spec.idempotency_key,
+            debit_account_id=spec.debit_account_id,
+            credit_account_id=spec.credit_account_id,
+            asset=accounts[spec.debit_account_id].asset,
+            amount=spec.amount,
+            code=spec.code.value,
+            ref_type=spec.ref_type,
+            ref_id=spec.ref_id,
+            batch_id=str(uuid.uuid4()),
+        )
+        for spec, transfer_id in zip(specs, transfer_ids or [0] * len(specs), strict=True)
+    ]
+    transfers = LedgerTransfer.metadata.tables[LedgerTransfer.__tablename__]
+    rows = [
+        {
+            "id": p.id,
+            "idempotency_key": p.idempotency_key,
+            "debit_account_id": p.debit_account_id,
+            "credit_account_id": p.credit_account_id,
+            "asset": p.asset,
+            "amount": p.amount,
+            "code": p.code,
+            "ref_type": p.ref_type,
+            "ref_id": p.ref_id,
+            "batch_id": p.batch_id,
+            "created_at": now,
+        }
+        for p in posted
+    ]
+    if transfer_ids:
+        bulk.insert_rows(session, transfers, rows)
+    else:
+        # SQLite numbers the rows as it inserts them, in the order given.
+        inserted = session.connection().execute(
+            insert(transfers).returning(transfers.c.id, sort_by_parameter_order=True),
+            [{k: v for k, v in row.items() if k != "id"} for row in rows],
+        )
+        posted = [
+            dataclasses.replace(p, id=transfer_id)
+            for p, transfer_id in zip(posted, inserted.scalars(), strict=True)
+        ]
+    entries: dict[str, list[audit.Entry]] = defaultdict(list)
+    for transfer, stream in zip(posted, audit_streams, strict=True):
+        entries[stream].append(
+            audit.Entry(
+                actor=actor,
+                action=f"ledger_{transfer.code}",
+                asset=transfer.asset,
+                amount=transfer.amount,
+                details=_audit_details(transfer, transfer.id, transfer.batch_id),
+            )
+        )
+    audit.append_streams(session, entries)
+    return posted
+
+
+def _add_credits(session: Session, credits: dict[int, int]) -> None:
+    """Add each protected account's credits in one statement, the rows locked in
+    ascending id order first (as every posting path takes them, so none deadlock)."""
+    if not credits:
+        return
+    account_ids = sorted(credits)
+    if session.get_bind().dialect.name != "postgresql":
+        session.connection().execute(
+            update(LedgerAccount.metadata.tables[LedgerAccount.__tablename__])
+            .where(LedgerAccount.id == bindparam("b_id"))
+            .values(credits_posted=LedgerAccount.credits_posted + bindparam("b_amount")),
+            [{"b_id": account_id, "b_amount": credits[account_id]} for account_id in account_ids],
+        )
+        return
+    with driver_cursor(session) as cursor:
+        cursor.execute(
+            "SELECT id FROM ledger_accounts WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+            [account_ids],
+        )
+        cursor.execute(
+            "UPDATE ledger_accounts AS a SET credits_posted = a.credits_posted + u.amount "
+            "FROM unnest(%s::bigint[], %s::bigint[]) AS u (id, amount) WHERE a.id = u.id",
+            [account_ids, [credits[account_id] for account_id in account_ids]],
+        )
+
+
+def _reserve_transfer_ids(session: Session, count: int) -> list[int]:
+    """PostgreSQL: `count` ids from the transfers' sequence, ascending, so the rows can be
+    written with COPY and their audit rows built first. SQLite: none (it assigns them)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return []
+    with driver_cursor(session) as cursor:
+        cursor.execute(
+            "SELECT nextval(pg_get_serial_sequence('ledger_transfers', 'id')) "
+            "FROM generate_series(1, %s)",
+            [count],
+        )
+        return sorted(int(row[0]) for row in cursor)
+
+
 def balance(session: Session, account: LedgerAccount) -> int:
     """credits - debits. Tracked accounts read their row; hot accounts sum their transfers."""
     if account.no_overdraft:
@@ -565,7 +781,120 @@ def check(session: Session) -> list[Violation]:
             violations.append(
                 Violation("sum_zero", f"balances of {asset} sum to {total}, not zero")
             )
+    violations.extend(_asset_scales(session))
+    violations.extend(_deposit_credits(session))
     return violations
+
+
+def _asset_scales(session: Session) -> list[Violation]:
+    """Every registered token of a ledger asset converts exactly into the ledger's scale."""
+    out = []
+    for asset in session.scalars(select(Asset).order_by(Asset.id)):
+        scale = LEDGER_DECIMALS.get(asset.symbol)
+        if scale is not None and asset.decimals < scale:
+            out.append(
+                Violation(
+                    "asset_scale",
+                    f"{asset.symbol} on {asset.chain} has {asset.decimals} decimals, coarser "
+                    f"than the ledger's {scale}: its amounts cannot all be paid out there",
+                )
+            )
+    return out
+
+
+# The credit states a deposit of each status can be in: a final deposit was credited, held
+# as dust or refused; any other has no credit or what a deep reorg left of one.
+_NOT_FINAL_STATES = {
+    DepositCreditState.NONE.value,
+    DepositCreditState.REVERSED.value,
+    DepositCreditState.REVERSAL_SHORT.value,
+}
+_STATES_BY_STATUS = {
+    DepositStatus.CONFIRMED.value: {
+        DepositCreditState.CREDITED.value,
+        DepositCreditState.DUST.value,
+        DepositCreditState.REFUSED.value,
+    },
+    DepositStatus.PENDING.value: _NOT_FINAL_STATES,
+    DepositStatus.ORPHANED.value: _NOT_FINAL_STATES,
+}
+# States in which no ledger units stand for a deposit.
+_UNCREDITED_STATES = {
+    DepositCreditState.NONE.value,
+    DepositCreditState.DUST.value,
+    DepositCreditState.REFUSED.value,
+    DepositCreditState.REVERSED.value,
+}
+
+
+def _deposit_credits(session: Session) -> list[Violation]:
+    """Each deposit's credit is what its amount converts to at the ledger's scale, the
+    ledger's deposit transfers for it net to what its row says stands, and its credit
+    state fits its status: every confirmed deposit credited once, at the right scale."""
+    net: dict[str, int] = defaultdict(int)
+    for ref_id, code, total in session.execute(
+        select(LedgerTransfer.ref_id, LedgerTransfer.code, func.sum(LedgerTransfer.amount))
+        .where(
+            LedgerTransfer.ref_type == "deposit",
+            LedgerTransfer.code.in_([TransferCode.DEPOSIT, TransferCode.DEPOSIT_REVERSAL]),
+        )
+        .group_by(LedgerTransfer.ref_id, LedgerTransfer.code)
+    ):
+        net[ref_id] += int(total) if code == TransferCode.DEPOSIT else -int(total)
+    out: list[Violation] = []
+    rows = session.execute(
+        select(
+            Deposit.id,
+            Deposit.chain,
+            Deposit.tx_hash,
+            Deposit.amount,
+            Deposit.status,
+            Deposit.credit_state,
+            Deposit.credited_base_units,
+            Asset.symbol,
+            Asset.decimals,
+        )
+        .join(Asset, Asset.id == Deposit.asset_id)
+        .order_by(Deposit.id)
+        .execution_options(yield_per=10_000)
+    )
+    for row in rows:
+        where = f"deposit {row.id} ({row.chain} {row.tx_hash})"
+        posted = net.pop(str(row.id), 0)
+        if posted != row.credited_base_units:
+            out.append(
+                Violation(
+                    "deposit_credit",
+                    f"{where}: its ledger transfers credit {posted} {row.symbol} base units "
+                    f"but it records {row.credited_base_units} standing",
+                )
+            )
+        scale = LEDGER_DECIMALS.get(row.symbol)
+        units = None if scale is None else to_ledger_units(row.amount, row.decimals, scale)[0]
+        state = row.credit_state
+        if state == DepositCreditState.CREDITED and row.credited_base_units != units:
+            out.append(
+                Violation(
+                    "deposit_scale",
+                    f"{where}: credited {row.credited_base_units} {row.symbol} base units, "
+                    f"but {row.amount} at {row.decimals} decimals is {units} at the ledger's "
+                    f"scale of {scale}",
+                )
+            )
+        if state in _UNCREDITED_STATES and row.credited_base_units != 0:
+            out.append(Violation("deposit_credit", f"{where}: {state} but a credit stands for it"))
+        if state not in _STATES_BY_STATUS.get(row.status, set()):
+            out.append(
+                Violation("deposit_credit", f"{where}: status {row.status} with credit {state}")
+            )
+    for ref_id, posted in sorted(net.items()):
+        if posted:
+            out.append(
+                Violation(
+                    "deposit_credit", f"deposit transfers net {posted} for missing deposit {ref_id}"
+                )
+            )
+    return out
 
 
 def _all_summed(session: Session) -> dict[int, tuple[int, int]]:
@@ -591,9 +920,11 @@ __all__ = [
     "Posted",
     "TransferSpec",
     "Violation",
+    "account_ids",
     "balance",
     "check",
     "find_account",
     "get_or_create_account",
     "post",
+    "post_credits",
 ]

@@ -1,4 +1,5 @@
-"""Decimal strings at the edges, integers in base units everywhere else."""
+"""Decimal strings at the edges, integers in base units everywhere else, and the exact
+conversion between a chain token's base units and the ledger's (one scale per asset)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,31 @@ def format_amount(base_units: int, decimals: int) -> str:
     if decimals == 0 or frac == 0:
         return f"{sign}{whole}"
     return f"{sign}{whole}.{str(frac).rjust(decimals, '0').rstrip('0')}"
+
+
+def to_ledger_units(chain_units: int, chain_decimals: int, ledger_decimals: int) -> tuple[int, int]:
+    """An on-chain amount in ledger base units, and the remainder (in chain base units)
+    too small for one ledger unit: 10**19 at 18 decimals -> (10**7, 0) at 6. Exact:
+    ``ledger * 10**(chain - ledger decimals) + remainder == chain_units``; nothing is
+    rounded up, the remainder is the caller's to hold or refuse."""
+    assert chain_units >= 0
+    factor: int = 10 ** abs(chain_decimals - ledger_decimals)
+    if chain_decimals >= ledger_decimals:
+        return divmod(chain_units, factor)
+    return chain_units * factor, 0
+
+
+def to_chain_units(ledger_units: int, chain_decimals: int, ledger_decimals: int) -> int:
+    """A ledger amount in the chain token's base units; InvalidAmount when the token is
+    too coarse to carry it exactly."""
+    assert ledger_units >= 0
+    factor: int = 10 ** abs(chain_decimals - ledger_decimals)
+    if chain_decimals >= ledger_decimals:
+        return ledger_units * factor
+    whole, rest = divmod(ledger_units, factor)
+    if rest:
+        raise InvalidAmount(
+            f"{ledger_units} ledger base units cannot be paid exactly by a token with "
+            f"{chain_decimals} decimals; use a multiple of {factor}"
+        )
+    return whole

@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from escrowd.config.errors import EscrowdError
 from escrowd.config.settings import Settings
 from escrowd.escrow import accounts, audit, events, ledger
+from escrowd.escrow.money import to_chain_units
 from escrowd.escrow.uow import in_transaction
 from escrowd.indexer.errors import RpcError
 from escrowd.indexer.sending import SignedTx, TxOutcome, TxState
@@ -53,6 +54,7 @@ from escrowd.models import (
     TransferCode,
     utcnow,
 )
+from escrowd.models.registry import ledger_decimals
 from escrowd.wallets.keystore import SolanaKey, UnlockedKeystore, load_passphrase, unlock_keystore
 
 if TYPE_CHECKING:
@@ -659,7 +661,7 @@ class EvmPayoutChain:
             session,
             token=asset.token_address,
             to=payout.destination,
-            amount_base_units=payout.amount,
+            amount_base_units=_token_units(payout, asset),
         )
 
     def renew(self, session: Session, payout: Payout, asset: Asset) -> SignedTx | None:
@@ -668,7 +670,7 @@ class EvmPayoutChain:
             payout.raw_tx,
             token=asset.token_address,
             to=payout.destination,
-            amount_base_units=payout.amount,
+            amount_base_units=_token_units(payout, asset),
         )
 
     def broadcast(self, raw_tx: bytes) -> str:
@@ -676,6 +678,12 @@ class EvmPayoutChain:
 
     def outcome(self, payout: Payout, asset: Asset, tx_hashes: Sequence[str]) -> TxOutcome:
         return self.sender.outcome(tx_hashes)
+
+
+def _token_units(payout: Payout, asset: Asset) -> int:
+    """A payout's amount, held in ledger units, in the base units of its chain's token
+    (USDC with 18 decimals: times 10^12), exactly."""
+    return to_chain_units(payout.amount, asset.decimals, ledger_decimals(asset.symbol))
 
 
 class SolanaPayoutChain:

@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, make_transient_to_detached
 
 from escrowd.config.errors import ValidationFailed
+from escrowd.config.settings import LEDGER_DECIMALS
 from escrowd.escrow import accounts, audit, events, ledger
 from escrowd.escrow.errors import (
     AgentNotFound,
@@ -52,6 +53,7 @@ from escrowd.models import (
 )
 from escrowd.models.db import make_session_factory, prepared_rows, statement_rows
 from escrowd.models.escrow import DUE_ESCROW_SQL, OPEN_ESCROW_SQL, OPEN_ESCROW_STATES
+from escrowd.models.registry import ledger_decimals
 
 log = structlog.get_logger(__name__)
 
@@ -98,15 +100,17 @@ _decimals_cache: dict[str, int] = {}
 
 
 def asset_decimals(session: Session, symbol: str) -> int:
-    """Decimals of a ledger asset (the same symbol has the same decimals on every chain)."""
+    """Decimals of a ledger asset's base unit: the ledger's one scale for it, whatever
+    decimals its token has on each chain (models.registry)."""
     cached = _decimals_cache.get(symbol)
     if cached is not None:
         return cached
-    decimals = session.scalars(
-        select(Asset.decimals).where(Asset.symbol == symbol).limit(1)
+    registered = session.scalars(
+        select(Asset.id).where(Asset.symbol == symbol).limit(1)
     ).one_or_none()
-    if decimals is None:
+    if registered is None or symbol not in LEDGER_DECIMALS:
         raise UnknownAsset(f"unknown asset {symbol!r}; use a configured asset such as USDC")
+    decimals = ledger_decimals(symbol)
     _decimals_cache[symbol] = decimals
     return decimals
 
@@ -162,13 +166,10 @@ def balances(session: Session, agent: Agent) -> list[AssetBalance]:
             .group_by(Escrow.asset)
         )
     }
-    decimals = dict(
-        session.execute(select(Asset.symbol, func.max(Asset.decimals)).group_by(Asset.symbol)).all()
-    )
     return [
         AssetBalance(
             asset=symbol,
-            decimals=int(decimals.get(symbol, 0)),
+            decimals=LEDGER_DECIMALS.get(symbol, 0),
             available=available.get(symbol, 0),
             escrowed_as_buyer=escrowed.get(symbol, 0),
         )

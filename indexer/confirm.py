@@ -14,13 +14,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from escrowd.indexer.evm_source import EvmSource
 from escrowd.indexer.reorg import headers_of, rewind_below
-from escrowd.indexer.sink import DepositSink
+from escrowd.indexer.sink import DepositSink, Finalized
 from escrowd.models import Deposit, DepositStatus
 
 log = structlog.get_logger(__name__)
 
-# Deposits confirmed per database transaction: bounds the transaction, not the work.
-CONFIRM_BATCH = 200
+# Deposits confirmed per database transaction (credited together by the sink, set-based):
+# bounds the transaction, not the work.
+CONFIRM_BATCH = 10_000
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,8 @@ def confirm_once(
 ) -> ConfirmResult:
     """Confirm (credit) or orphan every pending deposit at least ``confirmations`` deep.
 
-    Each batch: one batched header fetch, then one transaction in which each deposit's
-    status change and its credit (by the sink) commit together. RPC errors propagate
+    Each batch: one batched header fetch, then one transaction in which the deposits'
+    status changes and their credits (by the sink, together) commit. RPC errors propagate
     before anything is written."""
     head = source.head()
     deepest = head - confirmations
@@ -70,27 +71,42 @@ def confirm_once(
         _drop_unconfirmed_changes(
             source, chain, canonical, [(r.block_number, r.block_hash) for r in rows]
         )
+        # A block left out of `canonical` was read two ways: neither credit nor orphan yet.
+        replaced = [
+            row
+            for row in rows
+            if row.block_number in canonical and canonical[row.block_number] != row.block_hash
+        ]
+        # Orphans first, in a transaction of their own: each transaction then locks its
+        # deposits in id order, as the reorg rollback does.
+        if replaced:
+            with sessions() as session, session.begin():
+                for row in replaced:
+                    deposit = session.get(Deposit, row.id, with_for_update=True)
+                    if (
+                        deposit is None
+                        or deposit.status != DepositStatus.PENDING
+                        or deposit.block_hash != row.block_hash
+                    ):
+                        continue
+                    log.warning(
+                        "deposit_block_replaced",
+                        chain=chain,
+                        tx_hash=deposit.tx_hash,
+                        block_number=deposit.block_number,
+                    )
+                    sink.orphaned(session, deposit)
+                    rewind_below(session, chain, cursor_key, deposit.block_number)
+                    orphaned += 1
+        final = [
+            Finalized(row.id, row.block_hash)
+            for row in rows
+            if canonical.get(row.block_number) == row.block_hash
+        ]
         with sessions() as session, session.begin():
-            for row in rows:
-                deposit = session.get(Deposit, row.id, with_for_update=True)
-                # Another instance (or the poller's reorg handling) may have got here first.
-                if deposit is None or deposit.status != DepositStatus.PENDING:
-                    continue
-                if canonical.get(deposit.block_number) == deposit.block_hash:
-                    sink.confirmed(session, deposit)
-                    confirmed += 1
-                    continue
-                if deposit.block_number not in canonical:
-                    continue
-                log.warning(
-                    "deposit_block_replaced",
-                    chain=chain,
-                    tx_hash=deposit.tx_hash,
-                    block_number=deposit.block_number,
-                )
-                sink.orphaned(session, deposit)
-                rewind_below(session, chain, cursor_key, deposit.block_number)
-                orphaned += 1
+            # Only those still pending at these hashes: another instance (or the poller's
+            # reorg handling) may have got here first.
+            confirmed += sink.confirmed_many(session, final)
         if len(rows) < batch:
             break
     if confirmed or orphaned:

@@ -44,6 +44,15 @@ class StoredDeposit:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Finalized:
+    """A pending deposit the chain has made final at `block_hash` (the confirmation depth
+    on EVM, finalized on Solana), as the confirmation step checked it."""
+
+    id: int
+    block_hash: str
+
+
 class DepositSink(Protocol):
     def recorded(self, session: Session, deposit: Deposit) -> None:
         """A new pending deposit was stored (first sighting)."""
@@ -52,7 +61,13 @@ class DepositSink(Protocol):
         """Several new pending deposits were stored together."""
 
     def confirmed(self, session: Session, deposit: Deposit) -> None:
-        """`deposit` is final: credit it exactly once, in the caller's transaction."""
+        """`deposit` (pending, its row locked by the caller) is final: credit it exactly
+        once, in the caller's transaction."""
+
+    def confirmed_many(self, session: Session, deposits: Sequence[Finalized]) -> int:
+        """These deposits are final: credit each that is still pending at the given block
+        hash exactly once, together, in the caller's transaction (the sink locks them);
+        leave the others alone. Returns how many were credited."""
 
     def orphaned(self, session: Session, deposit: Deposit) -> None:
         """`deposit`'s block left the canonical chain; reverse the credit if it had one."""

@@ -62,7 +62,7 @@ from escrowd.indexer.errors import (
     RpcUnavailable,
     SlotSkipped,
 )
-from escrowd.indexer.sink import DepositSink
+from escrowd.indexer.sink import DepositSink, Finalized
 from escrowd.indexer.solana_deposits import (
     SOL,
     SOL_DECIMALS,
@@ -310,9 +310,13 @@ class SolanaPoller:
             for row in pending:
                 seen_at.setdefault(row.tx_hash, (row.block_number, row.block_hash))
             signatures = list(seen_at)
+            # Every status first, then one transaction: the sink credits the step together.
+            outcomes: dict[str, _Outcome] = {}
             for start in range(0, len(signatures), STATUS_BATCH):
                 chunk = signatures[start : start + STATUS_BATCH]
-                self._apply_outcomes(self._outcomes(chunk, seen_at, finalized_slot), result)
+                outcomes.update(self._outcomes(chunk, seen_at, finalized_slot))
+            if outcomes:
+                self._apply_outcomes(outcomes, result)
         except RpcError as exc:
             RPC_ERRORS.labels(self.chain).inc()
             result.error = str(exc)
@@ -857,6 +861,7 @@ class SolanaPoller:
                 .with_for_update()
             ).all()
             relanded: dict[str, _Outcome] = {}
+            final: list[Finalized] = []
             for deposit in pending:
                 outcome = outcomes[deposit.tx_hash]
                 if outcome.kind == "confirm" and outcome.slot != deposit.block_number:
@@ -885,8 +890,8 @@ class SolanaPoller:
                         deposit.block_number = outcome.slot
                         deposit.block_hash = outcome.block_hash
                         session.flush()
-                    self.sink.confirmed(session, deposit)
-                    result.confirmed += 1
+                    final.append(Finalized(deposit.id, deposit.block_hash))
+            result.confirmed += self.sink.confirmed_many(session, final)
 
     def _relanded(self, signature: str) -> _Outcome:
         """The transaction is finalized in another slot than the one we recorded: read

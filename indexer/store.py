@@ -10,7 +10,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from escrowd.indexer.sink import DepositSink, StoredDeposit
-from escrowd.models import ChainCursor, Deposit, DepositAddress, DepositStatus, bulk, utcnow
+from escrowd.models import (
+    ChainCursor,
+    Deposit,
+    DepositAddress,
+    DepositCreditState,
+    DepositStatus,
+    bulk,
+    utcnow,
+)
 
 
 @dataclass(frozen=True)
@@ -139,7 +147,8 @@ def record_deposit(session: Session, chain: str, found: FoundDeposit, sink: Depo
 
     Keyed (chain, tx hash, log/instruction index): seeing the same transfer again is a no-op.
     A deposit orphaned by a reorg and mined again at the same position comes back to pending
-    with its new block (if it had been credited, that credit was reversed first)."""
+    with its new block, keeping its credit state: the part of an earlier credit that its
+    reversal could not take back still stands, and confirming it credits only the rest."""
     assert found.amount > 0, "only positive transfers are deposits"
     existing = session.scalars(
         select(Deposit)
@@ -153,12 +162,7 @@ def record_deposit(session: Session, chain: str, found: FoundDeposit, sink: Depo
     if existing is not None:
         if existing.status != DepositStatus.ORPHANED:
             return False
-        if existing.credited and not existing.reversed:
-            # Orphaned but its credit could not be reversed: crediting again would double it.
-            return False
         existing.status = DepositStatus.PENDING
-        existing.credited = False
-        existing.reversed = False
         existing.block_number = found.block_number
         existing.block_hash = found.block_hash
         session.flush()
@@ -199,6 +203,11 @@ def record_deposits(
         unique.setdefault((item.tx_hash, item.log_index), item)
     if not unique:
         return 0
+    moved = _move_standing_orphans(session, chain, unique, sink)
+    for key in moved:
+        del unique[key]
+    if not unique:
+        return len(moved)
     now = utcnow()
     inserted = {
         (tx_hash, log_index): deposit_id
@@ -250,7 +259,71 @@ def record_deposits(
             ],
         )
     stored = [item for key, item in unique.items() if key not in inserted]
-    return len(inserted) + _revive_orphaned(session, chain, stored, sink)
+    return len(moved) + len(inserted) + _revive_orphaned(session, chain, stored, sink)
+
+
+def _move_standing_orphans(
+    session: Session, chain: str, unique: dict[tuple[str, int], FoundDeposit], sink: DepositSink
+) -> list[tuple[str, int]]:
+    """Revive orphaned deposits whose credit still partly stands (a reversal short of it)
+    when their transaction reappears at another log index (an EVM log's index counts from
+    the start of its block), so the transfer stays one deposit with one credit instead of
+    a new deposit credited in full beside the standing part. Returns the keys taken."""
+    orphans = session.execute(
+        select(
+            Deposit.id,
+            Deposit.tx_hash,
+            Deposit.log_index,
+            Deposit.deposit_address_id,
+            Deposit.amount,
+        )
+        .where(
+            Deposit.chain == chain,
+            Deposit.status == DepositStatus.ORPHANED,
+            Deposit.credit_state == DepositCreditState.REVERSAL_SHORT,
+        )
+        .order_by(Deposit.log_index)
+    ).all()
+    waiting: dict[tuple[str, int, int], list[int]] = {}
+    for orphan in orphans:
+        waiting.setdefault((orphan.tx_hash, orphan.deposit_address_id, orphan.amount), []).append(
+            orphan.id
+        )
+    candidates = sorted(
+        (
+            key
+            for key, item in unique.items()
+            if (item.tx_hash, item.watched.deposit_address_id, item.amount) in waiting
+        ),
+        key=lambda key: key[1],
+    )
+    if not candidates:
+        return []
+    stored = {
+        (row.tx_hash, row.log_index)
+        for row in session.execute(
+            select(Deposit.tx_hash, Deposit.log_index).where(
+                Deposit.chain == chain, Deposit.tx_hash.in_({tx for tx, _ in candidates})
+            )
+        )
+    }
+    moved: list[tuple[str, int]] = []
+    for key in candidates:
+        item = unique[key]
+        ids = waiting[item.tx_hash, item.watched.deposit_address_id, item.amount]
+        if key in stored or not ids:
+            continue
+        deposit = session.get(Deposit, ids.pop(0), with_for_update=True)
+        if deposit is None or deposit.status != DepositStatus.ORPHANED:
+            continue
+        deposit.log_index = item.log_index
+        deposit.status = DepositStatus.PENDING
+        deposit.block_number = item.block_number
+        deposit.block_hash = item.block_hash
+        session.flush()
+        sink.recorded(session, deposit)
+        moved.append(key)
+    return moved
 
 
 def _revive_orphaned(

@@ -6,7 +6,7 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Integer, MetaData, String, TypeDecorator
+from sqlalchemy import BigInteger, DateTime, Integer, MetaData, Numeric, String, TypeDecorator
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase
 
@@ -47,6 +47,32 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+class Uint256(TypeDecorator[int]):
+    """Token amounts as large as a uint256 (up to 78 digits), exact on both databases:
+    NUMERIC(78, 0) on PostgreSQL, decimal text on SQLite, whose integer columns hold 64
+    bits and turn larger values into floats. SQL arithmetic on the SQLite form is wrong:
+    sum and compare these in Python there."""
+
+    impl = Numeric(78, 0)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String(78))
+        return dialect.type_descriptor(Numeric(78, 0))
+
+    def process_bind_param(self, value: int | None, dialect: Dialect) -> int | str | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**256:
+            raise ValueError(f"not a uint256 amount: {value!r}")
+        return str(value) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
+        # PostgreSQL hands back a Decimal without exponent, SQLite the stored text.
+        return None if value is None else int(value)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {datetime: UTCDateTime(), int: BigInteger(), str: String()}
@@ -67,6 +93,17 @@ class DepositStatus(enum.StrEnum):
     PENDING = "pending"
     CONFIRMED = "confirmed"
     ORPHANED = "orphaned"
+
+
+class DepositCreditState(enum.StrEnum):
+    """What happened to a deposit's credit (models.chain.Deposit explains each)."""
+
+    NONE = "none"
+    CREDITED = "credited"
+    DUST = "dust"
+    REFUSED = "refused"
+    REVERSED = "reversed"
+    REVERSAL_SHORT = "reversal_short"
 
 
 class AccountKind(enum.StrEnum):

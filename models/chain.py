@@ -14,7 +14,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from escrowd.models.base import Base, BigIntPK, DepositStatus, check_in, utcnow
+from escrowd.models.base import (
+    Base,
+    BigIntPK,
+    DepositCreditState,
+    DepositStatus,
+    Uint256,
+    check_in,
+    utcnow,
+)
 
 
 class Asset(Base):
@@ -66,11 +74,35 @@ class DepositAddress(Base):
 
 
 class Deposit(Base):
+    """A transfer into a deposit address, and what became of its credit.
+
+    `amount` is in the chain token's base units (its own decimals, up to a uint256); the
+    ledger keeps the asset at one scale (models.registry), so a credit is the amount
+    converted exactly, and a remainder below one ledger unit is never credited.
+    `credit_state`:
+      none            not credited (pending, or orphaned before it was final)
+      credited        `credited_base_units` (ledger units) stand for it; any remainder is in
+                      `dust_base_units` (chain units) with the reason in `credit_note`
+      dust            all of it is below one ledger unit: held on chain, not credited
+      refused         too large for a ledger amount: not credited, `credit_note` says so
+      reversed        a reorg took it back and its credit was reversed in full
+      reversal_short  a reorg took it back but the agent's balance no longer covered the
+                      reversal: `credited_base_units` of its credit still stand (the shortfall)
+    A deposit that reappears after a reversal is credited again only for what was taken
+    back, so it ends `credited` with its whole value standing once.
+    `credited` (credited at least once) and `reversed` (its credit fully reversed) are the
+    same facts as booleans, for older readers.
+    """
+
     __tablename__ = "deposits"
     __table_args__ = (
         UniqueConstraint("chain", "tx_hash", "log_index"),
         CheckConstraint("amount > 0", name="amount_positive"),
         CheckConstraint(check_in("status", DepositStatus), name="status_valid"),
+        CheckConstraint(check_in("credit_state", DepositCreditState), name="credit_state_valid"),
+        CheckConstraint(
+            "credited_base_units >= 0 AND dust_base_units >= 0", name="credit_amounts_valid"
+        ),
         Index("ix_deposits_chain_status_block", "chain", "status", "block_number"),
         Index("ix_deposits_agent_id_id", "agent_id", "id"),
     )
@@ -85,12 +117,19 @@ class Deposit(Base):
     agent_id: Mapped[int] = mapped_column(ForeignKey("agents.id"))
     deposit_address_id: Mapped[int] = mapped_column(ForeignKey("deposit_addresses.id"))
     from_address: Mapped[str | None] = mapped_column(String(64))
-    amount: Mapped[int]
+    amount: Mapped[int] = mapped_column(Uint256())
     block_number: Mapped[int]
     block_hash: Mapped[str] = mapped_column(String(100))
     status: Mapped[str] = mapped_column(String(16), default=DepositStatus.PENDING)
     credited: Mapped[bool] = mapped_column(default=False)
     reversed: Mapped[bool] = mapped_column(default=False)
+    # Server defaults too: the indexers' bulk insert leaves these out.
+    credit_state: Mapped[str] = mapped_column(
+        String(16), default=DepositCreditState.NONE, server_default=DepositCreditState.NONE.value
+    )
+    credited_base_units: Mapped[int] = mapped_column(default=0, server_default="0")
+    dust_base_units: Mapped[int] = mapped_column(Uint256(), default=0, server_default="0")
+    credit_note: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

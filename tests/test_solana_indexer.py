@@ -268,6 +268,7 @@ class CrashingSink(LedgerDepositSink):
     fetching, before the commit of that batch."""
 
     def __init__(self, survive: int) -> None:
+        super().__init__()
         self.left = survive
 
     def recorded_many(self, session: Session, deposits: Sequence[StoredDeposit]) -> None:
