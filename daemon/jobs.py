@@ -418,6 +418,13 @@ def solana_jobs(ctx: JobContext) -> list[Job]:
     return [Job(name, solana.poll_interval_s, _poll_and_confirm(poller), probe)]
 
 
+def _lease_releaser(worker: payout_worker.PayoutWorker) -> Callable[[], None]:
+    def release() -> None:
+        worker.release_claims()
+
+    return release
+
+
 def payout_jobs(ctx: JobContext) -> list[Job]:
     """One payout worker per chain, signing with the keystore's hot wallets."""
     if ctx.keystore is None:
@@ -450,10 +457,10 @@ def payout_jobs(ctx: JobContext) -> list[Job]:
         )
     jobs = []
     for chain_name, chain in chains:
-        options = payout_worker.WorkerOptions(
-            worker_id=worker_id, stuck_after_s=ctx.settings.payouts.stuck_after_s
-        )
+        options = payout_worker.WorkerOptions.of(ctx.settings, worker_id)
         worker = payout_worker.PayoutWorker(ctx.sessions, chain, options)
+        # A pass releases its leases when it ends; this covers one cut short at shutdown.
+        ctx.closers.append(_lease_releaser(worker))
         jobs.append(Job(f"payouts:{chain_name}", ctx.settings.payouts.interval_s, worker.run_once))
     return jobs
 

@@ -196,6 +196,11 @@ class EvmSender:
             self._quoted_at = now
         return self._quote
 
+    def gas_cost_cap_wei(self, gas: int = ERC20_TRANSFER_GAS) -> int:
+        """The most a transaction with `gas` signed now may cost: what a node wants the
+        sender to hold before it accepts the transaction."""
+        return gas * self._fees().max_fee_per_gas
+
     def _sign(
         self, *, nonce: int, to: str, data: bytes, value: int, gas: int, fees: Fees
     ) -> SignedTx:

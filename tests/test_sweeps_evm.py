@@ -1,5 +1,6 @@
 """EVM sweeps on anvil: deposit-address USDC moves to the hot wallet once, gas funded by
-the gas wallet, ledger untouched and reconciliation clean throughout."""
+the gas wallet, ledger untouched and reconciliation clean throughout; only credited funds
+are swept."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from web3.types import Wei
 
 from escrowd.escrow import service
 from escrowd.escrow.sweeps import EvmSweeper, build_evm_sweeper
-from escrowd.models import DepositAddress, LedgerTransfer, Payout
+from escrowd.models import Deposit, DepositAddress, LedgerTransfer, Payout
 from escrowd.models.db import make_engine
 from tests.evm_fixtures import EvmChain, anvil_chain
-from tests.payout_fixtures import EvmPayoutWorld, make_evm_world
+from tests.payout_fixtures import CHAIN, EvmPayoutWorld, make_evm_world, record_deposit
 
 __all__ = ["anvil_chain"]
 
@@ -55,6 +56,7 @@ def test_sweep_moves_deposits_to_the_hot_wallet_once(world: EvmPayoutWorld) -> N
             )
             s.flush()
             world.credit(s, agent.id, amount)  # minted into the hot wallet by the helper...
+            record_deposit(s, chain=CHAIN, asset="USDC", address=address, amount=amount)
     # ...so move those coins to the deposit addresses, where deposits really land.
     hot = world.keystore.evm_hot_wallet.address
     from escrowd.devnet.evm import _rpc
@@ -63,19 +65,40 @@ def test_sweep_moves_deposits_to_the_hot_wallet_once(world: EvmPayoutWorld) -> N
     for index, amount in amounts.items():
         chain.token.transfer(hot, world.keystore.derive_evm(index).address, amount)
     assert world.reconcile_differences() == []
-    with world.sessions() as s:
-        transfers_before = s.scalar(select(func.count()).select_from(LedgerTransfer))
+    # A later deposit the indexer has seen but not yet credited (short of its depth).
+    late_address = world.keystore.derive_evm(1).address
+    chain.token.mint(late_address, 700_000)
+    with world.sessions() as s, s.begin():
+        late = record_deposit(
+            s, chain=CHAIN, asset="USDC", address=late_address, amount=700_000, credited=False
+        )
+        late_id = late.id
 
     sweeper = _sweeper(world)
+    for _ in range(6):
+        sweeper.run_once()
+    # Only credited funds moved: the uncredited deposit is still where the indexer saw it.
+    assert chain.token.balance_of(world.keystore.derive_evm(0).address) == 0
+    assert chain.token.balance_of(late_address) == 700_000
+    assert chain.token.balance_of(hot) == sum(amounts.values())
+    # The indexer credits it at its depth (the helper mints the coins at the hot wallet;
+    # they are at the deposit address already, so they leave the hot wallet again).
+    with world.sessions() as s, s.begin():
+        deposit = s.get_one(Deposit, late_id)
+        deposit.status, deposit.credited = "confirmed", True
+        world.credit(s, deposit.agent_id, 700_000)
+    chain.token.transfer(hot, chain.accounts[1], 700_000)
+    with world.sessions() as s:
+        transfers_before = s.scalar(select(func.count()).select_from(LedgerTransfer))
     for _ in range(6):
         sweeper.run_once()
         assert world.reconcile_differences() == []
     for index in amounts:
         assert chain.token.balance_of(world.keystore.derive_evm(index).address) == 0
-    assert chain.token.balance_of(hot) == sum(amounts.values())
+    assert chain.token.balance_of(hot) == sum(amounts.values()) + 700_000
     with world.sessions() as s:
         sweeps = s.scalars(select(Payout).where(Payout.reason == "sweep")).all()
-        assert sorted(p.amount for p in sweeps) == sorted(amounts.values())
+        assert sorted(p.amount for p in sweeps) == sorted([*amounts.values(), 700_000])
         assert {p.status for p in sweeps} == {"confirmed"}
         assert s.scalar(select(func.count()).select_from(LedgerTransfer)) == transfers_before
     # Nothing left to sweep: further passes create nothing.
