@@ -43,14 +43,14 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from escrowd.config.settings import Settings
 from escrowd.escrow import accounts, audit, ledger, payouts
 from escrowd.escrow.uow import in_transaction
 from escrowd.indexer.errors import RpcError
-from escrowd.indexer.sending import SignedTx, TxOutcome, TxState
+from escrowd.indexer.sending import LandingVerdict, SignedTx, TxOutcome, TxState
 from escrowd.models import (
     AccountKind,
     Asset,
@@ -615,9 +615,10 @@ class PayoutWorker:
         )
 
     def _fill_nonce_gaps(self) -> None:
-        """Send again the stored bytes of this wallet's signed payouts that no live pass of
-        ours drives (held by another, maybe dead, worker; or parked), when the chain still
-        expects their nonce: later nonces of the wallet cannot be mined before them."""
+        """Send again the stored bytes of this wallet's signed payouts that no pass of ours
+        drives (held by another, maybe dead, worker; or parked) when a later nonce of the
+        wallet is in flight and the chain still expects theirs: the later one cannot be
+        mined before them. The same bytes: nothing can land twice."""
         now = utcnow()
         me = self.options.worker_id
         signed = [s.value for s in payouts.SIGNED_STATES]
@@ -642,10 +643,20 @@ class PayoutWorker:
                     ),
                 )
             ).all()
+            # The wallet's highest nonce in flight: the nonces below it hold it up.
+            highest = session.scalar(
+                select(func.max(Payout.nonce)).where(
+                    Payout.chain == self.chain.chain,
+                    Payout.reason != PayoutReason.SWEEP.value,
+                    Payout.status.in_(signed),
+                )
+            )
         due = [
             row
             for row in rows
-            if time.monotonic() - self._last_sent.get(row.id, float("-inf"))
+            if highest is not None
+            and row.nonce < highest
+            and time.monotonic() - self._last_sent.get(row.id, float("-inf"))
             > self.options.rebroadcast_after_s
         ]
         if not due:
@@ -1173,7 +1184,7 @@ class SolanaPayoutChain:
         tokens_ahead = sum(
             a.amount
             for a in ahead
-            if a.asset_id == asset.id and a.reason != PayoutReason.SWEEP.value
+            if mint is not None and a.asset_id == asset.id and a.reason != PayoutReason.SWEEP.value
         )
         lamports = self._balance(None)
         tokens = self._balance(mint) if mint is not None else 0
@@ -1258,6 +1269,67 @@ def build_chain(settings: Settings, chain: str, keystore: UnlockedKeystore) -> P
             confirmations=evm.confirmations,
         )
     )
+
+
+def landing_verdict(
+    settings: Settings, sessions: sessionmaker[Session], payout_id: int, *, wait_s: float
+) -> LandingVerdict | None:
+    """What the chain shows about the transactions signed for a payout (None: nothing was
+    ever signed for it), read from the configured RPC endpoints: no key is needed.
+
+    EVM: they share one nonce; none can be mined once the chain used it for another
+    transaction at the confirmation depth. Solana: none can land once the finalized block
+    height is past the newest blockhash's validity and the cluster knows none of them."""
+    from escrowd.escrow.sweeps import recipient_of
+
+    with sessions() as session:
+        payout = session.get(Payout, payout_id)
+        if payout is None:
+            raise payouts.PayoutNotFound(f"no payout {payout_id}")
+        stored = list(
+            session.scalars(
+                select(PayoutTransaction)
+                .where(PayoutTransaction.payout_id == payout_id)
+                .order_by(PayoutTransaction.id.desc())
+            )
+        )
+    if not stored:
+        return None
+    if settings.solana is not None and settings.solana.name == payout.chain:
+        from escrowd.indexer import solana_sender
+        from escrowd.indexer.solana_source import SolanaRpcSource
+
+        with SolanaRpcSource(settings.solana.rpc_urls) as solana_source:
+            return solana_sender.landing_verdict(
+                solana_source,
+                signatures=[tx.tx_hash for tx in stored],
+                last_valid_block_height=payout.last_valid_block_height,
+            )
+    from escrowd.indexer import evm_sender
+    from escrowd.indexer.evm_source import JsonRpcEvmSource
+
+    evm = settings.evm_chain(payout.chain)
+    # A sweep's gas funding comes from the gas wallet: only its own transfers count.
+    own = [
+        tx
+        for tx in stored
+        if payout.reason != PayoutReason.SWEEP.value
+        or recipient_of(tx.raw_tx).lower() != payout.source_address.lower()
+    ]
+    if not own:
+        return LandingVerdict(
+            False, "only gas for the sweep was sent; no transfer of the sweep was ever signed"
+        )
+    assert payout.nonce is not None, "a signed EVM payout has its nonce"
+    with JsonRpcEvmSource(evm.rpc_urls, chain=evm.name) as evm_source:
+        return evm_sender.landing_verdict(
+            evm_source,
+            signer=payout.source_address,
+            nonce=payout.nonce,
+            tx_hashes=[tx.tx_hash for tx in own],
+            confirmations=evm.confirmations,
+            wait_s=wait_s,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -250,7 +250,8 @@ def discover_solana_sweeps(
     return created
 
 
-def _recipient(raw_tx: bytes) -> str:
+def recipient_of(raw_tx: bytes) -> str:
+    """The `to` of a signed EIP-1559 transaction (a sweep's gas funding goes to its source)."""
     fields = rlp.decode(raw_tx[1:])
     return str(to_checksum_address(bytes(fields[5])))
 
@@ -530,7 +531,7 @@ class EvmSweeper:
                 )
             )
             source = to_checksum_address(payout.source_address)
-        funding = [t for t in txs if _recipient(t.raw_tx) == source]
+        funding = [t for t in txs if recipient_of(t.raw_tx) == source]
         return funding, [t for t in txs if t not in funding]
 
     def _advance(self, payout_id: int, stats: SweepStats) -> None:
