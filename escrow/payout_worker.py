@@ -164,8 +164,6 @@ class WorkerOptions:
     # Solana re-signs after expiry at most this often before failing the payout for good.
     max_sign_attempts: int = 5
     batch_limit: int = 200
-    # Payouts leased per statement: small enough that two workers share a backlog.
-    claim_chunk: int = 16
     backoff: payouts.Backoff = field(default_factory=payouts.Backoff)
 
     @property
@@ -389,14 +387,15 @@ class PayoutWorker:
         self.chain.start_pass()
         with self._heartbeat():
             try:
-                candidates = self._candidates()
-                chunk = self.options.claim_chunk
-                for start in range(0, len(candidates), chunk):
-                    claimed = self.claim_many(candidates[start : start + chunk])
-                    for payout_id in sorted(claimed):
-                        stats.claimed += 1
-                        status, step_errors = claimed[payout_id]
-                        self._advance_isolated(payout_id, status, step_errors, stats)
+                # Each payout is claimed right before it is worked on: a worker that dies
+                # holds up only the one it was on, never a batch it had not reached.
+                for payout_id in self._candidates():
+                    claimed = self.claim_many([payout_id])
+                    if payout_id not in claimed:
+                        continue
+                    stats.claimed += 1
+                    status, step_errors = claimed[payout_id]
+                    self._advance_isolated(payout_id, status, step_errors, stats)
             except Exception:
                 self.release_claims()
                 raise
