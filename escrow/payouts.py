@@ -433,10 +433,15 @@ class StepFailure:
 
 
 def record_step_failure(
-    session: Session, payout_id: int, backoff: Backoff, claimed_by: str | None = None
+    session: Session,
+    payout_id: int,
+    backoff: Backoff,
+    claimed_by: str | None = None,
+    *,
+    delay: bool = True,
 ) -> StepFailure | None:
-    """Count a failed step and schedule the next attempt; None when the payout is not
-    (or no longer) `claimed_by` this worker (None: no claim to check)."""
+    """Count a failed step and (with `delay`) put the next attempt off; None when the
+    payout is not (or no longer) `claimed_by` this worker (None: no claim to check)."""
     now = utcnow()
     condition = [Payout.id == payout_id]
     if claimed_by is not None:
@@ -446,8 +451,8 @@ def record_step_failure(
         return None
     payout.step_errors += 1
     payout.failing_since = payout.failing_since or now
-    delay_s = backoff.delay_s(payout.step_errors)
-    payout.retry_at = now + timedelta(seconds=delay_s)
+    delay_s = backoff.delay_s(payout.step_errors) if delay else 0.0
+    payout.retry_at = now + timedelta(seconds=delay_s) if delay else None
     stalled_now = (
         not payout.stall_reported
         and (now - payout.failing_since).total_seconds() >= backoff.stalled_after_s

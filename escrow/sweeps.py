@@ -106,6 +106,12 @@ class SweepStats:
     parked: int = 0
 
 
+class SendRefused(RpcError):
+    """The node did not take a stored transaction of the sweep. The bytes stay stored and
+    the next pass sends them again, without a backoff: a fee cap below today's base fee
+    becomes valid again as fees fall."""
+
+
 class GasWalletShort(Exception):
     """The gas wallet cannot pay the gas a deposit address needs for its sweep."""
 
@@ -344,6 +350,9 @@ class EvmSweeper:
         except GasWalletShort as short:
             stats.waiting += 1
             self._short_of_gas(payout_id, short.reason)
+        except SendRefused as exc:
+            stats.errors += 1
+            self._step_failed(payout_id, exc, delay=False)
         except payouts.TRANSIENT_ERRORS as exc:
             stats.errors += 1
             self._step_failed(payout_id, exc)
@@ -355,9 +364,10 @@ class EvmSweeper:
                 in_transaction(self.sessions, lambda s: payouts.clear_step_failures(s, payout_id))
                 log.info("sweep_step_recovered", payout_id=payout_id, failed_steps=step_errors)
 
-    def _step_failed(self, payout_id: int, exc: BaseException) -> None:
+    def _step_failed(self, payout_id: int, exc: BaseException, *, delay: bool = True) -> None:
         failure = in_transaction(
-            self.sessions, lambda s: payouts.record_step_failure(s, payout_id, self.backoff)
+            self.sessions,
+            lambda s: payouts.record_step_failure(s, payout_id, self.backoff, delay=delay),
         )
         assert failure is not None, "a sweep is not claimed: its failure is always recorded"
         fields = {
@@ -583,8 +593,7 @@ class EvmSweeper:
         try:
             self.source.send_raw_transaction(raw_tx)
         except RpcError as exc:
-            # The bytes stay stored; the next pass sends them again.
-            log.warning("sweep_send_failed", error=str(exc))
+            raise SendRefused(str(exc)) from exc
 
     def _key_of(self, payout_id: int) -> EvmKey:
         with self.sessions() as session:
