@@ -88,14 +88,19 @@ TRANSIENT_ERRORS = payouts.TRANSIENT_ERRORS
 
 @dataclass(frozen=True)
 class Ahead:
-    """A payout signed before this one and not settled yet: what it may still take out of
-    the hot wallet."""
+    """Payouts of one asset and reason signed before this one and not settled yet: what
+    they may still take out of the hot wallet."""
 
     asset_id: int
-    amount: int
     reason: str
     # The chain's own coin (SOL): its amount leaves the same balance as the fees.
     native: bool
+    count: int
+    amount: int
+
+    @property
+    def sweep(self) -> bool:
+        return self.reason == PayoutReason.SWEEP.value
 
 
 @dataclass(frozen=True)
@@ -556,12 +561,19 @@ class PayoutWorker:
             ahead = [
                 Ahead(
                     asset_id=row.asset_id,
-                    amount=row.amount,
                     reason=row.reason,
                     native=row.token_address is None,
+                    count=int(row.n),
+                    amount=int(row.amount),
                 )
                 for row in session.execute(
-                    select(Payout.asset_id, Payout.amount, Payout.reason, Asset.token_address)
+                    select(
+                        Payout.asset_id,
+                        Payout.reason,
+                        Asset.token_address,
+                        func.count().label("n"),
+                        func.sum(Payout.amount).label("amount"),
+                    )
                     .join(Asset, Asset.id == Payout.asset_id)
                     .where(
                         Payout.chain == self.chain.chain,
@@ -573,6 +585,7 @@ class PayoutWorker:
                             ),
                         ),
                     )
+                    .group_by(Payout.asset_id, Payout.reason, Asset.token_address)
                 )
             ]
             shortfall = self.chain.shortfall(payout, asset, ahead)
@@ -1048,9 +1061,10 @@ class EvmPayoutChain:
         # The node accepts a transaction only if the sender can pay its whole fee cap.
         gas_each = self.sender.gas_cost_cap_wei()
         tokens, wei = self._balance(asset.token_address), self._balance(None)
-        mine = [a for a in ahead if a.reason != PayoutReason.SWEEP.value]
+        mine = [a for a in ahead if not a.sweep]
+        count_ahead = sum(a.count for a in mine)
         tokens_ahead = sum(a.amount for a in mine if a.asset_id == asset.id)
-        wei_ahead = gas_each * len(mine)
+        wei_ahead = gas_each * count_ahead
         if tokens >= payout.amount + tokens_ahead and wei >= gas_each + wei_ahead:
             return None
         reason = (
@@ -1060,7 +1074,7 @@ class EvmPayoutChain:
         )
         if mine:
             reason += (
-                f", after {len(mine)} payouts signed ahead of it that need {tokens_ahead} "
+                f", after {count_ahead} payouts signed ahead of it that need {tokens_ahead} "
                 f"and {wei_ahead} wei"
             )
         return Shortfall(
@@ -1163,27 +1177,26 @@ class SolanaPayoutChain:
         return self._rent[data_len]
 
     @staticmethod
-    def _lamports_taken(reason: str, amount: int, native: bool) -> int:
-        """Lamports one transaction takes from the hot wallet, token account rent aside:
-        the fee (a sweep is signed by its deposit address too) and a SOL payout's amount."""
-        sweep = reason == PayoutReason.SWEEP.value
-        return LAMPORTS_PER_SIGNATURE * (2 if sweep else 1) + (
-            amount if native and not sweep else 0
-        )
+    def _lamports_taken(*, sweep: bool, native: bool, count: int, amount: int) -> int:
+        """Lamports `count` transactions take from the hot wallet, token account rent
+        aside: the fees (a sweep is signed by its deposit address too) and SOL amounts."""
+        fees = LAMPORTS_PER_SIGNATURE * (2 if sweep else 1) * count
+        return fees + (amount if native and not sweep else 0)
 
     def shortfall(self, payout: Payout, asset: Asset, ahead: Sequence[Ahead]) -> Shortfall | None:
         sweep = payout.reason == PayoutReason.SWEEP.value
         mint = asset.token_address
         # The hot wallet pays every fee, so it must keep its own rent-exempt reserve.
         lamports_need = self._rent_exempt(0) + self._lamports_taken(
-            payout.reason, payout.amount, mint is None
+            sweep=sweep, native=mint is None, count=1, amount=payout.amount
         )
         tokens_need = payout.amount if mint is not None and not sweep else 0
-        lamports_ahead = sum(self._lamports_taken(a.reason, a.amount, a.native) for a in ahead)
-        tokens_ahead = sum(
-            a.amount
+        lamports_ahead = sum(
+            self._lamports_taken(sweep=a.sweep, native=a.native, count=a.count, amount=a.amount)
             for a in ahead
-            if mint is not None and a.asset_id == asset.id and a.reason != PayoutReason.SWEEP.value
+        )
+        tokens_ahead = sum(
+            a.amount for a in ahead if mint is not None and a.asset_id == asset.id and not a.sweep
         )
         lamports = self._balance(None)
         tokens = self._balance(mint) if mint is not None else 0
@@ -1204,7 +1217,7 @@ class SolanaPayoutChain:
         )
         if ahead:
             reason += (
-                f", after {len(ahead)} transactions signed ahead of it that need "
+                f", after {sum(a.count for a in ahead)} transactions signed ahead of it that need "
                 f"{lamports_ahead} lamports and {tokens_ahead} base units"
             )
         return Shortfall(
