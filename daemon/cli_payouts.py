@@ -70,15 +70,17 @@ def list_payouts(
     status: Annotated[PayoutStatus | None, typer.Option(help="Only payouts in this state.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
 ) -> None:
-    """The newest payouts: id, chain, asset, amount (base units), status, tx hash."""
+    """The newest payouts: id, chain, asset, amount (base units), status, reason, tx hash,
+    and why one waits, was parked or cancelled."""
     query = select(Payout, Asset.symbol).join(Asset, Asset.id == Payout.asset_id)
     if status is not None:
         query = query.where(Payout.status == status.value)
     with make_session_factory(_state(ctx).engine)() as session:
         for payout, symbol in session.execute(query.order_by(Payout.id.desc()).limit(limit)):
+            why = f"\t{payout.status_reason}" if payout.status_reason else ""
             typer.echo(
                 f"{payout.id}\t{payout.chain}\t{symbol}\t{payout.amount}\t{payout.status}\t"
-                f"{payout.reason}\t{payout.tx_hash or '-'}"
+                f"{payout.reason}\t{payout.tx_hash or '-'}{why}"
             )
 
 

@@ -676,14 +676,3 @@ def payouts_by_status(
         )
         for chain, status, count, oldest in rows
     ]
-
-
-def failing_payouts(session: Session) -> list[Payout]:
-    """Open payouts whose last step failed, oldest failure first (`payouts list --failing`)."""
-    return list(
-        session.scalars(
-            select(Payout)
-            .where(Payout.status.in_([s.value for s in OPEN]), Payout.step_errors > 0)
-            .order_by(Payout.failing_since)
-        )
-    )

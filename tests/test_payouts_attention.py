@@ -135,6 +135,9 @@ def test_a_poisoned_payout_is_parked_and_the_others_are_paid_in_the_same_pass(
     assert _status(world, ids[1]).status == "needs_attention"
 
     runner, app = CliRunner(), _cli(world.config_path)
+    listed = runner.invoke(app, ["payouts", "list", "--status", "needs_attention"])
+    assert listed.output.startswith(f"{ids[1]}\tanvil\tUSDC\t{USDC}\tneeds_attention\t")
+    assert "ValueError" in listed.output
     retried = runner.invoke(app, ["payouts", "retry", str(ids[1])])
     assert retried.exit_code == 0, retried.output
     assert _status(world, ids[1]).status == "requested"
