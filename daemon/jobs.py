@@ -486,14 +486,19 @@ def sweep_jobs(ctx: JobContext) -> list[Job]:
             "USDC": ctx.settings.payouts.min_usdc_base_units,
         }
 
+        # The payout worker drives the sweeps found; RPC trouble here is reported once.
+        health = sweeps.DiscoveryHealth(solana.name, ctx.settings.payouts.stalled_after_s)
+
         def discover() -> int:
-            count: int = sweeps.discover_solana_sweeps(
-                ctx.sessions,
-                source,
-                chain=solana.name,
-                hot_wallet=keystore.solana_hot_wallet.address,
-                min_base_units=minimums,
-            )
+            count = 0
+            with health.attempt():
+                count = sweeps.discover_solana_sweeps(
+                    ctx.sessions,
+                    source,
+                    chain=solana.name,
+                    hot_wallet=keystore.solana_hot_wallet.address,
+                    min_base_units=minimums,
+                )
             return count
 
         jobs.append(Job(f"sweeps:{solana.name}", interval_s, discover))

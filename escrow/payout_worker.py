@@ -453,7 +453,12 @@ class PayoutWorker:
             log.info("payout_step_failed", **fields)
 
     def _step_recovered(self, payout_id: int, step_errors: int) -> None:
-        in_transaction(self.sessions, lambda s: payouts.clear_step_failures(s, payout_id))
+        try:
+            in_transaction(self.sessions, lambda s: payouts.clear_step_failures(s, payout_id))
+        except Exception as exc:
+            # Only the backoff bookkeeping is stale; the next failure or success fixes it.
+            log.info("payout_recovery_not_recorded", payout_id=payout_id, error=_describe(exc))
+            return
         log.info(
             "payout_step_recovered",
             payout_id=payout_id,

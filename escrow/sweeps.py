@@ -34,7 +34,8 @@ import functools
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import rlp
@@ -256,6 +257,43 @@ def discover_solana_sweeps(
     return created
 
 
+class DiscoveryHealth:
+    """A chain's sweep discovery (balance reads over every deposit address) failing pass
+    after pass for RPC trouble: an info line each time, one `sweep_discovery_stalled`
+    error once it lasted `stalled_after_s`, an info line when it works again. The open
+    sweeps are still driven meanwhile, and the job's tick does not fail."""
+
+    def __init__(self, chain: str, stalled_after_s: float) -> None:
+        self.chain = chain
+        self.stalled_after_s = stalled_after_s
+        self._failing_since: float | None = None
+        self._stall_reported = False
+
+    @contextmanager
+    def attempt(self) -> Iterator[None]:
+        try:
+            yield
+        except payouts.TRANSIENT_ERRORS as exc:
+            self._failed(exc)
+        else:
+            if self._failing_since is not None:
+                log.info("sweep_discovery_recovered", chain=self.chain)
+            self._failing_since = None
+            self._stall_reported = False
+
+    def _failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        failing_s = now - self._failing_since
+        fields = {"chain": self.chain, "error": f"{type(exc).__name__}: {exc}"}
+        if not self._stall_reported and failing_s >= self.stalled_after_s:
+            self._stall_reported = True
+            log.error("sweep_discovery_stalled", failing_s=round(failing_s, 1), **fields)
+        else:
+            log.info("sweep_discovery_failed", **fields)
+
+
 def recipient_of(raw_tx: bytes) -> str:
     """The `to` of a signed EIP-1559 transaction (a sweep's gas funding goes to its source)."""
     fields = rlp.decode(raw_tx[1:])
@@ -281,8 +319,7 @@ class EvmSweeper:
     ) -> None:
         self.sessions = sessions
         self.backoff = backoff or payouts.Backoff()
-        self._discovery_failing_since: float | None = None
-        self._discovery_stall_reported = False
+        self.discovery = DiscoveryHealth(chain, self.backoff.stalled_after_s)
         self.crash = crash or (lambda point: None)
         self.source = source
         self.chain = chain
@@ -317,12 +354,8 @@ class EvmSweeper:
             # A fresh database: nothing can have been credited, so nothing to sweep yet.
             log.debug("sweeps_waiting_for_asset", chain=self.chain)
             return stats
-        try:
+        with self.discovery.attempt():
             self._discover(stats)
-        except payouts.TRANSIENT_ERRORS as exc:
-            self._discovery_failed(exc)
-        else:
-            self._discovery_ok()
         now = utcnow()
         with self.sessions() as session:
             due_ids = list(
@@ -419,24 +452,6 @@ class EvmSweeper:
             status = session.get_one(Payout, payout_id).status
         if status != PayoutStatus.WAITING_FUNDS.value:
             self._step_failed(payout_id, GasWalletShort(reason))
-
-    def _discovery_failed(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        if self._discovery_failing_since is None:
-            self._discovery_failing_since = now
-        failing_s = now - self._discovery_failing_since
-        fields = {"chain": self.chain, "error": f"{type(exc).__name__}: {exc}"}
-        if not self._discovery_stall_reported and failing_s >= self.backoff.stalled_after_s:
-            self._discovery_stall_reported = True
-            log.error("sweep_discovery_stalled", failing_s=round(failing_s, 1), **fields)
-        else:
-            log.info("sweep_discovery_failed", **fields)
-
-    def _discovery_ok(self) -> None:
-        if self._discovery_failing_since is not None:
-            log.info("sweep_discovery_recovered", chain=self.chain)
-        self._discovery_failing_since = None
-        self._discovery_stall_reported = False
 
     def _due_count(self) -> int:
         """Sweeps a pass would work on now (not waiting for funds, parked or backing off)."""
