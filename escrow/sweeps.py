@@ -15,11 +15,14 @@ Steps, each stored before anything is sent (the payout rules):
    again) rather than the sweep being re-signed;
 3. confirmed at the chain's depth (or failed for good on a revert).
 At most one open sweep per deposit address, so a sweep is never duplicated. States:
-requested -> signed -> confirmed | failed. Run one sweeper per chain (a scheduler job
-under its advisory lock), like every other job.
+requested -> signed -> confirmed | failed; requested -> waiting_funds while the gas wallet
+cannot pay the gas; needs_attention when a step raised an unexpected error (each sweep is
+isolated like a payout, and a step failing for RPC trouble backs off). Only credited
+funds are swept (`sweepable`). Run one sweeper per chain (a scheduler job under its
+advisory lock), like every other job.
 
 Run passes from the command line (used by the crash tests):
-``python -m escrow.sweeps --config FILE --chain NAME [--until-idle]``.
+``python -m escrowd.escrow.sweeps --config FILE --chain NAME [--until-idle]``.
 
 Solana sweeps need no gas funding (the hot wallet is the fee payer, the deposit key
 co-signs), so `discover_solana_sweeps` only creates the sweep rows and the payout worker
@@ -758,7 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from escrowd.escrow.payout_worker import CrashHook, unlock_from_settings
     from escrowd.models.db import make_engine, make_session_factory
 
-    parser = argparse.ArgumentParser(prog="python -m escrow.sweeps")
+    parser = argparse.ArgumentParser(prog="python -m escrowd.escrow.sweeps")
     parser.add_argument("--config", required=True)
     parser.add_argument("--chain", required=True)
     parser.add_argument("--until-idle", action="store_true")
