@@ -76,6 +76,7 @@ log = structlog.get_logger(__name__)
 
 CRASH_ENV = "ESCROWD_TEST_CRASH_AT"
 CRASH_AFTER_ENV = "ESCROWD_TEST_CRASH_AFTER"
+CRASH_HANG_ENV = "ESCROWD_TEST_CRASH_HANG"
 # Where a crash test may kill the worker; each is a moment with different stored state.
 CRASH_POINTS = ("after_hold", "after_sign", "after_store", "after_broadcast", "before_confirm")
 IN_FLIGHT = (PayoutStatus.REQUESTED, PayoutStatus.SIGNED, PayoutStatus.BROADCAST)
@@ -206,18 +207,25 @@ class _LostClaim(Exception):
 
 @dataclass
 class CrashHook:
-    """Crash on the `after`-th time `point` is reached (tests only)."""
+    """Crash on the `after`-th time `point` is reached (tests only). With `hang` the
+    process stops there instead, alive (its heartbeat still running), for the test to
+    kill it with SIGKILL."""
 
     point: str | None = None
     after: int = 1
     exit_process: bool = True
+    hang: bool = False
     _hits: int = field(default=0)
 
     @classmethod
     def from_env(cls, points: Sequence[str] = CRASH_POINTS) -> CrashHook:
         point = os.environ.get(CRASH_ENV) or None
         assert point is None or point in points, f"unknown crash point {point}"
-        return cls(point=point, after=int(os.environ.get(CRASH_AFTER_ENV, "1")))
+        return cls(
+            point=point,
+            after=int(os.environ.get(CRASH_AFTER_ENV, "1")),
+            hang=os.environ.get(CRASH_HANG_ENV) == "1",
+        )
 
     def __call__(self, point: str) -> None:
         if point != self.point:
@@ -225,6 +233,8 @@ class CrashHook:
         self._hits += 1
         if self._hits < self.after:
             return
+        if self.hang:
+            threading.Event().wait()
         if self.exit_process:
             os._exit(137)
         raise SimulatedCrash(point)

@@ -161,13 +161,23 @@ class EvmPayoutWorld:
         crash_at: str | None = None,
         crash_after: int = 1,
         timeout_s: float = 60.0,
+        hang: bool = False,
     ) -> subprocess.Popen[bytes]:
+        """A worker process; with `crash_at` it exits 137 there, or with `hang` stops
+        there alive until the test kills it."""
         env = dict(os.environ)
         env["ESCROWD_KEYSTORE_PASSPHRASE"] = PASSPHRASE
-        env.pop("ESCROWD_TEST_CRASH_AT", None)
+        for name in (
+            "ESCROWD_TEST_CRASH_AT",
+            "ESCROWD_TEST_CRASH_AFTER",
+            "ESCROWD_TEST_CRASH_HANG",
+        ):
+            env.pop(name, None)
         if crash_at is not None:
             env["ESCROWD_TEST_CRASH_AT"] = crash_at
             env["ESCROWD_TEST_CRASH_AFTER"] = str(crash_after)
+            if hang:
+                env["ESCROWD_TEST_CRASH_HANG"] = "1"
         return subprocess.Popen(
             [
                 sys.executable,

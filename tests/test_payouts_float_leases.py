@@ -1,12 +1,14 @@
 """The hot wallet's float and the workers' leases on anvil: a withdrawal the hot wallet
 cannot cover (tokens or gas) waits in waiting_funds without sending anything and is paid
-once the float is topped up; a killed worker holds up only the payout it was on, later
-nonces of the wallet are mined at once and its own payout is taken over within its lease;
-a step slower than the lease keeps it through the heartbeat."""
+once the float is topped up; a worker killed with SIGKILL holds up only the payout it was
+on (its heartbeat kept the lease while it lived), later nonces of the wallet are mined at
+once and its own payout is taken over within its lease; a step slower than the lease
+keeps it through the heartbeat."""
 
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -39,7 +41,6 @@ __all__ = ["anvil_chain"]
 pytestmark = pytest.mark.anvil
 
 USDC = 10**6
-KILLED = 137
 
 
 @pytest.fixture
@@ -151,7 +152,7 @@ def test_a_withdrawal_above_the_float_waits_and_is_paid_after_a_top_up(
 def test_a_killed_worker_holds_up_only_its_own_payout_and_only_for_its_lease(
     world: EvmPayoutWorld,
 ) -> None:
-    lease_s = 6.0
+    lease_s = 5.0
     settings = world.settings.model_copy(
         update={"payouts": world.settings.payouts.model_copy(update={"lease_s": lease_s})}
     )
@@ -165,9 +166,21 @@ def test_a_killed_worker_holds_up_only_its_own_payout_and_only_for_its_lease(
             destination = random_address()
             ids.append(world.request(s, agent.id, destination, USDC + i, f"lease-{i}").id)
             expected[(destination, USDC + i)] = 1
-    # Killed (exit 137, no clean-up) with the 4th payout signed and stored, not yet sent.
-    dead = world.run_worker_process("dead", crash_at="after_store", crash_after=4)
-    assert dead.wait(timeout=60) == KILLED
+    # The worker stops with the 4th payout signed and stored, not yet sent.
+    dead = world.run_worker_process("dead", crash_at="after_store", crash_after=4, hang=True)
+    deadline = time.monotonic() + 60
+    while (_payout(world, ids[3]).status, _payout(world, ids[3]).claimed_by) != ("signed", "dead"):
+        assert time.monotonic() < deadline and dead.poll() is None
+        time.sleep(0.05)
+    # Alive, however long the step takes, its heartbeat keeps the lease...
+    first_lease = _payout(world, ids[3]).claimed_until
+    assert first_lease is not None
+    while (_payout(world, ids[3]).claimed_until or first_lease) <= first_lease:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # ...until it is killed (SIGKILL: no clean-up, the lease is left to lapse).
+    dead.kill()
+    assert dead.wait(timeout=10) == -signal.SIGKILL
     killed_at = time.monotonic()
     held = _payout(world, ids[3])
     assert (held.status, held.claimed_by) == ("signed", "dead")
