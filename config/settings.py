@@ -144,6 +144,23 @@ class PayoutSettings(_Section):
     min_sol_lamports: NonNegativeInt = 1_000_000
     stuck_after_s: PositiveFloat = 120.0
     sweep_interval_s: PositiveFloat = 300.0
+    # A worker's claim on a payout; renewed every third of it while the payout is worked
+    # on, so a killed worker's payouts wait at most this long for another worker.
+    lease_s: Annotated[float, Field(ge=1.0, le=600.0)] = 10.0
+    # A payout or sweep step that failed (RPC, database) is retried after retry_base_s,
+    # doubling per consecutive failure up to retry_max_s.
+    retry_base_s: PositiveFloat = 2.0
+    retry_max_s: PositiveFloat = 300.0
+    # Failing for this long logs one `payout_stalled` / `sweep_stalled` error.
+    stalled_after_s: NonNegativeFloat = 60.0
+
+    @model_validator(mode="after")
+    def _backoff_grows(self) -> PayoutSettings:
+        if self.retry_max_s < self.retry_base_s:
+            raise ValueError(
+                f"retry_max_s ({self.retry_max_s}) must be >= retry_base_s ({self.retry_base_s})"
+            )
+        return self
 
 
 class WebhookSettings(_Section):

@@ -425,6 +425,13 @@ def solana_jobs(ctx: JobContext) -> list[Job]:
     return [Job(name, solana.poll_interval_s, _poll_and_confirm(poller), probe)]
 
 
+def _lease_releaser(worker: payout_worker.PayoutWorker) -> Callable[[], None]:
+    def release() -> None:
+        worker.release_claims()
+
+    return release
+
+
 def payout_jobs(ctx: JobContext) -> list[Job]:
     """One payout worker per chain, signing with the keystore's hot wallets."""
     if ctx.keystore is None:
@@ -457,10 +464,10 @@ def payout_jobs(ctx: JobContext) -> list[Job]:
         )
     jobs = []
     for chain_name, chain in chains:
-        options = payout_worker.WorkerOptions(
-            worker_id=worker_id, stuck_after_s=ctx.settings.payouts.stuck_after_s
-        )
+        options = payout_worker.WorkerOptions.of(ctx.settings, worker_id)
         worker = payout_worker.PayoutWorker(ctx.sessions, chain, options)
+        # A pass releases its leases when it ends; this covers one cut short at shutdown.
+        ctx.closers.append(_lease_releaser(worker))
         jobs.append(Job(f"payouts:{chain_name}", ctx.settings.payouts.interval_s, worker.run_once))
     return jobs
 
@@ -486,14 +493,19 @@ def sweep_jobs(ctx: JobContext) -> list[Job]:
             "USDC": ctx.settings.payouts.min_usdc_base_units,
         }
 
+        # The payout worker drives the sweeps found; RPC trouble here is reported once.
+        health = sweeps.DiscoveryHealth(solana.name, ctx.settings.payouts.stalled_after_s)
+
         def discover() -> int:
-            count: int = sweeps.discover_solana_sweeps(
-                ctx.sessions,
-                source,
-                chain=solana.name,
-                hot_wallet=keystore.solana_hot_wallet.address,
-                min_base_units=minimums,
-            )
+            count = 0
+            with health.attempt():
+                count = sweeps.discover_solana_sweeps(
+                    ctx.sessions,
+                    source,
+                    chain=solana.name,
+                    hot_wallet=keystore.solana_hot_wallet.address,
+                    min_base_units=minimums,
+                )
             return count
 
         jobs.append(Job(f"sweeps:{solana.name}", interval_s, discover))

@@ -29,6 +29,10 @@ EVENT_TYPES = frozenset(
         "payout.broadcast",
         "payout.confirmed",
         "payout.failed",
+        "payout.waiting_funds",
+        "payout.needs_attention",
+        "payout.retried",
+        "payout.cancelled",
     }
 )
 

@@ -1,23 +1,46 @@
-"""Payout requests: the payout row and its ledger hold, written together or not at all.
+"""Payouts outside the sender: the request, the operator's commands, shared bookkeeping.
 
-Only the request side lives here: validating the destination and amount, then holding the
-funds (agent available -> payouts in flight) in the caller's transaction. Signing and
-sending belong to the payout sender, which claims rows in status ``requested``.
+- The request: validate the destination and amount, then write the payout row and its
+  ledger hold (agent available -> payouts in flight) in the caller's transaction, together
+  or not at all. Signing and sending belong to escrow/payout_worker.py.
+- What the worker and the sweeper share: webhook payloads (the agent named by the
+  marketplace's id), the backoff of a failing step, parking a payout that hit an
+  unexpected error in needs_attention.
+- Operator commands (`escrowd payouts retry|cancel`), each in the caller's transaction
+  after `take_for_operator` claimed the payout like a worker would, so no worker moves it
+  meanwhile. Cancel reverses the hold; the caller proves first that nothing signed for the
+  payout can land (escrow/payout_worker.py `landing_verdict`).
+- Plain reads for gauges and readiness (`payouts_by_status`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import func, or_, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
+from escrowd.config.errors import Conflict, NotFound, Unavailable
 from escrowd.config.settings import Settings
 from escrowd.escrow import accounts, audit, events, ledger
 from escrowd.escrow.errors import IdempotencyConflict, InvalidAmount, UnknownAsset
-from escrowd.models import Chain, DepositAddress, Payout, PayoutReason, TransferCode
+from escrowd.indexer.errors import RpcError
+from escrowd.models import (
+    Agent,
+    Asset,
+    Chain,
+    DepositAddress,
+    Payout,
+    PayoutReason,
+    PayoutStatus,
+    PayoutTransaction,
+    TransferCode,
+    utcnow,
+)
 from escrowd.models.registry import find_asset
 from escrowd.wallets.addresses import (
     associated_token_address,
@@ -229,17 +252,7 @@ def request_payout(
             events.emit(
                 session,
                 "payout.requested",
-                {
-                    "payout_id": payout.id,
-                    "agent_id": agent_id,
-                    "chain": chain,
-                    "asset": asset_symbol,
-                    "destination": canonical,
-                    "amount_base_units": str(amount),
-                    "reason": reason.value,
-                    "reference": reference,
-                    "status": payout.status,
-                },
+                event_data(session, payout, asset_symbol, reference=reference),
             )
     except IntegrityError:
         # A concurrent request with the same idempotency key won the insert.
@@ -314,3 +327,352 @@ def minimum_payout(settings: Settings, asset_symbol: str) -> int:
     if asset_symbol == "SOL":
         return max(1, settings.payouts.min_sol_lamports)
     return 1
+
+
+# --- after the request: events, backoff, parking, operator commands, reads ---------------
+
+# Statuses a payout worker claims and drives (waiting_funds: to check the float again).
+WORKABLE = (
+    PayoutStatus.REQUESTED,
+    PayoutStatus.SIGNED,
+    PayoutStatus.BROADCAST,
+    PayoutStatus.WAITING_FUNDS,
+)
+# Not settled: the hold is still placed (a sweep's source address is still busy).
+OPEN = (*WORKABLE, PayoutStatus.NEEDS_ATTENTION)
+# Something signed for the payout may be on its way to the chain.
+SIGNED_STATES = (PayoutStatus.SIGNED, PayoutStatus.BROADCAST)
+# A payout or sweep step failing with these may succeed later unchanged (node or database
+# trouble): back off and retry. Anything else is unexpected for that payout: park it.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    RpcError,
+    Unavailable,
+    OperationalError,
+    InterfaceError,
+    OSError,
+)
+
+
+class PayoutNotFound(NotFound):
+    type = "payout_not_found"
+
+
+class PayoutStateConflict(Conflict):
+    type = "payout_state_conflict"
+
+
+def event_data(
+    session: Session, payout: Payout, asset_symbol: str, **extra: object
+) -> dict[str, object]:
+    """A payout.* webhook payload; the agent is named by the marketplace's id."""
+    agent = session.get(Agent, payout.agent_id) if payout.agent_id is not None else None
+    return {
+        "payout_id": payout.id,
+        "agent": agent.external_id if agent is not None else None,
+        "chain": payout.chain,
+        "asset": asset_symbol,
+        "destination": payout.destination,
+        "amount_base_units": str(payout.amount),
+        "reason": payout.reason,
+        "status": payout.status,
+        "tx_hash": payout.tx_hash,
+        **extra,
+    }
+
+
+def emit_event(session: Session, payout: Payout, event_type: str, **extra: object) -> None:
+    """The payout's webhook event in the caller's transaction; sweeps have none (custody
+    moves between platform addresses: nothing changed for any consumer)."""
+    if payout.reason == PayoutReason.SWEEP.value:
+        return
+    asset = session.get_one(Asset, payout.asset_id)
+    events.emit(session, event_type, event_data(session, payout, asset.symbol, **extra))
+
+
+def _audit(session: Session, payout: Payout, actor: str, action: str, **details: object) -> None:
+    asset = session.get_one(Asset, payout.asset_id)
+    audit.append(
+        session,
+        stream=f"payout:{payout.id}",
+        actor=actor,
+        action=action,
+        asset=asset.symbol,
+        amount=payout.amount,
+        details={"chain": payout.chain, "status": payout.status, **details},
+    )
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Growing delay between attempts of a failing payout or sweep step, and when its
+    failures have lasted long enough to raise the one alert."""
+
+    base_s: float = 2.0
+    max_s: float = 300.0
+    stalled_after_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        assert 0 < self.base_s <= self.max_s and self.stalled_after_s >= 0
+
+    @classmethod
+    def of(cls, settings: Settings) -> Backoff:
+        payouts = settings.payouts
+        return cls(payouts.retry_base_s, payouts.retry_max_s, payouts.stalled_after_s)
+
+    def delay_s(self, consecutive_errors: int) -> float:
+        assert consecutive_errors >= 1
+        return min(self.max_s, self.base_s * float(2 ** min(consecutive_errors - 1, 32)))
+
+
+@dataclass(frozen=True)
+class StepFailure:
+    step_errors: int
+    retry_in_s: float
+    # True exactly once per run of failures: when it first lasted `stalled_after_s`.
+    stalled_now: bool
+
+
+def record_step_failure(
+    session: Session,
+    payout_id: int,
+    backoff: Backoff,
+    claimed_by: str | None = None,
+    *,
+    delay: bool = True,
+) -> StepFailure | None:
+    """Count a failed step and (with `delay`) put the next attempt off; None when the
+    payout is not (or no longer) `claimed_by` this worker (None: no claim to check)."""
+    now = utcnow()
+    condition = [Payout.id == payout_id]
+    if claimed_by is not None:
+        condition.append(Payout.claimed_by == claimed_by)
+    payout = session.scalars(select(Payout).where(*condition).with_for_update()).one_or_none()
+    if payout is None:
+        return None
+    payout.step_errors += 1
+    payout.failing_since = payout.failing_since or now
+    delay_s = backoff.delay_s(payout.step_errors) if delay else 0.0
+    payout.retry_at = now + timedelta(seconds=delay_s) if delay else None
+    stalled_now = (
+        not payout.stall_reported
+        and (now - payout.failing_since).total_seconds() >= backoff.stalled_after_s
+    )
+    if stalled_now:
+        payout.stall_reported = True
+    return StepFailure(payout.step_errors, delay_s, stalled_now)
+
+
+def clear_step_failures(session: Session, payout_id: int) -> None:
+    """A step succeeded: the payout is no longer failing."""
+    session.execute(
+        update(Payout)
+        .where(Payout.id == payout_id)
+        .values(step_errors=0, failing_since=None, retry_at=None, stall_reported=False)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def park(session: Session, payout: Payout, *, reason: str, actor: str) -> None:
+    """Move a claimed open payout to needs_attention: nothing more happens to it (its hold,
+    and for a signed one its nonce, stay) until `retry_payout` or `cancel_payout`."""
+    assert payout.status in {s.value for s in WORKABLE}, payout.status
+    payout.attention_from = payout.status
+    payout.status = PayoutStatus.NEEDS_ATTENTION.value
+    payout.status_reason = reason[:500]
+    payout.claimed_by = None
+    payout.claimed_until = None
+    session.flush()
+    _audit(session, payout, actor, "payout_needs_attention", reason=payout.status_reason)
+    emit_event(session, payout, "payout.needs_attention", status_reason=payout.status_reason)
+
+
+def take_for_operator(session: Session, payout_id: int, operator: str, lease_s: float) -> Payout:
+    """Claim an open payout for an operator command, so no worker moves it meanwhile.
+    Raises PayoutNotFound, or PayoutStateConflict when it is settled or a worker holds it."""
+    now = utcnow()
+    claimed = session.execute(
+        update(Payout)
+        .where(
+            Payout.id == payout_id,
+            Payout.status.in_([s.value for s in OPEN]),
+            or_(
+                Payout.claimed_by.is_(None),
+                Payout.claimed_by == operator,
+                Payout.claimed_until < now,
+            ),
+        )
+        .values(claimed_by=operator, claimed_until=now + timedelta(seconds=lease_s))
+        .execution_options(synchronize_session=False)
+    )
+    payout = session.scalars(
+        select(Payout).where(Payout.id == payout_id).execution_options(populate_existing=True)
+    ).one_or_none()
+    if payout is None:
+        raise PayoutNotFound(f"no payout {payout_id}; `escrowd payouts list` shows them")
+    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        if payout.status not in {s.value for s in OPEN}:
+            raise PayoutStateConflict(
+                f"payout {payout_id} is {payout.status}: settled, nothing to do"
+            )
+        raise PayoutStateConflict(
+            f"payout {payout_id} is being worked on by {payout.claimed_by} right now; "
+            "try again in a few seconds"
+        )
+    return payout
+
+
+def release_operator_claim(session: Session, payout_id: int, operator: str) -> None:
+    session.execute(
+        update(Payout)
+        .where(Payout.id == payout_id, Payout.claimed_by == operator)
+        .values(claimed_by=None, claimed_until=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def cancel_payout(
+    session: Session, payout_id: int, *, operator: str, reason: str, evidence: str | None
+) -> Payout:
+    """Cancel a payout the operator holds (`take_for_operator`): status cancelled, the hold
+    reversed to the agent (sweeps hold nothing), an audit row and a payout.cancelled event.
+
+    The caller decides that nothing signed for it can land: `evidence` says how (None when
+    nothing was ever signed). A payout with stored transactions and no evidence is refused.
+    """
+    payout = session.scalars(
+        select(Payout).where(Payout.id == payout_id).with_for_update()
+    ).one_or_none()
+    if payout is None:
+        raise PayoutNotFound(f"no payout {payout_id}; `escrowd payouts list` shows them")
+    if payout.claimed_by != operator or payout.status not in {s.value for s in OPEN}:
+        raise PayoutStateConflict(
+            f"payout {payout_id} changed while it was checked ({payout.status}); run cancel again"
+        )
+    signed = session.scalar(
+        select(PayoutTransaction.id).where(PayoutTransaction.payout_id == payout_id).limit(1)
+    )
+    if signed is not None and evidence is None:
+        raise PayoutStateConflict(
+            f"payout {payout_id} has signed transactions; it can be cancelled only once "
+            "the chain shows none of them can land"
+        )
+    asset = session.get_one(Asset, payout.asset_id)
+    previous = payout.status
+    payout.status = PayoutStatus.CANCELLED.value
+    payout.status_reason = reason[:500]
+    payout.claimed_by = None
+    payout.claimed_until = None
+    payout.retry_at = None
+    session.flush()
+    if payout.reason != PayoutReason.SWEEP.value:
+        assert payout.agent_id is not None
+        ledger.post(
+            session,
+            [
+                ledger.TransferSpec(
+                    # The key a chain failure would use: a payout is reversed at most once.
+                    idempotency_key=f"payout:{payout.id}:reversal",
+                    debit_account_id=accounts.payouts_in_flight(
+                        session, payout.chain, asset.symbol
+                    ).id,
+                    credit_account_id=accounts.agent_available(
+                        session, payout.agent_id, asset.symbol
+                    ).id,
+                    amount=payout.amount,
+                    code=TransferCode.PAYOUT_REVERSAL,
+                    ref_type="payout",
+                    ref_id=str(payout.id),
+                )
+            ],
+            actor=operator,
+            audit_stream=f"payout:{payout.id}",
+        )
+    _audit(
+        session,
+        payout,
+        operator,
+        "payout_cancelled",
+        reason=payout.status_reason,
+        previous_status=previous,
+        evidence=evidence,
+    )
+    emit_event(session, payout, "payout.cancelled", status_reason=payout.status_reason)
+    log.warning(
+        "payout_cancelled",
+        payout_id=payout.id,
+        chain=payout.chain,
+        operator=operator,
+        previous_status=previous,
+        evidence=evidence,
+    )
+    return payout
+
+
+def retry_payout(session: Session, payout_id: int, *, operator: str) -> Payout:
+    """Put a payout the operator holds back in the workers' hands now: a needs_attention
+    one where it was parked, any other open one with its backoff cleared (a waiting_funds
+    one is checked against the float again)."""
+    payout = session.scalars(
+        select(Payout).where(Payout.id == payout_id).with_for_update()
+    ).one_or_none()
+    if payout is None:
+        raise PayoutNotFound(f"no payout {payout_id}; `escrowd payouts list` shows them")
+    if payout.claimed_by != operator or payout.status not in {s.value for s in OPEN}:
+        raise PayoutStateConflict(
+            f"payout {payout_id} changed while it was checked ({payout.status}); run retry again"
+        )
+    previous = payout.status
+    if payout.status == PayoutStatus.NEEDS_ATTENTION.value:
+        assert payout.attention_from is not None
+        payout.status = payout.attention_from
+    payout.attention_from = None
+    payout.status_reason = None
+    payout.claimed_by = None
+    payout.claimed_until = None
+    payout.step_errors = 0
+    payout.failing_since = None
+    payout.retry_at = None
+    payout.stall_reported = False
+    session.flush()
+    _audit(session, payout, operator, "payout_retried", previous_status=previous)
+    emit_event(session, payout, "payout.retried", previous_status=previous)
+    log.info(
+        "payout_retried",
+        payout_id=payout.id,
+        operator=operator,
+        previous_status=previous,
+        status=payout.status,
+    )
+    return payout
+
+
+@dataclass(frozen=True)
+class StatusAge:
+    chain: str
+    status: str
+    count: int
+    # Seconds since the oldest of them was requested.
+    oldest_age_s: float
+
+
+def payouts_by_status(
+    session: Session, statuses: Sequence[PayoutStatus] = OPEN, *, now: datetime | None = None
+) -> list[StatusAge]:
+    """Open payouts (sweeps included) per chain and status with the age of the oldest:
+    for gauges and readiness ("a payout waiting for funds for 10 minutes")."""
+    now = now or utcnow()
+    rows = session.execute(
+        select(Payout.chain, Payout.status, func.count(), func.min(Payout.created_at))
+        .where(Payout.status.in_([s.value for s in statuses]))
+        .group_by(Payout.chain, Payout.status)
+        .order_by(Payout.chain, Payout.status)
+    ).all()
+    return [
+        StatusAge(
+            chain=chain,
+            status=status,
+            count=int(count),
+            oldest_age_s=max(0.0, (now - oldest).total_seconds()),
+        )
+        for chain, status, count, oldest in rows
+    ]

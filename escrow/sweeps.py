@@ -15,11 +15,14 @@ Steps, each stored before anything is sent (the payout rules):
    again) rather than the sweep being re-signed;
 3. confirmed at the chain's depth (or failed for good on a revert).
 At most one open sweep per deposit address, so a sweep is never duplicated. States:
-requested -> signed -> confirmed | failed. Run one sweeper per chain (a scheduler job
-under its advisory lock), like every other job.
+requested -> signed -> confirmed | failed; requested -> waiting_funds while the gas wallet
+cannot pay the gas; needs_attention when a step raised an unexpected error (each sweep is
+isolated like a payout, and a step failing for RPC trouble backs off). Only credited
+funds are swept (`sweepable`). Run one sweeper per chain (a scheduler job under its
+advisory lock), like every other job.
 
 Run passes from the command line (used by the crash tests):
-``python -m escrow.sweeps --config FILE --chain NAME [--until-idle]``.
+``python -m escrowd.escrow.sweeps --config FILE --chain NAME [--until-idle]``.
 
 Solana sweeps need no gas funding (the hot wallet is the fee payer, the deposit key
 co-signs), so `discover_solana_sweeps` only creates the sweep rows and the payout worker
@@ -33,28 +36,38 @@ import argparse
 import functools
 import sys
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 
 import rlp
 import structlog
 from eth_utils.address import to_checksum_address
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from escrowd.config.settings import Settings
-from escrowd.escrow import audit
+from escrowd.escrow import audit, payouts
 from escrowd.escrow.uow import in_transaction
 from escrowd.indexer.errors import RpcError
-from escrowd.indexer.evm_sender import ERC20_TRANSFER_GAS, EvmSender, decode_fees, quote_fees
+from escrowd.indexer.evm_sender import (
+    ERC20_TRANSFER_GAS,
+    NATIVE_TRANSFER_GAS,
+    EvmSender,
+    decode_fees,
+    quote_fees,
+)
 from escrowd.indexer.evm_source import EvmSource
 from escrowd.indexer.sending import SignedTx, TxState
 from escrowd.indexer.solana_source import SolanaSource
 from escrowd.models import (
     Asset,
     Chain,
+    Deposit,
     DepositAddress,
+    DepositStatus,
     Payout,
     PayoutReason,
     PayoutStatus,
@@ -65,7 +78,13 @@ from escrowd.wallets.keystore import EvmKey, UnlockedKeystore
 
 log = structlog.get_logger(__name__)
 
-OPEN = (PayoutStatus.REQUESTED.value, PayoutStatus.SIGNED.value, PayoutStatus.BROADCAST.value)
+# Not settled: at most one such sweep per (address, asset), and its amount counts as swept.
+OPEN = tuple(status.value for status in payouts.OPEN)
+# Settled or under way: what a deposit address no longer has to sweep.
+SWEPT = (*OPEN, PayoutStatus.CONFIRMED.value)
+# Sweeps the EVM sweeper drives (a waiting one: to check the gas wallet again).
+IN_FLIGHT = (PayoutStatus.REQUESTED.value, PayoutStatus.SIGNED.value)
+WORKED = (*IN_FLIGHT, PayoutStatus.WAITING_FUNDS.value)
 # Gas sent to a deposit address covers this many times one transfer at the quoted fee.
 GAS_MARGIN = 2
 # A Solana sweep that failed is not retried for this long, doubled per failure in a row.
@@ -90,6 +109,23 @@ class SweepStats:
     sent: int = 0
     confirmed: int = 0
     failed: int = 0
+    waiting: int = 0
+    errors: int = 0
+    parked: int = 0
+
+
+class SendRefused(RpcError):
+    """The node did not take a stored transaction of the sweep. The bytes stay stored and
+    the next pass sends them again, without a backoff: a fee cap below today's base fee
+    becomes valid again as fees fall."""
+
+
+class GasWalletShort(Exception):
+    """The gas wallet cannot pay the gas a deposit address needs for its sweep."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def create_sweep(
@@ -138,6 +174,49 @@ def create_sweep(
     return True
 
 
+@dataclass(frozen=True)
+class Sweepable:
+    agent_id: int
+    # Credited deposits of the asset to the address, less what sweeps took or are taking.
+    credited_base_units: int
+
+
+def sweepable(session: Session, *, chain: str, asset_id: int) -> dict[str, Sweepable]:
+    """Deposit addresses holding credited funds of an asset on `chain` not yet swept. Only
+    credited funds are swept: a deposit seen at `latest` but short of its confirmations
+    may still be reorged away, and its coins stay where the indexer expects them."""
+    credited = session.execute(
+        select(DepositAddress.address, DepositAddress.agent_id, func.sum(Deposit.amount))
+        .join(Deposit, Deposit.deposit_address_id == DepositAddress.id)
+        .where(
+            Deposit.chain == chain,
+            Deposit.asset_id == asset_id,
+            Deposit.status == DepositStatus.CONFIRMED.value,
+            Deposit.credited.is_(True),
+            Deposit.reversed.is_(False),
+        )
+        .group_by(DepositAddress.address, DepositAddress.agent_id)
+    ).all()
+    swept = dict(
+        session.execute(
+            select(Payout.source_address, func.sum(Payout.amount))
+            .where(
+                Payout.chain == chain,
+                Payout.asset_id == asset_id,
+                Payout.reason == PayoutReason.SWEEP.value,
+                Payout.status.in_(SWEPT),
+            )
+            .group_by(Payout.source_address)
+        ).all()
+    )
+    found = {}
+    for address, agent_id, total in credited:
+        left = int(total) - int(swept.get(address, 0))
+        if left > 0:
+            found[address] = Sweepable(agent_id=agent_id, credited_base_units=left)
+    return found
+
+
 def discover_solana_sweeps(
     sessions: sessionmaker[Session],
     source: SolanaSource,
@@ -147,22 +226,20 @@ def discover_solana_sweeps(
     min_base_units: dict[str, int],
 ) -> int:
     """Create a sweep for every Solana deposit address holding at least the minimum of
-    an asset (SOL: its whole balance, the hot wallet pays the fee; USDC: the sum over all
-    its token accounts of the mint, which the signed sweep takes from each). The payout
-    worker, built with `deposit_key`, signs and sends them. After a sweep of an address
-    and asset failed, the next waits `SOLANA_SWEEP_RETRY` doubled per failure in a row."""
+    an asset's credited funds (SOL: the hot wallet pays the fee; USDC: the sum over all its
+    token accounts of the mint, which the signed sweep takes from each). The payout worker,
+    built with `deposit_key`, signs and sends them. After a sweep of an address and asset
+    failed, the next waits `SOLANA_SWEEP_RETRY` doubled per failure in a row."""
     with sessions() as session:
         assets = list(session.scalars(select(Asset).where(Asset.chain == chain)))
-        rows = session.execute(
-            select(DepositAddress.address, DepositAddress.agent_id).where(
-                DepositAddress.chain == Chain.SOLANA.value
-            )
-        ).all()
+        candidates = {
+            asset.id: sweepable(session, chain=chain, asset_id=asset.id) for asset in assets
+        }
         not_before = _after_failures(session, chain)
     created = 0
     now = utcnow()
-    for address, agent_id in rows:
-        for asset in assets:
+    for asset in assets:
+        for address, due in candidates[asset.id].items():
             wait = not_before.get((address, asset.id))
             if wait is not None and now < wait[0]:
                 if (chain, address, asset.id, wait[1]) not in _BACKOFF_LOGGED:
@@ -178,21 +255,27 @@ def discover_solana_sweeps(
                 continue
             if asset.token_address is None:
                 balance = source.get_balance(address)
+                amount = min(balance, due.credited_base_units)
+                left = balance - amount
+                if 0 < left < source.get_minimum_balance_for_rent_exemption(0):
+                    # An account may not keep less than rent: sweep once the rest is credited.
+                    continue
             else:
                 balance = sum(
                     account.amount_base_units
                     for account in source.get_token_accounts_by_owner(address, asset.token_address)
                 )
-            if balance < max(1, min_base_units.get(asset.symbol, 1)):
+                amount = min(balance, due.credited_base_units)
+            if amount < max(1, min_base_units.get(asset.symbol, 1)):
                 continue
             create = functools.partial(
                 create_sweep,
                 chain=chain,
                 asset=asset,
                 source=address,
-                agent_id=agent_id,
+                agent_id=due.agent_id,
                 destination=hot_wallet,
-                amount=balance,
+                amount=amount,
             )
             created += in_transaction(sessions, create)
     return created
@@ -222,7 +305,45 @@ def _after_failures(session: Session, chain: str) -> dict[tuple[str, int], tuple
     }
 
 
-def _recipient(raw_tx: bytes) -> str:
+class DiscoveryHealth:
+    """A chain's sweep discovery (balance reads over every deposit address) failing pass
+    after pass for RPC trouble: an info line each time, one `sweep_discovery_stalled`
+    error once it lasted `stalled_after_s`, an info line when it works again. The open
+    sweeps are still driven meanwhile, and the job's tick does not fail."""
+
+    def __init__(self, chain: str, stalled_after_s: float) -> None:
+        self.chain = chain
+        self.stalled_after_s = stalled_after_s
+        self._failing_since: float | None = None
+        self._stall_reported = False
+
+    @contextmanager
+    def attempt(self) -> Iterator[None]:
+        try:
+            yield
+        except payouts.TRANSIENT_ERRORS as exc:
+            self._failed(exc)
+        else:
+            if self._failing_since is not None:
+                log.info("sweep_discovery_recovered", chain=self.chain)
+            self._failing_since = None
+            self._stall_reported = False
+
+    def _failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        failing_s = now - self._failing_since
+        fields = {"chain": self.chain, "error": f"{type(exc).__name__}: {exc}"}
+        if not self._stall_reported and failing_s >= self.stalled_after_s:
+            self._stall_reported = True
+            log.error("sweep_discovery_stalled", failing_s=round(failing_s, 1), **fields)
+        else:
+            log.info("sweep_discovery_failed", **fields)
+
+
+def recipient_of(raw_tx: bytes) -> str:
+    """The `to` of a signed EIP-1559 transaction (a sweep's gas funding goes to its source)."""
     fields = rlp.decode(raw_tx[1:])
     return str(to_checksum_address(bytes(fields[5])))
 
@@ -241,9 +362,12 @@ class EvmSweeper:
         max_fee_gwei: int,
         confirmations: int,
         min_amount_base_units: int,
+        backoff: payouts.Backoff | None = None,
         crash: Callable[[str], None] | None = None,
     ) -> None:
         self.sessions = sessions
+        self.backoff = backoff or payouts.Backoff()
+        self.discovery = DiscoveryHealth(chain, self.backoff.stalled_after_s)
         self.crash = crash or (lambda point: None)
         self.source = source
         self.chain = chain
@@ -261,29 +385,125 @@ class EvmSweeper:
     def _sender(self, key: EvmKey) -> EvmSender:
         return EvmSender(self.source, key, **self._sender_args)  # type: ignore[arg-type]
 
-    def _asset(self, session: Session) -> Asset:
+    def _asset(self, session: Session) -> Asset | None:
+        """The chain's USDC, None until the chain's poller registered it on its first tick."""
         return session.scalars(
             select(Asset).where(Asset.chain == self.chain, Asset.symbol == "USDC")
-        ).one()
+        ).one_or_none()
+
+    def _asset_of(self, session: Session, payout: Payout) -> Asset:
+        return session.get_one(Asset, payout.asset_id)
 
     def run_once(self) -> SweepStats:
         stats = SweepStats()
-        self._discover(stats)
         with self.sessions() as session:
-            open_ids = list(
+            registered = self._asset(session) is not None
+        if not registered:
+            # A fresh database: nothing can have been credited, so nothing to sweep yet.
+            log.debug("sweeps_waiting_for_asset", chain=self.chain)
+            return stats
+        with self.discovery.attempt():
+            self._discover(stats)
+        now = utcnow()
+        with self.sessions() as session:
+            due_ids = list(
                 session.scalars(
-                    select(Payout.id).where(
+                    select(Payout.id)
+                    .where(
                         Payout.chain == self.chain,
                         Payout.reason == PayoutReason.SWEEP.value,
-                        Payout.status.in_(OPEN),
+                        Payout.status.in_(WORKED),
+                        or_(Payout.retry_at.is_(None), Payout.retry_at <= now),
                     )
+                    .order_by(Payout.id)
                 )
             )
-        for payout_id in open_ids:
-            self._advance(payout_id, stats)
+        for payout_id in due_ids:
+            self._advance_isolated(payout_id, stats)
         return stats
 
-    def _open_count(self) -> int:
+    def _advance_isolated(self, payout_id: int, stats: SweepStats) -> None:
+        """Advance one sweep; whatever it raises stays with it (backoff, waiting or parked)."""
+        with self.sessions() as session:
+            step_errors = session.scalar(select(Payout.step_errors).where(Payout.id == payout_id))
+        try:
+            self._advance(payout_id, stats)
+        except GasWalletShort as short:
+            stats.waiting += 1
+            self._short_of_gas(payout_id, short.reason)
+        except SendRefused as exc:
+            stats.errors += 1
+            self._step_failed(payout_id, exc, delay=False)
+        except payouts.TRANSIENT_ERRORS as exc:
+            stats.errors += 1
+            self._step_failed(payout_id, exc)
+        except Exception as exc:
+            stats.parked += 1
+            self._park(payout_id, exc)
+        else:
+            if step_errors:
+                in_transaction(self.sessions, lambda s: payouts.clear_step_failures(s, payout_id))
+                log.info("sweep_step_recovered", payout_id=payout_id, failed_steps=step_errors)
+
+    def _step_failed(self, payout_id: int, exc: BaseException, *, delay: bool = True) -> None:
+        failure = in_transaction(
+            self.sessions,
+            lambda s: payouts.record_step_failure(s, payout_id, self.backoff, delay=delay),
+        )
+        assert failure is not None, "a sweep is not claimed: its failure is always recorded"
+        fields = {
+            "payout_id": payout_id,
+            "chain": self.chain,
+            "error": f"{type(exc).__name__}: {exc}",
+            "failed_steps": failure.step_errors,
+            "retry_in_s": round(failure.retry_in_s, 3),
+        }
+        if failure.stalled_now:
+            log.error("sweep_stalled", stalled_after_s=self.backoff.stalled_after_s, **fields)
+        else:
+            log.info("sweep_step_failed", **fields)
+
+    def _park(self, payout_id: int, exc: BaseException) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+
+        def work(session: Session) -> None:
+            payout = session.get_one(Payout, payout_id)
+            payouts.park(session, payout, reason=reason, actor="sweeper")
+
+        in_transaction(self.sessions, work)
+        log.error(
+            "sweep_needs_attention",
+            payout_id=payout_id,
+            chain=self.chain,
+            error=reason,
+            traceback="".join(traceback.format_exception(exc)),
+        )
+
+    def _short_of_gas(self, payout_id: int, reason: str) -> None:
+        """The gas wallet cannot fund this sweep: an unsigned sweep waits in waiting_funds
+        (announced once); one already signed backs off like any failed step."""
+
+        def work(session: Session) -> bool:
+            payout = session.get_one(Payout, payout_id)
+            payout.status_reason = reason[:500]
+            if payout.status != PayoutStatus.REQUESTED.value:
+                return False
+            payout.status = PayoutStatus.WAITING_FUNDS.value
+            session.flush()
+            self._audit(session, payout, "sweep_waiting_funds", reason=payout.status_reason)
+            return True
+
+        if in_transaction(self.sessions, work):
+            log.warning("sweep_waiting_for_funds", payout_id=payout_id, reason=reason)
+            return
+        with self.sessions() as session:
+            status = session.get_one(Payout, payout_id).status
+        if status != PayoutStatus.WAITING_FUNDS.value:
+            self._step_failed(payout_id, GasWalletShort(reason))
+
+    def _due_count(self) -> int:
+        """Sweeps a pass would work on now (not waiting for funds, parked or backing off)."""
+        now = utcnow()
         with self.sessions() as session:
             count = session.scalar(
                 select(func.count())
@@ -291,7 +511,8 @@ class EvmSweeper:
                 .where(
                     Payout.chain == self.chain,
                     Payout.reason == PayoutReason.SWEEP.value,
-                    Payout.status.in_(OPEN),
+                    Payout.status.in_(IN_FLIGHT),
+                    or_(Payout.retry_at.is_(None), Payout.retry_at <= now),
                 )
             )
         return count or 0
@@ -304,20 +525,18 @@ class EvmSweeper:
             for name in (f.name for f in fields(SweepStats)):
                 setattr(total, name, getattr(total, name) + getattr(stats, name))
             # A pass that confirmed a sweep may leave a later deposit to its address for
-            # the next one to find: idle is a pass that did nothing with nothing open.
-            if stats == SweepStats() and self._open_count() == 0:
+            # the next one to find: idle is a pass that did nothing with nothing due.
+            if stats == SweepStats() and self._due_count() == 0:
                 break
             time.sleep(pause_s)
         return total
 
     def _discover(self, stats: SweepStats) -> None:
         with self.sessions() as session:
-            token = self._asset(session).token_address
-            rows = session.execute(
-                select(DepositAddress.address, DepositAddress.agent_id).where(
-                    DepositAddress.chain == Chain.EVM.value
-                )
-            ).all()
+            asset = self._asset(session)
+            assert asset is not None and asset.token_address is not None
+            token, asset_id = asset.token_address, asset.id
+            due = sweepable(session, chain=self.chain, asset_id=asset_id)
             busy = set(
                 session.scalars(
                     select(Payout.source_address).where(
@@ -327,24 +546,26 @@ class EvmSweeper:
                     )
                 )
             )
-        assert token is not None
-        for address, agent_id in rows:
+        for address, credited in due.items():
             if address in busy:
                 continue
             balance = self.source.erc20_balance(token, address)
-            if balance < self.min_amount:
+            amount = min(balance, credited.credited_base_units)
+            if amount < self.min_amount:
                 continue
             create = functools.partial(
-                self._create, address=address, agent_id=agent_id, amount=balance
+                self._create, address=address, agent_id=credited.agent_id, amount=amount
             )
             if in_transaction(self.sessions, create):
                 stats.created += 1
 
     def _create(self, session: Session, address: str, agent_id: int, amount: int) -> bool:
+        asset = self._asset(session)
+        assert asset is not None, "discovery runs once the asset is registered"
         return create_sweep(
             session,
             chain=self.chain,
-            asset=self._asset(session),
+            asset=asset,
             source=address,
             agent_id=agent_id,
             destination=self.hot_wallet,
@@ -383,7 +604,7 @@ class EvmSweeper:
                 )
             )
             source = to_checksum_address(payout.source_address)
-        funding = [t for t in txs if _recipient(t.raw_tx) == source]
+        funding = [t for t in txs if recipient_of(t.raw_tx) == source]
         return funding, [t for t in txs if t not in funding]
 
     def _advance(self, payout_id: int, stats: SweepStats) -> None:
@@ -435,8 +656,7 @@ class EvmSweeper:
         try:
             self.source.send_raw_transaction(raw_tx)
         except RpcError as exc:
-            # The bytes stay stored; the next pass sends them again.
-            log.warning("sweep_send_failed", error=str(exc))
+            raise SendRefused(str(exc)) from exc
 
     def _key_of(self, payout_id: int) -> EvmKey:
         with self.sessions() as session:
@@ -466,7 +686,7 @@ class EvmSweeper:
         self, session: Session, payout_id: int, stored: PayoutTransaction | None
     ) -> SignedTx | None:
         payout = session.get(Payout, payout_id)
-        assert payout is not None and payout.status in OPEN
+        assert payout is not None and payout.status in WORKED
         # A stored sweep is never re-signed, so when fees moved between funding and
         # signing its own fee cap is what the address must cover, or it never lands.
         fees = (
@@ -478,8 +698,19 @@ class EvmSweeper:
         have = self.source.native_balance_wei(payout.source_address)
         if have >= need:
             return None
+        send_wei = GAS_MARGIN * need - have
+        # The node refuses (or the chain reverts) a transfer the gas wallet cannot pay.
+        cost_wei = send_wei + self.gas.gas_cost_cap_wei(NATIVE_TRANSFER_GAS)
+        gas_wallet_wei = self.source.native_balance_wei(self.gas.address)
+        if gas_wallet_wei < cost_wei:
+            raise GasWalletShort(
+                f"gas wallet {self.gas.address} holds {gas_wallet_wei} wei; sending "
+                f"{payout.source_address} the gas for its sweep needs up to {cost_wei} wei: "
+                "top up the gas wallet"
+            )
+        self._funds_available(session, payout)
         signed = self.gas.sign_native_transfer(
-            session, to=payout.source_address, amount_wei=GAS_MARGIN * need - have
+            session, to=payout.source_address, amount_wei=send_wei
         )
         self.crash("after_fund_sign")
         self._store(session, payout, signed)
@@ -488,8 +719,9 @@ class EvmSweeper:
 
     def _sign_sweep(self, session: Session, payout_id: int, key: EvmKey) -> SignedTx:
         payout = session.get(Payout, payout_id)
-        assert payout is not None and payout.status == PayoutStatus.REQUESTED.value
-        asset = self._asset(session)
+        assert payout is not None and payout.status in WORKED
+        self._funds_available(session, payout)
+        asset = self._asset_of(session, payout)
         assert asset.token_address is not None
         signed = self._sender(key).sign_token_transfer(
             session, token=asset.token_address, to=self.hot_wallet, amount_base_units=payout.amount
@@ -504,6 +736,15 @@ class EvmSweeper:
         session.flush()
         self._audit(session, payout, "sweep_signed")
         return signed
+
+    def _funds_available(self, session: Session, payout: Payout) -> None:
+        """A sweep that waited for the gas wallet goes on."""
+        if payout.status != PayoutStatus.WAITING_FUNDS.value:
+            return
+        payout.status = PayoutStatus.REQUESTED.value
+        payout.status_reason = None
+        session.flush()
+        self._audit(session, payout, "sweep_funds_available")
 
     def _finish(
         self,
@@ -553,6 +794,7 @@ def build_evm_sweeper(
         max_fee_gwei=evm.max_fee_gwei,
         confirmations=evm.confirmations,
         min_amount_base_units=settings.payouts.min_usdc_base_units,
+        backoff=payouts.Backoff.of(settings),
         crash=crash,
     )
 
@@ -564,7 +806,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from escrowd.escrow.payout_worker import CrashHook, unlock_from_settings
     from escrowd.models.db import make_engine, make_session_factory
 
-    parser = argparse.ArgumentParser(prog="python -m escrow.sweeps")
+    parser = argparse.ArgumentParser(prog="python -m escrowd.escrow.sweeps")
     parser.add_argument("--config", required=True)
     parser.add_argument("--chain", required=True)
     parser.add_argument("--until-idle", action="store_true")

@@ -11,7 +11,7 @@ payout's transactions gets mined settles it: they share one nonce, so at most on
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import rlp
@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from escrowd.indexer.errors import RpcError
 from escrowd.indexer.evm_source import EvmSource
-from escrowd.indexer.sending import SignedTx, TxOutcome, TxState
+from escrowd.indexer.sending import LandingVerdict, SignedTx, TxOutcome, TxState
 from escrowd.models import SenderNonce
 from escrowd.wallets.keystore import EvmKey
 
@@ -196,6 +196,11 @@ class EvmSender:
             self._quoted_at = now
         return self._quote
 
+    def gas_cost_cap_wei(self, gas: int = ERC20_TRANSFER_GAS) -> int:
+        """The most a transaction with `gas` signed now may cost: what a node wants the
+        sender to hold before it accepts the transaction."""
+        return gas * self._fees().max_fee_per_gas
+
     def _sign(
         self, *, nonce: int, to: str, data: bytes, value: int, gas: int, fees: Fees
     ) -> SignedTx:
@@ -286,3 +291,70 @@ class EvmSender:
                 error="transaction reverted (receipt status 0)",
             )
         return TxOutcome(TxState.PENDING)
+
+
+def landing_verdict(
+    source: EvmSource,
+    *,
+    signer: str,
+    nonce: int,
+    tx_hashes: Sequence[str],
+    confirmations: int,
+    wait_s: float,
+    poll_s: float = 1.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> LandingVerdict:
+    """Whether one of `tx_hashes` (all signed by `signer` with `nonce`) can still be mined.
+
+    They share the nonce, so none can once the chain has used it for a transaction that is
+    none of them, at the confirmation depth: the nonce is read at `latest`, then again
+    (with the receipts) once `confirmations` more blocks are mined, waiting up to `wait_s`.
+    """
+    assert tx_hashes and wait_s >= 0
+
+    def mined() -> LandingVerdict | None:
+        for tx_hash in tx_hashes:
+            receipt = source.receipt(tx_hash)
+            if receipt is not None:
+                return LandingVerdict(
+                    True,
+                    f"transaction {tx_hash} was mined in block {receipt.block_number}: "
+                    "`escrowd payouts retry` lets the worker settle the payout",
+                )
+        return None
+
+    found = mined()
+    if found is not None:
+        return found
+    seen_at = source.head()
+    expected = source.nonce(signer, pending=False)
+    if expected <= nonce:
+        return LandingVerdict(
+            True,
+            f"nonce {nonce} of {signer} is unused (the chain expects nonce {expected} next): "
+            "a stored transaction may still be mined",
+        )
+    deep_at = seen_at + max(1, confirmations)
+    deadline = time.monotonic() + wait_s
+    while source.head() < deep_at:
+        if time.monotonic() >= deadline:
+            return LandingVerdict(
+                True,
+                f"nonce {nonce} of {signer} was used by another transaction by block "
+                f"{seen_at}; block {deep_at} (the confirmation depth) was not mined within "
+                f"{wait_s:g} s: run the command again later",
+            )
+        sleep(poll_s)
+    found = mined()
+    if found is not None:
+        return found
+    if source.nonce(signer, pending=False) <= nonce:
+        return LandingVerdict(
+            True, f"nonce {nonce} of {signer} is unused again (a reorg): it may still be mined"
+        )
+    return LandingVerdict(
+        False,
+        f"nonce {nonce} of {signer} was used by a transaction escrowd did not sign "
+        f"(by block {seen_at}, still at block {deep_at} or later) and none of the "
+        f"{len(tx_hashes)} stored transactions was mined: none can be any more",
+    )

@@ -1,5 +1,5 @@
 """What a chain sender reports about a payout's transactions, shared by the EVM and
-Solana senders so the payout worker drives both with one state machine."""
+Solana senders so the payout worker (and `escrowd payouts cancel`) drive both alike."""
 
 from __future__ import annotations
 
@@ -40,3 +40,13 @@ class SignedTx:
     max_fee_per_gas: int | None = None
     max_priority_fee_per_gas: int | None = None
     last_valid_block_height: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LandingVerdict:
+    """Whether any transaction signed for a payout can still be mined, as the chain shows
+    it: a payout may be cancelled only when `may_land` is False."""
+
+    may_land: bool
+    # What the chain showed, for the operator and the audit row.
+    explanation: str

@@ -29,7 +29,7 @@ from spl.token.instructions import (
 from spl.token.models import TransferCheckedParams
 
 from escrowd.indexer.errors import RpcError
-from escrowd.indexer.sending import SignedTx, TxOutcome, TxState
+from escrowd.indexer.sending import LandingVerdict, SignedTx, TxOutcome, TxState
 from escrowd.indexer.solana_source import Commitment, SolanaSource
 from escrowd.wallets.keystore import SolanaKey
 
@@ -223,3 +223,34 @@ class SolanaSender:
         if last_valid_block_height is not None and height > last_valid_block_height:
             return TxOutcome(TxState.EXPIRED)
         return TxOutcome(TxState.PENDING)
+
+
+def landing_verdict(
+    source: SolanaSource, *, signatures: Sequence[str], last_valid_block_height: int | None
+) -> LandingVerdict:
+    """Whether one of `signatures` can still land: none can once the finalized block
+    height is past the newest blockhash's last valid height and the cluster knows none
+    of them (read in that order, so a signature absent afterwards is absent for good)."""
+    assert signatures
+    height = source.get_block_height("finalized")
+    statuses = source.get_signature_statuses(signatures, search_transaction_history=True)
+    for signature, status in zip(signatures, statuses, strict=True):
+        if status is not None:
+            return LandingVerdict(
+                True,
+                f"signature {signature} is known to the cluster (slot {status.slot}, "
+                f"{status.confirmation_status}, err {status.err}): `escrowd payouts retry` "
+                "lets the worker settle the payout",
+            )
+    if last_valid_block_height is None or height <= last_valid_block_height:
+        return LandingVerdict(
+            True,
+            f"the newest transaction's blockhash is valid until block height "
+            f"{last_valid_block_height}, the finalized height is {height}: it may still land",
+        )
+    return LandingVerdict(
+        False,
+        f"the finalized block height {height} is past {last_valid_block_height}, the last "
+        f"valid block height of the newest blockhash, and the cluster knows none of the "
+        f"{len(signatures)} signatures: none can land any more",
+    )

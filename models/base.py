@@ -143,6 +143,12 @@ class PayoutStatus(enum.StrEnum):
     BROADCAST = "broadcast"
     CONFIRMED = "confirmed"
     FAILED = "failed"
+    # Not yet signed: the hot wallet cannot cover the amount and the network fee now.
+    WAITING_FUNDS = "waiting_funds"
+    # An unexpected error parked it; the hold stays until `payouts retry` or `cancel`.
+    NEEDS_ATTENTION = "needs_attention"
+    # Cancelled by an operator once nothing signed for it could land; the hold reversed.
+    CANCELLED = "cancelled"
 
 
 class PayoutReason(enum.StrEnum):

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import CheckConstraint, ForeignKey, Index, Integer, LargeBinary, String, text
+from sqlalchemy import (
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    false,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from escrowd.models.base import (
@@ -99,6 +108,17 @@ class Payout(Base):
     block_number: Mapped[int | None]
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(String(500))
+    # Why it waits (waiting_funds), was parked (needs_attention) or was cancelled.
+    status_reason: Mapped[str | None] = mapped_column(String(500))
+    # The in-flight status a needs_attention payout was parked from; `retry` resumes there.
+    attention_from: Mapped[str | None] = mapped_column(String(16))
+    # Consecutive failed steps (RPC or database trouble), and when the first of them was.
+    step_errors: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    failing_since: Mapped[datetime | None]
+    # Backoff: workers leave the payout alone until then.
+    retry_at: Mapped[datetime | None]
+    # The one `payout_stalled` alert of this run of failures was logged.
+    stall_reported: Mapped[bool] = mapped_column(default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     broadcast_at: Mapped[datetime | None]

@@ -24,8 +24,16 @@ from escrowd.escrow import accounts, audit, ledger, reconcile
 from escrowd.escrow.payout_worker import EvmPayoutChain, PayoutWorker, WorkerOptions
 from escrowd.escrow.payouts import PlatformAddresses, request_payout
 from escrowd.indexer.evm_sender import EvmSender
-from escrowd.models import Payout, PayoutReason, PayoutStatus, TransferCode
-from escrowd.models.registry import ensure_asset
+from escrowd.models import (
+    Deposit,
+    DepositAddress,
+    DepositStatus,
+    Payout,
+    PayoutReason,
+    PayoutStatus,
+    TransferCode,
+)
+from escrowd.models.registry import ensure_asset, find_asset
 from escrowd.wallets.keystore import UnlockedKeystore, create_keystore
 from escrowd.wallets.secrets import Secret
 from tests.evm_fixtures import EvmChain
@@ -153,13 +161,23 @@ class EvmPayoutWorld:
         crash_at: str | None = None,
         crash_after: int = 1,
         timeout_s: float = 60.0,
+        hang: bool = False,
     ) -> subprocess.Popen[bytes]:
+        """A worker process; with `crash_at` it exits 137 there, or with `hang` stops
+        there alive until the test kills it."""
         env = dict(os.environ)
         env["ESCROWD_KEYSTORE_PASSPHRASE"] = PASSPHRASE
-        env.pop("ESCROWD_TEST_CRASH_AT", None)
+        for name in (
+            "ESCROWD_TEST_CRASH_AT",
+            "ESCROWD_TEST_CRASH_AFTER",
+            "ESCROWD_TEST_CRASH_HANG",
+        ):
+            env.pop(name, None)
         if crash_at is not None:
             env["ESCROWD_TEST_CRASH_AT"] = crash_at
             env["ESCROWD_TEST_CRASH_AFTER"] = str(crash_after)
+            if hang:
+                env["ESCROWD_TEST_CRASH_HANG"] = "1"
         return subprocess.Popen(
             [
                 sys.executable,
@@ -178,6 +196,40 @@ class EvmPayoutWorld:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
+
+
+def record_deposit(
+    session: Session,
+    *,
+    chain: str,
+    asset: str,
+    address: str,
+    amount: int,
+    credited: bool = True,
+) -> Deposit:
+    """The row the indexer writes for a deposit to one of our addresses: credited (at its
+    confirmation depth) or still pending. The ledger side is the caller's."""
+    asset_row = find_asset(session, chain, asset)
+    assert asset_row is not None
+    deposit_address = session.scalars(
+        select(DepositAddress).where(DepositAddress.address == address)
+    ).one()
+    deposit = Deposit(
+        chain=chain,
+        tx_hash=f"0x{next(_keys):064x}",
+        log_index=0,
+        asset_id=asset_row.id,
+        agent_id=deposit_address.agent_id,
+        deposit_address_id=deposit_address.id,
+        amount=amount,
+        block_number=1,
+        block_hash=f"0x{0:064x}",
+        status=DepositStatus.CONFIRMED if credited else DepositStatus.PENDING,
+        credited=credited,
+    )
+    session.add(deposit)
+    session.flush()
+    return deposit
 
 
 def make_evm_world(chain: EvmChain, db_url: str, engine: Engine, tmp_path: Path) -> EvmPayoutWorld:
@@ -218,4 +270,11 @@ def make_evm_world(chain: EvmChain, db_url: str, engine: Engine, tmp_path: Path)
     return EvmPayoutWorld(chain, settings, config_path, engine, sessions, keystore)
 
 
-__all__ = ["PASSPHRASE", "EvmPayoutWorld", "PayoutStatus", "make_evm_world", "random_address"]
+__all__ = [
+    "PASSPHRASE",
+    "EvmPayoutWorld",
+    "PayoutStatus",
+    "make_evm_world",
+    "random_address",
+    "record_deposit",
+]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -11,8 +11,15 @@ from sqlalchemy import Engine, select
 
 from escrowd.devnet.evm import _rpc, mine_blocks
 from escrowd.escrow import accounts, ledger, service
+from escrowd.escrow.payout_worker import (
+    Ahead,
+    EvmPayoutChain,
+    PayoutWorker,
+    Shortfall,
+    WorkerOptions,
+)
 from escrowd.indexer.errors import RpcError
-from escrowd.models import Escrow, Payout, PayoutReason, PayoutTransaction
+from escrowd.models import Asset, Escrow, Payout, PayoutReason, PayoutTransaction
 from escrowd.models.db import make_engine
 from tests.escrow_fixtures import audit_actions
 from tests.evm_fixtures import EvmChain, anvil_chain
@@ -21,6 +28,13 @@ from tests.payout_fixtures import EvmPayoutWorld, make_evm_world, random_address
 __all__ = ["anvil_chain"]
 
 pytestmark = pytest.mark.anvil
+
+
+class StaleBalanceChain(EvmPayoutChain):
+    """Reads balances from a node that has not seen the latest blocks: always enough."""
+
+    def shortfall(self, payout: Payout, asset: Asset, ahead: Sequence[Ahead]) -> Shortfall | None:
+        return None
 
 
 @pytest.fixture
@@ -128,11 +142,15 @@ def test_reverted_transfer_fails_the_payout_and_reverses_the_hold(world: EvmPayo
         agent = service.register_agent(s, "agent")
         world.credit(s, agent.id, 3_000_000)
         payout_id = world.request(s, agent.id, destination, 3_000_000, "revert-1").id
-    # The hot wallet lost its coins outside escrowd: the transfer reverts on chain.
+    # The hot wallet lost its coins outside escrowd, and the balance read before signing
+    # came from a node that had not seen it yet: the transfer reverts on chain.
     hot = world.keystore.evm_hot_wallet
     _rpc(world.chain.w3, "anvil_impersonateAccount", [hot.address])
     world.chain.token.transfer(hot.address, world.chain.accounts[1], 3_000_000)
-    stats = world.worker().run_until_idle()
+    worker = PayoutWorker(
+        world.sessions, StaleBalanceChain(world.sender()), WorkerOptions(worker_id="w1")
+    )
+    stats = worker.run_until_idle()
     assert stats.failed == 1
     with world.sessions() as s:
         payout = s.get(Payout, payout_id)

@@ -1,21 +1,26 @@
 """EVM sweeps on anvil: deposit-address USDC moves to the hot wallet once, gas funded by
-the gas wallet, ledger untouched and reconciliation clean throughout."""
+the gas wallet, ledger untouched and reconciliation clean throughout; only credited funds
+are swept."""
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from sqlalchemy import Engine, func, select
 from web3.types import Wei
 
 from escrowd.escrow import service
 from escrowd.escrow.sweeps import EvmSweeper, build_evm_sweeper
-from escrowd.models import DepositAddress, LedgerTransfer, Payout
+from escrowd.indexer.evm_source import JsonRpcEvmSource, RetryPolicy
+from escrowd.models import Deposit, DepositAddress, LedgerTransfer, Payout
 from escrowd.models.db import make_engine
 from tests.evm_fixtures import EvmChain, anvil_chain
-from tests.payout_fixtures import EvmPayoutWorld, make_evm_world
+from tests.payout_fixtures import CHAIN, EvmPayoutWorld, make_evm_world, record_deposit
 
 __all__ = ["anvil_chain"]
 
@@ -55,6 +60,7 @@ def test_sweep_moves_deposits_to_the_hot_wallet_once(world: EvmPayoutWorld) -> N
             )
             s.flush()
             world.credit(s, agent.id, amount)  # minted into the hot wallet by the helper...
+            record_deposit(s, chain=CHAIN, asset="USDC", address=address, amount=amount)
     # ...so move those coins to the deposit addresses, where deposits really land.
     hot = world.keystore.evm_hot_wallet.address
     from escrowd.devnet.evm import _rpc
@@ -63,21 +69,110 @@ def test_sweep_moves_deposits_to_the_hot_wallet_once(world: EvmPayoutWorld) -> N
     for index, amount in amounts.items():
         chain.token.transfer(hot, world.keystore.derive_evm(index).address, amount)
     assert world.reconcile_differences() == []
-    with world.sessions() as s:
-        transfers_before = s.scalar(select(func.count()).select_from(LedgerTransfer))
+    # A later deposit the indexer has seen but not yet credited (short of its depth).
+    late_address = world.keystore.derive_evm(1).address
+    chain.token.mint(late_address, 700_000)
+    with world.sessions() as s, s.begin():
+        late = record_deposit(
+            s, chain=CHAIN, asset="USDC", address=late_address, amount=700_000, credited=False
+        )
+        late_id = late.id
 
     sweeper = _sweeper(world)
+    for _ in range(6):
+        sweeper.run_once()
+    # Only credited funds moved: the uncredited deposit is still where the indexer saw it.
+    assert chain.token.balance_of(world.keystore.derive_evm(0).address) == 0
+    assert chain.token.balance_of(late_address) == 700_000
+    assert chain.token.balance_of(hot) == sum(amounts.values())
+    # The indexer credits it at its depth (the helper mints the coins at the hot wallet;
+    # they are at the deposit address already, so they leave the hot wallet again).
+    with world.sessions() as s, s.begin():
+        deposit = s.get_one(Deposit, late_id)
+        deposit.status, deposit.credited = "confirmed", True
+        world.credit(s, deposit.agent_id, 700_000)
+    chain.token.transfer(hot, chain.accounts[1], 700_000)
+    with world.sessions() as s:
+        transfers_before = s.scalar(select(func.count()).select_from(LedgerTransfer))
     for _ in range(6):
         sweeper.run_once()
         assert world.reconcile_differences() == []
     for index in amounts:
         assert chain.token.balance_of(world.keystore.derive_evm(index).address) == 0
-    assert chain.token.balance_of(hot) == sum(amounts.values())
+    assert chain.token.balance_of(hot) == sum(amounts.values()) + 700_000
     with world.sessions() as s:
         sweeps = s.scalars(select(Payout).where(Payout.reason == "sweep")).all()
-        assert sorted(p.amount for p in sweeps) == sorted(amounts.values())
+        assert sorted(p.amount for p in sweeps) == sorted([*amounts.values(), 700_000])
         assert {p.status for p in sweeps} == {"confirmed"}
         assert s.scalar(select(func.count()).select_from(LedgerTransfer)) == transfers_before
     # Nothing left to sweep: further passes create nothing.
     assert sweeper.run_once().created == 0
+    assert world.ledger_clean()
+
+
+def test_a_sweep_waits_for_the_gas_wallet_and_a_failing_discovery_alerts_once(
+    world: EvmPayoutWorld,
+) -> None:
+    chain = world.chain
+    address = world.keystore.derive_evm(0).address
+    with world.sessions() as s, s.begin():
+        agent = service.register_agent(s, "agent")
+        s.add(DepositAddress(agent_id=agent.id, chain="evm", address=address, derivation_index=0))
+        s.flush()
+        world.credit(s, agent.id, 3_000_000)
+        record_deposit(s, chain=CHAIN, asset="USDC", address=address, amount=3_000_000)
+    hot = world.keystore.evm_hot_wallet.address
+    from escrowd.devnet.evm import _rpc
+
+    _rpc(chain.w3, "anvil_impersonateAccount", [hot])
+    chain.token.transfer(hot, address, 3_000_000)
+    gas_wallet = world.keystore.evm_gas_wallet.address
+
+    # The gas wallet was never funded: the sweep waits, nothing is sent, one warning.
+    sweeper = _sweeper(world)
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            sweeper.run_once()
+    with world.sessions() as s:
+        sweep = s.scalars(select(Payout).where(Payout.reason == "sweep")).one()
+    assert sweep.status == "waiting_funds"
+    assert sweep.status_reason is not None and f"gas wallet {gas_wallet} holds 0 wei" in (
+        sweep.status_reason
+    )
+    assert [e["event"] for e in logs].count("sweep_waiting_for_funds") == 1
+    assert chain.source.nonce(gas_wallet, pending=True) == 0
+
+    chain.w3.eth.send_transaction(
+        {"from": chain.accounts[0], "to": gas_wallet, "value": Wei(10**18)}
+    )
+    sweeper.run_until_idle()
+    assert chain.token.balance_of(address) == 0
+    assert chain.token.balance_of(hot) == 3_000_000
+    assert world.reconcile_differences() == []
+
+    # A node that cannot be reached: each discovery fails, one error once it lasted.
+    chain.token.mint(address, 1_000_000)
+    with world.sessions() as s, s.begin():
+        record_deposit(s, chain=CHAIN, asset="USDC", address=address, amount=1_000_000)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    dead = JsonRpcEvmSource(
+        [dead_url],
+        policy=RetryPolicy(timeout_s=0.5, attempts_per_url=1, backoff_base_s=0.01),
+        chain=CHAIN,
+    )
+    settings = world.settings.model_copy(
+        update={"payouts": world.settings.payouts.model_copy(update={"stalled_after_s": 0.2})}
+    )
+    blind = build_evm_sweeper(world.sessions, settings, CHAIN, world.keystore, dead)
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(4):
+            blind.run_once()
+            time.sleep(0.1)
+    events = [e["event"] for e in logs]
+    assert events.count("sweep_discovery_stalled") == 1
+    assert events.count("sweep_discovery_failed") == 3
+    assert "sweep_discovery_recovered" not in events
+    dead.close()
     assert world.ledger_clean()

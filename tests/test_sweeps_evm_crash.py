@@ -38,7 +38,13 @@ from escrowd.models import (
 )
 from escrowd.models.db import make_engine
 from tests.evm_fixtures import EvmChain, anvil_chain
-from tests.payout_fixtures import CHAIN, PASSPHRASE, EvmPayoutWorld, make_evm_world
+from tests.payout_fixtures import (
+    CHAIN,
+    PASSPHRASE,
+    EvmPayoutWorld,
+    make_evm_world,
+    record_deposit,
+)
 
 __all__ = ["anvil_chain"]
 
@@ -92,8 +98,8 @@ def _run_sweeper(
 
 
 class Deposits:
-    """Agents' deposit addresses receiving USDC on chain, credited in the ledger as a
-    confirmed deposit would be (custody -> agent)."""
+    """Agents' deposit addresses receiving USDC on chain, recorded and credited in the
+    ledger as a confirmed deposit would be (custody -> agent)."""
 
     def __init__(self, world: EvmPayoutWorld) -> None:
         self.world = world
@@ -116,6 +122,7 @@ class Deposits:
     def arrive(self, address: str, amount: int) -> None:
         self.world.chain.token.mint(address, amount)
         with self.world.sessions() as s, s.begin():
+            record_deposit(s, chain=CHAIN, asset="USDC", address=address, amount=amount)
             ledger.post(
                 s,
                 [

@@ -17,6 +17,7 @@ from escrowd.escrow import accounts, ledger, service, sweeps
 from escrowd.escrow.payout_worker import PayoutWorker, SolanaPayoutChain, WorkerOptions
 from escrowd.escrow.sweeps import discover_solana_sweeps
 from escrowd.models import DepositAddress, Payout, TransferCode, WebhookEvent
+from tests.payout_fixtures import record_deposit
 from tests.solana_history import Chain
 from tests.test_payouts_solana import CHAIN, SolanaWorld, world
 
@@ -36,6 +37,8 @@ def test_deposit_addresses_are_swept_into_the_hot_wallet_once(world: SolanaWorld
         s.flush()
         world.credit(s, agent.id, "USDC", 6_000_000, holder=deposit.address)
         world.credit(s, agent.id, "SOL", 3 * 10**9, holder=deposit.address)
+        for asset, amount in (("USDC", 6_000_000), ("SOL", 3 * 10**9)):
+            record_deposit(s, chain=CHAIN, asset=asset, address=deposit.address, amount=amount)
     world.sim.finalize_all()
     assert world.differences() == []
 
