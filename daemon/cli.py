@@ -41,9 +41,14 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "apikey": ("escrowd.daemon.cli_api", "apikey_app", "API keys of the HTTP API."),
     "payouts": ("escrowd.daemon.cli_payouts", "payouts_app", "Inspect on-chain payouts."),
     "reconcile": (
-        "escrowd.daemon.cli_payouts",
+        "escrowd.daemon.cli_reconcile",
         "reconcile",
         "On-chain balances against the ledger's custody.",
+    ),
+    "wallets": (
+        "escrowd.daemon.cli_wallets",
+        "wallets_app",
+        "Platform wallets: balances, needs, booking operator funding.",
     ),
 }
 

@@ -1,12 +1,11 @@
-"""`escrowd reconcile` and `escrowd payouts list|show`.
+"""`escrowd payouts list|show`.
 
 Mount in daemon/cli.py:
 
-    from escrowd.daemon.cli_payouts import payouts_app, reconcile
-    app.command(name="reconcile")(reconcile)
+    from escrowd.daemon.cli_payouts import payouts_app
     app.add_typer(payouts_app, name="payouts")
 
-Both read settings and the engine from the root context object (`CliState`), which has
+It reads settings and the engine from the root context object (`CliState`), which has
 ``settings`` and ``engine`` properties.
 """
 
@@ -17,8 +16,6 @@ from typing import Annotated, Any
 import typer
 from sqlalchemy import select
 
-from escrowd.escrow.payout_worker import unlock_from_settings
-from escrowd.escrow.reconcile import HotWallets, differences, reconcile_configured
 from escrowd.models import Asset, Payout, PayoutStatus, PayoutTransaction
 from escrowd.models.db import make_session_factory
 
@@ -32,28 +29,6 @@ def _state(ctx: typer.Context) -> Any:
     state = ctx.find_root().obj
     assert hasattr(state, "settings") and hasattr(state, "engine")
     return state
-
-
-def reconcile(ctx: typer.Context) -> None:
-    """Compare on-chain balances of the hot wallet and every deposit address with the
-    ledger's custody, per chain and asset. Exit 1 listing each difference."""
-    state = _state(ctx)
-    settings = state.settings
-    keystore = unlock_from_settings(settings)
-    hot = HotWallets(evm=keystore.evm_hot_wallet.address, solana=keystore.solana_hot_wallet.address)
-    with make_session_factory(state.engine)() as session:
-        lines = reconcile_configured(session, settings, hot)
-    for line in lines:
-        typer.echo(
-            f"{line.chain} {line.asset}: on chain {line.on_chain}, ledger holds "
-            f"{line.held_by_ledger}, in flight {line.in_flight}"
-        )
-    found = differences(lines)
-    for difference in found:
-        typer.echo(f"DIFFERENCE {difference.describe()}", err=True)
-    if found:
-        raise typer.Exit(EXIT_PROBLEMS)
-    typer.echo("reconcile: on-chain custody matches the ledger")
 
 
 @payouts_app.command("list")
