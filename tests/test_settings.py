@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 import structlog
 
 from escrowd.config.settings import SettingsError, load_settings
@@ -81,9 +80,9 @@ def test_an_unknown_environment_variable_is_a_warning_naming_it(tmp_path: Path) 
     assert warned == ["ESCROWD_API__PROT", "ESCROWD_LOG__LEVEL__DEEP", "ESCROWD_NOPE"]
     assert all(e["log_level"] == "warning" for e in logs)
     # A known key with a bad value, and an unknown key in the file, stay errors.
-    with pytest.raises(SettingsError, match="api.port"):
+    with pytest.raises(SettingsError, match=r"api\.port"):
         load_settings(_write(tmp_path, ""), environ={**env, "ESCROWD_API__PORT": "eighty"})
-    with pytest.raises(SettingsError, match="api.prot: unknown key"):
+    with pytest.raises(SettingsError, match=r"api\.prot: unknown key"):
         load_settings(_write(tmp_path, "[api]\nprot = 1\n"), environ=env)
 
 
