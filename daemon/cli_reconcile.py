@@ -11,11 +11,13 @@ from typing import Annotated, Any
 
 import typer
 
+from escrowd.config.settings import SettingsError
 from escrowd.escrow.payout_worker import unlock_from_settings
 from escrowd.escrow.reconcile import ChainReport, HotWallets, Report, reconcile_configured
 from escrowd.models.db import make_session_factory
 
 EXIT_DIFFERENCE = 1
+EXIT_USAGE = 2
 EXIT_UNREADABLE = 3
 
 
@@ -72,9 +74,13 @@ def reconcile(
     settings = state.settings
     keystore = unlock_from_settings(settings)
     hot = HotWallets(evm=keystore.evm_hot_wallet.address, solana=keystore.solana_hot_wallet.address)
-    report = reconcile_configured(
-        make_session_factory(state.engine, read_only=True), settings, hot, chains=chain or None
-    )
+    try:
+        report = reconcile_configured(
+            make_session_factory(state.engine, read_only=True), settings, hot, chains=chain or None
+        )
+    except SettingsError as exc:
+        typer.echo(f"escrowd: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
     code = print_report(report)
     if code:
         raise typer.Exit(code)

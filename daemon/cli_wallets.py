@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
+from escrowd.config.errors import EscrowdError
+from escrowd.config.settings import SettingsError
 from escrowd.escrow.payout_worker import unlock_from_settings
 from escrowd.escrow.platform_wallets import WalletStatus, book, evm_status, solana_status
 from escrowd.escrow.reconcile import configured_chains
@@ -19,6 +21,8 @@ from escrowd.indexer.solana_source import SolanaRpcSource
 from escrowd.models.db import make_session_factory
 
 EXIT_WARNINGS = 1
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
 
 wallets_app = typer.Typer(
     help="Platform wallets: balances, what each needs, booking operator funding.",
@@ -41,7 +45,7 @@ def _check_chains(settings: Any, chains: list[str] | None) -> list[str]:
             f"{', '.join(known) or 'none'})",
             err=True,
         )
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
     return chains or known
 
 
@@ -128,22 +132,28 @@ def status(ctx: typer.Context, chain: ChainOption = None) -> None:
         raise typer.Exit(code)
 
 
-
 def _book(
     ctx: typer.Context, chain: str, asset: str, amount: str, reference: str, *, withdrawal: bool
 ) -> None:
     state = _state(ctx)
     _check_chains(state.settings, [chain])
-    with make_session_factory(state.engine)() as session, session.begin():
-        booked = book(
-            session,
-            state.settings,
-            chain=chain,
-            symbol=asset.upper(),
-            amount=amount,
-            reference=reference,
-            withdrawal=withdrawal,
-        )
+    try:
+        with make_session_factory(state.engine)() as session, session.begin():
+            booked = book(
+                session,
+                state.settings,
+                chain=chain,
+                symbol=asset.upper(),
+                amount=amount,
+                reference=reference,
+                withdrawal=withdrawal,
+            )
+    except SettingsError as exc:
+        typer.echo(f"escrowd: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    except EscrowdError as exc:
+        typer.echo(f"escrowd: {exc.message}; nothing was booked", err=True)
+        raise typer.Exit(EXIT_REFUSED) from None
     typer.echo(booked.describe("withdrawal" if withdrawal else "funding"))
 
 

@@ -51,7 +51,8 @@ class Holding:
     def describe(self) -> str:
         text = f"{format_amount(self.base_units, self.decimals)} {self.asset}"
         if self.booked_float is not None:
-            text += f" (booked operator float {format_amount(self.booked_float, self.decimals)})"
+            booked = format_amount(self.booked_float, self.decimals)
+            text += f" (booked operator float {booked} {self.asset})"
         return text
 
 
@@ -109,7 +110,10 @@ def evm_status(
         f"ETH: gas for every payout (up to {ERC20_TRANSFER_GAS:,} gas each)",
         "USDC: a float to pay out from; deposits reach it only when swept",
     ]
-    gas.needs = [f"ETH: gas it sends each deposit address before a sweep ({SWEEP_FUNDING_GAS:,})"]
+    gas.needs = [
+        "ETH: the gas it sends each deposit address before its sweep "
+        f"(up to {SWEEP_FUNDING_GAS:,} gas each)"
+    ]
     try:
         gas_price = source.gas_price_wei()
         hot_eth = source.native_balance_wei(hot_wallet)

@@ -228,12 +228,16 @@ def reconcile_chain(
     read_balance: BalanceReader,
     at_block: int | None = None,
     bracket_to: int | None = None,
+    assets: Sequence[Asset] | None = None,
 ) -> list[Line]:
-    """One line per asset registered on `chain`. `at_block`: the block (or finalized
-    slot) the balances were read at, when known; `bracket_to`: for a read spread over
-    slots `at_block..bracket_to`, the end of it (events inside are allowed either way)."""
+    """One line per asset registered on `chain` (or per one of `assets`). `at_block`: the
+    block (or finalized slot) the balances were read at, when known; `bracket_to`: for a
+    read spread over slots `at_block..bracket_to`, the end of it (events inside are
+    allowed either way)."""
     lines = []
-    for asset in session.scalars(select(Asset).where(Asset.chain == chain).order_by(Asset.id)):
+    if assets is None:
+        assets = list(session.scalars(select(Asset).where(Asset.chain == chain).order_by(Asset.id)))
+    for asset in assets:
         on_chain = read_balance(asset, addresses)
         lines.append(
             _line(
@@ -456,6 +460,25 @@ def _balance_of(address: str) -> str:
     return "0x70a08231" + address.lower().removeprefix("0x").rjust(64, "0")
 
 
+def _assets(session: Session, chain: str, configured: Sequence[Asset]) -> list[Asset]:
+    """The chain's registered assets, and those configured but not registered yet (no
+    poll so far): coins can be sent to a wallet before the first poll."""
+    registered = list(session.scalars(select(Asset).where(Asset.chain == chain).order_by(Asset.id)))
+    symbols = {asset.symbol for asset in registered}
+    for asset in configured:
+        if asset.symbol not in symbols:
+            # Never added to the session: a stand-in to read balances with.
+            registered.append(
+                Asset(
+                    chain=chain,
+                    symbol=asset.symbol,
+                    decimals=asset.decimals,
+                    token_address=asset.token_address,
+                )
+            )
+    return registered
+
+
 def reconcile_evm(
     sessions: sessionmaker[Session], chain: EvmChainSettings, source: EvmSource, hot_wallet: str
 ) -> ChainReport:
@@ -467,10 +490,14 @@ def reconcile_evm(
             )
         )
         addresses = custody_addresses(session, Chain.EVM.value, hot_wallet)
-        assets = list(session.scalars(select(Asset).where(Asset.chain == chain.name)))
+        assets = _assets(
+            session,
+            chain.name,
+            [Asset(symbol="USDC", decimals=chain.usdc_decimals, token_address=chain.usdc_address)],
+        )
     pin = head if cursor is None else min(head, cursor)
     balances = {
-        asset.id: sum(evm_balances_at(source, asset.token_address, addresses, pin))
+        asset.symbol: sum(evm_balances_at(source, asset.token_address, addresses, pin))
         for asset in assets
     }
     where = f"block {pin} (head {head}" + (", never scanned)" if cursor is None else ")")
@@ -483,8 +510,9 @@ def reconcile_evm(
                 session,
                 chain=chain.name,
                 addresses=addresses,
-                read_balance=lambda asset, _: balances.get(asset.id, 0),
+                read_balance=lambda asset, _: balances[asset.symbol],
                 at_block=pin,
+                assets=assets,
             ),
             uncredited=_uncredited(session, chain.name, pin),
             open_sweeps=_open_sweeps(session, chain.name),
@@ -493,14 +521,14 @@ def reconcile_evm(
 
 def _solana_read(
     source: SolanaSource, assets: Sequence[Asset], addresses: Sequence[str]
-) -> dict[tuple[int, str], int]:
-    found: dict[tuple[int, str], int] = {}
+) -> dict[tuple[str, str], int]:
+    found: dict[tuple[str, str], int] = {}
     for asset in assets:
         for address in addresses:
             if asset.token_address is None:
-                found[asset.id, address] = source.get_balance(address, "finalized")
+                found[asset.symbol, address] = source.get_balance(address, "finalized")
             else:
-                found[asset.id, address] = sum(
+                found[asset.symbol, address] = sum(
                     account.amount_base_units
                     for account in source.get_token_accounts_by_owner(
                         address, asset.token_address, "finalized"
@@ -514,7 +542,14 @@ def reconcile_solana(
 ) -> ChainReport:
     with sessions() as session:
         addresses = custody_addresses(session, Chain.SOLANA.value, hot_wallet)
-        assets = list(session.scalars(select(Asset).where(Asset.chain == solana.name)))
+        assets = _assets(
+            session,
+            solana.name,
+            [
+                Asset(symbol="SOL", decimals=9, token_address=None),
+                Asset(symbol="USDC", decimals=6, token_address=solana.usdc_mint),
+            ],
+        )
     first_slot = source.get_slot("finalized")
     previous = _solana_read(source, assets, addresses)
     for _ in range(SOLANA_MAX_READS - 1):
@@ -533,10 +568,11 @@ def reconcile_solana(
             chain=solana.name,
             addresses=addresses,
             read_balance=lambda asset, _: sum(
-                value for (asset_id, _a), value in previous.items() if asset_id == asset.id
+                value for (symbol, _a), value in previous.items() if symbol == asset.symbol
             ),
             at_block=first_slot,
             bracket_to=last_slot,
+            assets=assets,
         )
         open_transactions = _sum(
             session,
