@@ -29,6 +29,7 @@ REDACTED = "[redacted]"
 # escrowd's own events (httpx alone was two thirds of all lines), so they speak only at
 # warning unless the operator asks for debug.
 CHATTY_LIBRARIES = (
+    "alembic",
     "httpx",
     "httpcore",
     "urllib3",

@@ -305,17 +305,18 @@ class LagTracker:
 
     def problems(self) -> dict[str, str]:
         """chain -> why it is not ready; empty when every poller is healthy. Logs
-        `chain_unavailable` once when a chain becomes unready for a reason other than
-        its first poll still running, and `chain_available` when it recovers."""
+        `chain_unavailable` once when a chain crosses a threshold (a fresh poller that has
+        not succeeded yet is unready without one) and `chain_available` when it recovers."""
         now = self._clock()
         found: dict[str, str] = {}
         events: list[tuple[str, str, str | None]] = []
         with self._lock:
             for chain, entry in self._pollers.items():
                 problem = self._problem(entry, now)
+                # Before its first success a poller is unready, but not yet an outage.
                 starting = (
                     entry.last_success is None
-                    and entry.failures == 0
+                    and entry.failures < self.max_failed_polls
                     and now - entry.registered_at <= self.max_silence_s
                 )
                 if problem is not None:

@@ -292,8 +292,10 @@ class Daemon:
         # A wildcard listen address is reached on loopback.
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
         url = f"http://{f'[{host}]' if ':' in host else host}:{self.api_port}/healthz"
+        # Asked a few times within the stale threshold, so one slow answer is no wedge.
+        every_s = min(API_CHECK_INTERVAL_S, self.settings.daemon.watchdog_stale_s / 4)
         with httpx.Client(timeout=API_CHECK_TIMEOUT_S) as client:
-            while not self.stop_event.wait(API_CHECK_INTERVAL_S):
+            while not self.stop_event.wait(every_s):
                 try:
                     if client.get(url).status_code == 200:
                         self._api_answered = time.monotonic()
