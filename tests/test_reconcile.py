@@ -381,3 +381,39 @@ def test_a_chain_that_cannot_be_read_is_reported_and_the_others_checked(
     assert "unknown chain nope (configured: base, other)" in output
     loaded = load_settings(world.config_path, environ={})
     assert [c.name for c in loaded.evm_chains] == [CHAIN, "other"]
+
+
+def readme_commands(*sections: str) -> list[str]:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    commands = []
+    for title in sections:
+        body = readme.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+        for block in body.split("```sh\n")[1:]:
+            commands += [line for line in block.split("```")[0].splitlines() if line]
+    return commands
+
+
+@pytest.mark.anvil
+def test_the_readme_operator_commands_do_what_it_says(world: World) -> None:
+    commands = readme_commands("Funding the platform wallets", "Reconcile")
+    assert len(commands) >= 4 and all(c.startswith("escrowd ") for c in commands)
+    chain = world.chain
+    chain.w3.eth.send_transaction(
+        {
+            "from": chain.accounts[0],
+            "to": world.keystore.evm_gas_wallet.address,
+            "value": Wei(10**18),
+        }
+    )
+    # The operator sends the float first, then books it.
+    chain.token.mint(world.hot, 250_000_000)
+    for command in commands:
+        if "book-withdrawal" in command:
+            # ... and takes float back out on chain before booking that.
+            _rpc(world, "anvil_impersonateAccount", world.hot)
+            chain.token.transfer(world.hot, chain.accounts[2], 50_000_000)
+        code, output = world.cli(*command.split()[1:])
+        assert code == 0, f"{command}:\n{output}"
+        assert "Traceback" not in output
+    code, output = world.cli("wallets")
+    assert "holds 200 USDC (booked operator float 200 USDC)" in output
