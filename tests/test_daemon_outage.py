@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,10 @@ import pytest
 from eth_account import Account
 from prometheus_client.parser import text_string_to_metric_families
 
+from escrowd.config.settings import load_settings
+from escrowd.daemon.runner import Daemon
 from escrowd.devnet.anvil import free_port
+from escrowd.models.db import make_engine
 from tests.daemon_support import DaemonProcess, daemon_env
 from tests.evm_fixtures import EvmChain
 
@@ -137,3 +141,22 @@ def test_one_chain_down_is_reported_while_the_daemon_and_the_other_chain_keep_wo
         assert daemon.terminate() == 0
     finally:
         daemon.close()
+
+
+def test_an_api_that_stops_answering_wedges_the_daemon(tmp_path: Path, sqlite_url: str) -> None:
+    engine = make_engine(sqlite_url)
+    settings = load_settings(environ={"ESCROWD_DATA_DIR": str(tmp_path)})
+    daemon = Daemon(settings, engine)
+    alive = threading.Event()
+    server = threading.Thread(target=alive.wait, daemon=True)
+    server.start()
+    daemon._server, daemon._server_thread = object(), server  # type: ignore[assignment]
+    daemon._api_answered = time.monotonic()
+    assert daemon.wedged(120.0) == []
+    daemon._api_answered = time.monotonic() - 121
+    assert daemon.wedged(120.0) == ["api"]
+    daemon._api_answered = time.monotonic()
+    alive.set()
+    server.join(5)
+    assert daemon.wedged(120.0) == ["api"]
+    engine.dispose()

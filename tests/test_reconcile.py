@@ -11,7 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import structlog
 import tomli_w
+from prometheus_client import REGISTRY
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
@@ -21,13 +23,15 @@ from escrowd.config.settings import (
     EvmChainSettings,
     KeystoreSettings,
     PayoutSettings,
+    ReconcileSettings,
     Settings,
     load_settings,
 )
 from escrowd.daemon.cli import app
+from escrowd.daemon.jobs import JobContext, reconcile_jobs
 from escrowd.devnet.anvil import free_port
 from escrowd.devnet.evm import mine_blocks
-from escrowd.escrow import accounts, ledger, service, sweeps
+from escrowd.escrow import accounts, ledger, reconcile, service, sweeps
 from escrowd.escrow.deposits import LedgerDepositSink
 from escrowd.escrow.payouts import PlatformAddresses, request_payout
 from escrowd.escrow.reconcile import HotWallets, Line, Report, reconcile_configured
@@ -417,3 +421,40 @@ def test_the_readme_operator_commands_do_what_it_says(world: World) -> None:
         assert "Traceback" not in output
     code, output = world.cli("wallets")
     assert "holds 200 USDC (booked operator float 200 USDC)" in output
+
+
+@pytest.mark.anvil
+def test_the_daemon_job_publishes_the_last_difference_per_chain_and_asset(world: World) -> None:
+    settings = world.settings.model_copy(update={"reconcile": ReconcileSettings(enabled=True)})
+    ctx = JobContext(
+        settings=settings,
+        engine=world.engine,
+        sessions=world.sessions,
+        evm_sources={CHAIN: world.chain.source},
+        keystore=world.keystore,
+        environ={},
+    )
+    [job] = reconcile_jobs(ctx)
+    assert (job.name, job.interval_s) == ("reconcile", 600.0)
+    world.chain.token.mint(world.hot, 42)
+
+    def gauge(name: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"chain": CHAIN, "asset": "USDC"})
+
+    with structlog.testing.capture_logs() as logs:
+        job.run()
+    assert gauge("escrowd_reconcile_difference_base_units") == 42
+    [event] = [e for e in logs if e["event"] == "reconcile_difference"]
+    assert (event["chain"], event["asset"], event["difference"]) == (CHAIN, "USDC", 42)
+    assert event["log_level"] == "error"
+    with world.sessions() as s, s.begin():
+        reconcile.record_operator_funding(s, chain=CHAIN, asset="USDC", amount=42, reference="t")
+    job.run()
+    assert gauge("escrowd_reconcile_difference_base_units") == 0
+    assert REGISTRY.get_sample_value("escrowd_reconcile_chain_unreadable", {"chain": CHAIN}) == 0
+    assert (
+        reconcile_jobs(
+            JobContext(settings=world.settings, engine=world.engine, sessions=world.sessions)
+        )
+        == []
+    )
