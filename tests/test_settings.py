@@ -80,9 +80,12 @@ def test_an_unknown_environment_variable_is_a_warning_naming_it(tmp_path: Path) 
     assert warned == ["ESCROWD_API__PROT", "ESCROWD_LOG__LEVEL__DEEP", "ESCROWD_NOPE"]
     assert all(e["log_level"] == "warning" for e in logs)
     # A known key with a bad value, and an unknown key in the file, stay errors.
-    with pytest.raises(SettingsError, match=r"api\.port"):
+    with structlog.testing.capture_logs(), pytest.raises(SettingsError, match=r"api\.port"):
         load_settings(_write(tmp_path, ""), environ={**env, "ESCROWD_API__PORT": "eighty"})
-    with pytest.raises(SettingsError, match=r"api\.prot: unknown key"):
+    with (
+        structlog.testing.capture_logs(),
+        pytest.raises(SettingsError, match=r"api\.prot: unknown key"),
+    ):
         load_settings(_write(tmp_path, "[api]\nprot = 1\n"), environ=env)
 
 
