@@ -209,11 +209,9 @@ class JobRunner:
             JOB_RUNS.labels(job.name, "ok").inc()
             JOB_LAST_SUCCESS.labels(job.name).set_to_current_time()
             if job.lag is not None:
-                reading = job.lag.lag_of(result)
-                self.lags.record(job.lag.chain, reading)
-                # A poller reports RPC trouble in its result rather than raising: the
-                # tick is a failure all the same (watchdog excepted: it ended).
-                error = reading.error
+                # A poller reports RPC trouble in its result rather than raising; the
+                # lag tracker judges it (failed polls, silence), not the job's failures.
+                self.lags.record(job.lag.chain, job.lag.lag_of(result))
             log.debug("job_done", job=job.name, duration_s=round(elapsed_s, 4))
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"

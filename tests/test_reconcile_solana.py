@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
 from escrowd.config.settings import KeystoreSettings, Settings, SolanaSettings
 from escrowd.devnet.solana_rpc import SolanaSimulator
 from escrowd.escrow import service
 from escrowd.escrow.deposits import LedgerDepositSink
-from escrowd.escrow.platform_wallets import book
+from escrowd.escrow.platform_wallets import book, solana_status
 from escrowd.escrow.reconcile import HotWallets, reconcile_configured
 from escrowd.indexer.solana_indexer import SolanaPoller
 from escrowd.indexer.solana_source import SolanaRpcSource
@@ -81,4 +82,25 @@ def test_solana_custody_reconciles_with_deposits_under_way(sqlite_url: str, tmp_
         poller.poll_once()
         differences, sol, _ = reconcile_sol()
         assert [(d.chain, d.asset, d.difference) for d in differences] == [("solana", "SOL", 3)]
+
+        # `escrowd wallets` for Solana: what the hot wallet holds and needs; an empty one
+        # is a warning that every payout and sweep would fail.
+        with sessions() as s:
+            [funded] = solana_status(
+                s, settings.solana, source, hot_wallet=hot, reserve_transactions=50
+            )
+            [empty] = solana_status(
+                s, settings.solana, source, hot_wallet=str(Keypair().pubkey()),
+                reserve_transactions=50,
+            )  # fmt: skip
+        assert [h.describe() for h in funded.holdings] == [
+            "5.000000003 SOL (booked operator float 5 SOL)",
+            "0 USDC (booked operator float 0 USDC)",
+        ]
+        assert funded.warnings == []
+        assert any("rent of a recipient's USDC token account" in need for need in funded.needs)
+        assert empty.warnings == [
+            "no SOL: every Solana payout and sweep fails (the network refuses a fee payer "
+            "without funds)"
+        ]
     engine.dispose()
