@@ -64,7 +64,9 @@ def reconcile(
     ctx: typer.Context,
     chain: Annotated[
         list[str] | None,
-        typer.Option("--chain", help="Only this network (repeatable); default: every one."),
+        typer.Option(
+            "--chain", metavar="NAME", help="Only this network (repeatable); default: every one."
+        ),
     ] = None,
 ) -> None:
     """Compare on-chain balances of the hot wallet and every deposit address with the

@@ -109,7 +109,9 @@ def print_status(found: list[WalletStatus]) -> int:
 
 ChainOption = Annotated[
     list[str] | None,
-    typer.Option("--chain", help="Only this network (repeatable); default: every one."),
+    typer.Option(
+        "--chain", metavar="NAME", help="Only this network (repeatable); default: every one."
+    ),
 ]
 
 

@@ -64,6 +64,7 @@ from escrowd.models import (
     Deposit,
     DepositAddress,
     DepositStatus,
+    LedgerAccount,
     Payout,
     PayoutReason,
     PayoutStatus,
@@ -406,7 +407,7 @@ def record_operator_withdrawal(
     )
 
 
-def operator_funding_account(session: Session, chain: str, asset: str) -> Any:
+def operator_funding_account(session: Session, chain: str, asset: str) -> LedgerAccount:
     return ledger.get_or_create_account(
         session, AccountKind.GENERAL, f"operator_funding:{chain}", asset
     )
@@ -439,7 +440,8 @@ def evm_balances_at(
 ) -> list[int]:
     """Each address's token (or, with no token, native) balance at `block`, in batches."""
     if not isinstance(source, JsonRpcEvmSource):
-        # An in-process simulator does not move while it is read.
+        # An in-process simulator (tests, `escrowd dev`) answers for its latest block
+        # only; it moves only when told to mine.
         if token is None:
             return [source.native_balance_wei(a) for a in addresses]
         return [source.erc20_balance(token, a) for a in addresses]
