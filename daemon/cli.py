@@ -185,7 +185,9 @@ def main_callback(
 ) -> None:
     from escrowd.daemon.logs import configure_logging
 
-    configure_logging(fmt="console", level="warning")
+    # JSON unless on a terminal: under systemd even the warnings of loading the settings
+    # (before `run` configures its own logging) are JSON lines.
+    configure_logging(fmt="auto", level="warning")
     ctx.obj = CliState(config_path=config or _default_config_path())
 
 

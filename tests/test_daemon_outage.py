@@ -90,10 +90,13 @@ def test_one_chain_down_is_reported_while_the_daemon_and_the_other_chain_keep_wo
             ESCROWD_EVM_CHAINS=json.dumps(chains),
             ESCROWD_DAEMON__WATCHDOG_STALE_S=str(stale_s),
             ESCROWD_DAEMON__UNREADY_AFTER_FAILED_POLLS="2",
+            # Another program's variable: a warning, not a reason to refuse to start.
+            ESCROWD_SRC="/opt/src",
         ),
         tmp_path / "daemon.log",
     )
     try:
+        assert daemon.wait_for("unknown_environment_variable")["variable"] == "ESCROWD_SRC"
         port = daemon.wait_for("api_listening")["port"]
         base = f"http://127.0.0.1:{port}"
         unavailable = daemon.wait_for("chain_unavailable", timeout_s=20)
