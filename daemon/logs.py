@@ -51,6 +51,12 @@ def redact_secrets(
     return event_dict
 
 
+def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
+    # sys.stderr as it is when the logger is made, not when logging was configured: a
+    # harness that swaps the stream (CliRunner, pytest) and closes it is followed.
+    return structlog.PrintLogger(sys.stderr)
+
+
 def configure_logging(*, fmt: str = "auto", level: str = "info") -> None:
     """`fmt` is json, console, or auto (console on a terminal, JSON otherwise). Tracebacks
     are rendered as text in both formats; CHATTY_LIBRARIES log at warning unless `level`
@@ -96,6 +102,6 @@ def configure_logging(*, fmt: str = "auto", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
