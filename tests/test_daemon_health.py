@@ -8,7 +8,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import structlog
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
@@ -41,6 +40,7 @@ from escrowd.models import (
 from escrowd.models.db import make_engine
 from escrowd.models.registry import ensure_asset
 from tests.conftest import PG_URL_BASE
+from tests.log_capture import captured_logs
 
 
 def _client(
@@ -125,7 +125,7 @@ def test_a_silent_poller_is_unready_and_alerts_once() -> None:
     lags = LagTracker(max_failed_polls=5, max_silence_s=30.0, clock=clock)
     lags.expect("base", "blocks", 100)
     lags.record("base", LagReading(lag=1, head=500))
-    with structlog.testing.capture_logs() as logs:
+    with captured_logs() as logs:
         clock.now += 31
         assert lags.problems() == {"base": "no successful poll for 31 s; 1 blocks behind head"}
         clock.now += 5
@@ -199,7 +199,7 @@ def test_a_failing_job_is_unready_after_its_threshold_but_not_wedged(engine: Eng
     job = Job(f"flaky_{uuid.uuid4().hex[:6]}", 1.0, flaky)
     runner.register(job)
     client = _client(engine, progress=progress)
-    with structlog.testing.capture_logs() as logs:
+    with captured_logs() as logs:
         for _ in range(3):
             clock.now += 30
             runner.tick(job)

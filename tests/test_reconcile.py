@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import structlog
 import tomli_w
 from prometheus_client import REGISTRY
 from sqlalchemy import Engine
@@ -43,6 +42,7 @@ from escrowd.wallets.allocation import allocate_deposit_address
 from escrowd.wallets.keystore import UnlockedKeystore, create_keystore
 from escrowd.wallets.secrets import Secret
 from tests.evm_fixtures import EvmChain
+from tests.log_capture import captured_logs
 
 PASSPHRASE = "reconcile-test-passphrase"
 CHAIN = "base"
@@ -441,7 +441,7 @@ def test_the_daemon_job_publishes_the_last_difference_per_chain_and_asset(world:
     def gauge(name: str) -> float | None:
         return REGISTRY.get_sample_value(name, {"chain": CHAIN, "asset": "USDC"})
 
-    with structlog.testing.capture_logs() as logs:
+    with captured_logs() as logs:
         job.run()
     assert gauge("escrowd_reconcile_difference_base_units") == 42
     [event] = [e for e in logs if e["event"] == "reconcile_difference"]

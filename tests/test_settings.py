@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import structlog
 
 from escrowd.config.settings import SettingsError, load_settings
+from tests.log_capture import captured_logs
 
 CHAIN = """
 [[evm_chains]]
@@ -73,17 +73,17 @@ def test_an_unknown_environment_variable_is_a_warning_naming_it(tmp_path: Path) 
         "ESCROWD_LOG__LEVEL__DEEP": "x",
         "ESCROWD_API__PORT": "9100",
     }
-    with structlog.testing.capture_logs() as logs:
+    with captured_logs() as logs:
         settings = load_settings(_write(tmp_path, ""), environ=env)
     assert settings.api.port == 9100
     warned = [e["variable"] for e in logs if e["event"] == "unknown_environment_variable"]
     assert warned == ["ESCROWD_API__PROT", "ESCROWD_LOG__LEVEL__DEEP", "ESCROWD_NOPE"]
     assert all(e["log_level"] == "warning" for e in logs)
     # A known key with a bad value, and an unknown key in the file, stay errors.
-    with structlog.testing.capture_logs(), pytest.raises(SettingsError, match=r"api\.port"):
+    with captured_logs(), pytest.raises(SettingsError, match=r"api\.port"):
         load_settings(_write(tmp_path, ""), environ={**env, "ESCROWD_API__PORT": "eighty"})
     with (
-        structlog.testing.capture_logs(),
+        captured_logs(),
         pytest.raises(SettingsError, match=r"api\.prot: unknown key"),
     ):
         load_settings(_write(tmp_path, "[api]\nprot = 1\n"), environ=env)
