@@ -3,7 +3,10 @@
 Precedence (highest first): ESCROWD_* environment variables, the TOML file named by
 ``--config`` or ``ESCROWD_CONFIG``, built-in defaults. Nested keys use a double
 underscore in the environment: ``ESCROWD_API__PORT=8080`` sets ``[api] port``.
-Unknown keys, wrong types and impossible values fail at start with the key named.
+Unknown keys in the file, wrong types and impossible values fail at start with the key
+named. An ``ESCROWD_*`` variable that names no setting is logged as a warning
+(``unknown_environment_variable``) and ignored: the environment is shared with other
+programs, and an unrelated variable must not stop every command.
 """
 
 from __future__ import annotations
@@ -11,10 +14,14 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+log = structlog.get_logger(__name__)
 
 ENV_PREFIX = "ESCROWD_"
 CONFIG_ENV = "ESCROWD_CONFIG"
@@ -177,6 +184,23 @@ class DaemonSettings(_Section):
     shutdown_timeout_s: PositiveFloat = 30.0
     watchdog_stale_s: PositiveFloat = 120.0
     audit_checkpoint_interval_s: PositiveFloat = 300.0
+    # /readyz: a chain poller is unready after this many failed polls in a row, or when
+    # its last successful poll is older than unready_after_no_poll_s; any other job after
+    # failing every tick for unready_after_failing_s.
+    unready_after_failed_polls: PositiveInt = 5
+    unready_after_no_poll_s: PositiveFloat = 120.0
+    unready_after_failing_s: PositiveFloat = 300.0
+
+
+class ReconcileSettings(_Section):
+    # The daemon job comparing on-chain custody with the ledger (`escrowd reconcile`).
+    enabled: bool = False
+    interval_s: PositiveFloat = 600.0
+
+
+class WalletSettings(_Section):
+    # `escrowd wallets` warns when a wallet's native coin pays for fewer transactions.
+    reserve_transactions: PositiveInt = 50
 
 
 class Settings(_Section):
@@ -189,6 +213,8 @@ class Settings(_Section):
     payouts: PayoutSettings = PayoutSettings()
     webhooks: WebhookSettings = WebhookSettings()
     daemon: DaemonSettings = DaemonSettings()
+    reconcile: ReconcileSettings = ReconcileSettings()
+    wallets: WalletSettings = WalletSettings()
     evm_chains: list[EvmChainSettings] = []
     solana: SolanaSettings | None = None
 
@@ -227,13 +253,46 @@ class Settings(_Section):
         raise SettingsError(f"unknown EVM chain {name!r} (configured: {known})")
 
 
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The settings section a field holds (unwrapping ``X | None``), or None for a value."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        models = [_section_model(arg) for arg in get_args(annotation)]
+        found = [model for model in models if model is not None]
+        return found[0] if found else None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def names_a_setting(path: list[str]) -> bool:
+    """Whether ["api", "port"] (from ESCROWD_API__PORT) is a key of Settings."""
+    model: type[BaseModel] | None = Settings
+    for depth, part in enumerate(path):
+        if model is None:
+            return False
+        field_info = model.model_fields.get(part)
+        if field_info is None:
+            return False
+        if depth + 1 < len(path):
+            model = _section_model(field_info.annotation)
+    return True
+
+
 def _env_overrides(environ: dict[str, str], skip: frozenset[str]) -> dict[str, Any]:
-    """Turn ESCROWD_A__B=v into {"a": {"b": v}}; values that parse as JSON are decoded."""
+    """Turn ESCROWD_A__B=v into {"a": {"b": v}}; values that parse as JSON are decoded.
+    Variables naming no setting are warned about and left out."""
     overrides: dict[str, Any] = {}
-    for name, raw in environ.items():
+    for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name in skip or name.startswith("ESCROWD_TEST_"):
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
+        if not names_a_setting(path):
+            log.warning(
+                "unknown_environment_variable",
+                variable=name,
+                detail="names no setting (see escrowd.example.toml); ignored",
+            )
+            continue
         value: Any = raw
         if raw[:1] in "[{":
             try:

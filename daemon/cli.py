@@ -41,7 +41,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "apikey": ("escrowd.daemon.cli_api", "apikey_app", "API keys of the HTTP API."),
     "payouts": ("escrowd.daemon.cli_payouts", "payouts_app", "Inspect on-chain payouts."),
     "reconcile": (
-        "escrowd.daemon.cli_payouts",
+        "escrowd.daemon.cli_reconcile",
         "reconcile",
         "On-chain balances against the ledger's custody.",
     ),
@@ -49,6 +49,11 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
         "escrowd.daemon.cli_tokens",
         "tokens_app",
         "Other tokens sent to deposit addresses: list, recover.",
+    ),
+    "wallets": (
+        "escrowd.daemon.cli_wallets",
+        "wallets_app",
+        "Platform wallets: balances, needs, booking operator funding.",
     ),
 }
 
@@ -185,7 +190,9 @@ def main_callback(
 ) -> None:
     from escrowd.daemon.logs import configure_logging
 
-    configure_logging(fmt="console", level="warning")
+    # JSON unless on a terminal: under systemd even the warnings of loading the settings
+    # (before `run` configures its own logging) are JSON lines.
+    configure_logging(fmt="auto", level="warning")
     ctx.obj = CliState(config_path=config or _default_config_path())
 
 

@@ -1,12 +1,11 @@
-"""`escrowd reconcile` and `escrowd payouts list|show|retry|cancel`.
+"""`escrowd payouts list|show|retry|cancel`.
 
 Mount in daemon/cli.py:
 
-    from escrowd.daemon.cli_payouts import payouts_app, reconcile
-    app.command(name="reconcile")(reconcile)
+    from escrowd.daemon.cli_payouts import payouts_app
     app.add_typer(payouts_app, name="payouts")
 
-Both read settings and the engine from the root context object (`CliState`), which has
+It reads settings and the engine from the root context object (`CliState`), which has
 ``settings`` and ``engine`` properties.
 """
 
@@ -22,7 +21,6 @@ from sqlalchemy.orm import Session
 
 from escrowd.escrow import payouts
 from escrowd.escrow.payout_worker import landing_verdict, unlock_from_settings
-from escrowd.escrow.reconcile import HotWallets, differences, reconcile_configured
 from escrowd.escrow.uow import in_transaction
 from escrowd.indexer.errors import RpcError
 from escrowd.models import Asset, Payout, PayoutStatus, PayoutTransaction
@@ -40,28 +38,6 @@ def _state(ctx: typer.Context) -> Any:
     state = ctx.find_root().obj
     assert hasattr(state, "settings") and hasattr(state, "engine")
     return state
-
-
-def reconcile(ctx: typer.Context) -> None:
-    """Compare on-chain balances of the hot wallet and every deposit address with the
-    ledger's custody, per chain and asset. Exit 1 listing each difference."""
-    state = _state(ctx)
-    settings = state.settings
-    keystore = unlock_from_settings(settings)
-    hot = HotWallets(evm=keystore.evm_hot_wallet.address, solana=keystore.solana_hot_wallet.address)
-    with make_session_factory(state.engine)() as session:
-        lines = reconcile_configured(session, settings, hot)
-    for line in lines:
-        typer.echo(
-            f"{line.chain} {line.asset}: on chain {line.on_chain}, ledger holds "
-            f"{line.held_by_ledger}, in flight {line.in_flight}"
-        )
-    found = differences(lines)
-    for difference in found:
-        typer.echo(f"DIFFERENCE {difference.describe()}", err=True)
-    if found:
-        raise typer.Exit(EXIT_PROBLEMS)
-    typer.echo("reconcile: on-chain custody matches the ledger")
 
 
 @payouts_app.command("list")

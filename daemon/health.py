@@ -1,16 +1,21 @@
 """/healthz, /readyz and /metrics: a router the API app mounts, or a small app of its own.
 
 /healthz answers 200 while the process serves HTTP. /readyz answers 200 only when the
-database is reachable, its schema is at the migrations' head and every poller this
-instance runs is within its lag threshold; otherwise 503 with a JSON body naming each
-problem. /metrics is the prometheus_client default registry (the pollers, deposits and
-webhooks modules register their own series there) plus row counts by status.
+database is reachable, its schema is at the migrations' head, every poller this instance
+runs is healthy (within its lag threshold, not failing poll after poll, not silent) and
+no job has been failing every tick for longer than its threshold; otherwise 503 with a
+JSON body naming each problem. /metrics is the prometheus_client default registry (the
+pollers, deposits and webhooks modules register their own series there) plus, computed
+at scrape time, the readiness problems and the database's backlog: row counts by status,
+the age of the oldest payout in each open state, of the oldest pending deposit and of
+the oldest undelivered webhook.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import datetime
 
 import structlog
 from fastapi import APIRouter, FastAPI, Response
@@ -18,22 +23,46 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from escrowd.daemon.jobs import LagTracker
+from escrowd.daemon.progress import JobProgress, LagTracker
 from escrowd.migrations.runner import current_revision, head_revision
-from escrowd.models import Deposit, Escrow, Payout
+from escrowd.models import (
+    DeliveryStatus,
+    Deposit,
+    DepositStatus,
+    Escrow,
+    Payout,
+    PayoutStatus,
+    WebhookDelivery,
+    WebhookEvent,
+    utcnow,
+)
 
 log = structlog.get_logger(__name__)
 
 
-class ReadinessProbe:
-    """What /readyz checks. `lags` is None for a process that runs no pollers."""
+# Payout states a payout leaves no more; every other state gets an age gauge, so a state
+# added later is watched without a change here.
+SETTLED_PAYOUT_STATES = frozenset({PayoutStatus.CONFIRMED.value, PayoutStatus.FAILED.value})
 
-    def __init__(self, engine: Engine, lags: LagTracker | None = None) -> None:
+
+class ReadinessProbe:
+    """What /readyz checks. `lags` and `progress` are None for a process without jobs."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        lags: LagTracker | None = None,
+        progress: JobProgress | None = None,
+        *,
+        failing_after_s: float = 300.0,
+    ) -> None:
         self.engine = engine
         self.lags = lags
+        self.progress = progress
+        self.failing_after_s = failing_after_s
 
     def problems(self) -> dict[str, str]:
         found: dict[str, str] = {}
@@ -50,7 +79,39 @@ class ReadinessProbe:
         if self.lags is not None:
             for chain, problem in self.lags.problems().items():
                 found[f"poller:{chain}"] = problem
+        if self.progress is not None:
+            for failing in self.progress.failing(self.failing_after_s):
+                found.setdefault(f"job:{failing.job}", failing.describe())
         return found
+
+
+class _Readiness(Collector):
+    """escrowd_ready and one escrowd_readiness_problem series per problem, at scrape time."""
+
+    def __init__(self) -> None:
+        self.probe: ReadinessProbe | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        probe = self.probe
+        if probe is None:
+            return
+        problems = probe.problems()
+        ready = GaugeMetricFamily("escrowd_ready", "1 when /readyz answers 200, else 0.")
+        ready.add_metric([], 0 if problems else 1)
+        yield ready
+        family = GaugeMetricFamily(
+            "escrowd_readiness_problem",
+            "1 for each check that makes /readyz answer 503 (database, migrations, "
+            "poller:<chain>, job:<name>); the reason is in /readyz's body.",
+            labels=["check"],
+        )
+        for check in sorted(problems):
+            family.add_metric([check], 1)
+        yield family
+
+
+def _age_s(oldest: datetime | None, now: datetime) -> float:
+    return 0.0 if oldest is None else max(0.0, (now - oldest).total_seconds())
 
 
 class _StatusCounts(Collector):
@@ -79,29 +140,90 @@ class _StatusCounts(Collector):
                     for row in rows:
                         family.add_metric([str(value) for value in row[:-1]], int(row[-1]))
                     yield family
+                yield from self._backlog(connection)
         except SQLAlchemyError as exc:
             # A scrape must not fail because the database is down; /readyz reports that.
             log.warning("metrics_db_unavailable", error=type(exc).__name__)
 
+    @staticmethod
+    def _backlog(connection: Connection) -> Iterator[GaugeMetricFamily]:
+        now = utcnow()
+        payouts = GaugeMetricFamily(
+            "escrowd_payouts_oldest_age_seconds",
+            "Age (since requested) of the oldest payout in each state not yet settled.",
+            labels=["chain", "status"],
+        )
+        for chain, status, oldest in connection.execute(
+            select(Payout.chain, Payout.status, func.min(Payout.created_at))
+            .where(Payout.status.not_in(SETTLED_PAYOUT_STATES))
+            .group_by(Payout.chain, Payout.status)
+        ):
+            payouts.add_metric([chain, status], _age_s(oldest, now))
+        yield payouts
+        deposits = GaugeMetricFamily(
+            "escrowd_deposits_pending_oldest_age_seconds",
+            "Age (since seen) of the oldest deposit not yet confirmed, per chain.",
+            labels=["chain"],
+        )
+        for chain, oldest in connection.execute(
+            select(Deposit.chain, func.min(Deposit.created_at))
+            .where(Deposit.status == DepositStatus.PENDING.value)
+            .group_by(Deposit.chain)
+        ):
+            deposits.add_metric([chain], _age_s(oldest, now))
+        yield deposits
+        count, oldest = connection.execute(
+            select(func.count(), func.min(WebhookDelivery.created_at)).where(
+                WebhookDelivery.status == DeliveryStatus.PENDING.value
+            )
+        ).one()
+        backlog = GaugeMetricFamily(
+            "escrowd_webhook_backlog", "Webhook deliveries not yet delivered (pending)."
+        )
+        backlog.add_metric([], int(count))
+        yield backlog
+        backlog_age = GaugeMetricFamily(
+            "escrowd_webhook_backlog_oldest_age_seconds",
+            "Age of the oldest webhook delivery not yet delivered.",
+        )
+        backlog_age.add_metric([], _age_s(oldest, now))
+        yield backlog_age
+        unfanned = GaugeMetricFamily(
+            "escrowd_webhook_events_not_fanned_out",
+            "Webhook events written but not yet turned into deliveries.",
+        )
+        unfanned.add_metric(
+            [],
+            int(
+                connection.execute(
+                    select(func.count()).where(WebhookEvent.fanned_out.is_(False))
+                ).scalar_one()
+            ),
+        )
+        yield unfanned
+
 
 _status_counts = _StatusCounts()
+_readiness = _Readiness()
 _registered = threading.Lock()
 _is_registered = False
 
 
-def _install_status_counts(engine: Engine) -> None:
+def _install_collectors(probe: ReadinessProbe) -> None:
     global _is_registered  # noqa: PLW0603 - one collector per process registry
     with _registered:
-        _status_counts.engine = engine
+        _status_counts.engine = probe.engine
+        _readiness.probe = probe
         if not _is_registered:
             REGISTRY.register(_status_counts)
+            REGISTRY.register(_readiness)
             _is_registered = True
 
 
 def health_router(probe: ReadinessProbe) -> APIRouter:
     """Routes /healthz, /readyz, /metrics (no API key: they carry no secrets; bind the
     API to a private interface or filter these paths at the proxy)."""
-    _install_status_counts(probe.engine)
+    _install_collectors(probe)
     router = APIRouter(tags=["operations"])
 
     @router.get("/healthz")

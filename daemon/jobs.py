@@ -7,8 +7,9 @@ and when that daemon dies its connection closes, the lock is released and anothe
 takes the job on its next tick. SQLite is single-instance: the scheduler's own
 `max_instances=1` is the lock there.
 
-Every tick records its outcome (progress tracking for the systemd watchdog, Prometheus
-metrics) and, for chain pollers, the lag the poll reported (for /readyz).
+Every tick records its outcome (daemon/progress.py: wedged jobs for the systemd watchdog,
+failing jobs for /readyz, Prometheus metrics) and, for chain pollers, what the poll said
+about its chain, also when it failed (lag, head, error; for /readyz and the lag gauge).
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from escrowd.config.settings import EvmChainSettings, Settings, SolanaSettings
+from escrowd.daemon.progress import JobProgress, LagReading, LagTracker
 from escrowd.escrow import audit, payout_worker, service, sweeps
 from escrowd.escrow.deposits import LedgerDepositSink
+from escrowd.escrow.reconcile import HotWallets, Report, reconcile_configured
 from escrowd.escrow.unsupported import UnsupportedDepositRecorder
 from escrowd.escrow.uow import in_transaction
 from escrowd.escrow.webhook_delivery import run_webhooks
 from escrowd.escrow.webhooks import SecretCipher
+from escrowd.indexer.errors import RpcError
 from escrowd.indexer.evm_poller import EvmPoller
 from escrowd.indexer.evm_sender import EvmSender
 from escrowd.indexer.evm_source import EvmSource, JsonRpcEvmSource
@@ -61,19 +65,35 @@ JOB_RUNS = Counter(
     ["job", "outcome"],
 )
 JOB_FAILURES = Counter("escrowd_job_failures_total", "Scheduler job ticks that raised.", ["job"])
+RECONCILE_DIFFERENCE = Gauge(
+    "escrowd_reconcile_difference_base_units",
+    "Last reconcile's difference per chain and asset: on chain minus what the ledger "
+    "explains (0 when consistent).",
+    ["chain", "asset"],
+)
+RECONCILE_UNCREDITED = Gauge(
+    "escrowd_reconcile_uncredited_base_units",
+    "Last reconcile: deposits on chain, seen, not yet credited.",
+    ["chain", "asset"],
+)
+RECONCILE_UNREADABLE = Gauge(
+    "escrowd_reconcile_chain_unreadable",
+    "1 when the last reconcile could not read the chain.",
+    ["chain"],
+)
+RECONCILE_LAST_RUN = Gauge(
+    "escrowd_reconcile_last_run_timestamp_seconds",
+    "Unix time the chain was last reconciled (read or not).",
+    ["chain"],
+)
 JOB_LAST_SUCCESS = Gauge(
     "escrowd_job_last_success_timestamp_seconds",
     "Unix time of the job's last successful tick in this instance.",
     ["job"],
 )
-CHAIN_LAG = Gauge(
-    "escrowd_chain_lag",
-    "Blocks (EVM) or slots (Solana) between the chain head and what the poller has scanned.",
-    ["chain", "unit"],
-)
 
-# A poll result -> its lag in blocks or slots, or why the poll could not tell (its error).
-LagOf = Callable[[object], int | str]
+# A poll tick's result, or the exception it raised -> what it tells about the chain.
+LagOf = Callable[[object], LagReading]
 
 
 @dataclass(frozen=True)
@@ -159,119 +179,6 @@ def locks_for(engine: Engine, max_holders: int) -> JobLocks:
     return LocalLocks()
 
 
-@dataclass
-class _JobState:
-    last_progress: float
-    interval_s: float
-    running_since: float | None = None
-    last_error: str | None = None
-    consecutive_failures: int = 0
-
-
-class JobProgress:
-    """When each job last completed a tick; the watchdog pings only while all are fresh.
-
-    A tick skipped because another instance holds the lock counts as progress: this
-    instance is healthy and the job is being done. A tick that raises does not."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._jobs: dict[str, _JobState] = {}
-
-    def register(self, name: str, interval_s: float) -> None:
-        with self._lock:
-            self._jobs.setdefault(
-                name, _JobState(last_progress=self._clock(), interval_s=interval_s)
-            )
-
-    def started(self, name: str) -> None:
-        with self._lock:
-            self._jobs[name].running_since = self._clock()
-
-    def finished(self, name: str, error: str | None) -> None:
-        with self._lock:
-            state = self._jobs[name]
-            state.running_since = None
-            state.last_error = error
-            if error is None:
-                state.last_progress = self._clock()
-                state.consecutive_failures = 0
-            else:
-                state.consecutive_failures += 1
-
-    def stale(self, stale_after_s: float) -> list[str]:
-        """Jobs (wedged or failing) whose last completed tick is more than `stale_after_s`
-        older than their next tick was due: a job every 5 minutes is not stale at 3."""
-        now = self._clock()
-        with self._lock:
-            return sorted(
-                name
-                for name, state in self._jobs.items()
-                if now - state.last_progress > state.interval_s + stale_after_s
-            )
-
-    def running(self) -> list[str]:
-        with self._lock:
-            return sorted(
-                name for name, state in self._jobs.items() if state.running_since is not None
-            )
-
-
-@dataclass
-class _Lag:
-    unit: str
-    max_lag: int
-    value: int | None = None
-    error: str | None = None
-    elsewhere: bool = False
-
-
-@dataclass
-class LagTracker:
-    """The last lag each poller reported, against its threshold."""
-
-    _lags: dict[str, _Lag] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def expect(self, chain: str, unit: str, max_lag: int) -> None:
-        with self._lock:
-            self._lags.setdefault(chain, _Lag(unit=unit, max_lag=max_lag))
-
-    def record(self, chain: str, lag: int | str) -> None:
-        """`lag` in blocks/slots, or the error that kept the poll from measuring it."""
-        with self._lock:
-            entry = self._lags[chain]
-            entry.elsewhere = False
-            if isinstance(lag, str):
-                entry.value, entry.error = None, lag
-                return
-            entry.value, entry.error = lag, None
-        CHAIN_LAG.labels(chain, entry.unit).set(lag)
-
-    def polled_elsewhere(self, chain: str) -> None:
-        """Another instance holds this poller; its lag is that instance's to report."""
-        with self._lock:
-            self._lags[chain].elsewhere = True
-
-    def problems(self) -> dict[str, str]:
-        """chain -> why it is not ready; empty when every poller is within its threshold."""
-        found: dict[str, str] = {}
-        with self._lock:
-            for chain, entry in self._lags.items():
-                if entry.elsewhere:
-                    continue
-                if entry.error is not None:
-                    found[chain] = f"last poll failed: {entry.error}"
-                elif entry.value is None:
-                    found[chain] = "no completed poll yet"
-                elif entry.value > entry.max_lag:
-                    found[chain] = (
-                        f"{entry.value} {entry.unit} behind head (threshold {entry.max_lag})"
-                    )
-        return found
-
-
 class JobRunner:
     """Runs one tick of a job: lock, time, record; never lets an exception escape, so a
     failing job is logged with its traceback and simply runs again on its next tick."""
@@ -304,6 +211,8 @@ class JobRunner:
             JOB_RUNS.labels(job.name, "ok").inc()
             JOB_LAST_SUCCESS.labels(job.name).set_to_current_time()
             if job.lag is not None:
+                # A poller reports RPC trouble in its result rather than raising; the
+                # lag tracker judges it (failed polls, silence), not the job's failures.
                 self.lags.record(job.lag.chain, job.lag.lag_of(result))
             log.debug("job_done", job=job.name, duration_s=round(elapsed_s, 4))
         except Exception as exc:
@@ -316,6 +225,8 @@ class JobRunner:
                 error=error,
                 traceback="".join(traceback.format_exception(exc)),
             )
+            if job.lag is not None:
+                self.lags.record(job.lag.chain, job.lag.lag_of(exc))
         finally:
             self.progress.finished(job.name, error)
 
@@ -348,23 +259,51 @@ class JobContext:
     closers: list[Callable[[], None]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class PollTick:
+    """One poller tick: the poll's result and, when crediting failed, why."""
+
+    poll: object
+    confirm_error: str | None = None
+
+
 def _poll_and_confirm(poller: Any) -> Callable[[], object]:
-    """One tick of a chain poller: scan for new deposits, then credit the confirmed ones."""
+    """One tick of a chain poller: scan for new deposits, then credit the confirmed ones.
+    An RPC failure while crediting fails the tick but keeps what the scan measured."""
 
     def run() -> object:
         polled = poller.poll_once()
-        poller.confirm_once()
-        return polled
+        try:
+            confirmed = poller.confirm_once()
+        except RpcError as exc:
+            log.warning("confirm_failed", chain=poller.chain, error=str(exc))
+            return PollTick(polled, f"{type(exc).__name__}: {exc}")
+        error = getattr(confirmed, "error", None)
+        return PollTick(polled, None if error is None else str(error))
 
     return run
 
 
-def _evm_lag(result: object) -> int | str:
-    error = getattr(result, "error", None)
-    lag = getattr(result, "lag_blocks", None)
-    if error is not None or lag is None:
-        return str(error or "poll reported no lag")
-    return int(lag)
+def _tick_reading(
+    outcome: object,
+    lag_attribute: str,
+    measured: Callable[[object], LagReading] | None = None,
+) -> LagReading:
+    """What a tick's outcome says about its chain; `measured` reads the lag of a poll
+    that succeeded without carrying it."""
+    poll = outcome.poll if isinstance(outcome, PollTick) else outcome
+    reading = LagReading.of(poll, lag_attribute)
+    if reading.lag is None and reading.error is None and measured is not None:
+        reading = measured(poll)
+    if reading.lag is None and reading.error is None:
+        reading = LagReading(head=reading.head, error="poll reported no lag")
+    if reading.error is None and isinstance(outcome, PollTick) and outcome.confirm_error:
+        reading = LagReading(reading.lag, reading.head, f"confirm: {outcome.confirm_error}")
+    return reading
+
+
+def _evm_lag(outcome: object) -> LagReading:
+    return _tick_reading(outcome, "lag_blocks")
 
 
 def _evm_source(ctx: JobContext, chain: EvmChainSettings) -> EvmSource:
@@ -404,15 +343,16 @@ def evm_jobs(ctx: JobContext) -> list[Job]:
 
 
 def _solana_lag(chain: str) -> LagOf:
-    def lag_of(result: object) -> int | str:
-        error = getattr(result, "error", None)
-        if error is not None:
-            return str(error)
+    def gauge(poll: object) -> LagReading:
         # The Solana poller publishes its lag as a gauge rather than in its result.
         value = REGISTRY.get_sample_value("escrowd_solana_slots_behind", {"chain": chain})
-        return "poll reported no lag" if value is None else int(value)
+        if value is None:
+            return LagReading()
+        scanned = getattr(poll, "scanned_through_slot", None)
+        head = scanned + int(value) if isinstance(scanned, int) else None
+        return LagReading(lag=int(value), head=head)
 
-    return lag_of
+    return lambda outcome: _tick_reading(outcome, "lag_slots", gauge)
 
 
 def solana_jobs(ctx: JobContext) -> list[Job]:
@@ -512,6 +452,53 @@ def sweep_jobs(ctx: JobContext) -> list[Job]:
     return jobs
 
 
+def publish_reconcile(report: Report) -> None:
+    """The report as metrics and log events (`reconcile_difference` is one to alert on)."""
+    for chain in report.chains:
+        RECONCILE_LAST_RUN.labels(chain.chain).set_to_current_time()
+        RECONCILE_UNREADABLE.labels(chain.chain).set(1 if chain.error else 0)
+        for line in chain.lines:
+            RECONCILE_DIFFERENCE.labels(chain.chain, line.asset).set(line.difference)
+            RECONCILE_UNCREDITED.labels(chain.chain, line.asset).set(line.uncredited)
+            if line.difference:
+                log.error(
+                    "reconcile_difference",
+                    chain=chain.chain,
+                    asset=line.asset,
+                    at=chain.at,
+                    difference=line.difference,
+                    detail=line.describe(),
+                )
+    log.info(
+        "reconcile_done",
+        differences=len(report.differences),
+        unreadable=[chain.chain for chain in report.unreadable],
+    )
+
+
+def reconcile_jobs(ctx: JobContext) -> list[Job]:
+    """The optional reconcile job (`reconcile.enabled`), through the pollers' sources."""
+    if not ctx.settings.reconcile.enabled:
+        return []
+    if ctx.keystore is None:
+        raise JobUnavailable("reconcile", "keystore", "is not unlocked (no keystore file)")
+    hot = HotWallets(
+        evm=ctx.keystore.evm_hot_wallet.address, solana=ctx.keystore.solana_hot_wallet.address
+    )
+    evm_sources = {chain.name: _evm_source(ctx, chain) for chain in ctx.settings.evm_chains}
+    solana = ctx.settings.solana
+    solana_source = _solana_source(ctx, solana) if solana is not None else None
+
+    def run() -> object:
+        report = reconcile_configured(
+            ctx.sessions, ctx.settings, hot, evm_sources=evm_sources, solana_source=solana_source
+        )
+        publish_reconcile(report)
+        return report
+
+    return [Job("reconcile", ctx.settings.reconcile.interval_s, run)]
+
+
 def expiry_jobs(ctx: JobContext) -> list[Job]:
     def run() -> object:
         return in_transaction(
@@ -584,6 +571,7 @@ BUILDERS: tuple[tuple[str, JobBuilder], ...] = (
     ("escrow_expiry", expiry_jobs),
     ("webhooks", webhook_jobs),
     ("audit_checkpoint", audit_checkpoint_jobs),
+    ("reconcile", reconcile_jobs),
     ("test_probe", probe_jobs),
 )
 

@@ -25,6 +25,21 @@ SECRET_FIELDS = frozenset(
     }
 )
 REDACTED = "[redacted]"
+# Libraries that log a line per request or per scheduler step: at info they drown
+# escrowd's own events (httpx alone was two thirds of all lines), so they speak only at
+# warning unless the operator asks for debug.
+CHATTY_LIBRARIES = (
+    "alembic",
+    "httpx",
+    "httpcore",
+    "urllib3",
+    "requests",
+    "web3",
+    "solana",
+    "apscheduler",
+    "uvicorn.access",
+    "asyncio",
+)
 
 
 def redact_secrets(
@@ -36,8 +51,16 @@ def redact_secrets(
     return event_dict
 
 
+def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
+    # sys.stderr as it is when the logger is made, not when logging was configured: a
+    # harness that swaps the stream (CliRunner, pytest) and closes it is followed.
+    return structlog.PrintLogger(sys.stderr)
+
+
 def configure_logging(*, fmt: str = "auto", level: str = "info") -> None:
-    """`fmt` is json, console, or auto (console on a terminal, JSON otherwise)."""
+    """`fmt` is json, console, or auto (console on a terminal, JSON otherwise). Tracebacks
+    are rendered as text in both formats; CHATTY_LIBRARIES log at warning unless `level`
+    is debug."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: Any = (
         structlog.processors.JSONRenderer()
@@ -56,12 +79,18 @@ def configure_logging(*, fmt: str = "auto", level: str = "info") -> None:
                 structlog.stdlib.add_logger_name,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
                 redact_secrets,
+                # A standard-library record's exc_info is a tuple; rendered as JSON it
+                # would be "<traceback object at 0x...>".
+                structlog.processors.format_exc_info,
             ],
         )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric_level)
+    library_level = numeric_level if level == "debug" else max(numeric_level, logging.WARNING)
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(library_level)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -73,6 +102,6 @@ def configure_logging(*, fmt: str = "auto", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )

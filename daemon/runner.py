@@ -1,8 +1,12 @@
 """`escrowd run`: the scheduler, the HTTP API and the systemd protocol in one process.
 
 Start-up: check the schema is at head, build the jobs, schedule them, serve the API,
-then tell systemd READY=1. While running, ping the watchdog only while every job keeps
-completing ticks. On SIGTERM/SIGINT: stop accepting requests and scheduling ticks, let
+then tell systemd READY=1. While running, ping the watchdog only while the daemon itself
+works: the scheduler keeps starting ticks, no tick hangs, and the API answers. A job that
+fails (one chain's node down) is the instance's readiness problem, not a reason for
+systemd to restart everything: /readyz, the metrics and a `chain_unavailable` /
+`job_failing` event report it while the other chains and the API keep serving. On
+SIGTERM/SIGINT: stop accepting requests and scheduling ticks, let
 the ticks in flight finish (each is one or more committed transactions), and exit 0; if
 they do not finish within `daemon.shutdown_timeout_s`, exit 1 and let the database roll
 back whatever was still open.
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import FrameType
 
+import httpx
 import structlog
 import uvicorn
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -31,16 +36,9 @@ from escrowd.config.errors import Unavailable
 from escrowd.config.settings import Settings
 from escrowd.daemon.api import create_app
 from escrowd.daemon.health import ReadinessProbe, mount_health
-from escrowd.daemon.jobs import (
-    Job,
-    JobContext,
-    JobProgress,
-    JobRunner,
-    LagTracker,
-    build_jobs,
-    locks_for,
-)
+from escrowd.daemon.jobs import Job, JobContext, JobRunner, build_jobs, locks_for
 from escrowd.daemon.notify import Notifier
+from escrowd.daemon.progress import JobProgress, LagTracker
 from escrowd.escrow.payouts import PlatformAddresses
 from escrowd.indexer.evm_source import EvmSource
 from escrowd.indexer.solana_source import SolanaSource
@@ -56,6 +54,9 @@ EXIT_SHUTDOWN_TIMEOUT = 1
 API_START_TIMEOUT_S = 15.0
 # Without a systemd watchdog the loop still wakes up to refresh STATUS and the log.
 IDLE_LOOP_S = 1.0
+# How often the watch loop asks the API's own /healthz, and how long it waits.
+API_CHECK_INTERVAL_S = 2.0
+API_CHECK_TIMEOUT_S = 5.0
 
 
 class SchemaNotAtHead(Unavailable):
@@ -109,7 +110,11 @@ class Daemon:
         self.serve_api = serve_api
         self.stop_event = threading.Event()
         self.progress = JobProgress()
-        self.lags = LagTracker()
+        self.lags = LagTracker(
+            max_failed_polls=settings.daemon.unready_after_failed_polls,
+            max_silence_s=settings.daemon.unready_after_no_poll_s,
+        )
+        self._api_answered = time.monotonic()
         self.runner: JobRunner | None = None
         self.jobs: list[Job] = []
         self.api_port: int | None = None
@@ -138,7 +143,15 @@ class Daemon:
             deriver=derivers_of(keystore, self.settings),
             platform=platform_of(keystore, self.settings),
         )
-        return mount_health(app, ReadinessProbe(self.engine, self.lags))
+        return mount_health(app, self.probe())
+
+    def probe(self) -> ReadinessProbe:
+        return ReadinessProbe(
+            self.engine,
+            self.lags,
+            self.progress,
+            failing_after_s=self.settings.daemon.unready_after_failing_s,
+        )
 
     def start(self) -> None:
         self._set_status("starting")
@@ -219,6 +232,8 @@ class Daemon:
             time.sleep(0.02)
         self.api_port = int(server.servers[0].sockets[0].getsockname()[1])
         self._server, self._server_thread = server, thread
+        self._api_answered = time.monotonic()
+        threading.Thread(target=self._check_api, name="api-check", daemon=True).start()
         log.info("api_listening", host=self.settings.api.host, port=self.api_port)
 
     # ---- running ------------------------------------------------------------------------
@@ -232,22 +247,60 @@ class Daemon:
         signal.signal(signal.SIGINT, handle)
 
     def watch(self) -> None:
-        """Until asked to stop: ping the watchdog while all jobs make progress."""
+        """Until asked to stop: ping the watchdog while the daemon is not wedged, and
+        report (log, STATUS) the jobs and chains that fail meanwhile."""
         interval_s = self.notifier.watchdog_interval_s or IDLE_LOOP_S
         stale_after_s = self.settings.daemon.watchdog_stale_s
         withheld: list[str] = []
         while not self.stop_event.wait(min(interval_s, IDLE_LOOP_S)):
-            stale = self.progress.stale(stale_after_s)
-            if stale:
-                if stale != withheld:
-                    log.error("watchdog_withheld", stale_jobs=stale, stale_after_s=stale_after_s)
-                self._set_status(f"jobs not progressing: {', '.join(stale)}")
+            wedged = self.wedged(stale_after_s)
+            # Evaluated every loop so their alert events are logged when they start.
+            unready = sorted(self.lags.problems()) + [
+                failing.job
+                for failing in self.progress.failing(self.settings.daemon.unready_after_failing_s)
+            ]
+            if wedged:
+                if wedged != withheld:
+                    log.error("watchdog_withheld", stale_jobs=wedged, stale_after_s=stale_after_s)
+                self._set_status(f"wedged: {', '.join(wedged)}")
             else:
                 if withheld:
                     log.info("watchdog_resumed")
                 self.notifier.watchdog()
-                self._set_status(self._running_status)
-            withheld = stale
+                degraded = f"; degraded: {', '.join(unready)}" if unready else ""
+                self._set_status(self._running_status + degraded)
+            withheld = wedged
+
+    def wedged(self, stale_after_s: float) -> list[str]:
+        """What keeps the daemon from working: jobs stuck in a tick or no longer started
+        (the scheduler stopped), and the API when it has not answered for as long."""
+        wedged = self.progress.wedged(stale_after_s)
+        if self._server is not None and not self._api_alive(stale_after_s):
+            wedged.append("api")
+        return wedged
+
+    def _api_alive(self, stale_after_s: float) -> bool:
+        thread = self._server_thread
+        if thread is None or not thread.is_alive():
+            return False
+        return time.monotonic() - self._api_answered <= stale_after_s
+
+    def _check_api(self) -> None:
+        """Ask the API's own /healthz now and then, from a thread of its own so a slow
+        answer never delays a watchdog ping; `_api_answered` is when it last answered."""
+        host = self.settings.api.host
+        # A wildcard listen address is reached on loopback.
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
+        url = f"http://{f'[{host}]' if ':' in host else host}:{self.api_port}/healthz"
+        # Asked a few times within the stale threshold, so one slow answer is no wedge.
+        every_s = min(API_CHECK_INTERVAL_S, self.settings.daemon.watchdog_stale_s / 4)
+        with httpx.Client(timeout=API_CHECK_TIMEOUT_S) as client:
+            while not self.stop_event.wait(every_s):
+                try:
+                    if client.get(url).status_code == 200:
+                        self._api_answered = time.monotonic()
+                except httpx.HTTPError as exc:
+                    log.warning("api_check_failed", error=f"{type(exc).__name__}: {exc}")
 
     def _set_status(self, status: str) -> None:
         if status != self._status:

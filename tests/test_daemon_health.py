@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -11,24 +12,51 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine
+from sqlalchemy.orm import sessionmaker
 
 from escrowd.daemon.health import ReadinessProbe, create_health_app
 from escrowd.daemon.jobs import (
     Job,
-    JobProgress,
     JobRunner,
     LagProbe,
-    LagTracker,
     LocalLocks,
     PgAdvisoryLocks,
+    PollTick,
+    _evm_lag,
     advisory_key,
 )
+from escrowd.daemon.progress import JobProgress, LagReading, LagTracker
+from escrowd.escrow import service
+from escrowd.indexer.evm_poller import PollResult
+from escrowd.models import (
+    Deposit,
+    DepositAddress,
+    Payout,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookEvent,
+    utcnow,
+)
 from escrowd.models.db import make_engine
+from escrowd.models.registry import ensure_asset
 from tests.conftest import PG_URL_BASE
+from tests.log_capture import captured_logs
 
 
-def _client(engine: Engine, lags: LagTracker | None = None) -> TestClient:
-    return TestClient(create_health_app(ReadinessProbe(engine, lags)))
+def _client(
+    engine: Engine, lags: LagTracker | None = None, progress: JobProgress | None = None
+) -> TestClient:
+    return TestClient(
+        create_health_app(ReadinessProbe(engine, lags, progress, failing_after_s=50.0))
+    )
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def test_ready_on_a_migrated_database(engine: Engine) -> None:
@@ -61,7 +89,7 @@ def test_not_ready_when_migrations_are_behind(tmp_path: Path) -> None:
 
 
 def test_not_ready_while_a_poller_lags_or_has_not_polled(engine: Engine) -> None:
-    lags = LagTracker()
+    lags = LagTracker(max_failed_polls=3, max_silence_s=120.0)
     lags.expect("base", "blocks", 200)
     lags.expect("solana", "slots", 1000)
     client = _client(engine, lags)
@@ -70,24 +98,79 @@ def test_not_ready_while_a_poller_lags_or_has_not_polled(engine: Engine) -> None
         "poller:base": "no completed poll yet",
         "poller:solana": "no completed poll yet",
     }
-    lags.record("base", 201)
-    lags.record("solana", 12)
+    lags.record("base", LagReading(lag=201, head=1201))
+    lags.record("solana", LagReading(lag=12))
     response = client.get("/readyz")
     assert response.status_code == 503
     assert response.json()["problems"] == {"poller:base": "201 blocks behind head (threshold 200)"}
-    lags.record("base", 3)
+    lags.record("base", LagReading(lag=3, head=1203))
     assert client.get("/readyz").status_code == 200
-    lags.record("base", "RpcUnavailable: all RPC URLs failed")
-    assert "RpcUnavailable" in client.get("/readyz").json()["problems"]["poller:base"]
+    # One failed poll is a provider's hiccup; three in a row are an outage.
+    lags.record("base", LagReading(error="RpcUnavailable: all RPC URLs failed"))
+    lags.record("base", LagReading(error="RpcUnavailable: all RPC URLs failed"))
+    assert client.get("/readyz").status_code == 200
+    lags.record("base", LagReading(head=1210, error="RpcUnavailable: all RPC URLs failed"))
+    problem = client.get("/readyz").json()["problems"]["poller:base"]
+    assert problem.startswith("3 failed polls in a row; 10 blocks behind head (estimated)")
+    assert "RpcUnavailable" in problem
     # Another instance holds the poller: its lag is not this instance's to judge.
     lags.polled_elsewhere("base")
     assert client.get("/readyz").status_code == 200
+    lags.record("base", LagReading(lag=0, head=1210))
+    assert client.get("/readyz").status_code == 200
+
+
+def test_a_silent_poller_is_unready_and_alerts_once() -> None:
+    clock = Clock()
+    lags = LagTracker(max_failed_polls=5, max_silence_s=30.0, clock=clock)
+    lags.expect("base", "blocks", 100)
+    lags.record("base", LagReading(lag=1, head=500))
+    with captured_logs() as logs:
+        clock.now += 31
+        assert lags.problems() == {"base": "no successful poll for 31 s; 1 blocks behind head"}
+        clock.now += 5
+        assert "base" in lags.problems()
+        lags.record("base", LagReading(lag=0, head=510))
+        assert lags.problems() == {}
+    events = [(entry["event"], entry.get("chain")) for entry in logs]
+    assert events == [("chain_unavailable", "base"), ("chain_available", "base")]
+
+
+def test_the_lag_grows_at_the_observed_block_rate_while_the_node_is_down() -> None:
+    clock = Clock()
+    lags = LagTracker(max_failed_polls=2, max_silence_s=600.0, clock=clock)
+    lags.expect("base", "blocks", 50)
+    lags.record("base", LagReading(lag=2, head=100))
+    clock.now += 10
+    lags.record("base", LagReading(lag=2, head=120))  # 2 blocks a second
+    clock.now += 30
+    lags.record("base", LagReading(error="RpcUnavailable: connection refused"))
+    assert REGISTRY.get_sample_value("escrowd_chain_lag", {"chain": "base", "unit": "blocks"}) == (
+        2 + 60 * 0.3 + 2 * 0.7 * 30
+    )
+    assert REGISTRY.get_sample_value("escrowd_chain_lag_estimated", {"chain": "base"}) == 1
+    assert REGISTRY.get_sample_value("escrowd_chain_failed_polls", {"chain": "base"}) == 1
+    clock.now += 30
+    lags.record("base", LagReading(error="RpcUnavailable: connection refused"))
+    problem = lags.problems()["base"]
+    assert problem.startswith("2 failed polls in a row; ")
+    assert "behind head (estimated)" in problem
+
+
+def test_a_poll_tick_keeps_its_lag_when_crediting_fails() -> None:
+    polled = PollResult(chain="base", head=500, cursor=497, lag_blocks=3)
+    assert _evm_lag(PollTick(polled)) == LagReading(lag=3, head=500)
+    failed = _evm_lag(PollTick(polled, "RpcUnavailable: timeout"))
+    assert failed == LagReading(lag=3, head=500, error="confirm: RpcUnavailable: timeout")
+    down = PollResult(chain="base", head=None, error="RpcUnavailable: refused")
+    assert _evm_lag(PollTick(down)) == LagReading(error="RpcUnavailable: refused")
+    assert _evm_lag(RuntimeError("boom")) == LagReading(error="RuntimeError: boom")
 
 
 def test_metrics_parse_and_include_lag_and_status_counts(engine: Engine) -> None:
     lags = LagTracker()
     lags.expect("testchain", "blocks", 10)
-    lags.record("testchain", 7)
+    lags.record("testchain", LagReading(lag=7))
     body = _client(engine, lags).get("/metrics").text
     families = {family.name: family for family in text_string_to_metric_families(body)}
     lag = [s for s in families["escrowd_chain_lag"].samples if s.labels["chain"] == "testchain"]
@@ -101,45 +184,70 @@ def _sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def test_a_failing_job_is_counted_and_does_not_count_as_progress() -> None:
-    clock = [100.0]
-    progress = JobProgress(clock=lambda: clock[0])
+def test_a_failing_job_is_unready_after_its_threshold_but_not_wedged(engine: Engine) -> None:
+    clock = Clock()
+    progress = JobProgress(clock=clock)
     runner = JobRunner(LocalLocks(), progress, LagTracker())
     calls: list[int] = []
 
     def flaky() -> object:
         calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("rpc down")
+        if len(calls) <= 3:
+            raise RuntimeError("database is down")
         return None
 
     job = Job(f"flaky_{uuid.uuid4().hex[:6]}", 1.0, flaky)
     runner.register(job)
-    clock[0] = 105.0
-    runner.tick(job)
-    assert _sample("escrowd_job_failures_total", job=job.name) == 1
-    assert progress.stale(3.0) == [job.name]
-    runner.tick(job)
-    assert len(calls) == 2
-    assert progress.stale(3.0) == []
-    assert _sample("escrowd_job_runs_total", job=job.name, outcome="ok") == 1
+    client = _client(engine, progress=progress)
+    with captured_logs() as logs:
+        for _ in range(3):
+            clock.now += 30
+            runner.tick(job)
+        assert _sample("escrowd_job_failures_total", job=job.name) == 3
+        assert _sample("escrowd_job_consecutive_failures", job=job.name) == 3
+        # Failing ticks end: the daemon is not wedged, systemd must not restart it.
+        assert progress.wedged(3.0) == []
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        assert response.json()["problems"] == {
+            f"job:{job.name}": "failing for 60 s (3 ticks): RuntimeError: database is down"
+        }
+        metrics = client.get("/metrics").text
+        assert "escrowd_ready 0.0" in metrics
+        assert f'escrowd_readiness_problem{{check="job:{job.name}"}} 1.0' in metrics
+        runner.tick(job)
+        assert client.get("/readyz").status_code == 200
+        assert "escrowd_ready 1.0" in client.get("/metrics").text
+    assert [e["event"] for e in logs if e["event"] in ("job_failing", "job_recovered")] == [
+        "job_failing",
+        "job_recovered",
+    ]
 
 
-def test_a_job_is_stale_only_past_its_own_interval() -> None:
-    clock = [0.0]
-    progress = JobProgress(clock=lambda: clock[0])
+def test_a_job_is_wedged_when_its_tick_hangs_or_it_is_not_started() -> None:
+    clock = Clock()
+    progress = JobProgress(clock=clock)
     progress.register("checkpoint", 300.0)
     progress.register("poll", 2.0)
-    clock[0] = 200.0
-    assert progress.stale(120.0) == ["poll"]
-    clock[0] = 421.0
-    assert progress.stale(120.0) == ["checkpoint", "poll"]
+    progress.register("payouts", 2.0)
+    clock.now += 100
+    progress.started("poll")
+    progress.finished("poll", "RpcUnavailable: refused")
+    progress.started("payouts")
+    clock.now += 100
+    # poll failed but ran 100 s ago: the scheduler stopped starting it; payouts hangs.
+    assert progress.wedged(120.0) == []
+    clock.now += 25
+    assert progress.wedged(120.0) == ["payouts", "poll"]
+    clock.now += 200
+    assert progress.wedged(120.0) == ["checkpoint", "payouts", "poll"]
 
 
 def test_poll_results_feed_the_lag_tracker() -> None:
     lags = LagTracker()
     runner = JobRunner(LocalLocks(), JobProgress(), lags)
-    job = Job("poll_x", 1.0, lambda: 250, LagProbe("x", "blocks", 100, lambda r: int(str(r))))
+    probe = LagProbe("x", "blocks", 100, lambda r: LagReading(lag=int(str(r))))
+    job = Job("poll_x", 1.0, lambda: 250, probe)
     runner.register(job)
     runner.tick(job)
     assert lags.problems() == {"x": "250 blocks behind head (threshold 100)"}
@@ -178,3 +286,75 @@ def test_pg_advisory_lock_admits_one_holder(pg_engine: Engine) -> None:
     assert outcomes == [True]
     first.close()
     second.close()
+
+
+def test_backlog_gauges_show_the_oldest_open_payout_deposit_and_webhook(
+    engine: Engine, sessions: sessionmaker
+) -> None:
+    old, recent = utcnow() - timedelta(minutes=10), utcnow() - timedelta(seconds=5)
+    with sessions() as s, s.begin():
+        agent = service.register_agent(s, "agent-1")
+        asset = ensure_asset(s, chain="base", symbol="USDC", decimals=6, token_address=None)
+        address = DepositAddress(agent_id=agent.id, chain="evm", address="0x1", derivation_index=0)
+        s.add(address)
+        s.flush()
+        for key, status, created in (
+            ("p1", "broadcast", old),
+            ("p2", "broadcast", recent),
+            ("p3", "requested", recent),
+            ("p4", "confirmed", old),
+        ):
+            s.add(
+                Payout(
+                    idempotency_key=key,
+                    chain="base",
+                    asset_id=asset.id,
+                    agent_id=agent.id,
+                    reason="withdrawal",
+                    source_address="",
+                    destination="0x2",
+                    amount=5,
+                    status=status,
+                    created_at=created,
+                )
+            )
+        s.add(
+            Deposit(
+                chain="base",
+                tx_hash="0xabc",
+                log_index=0,
+                asset_id=asset.id,
+                agent_id=agent.id,
+                deposit_address_id=address.id,
+                amount=7,
+                block_number=1,
+                block_hash="0xdef",
+                created_at=old,
+            )
+        )
+        endpoint = WebhookEndpoint(url="https://example.test/hook", secret_ciphertext=b"x")
+        event = WebhookEvent(type="deposit.seen", api_version="1", payload="{}", created_at=old)
+        s.add_all([endpoint, event])
+        s.flush()
+        s.add(WebhookDelivery(endpoint_id=endpoint.id, event_id=event.id, created_at=old))
+    families = {
+        family.name: family
+        for family in text_string_to_metric_families(_client(engine).get("/metrics").text)
+    }
+
+    def value(name: str, **labels: str) -> float:
+        samples = families[name].samples
+        return next(
+            x.value for x in samples if all(x.labels.get(k) == v for k, v in labels.items())
+        )
+
+    assert 595 < value("escrowd_payouts_oldest_age_seconds", status="broadcast") < 700
+    assert 0 < value("escrowd_payouts_oldest_age_seconds", status="requested") < 100
+    assert not [
+        x
+        for x in families["escrowd_payouts_oldest_age_seconds"].samples
+        if x.labels["status"] == "confirmed"
+    ]
+    assert 595 < value("escrowd_deposits_pending_oldest_age_seconds", chain="base") < 700
+    assert value("escrowd_webhook_backlog") == 1
+    assert 595 < value("escrowd_webhook_backlog_oldest_age_seconds") < 700

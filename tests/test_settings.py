@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from escrowd.config.settings import SettingsError, load_settings
+from tests.log_capture import captured_logs
 
 CHAIN = """
 [[evm_chains]]
@@ -54,7 +55,6 @@ def test_config_env_names_the_file(tmp_path: Path) -> None:
         ('[api]\nport = "80"\n', {}, "api.port"),
         (CHAIN.replace("confirmations = 12", "confirmations = -1"), {}, "confirmations"),
         ("", {"ESCROWD_API__PORT": "eighty"}, "api.port"),
-        ("", {"ESCROWD_NOPE": "1"}, "nope: unknown key"),
         ('database_url = "mysql://x"\n', {}, "database_url"),
         (CHAIN + CHAIN, {}, "repeated: base"),
     ],
@@ -64,6 +64,29 @@ def test_bad_values_fail_naming_the_key(
 ) -> None:
     with pytest.raises(SettingsError, match=named):
         load_settings(_write(tmp_path, body), environ=env)
+
+
+def test_an_unknown_environment_variable_is_a_warning_naming_it(tmp_path: Path) -> None:
+    env = {
+        "ESCROWD_NOPE": "1",
+        "ESCROWD_API__PROT": "1",
+        "ESCROWD_LOG__LEVEL__DEEP": "x",
+        "ESCROWD_API__PORT": "9100",
+    }
+    with captured_logs() as logs:
+        settings = load_settings(_write(tmp_path, ""), environ=env)
+    assert settings.api.port == 9100
+    warned = [e["variable"] for e in logs if e["event"] == "unknown_environment_variable"]
+    assert warned == ["ESCROWD_API__PROT", "ESCROWD_LOG__LEVEL__DEEP", "ESCROWD_NOPE"]
+    assert all(e["log_level"] == "warning" for e in logs)
+    # A known key with a bad value, and an unknown key in the file, stay errors.
+    with captured_logs(), pytest.raises(SettingsError, match=r"api\.port"):
+        load_settings(_write(tmp_path, ""), environ={**env, "ESCROWD_API__PORT": "eighty"})
+    with (
+        captured_logs(),
+        pytest.raises(SettingsError, match=r"api\.prot: unknown key"),
+    ):
+        load_settings(_write(tmp_path, "[api]\nprot = 1\n"), environ=env)
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
