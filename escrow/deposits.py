@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from escrowd.escrow import accounts, audit, events, ledger
 from escrowd.escrow.errors import InsufficientFunds
 from escrowd.indexer.sink import StoredDeposit
-from escrowd.models import Asset, Deposit, DepositStatus, LedgerTransfer, TransferCode
+from escrowd.models import Agent, Asset, Deposit, DepositStatus, LedgerTransfer, TransferCode
 
 log = structlog.get_logger(__name__)
 
@@ -45,11 +45,12 @@ def _stream(deposit: Deposit) -> str:
     return f"deposit:{deposit.chain}:{deposit.id}"
 
 
-def _event_data(deposit: Deposit | StoredDeposit, asset: Asset) -> dict[str, object]:
+def _event_data(deposit: Deposit | StoredDeposit, asset: Asset, agent: str) -> dict[str, object]:
+    """A deposit.* event's data; `agent` is the marketplace's id of the agent."""
     return {
         "deposit_id": deposit.id,
-        "agent_id": deposit.agent_id,
-        "chain": deposit.chain,
+        "agent": agent,
+        "network": deposit.chain,
         "asset": asset.symbol,
         "amount_base_units": str(deposit.amount),
         "tx_hash": deposit.tx_hash,
@@ -102,9 +103,19 @@ class LedgerDepositSink:
                     if d.chain == chain
                 ],
             )
+        agents = dict(
+            session.execute(
+                select(Agent.id, Agent.external_id).where(
+                    Agent.id.in_({d.agent_id for d in deposits})
+                )
+            ).all()
+        )
         events.emit_many(
             session,
-            [("deposit.pending", _event_data(d, assets[d.asset_id])) for d in deposits],
+            [
+                ("deposit.pending", _event_data(d, assets[d.asset_id], agents[d.agent_id]))
+                for d in deposits
+            ],
         )
 
     def confirmed(self, session: Session, deposit: Deposit) -> None:
@@ -134,7 +145,8 @@ class LedgerDepositSink:
         deposit.status = DepositStatus.CONFIRMED
         deposit.credited = True
         session.flush()
-        events.emit(session, "deposit.confirmed", _event_data(deposit, asset))
+        agent = session.get_one(Agent, deposit.agent_id).external_id
+        events.emit(session, "deposit.confirmed", _event_data(deposit, asset, agent))
         DEPOSITS_CREDITED.labels(deposit.chain, asset.symbol).inc()
         log.info(
             "deposit_credited",
@@ -160,7 +172,8 @@ class LedgerDepositSink:
             amount=deposit.amount,
             details={"tx_hash": deposit.tx_hash, "block_hash": deposit.block_hash},
         )
-        events.emit(session, "deposit.orphaned", _event_data(deposit, asset))
+        agent = session.get_one(Agent, deposit.agent_id).external_id
+        events.emit(session, "deposit.orphaned", _event_data(deposit, asset, agent))
         if was_credited:
             self._reverse(session, deposit, asset)
 

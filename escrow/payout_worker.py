@@ -42,6 +42,7 @@ from escrowd.indexer.errors import RpcError
 from escrowd.indexer.sending import SignedTx, TxOutcome, TxState
 from escrowd.models import (
     AccountKind,
+    Agent,
     Asset,
     Chain,
     DepositAddress,
@@ -417,13 +418,14 @@ class PayoutWorker:
     def _event(self, session: Session, payout: Payout, asset: Asset, **extra: object) -> None:
         if payout.reason == PayoutReason.SWEEP.value:
             return  # internal custody moves: nothing changed for any webhook consumer
+        agent = None if payout.agent_id is None else session.get(Agent, payout.agent_id)
         events.emit(
             session,
             f"payout.{payout.status}",
             {
                 "payout_id": payout.id,
-                "agent_id": payout.agent_id,
-                "chain": payout.chain,
+                "agent": agent.external_id if agent is not None else None,
+                "network": payout.chain,
                 "asset": asset.symbol,
                 "destination": payout.destination,
                 "amount_base_units": str(payout.amount),

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from escrowd.config.settings import Settings
 from escrowd.escrow import accounts, audit, events, ledger
 from escrowd.escrow.errors import IdempotencyConflict, InvalidAmount, UnknownAsset
-from escrowd.models import Chain, DepositAddress, Payout, PayoutReason, TransferCode
+from escrowd.models import Agent, Chain, DepositAddress, Payout, PayoutReason, TransferCode
 from escrowd.models.registry import find_asset
 from escrowd.wallets.addresses import (
     associated_token_address,
@@ -231,8 +231,8 @@ def request_payout(
                 "payout.requested",
                 {
                     "payout_id": payout.id,
-                    "agent_id": agent_id,
-                    "chain": chain,
+                    "agent": session.get_one(Agent, agent_id).external_id,
+                    "network": chain,
                     "asset": asset_symbol,
                     "destination": canonical,
                     "amount_base_units": str(amount),
