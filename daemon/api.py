@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from escrowd.config.errors import EscrowdError, ValidationFailed
+from escrowd.config.errors import EscrowdError
 from escrowd.config.settings import Settings
 from escrowd.daemon.api_deps import (
     AdminKey,
@@ -75,7 +75,7 @@ from escrowd.daemon.api_schemas import (
     WithdrawalOut,
     WithdrawalPage,
 )
-from escrowd.daemon.api_webhooks import document_webhooks
+from escrowd.daemon.api_webhooks import add_examples, document_webhooks
 from escrowd.escrow import audit, events, service, webhooks
 from escrowd.escrow.agent_cache import AgentCache
 from escrowd.escrow.errors import AgentNotFound
@@ -659,17 +659,16 @@ def _audit_routes(router: APIRouter, page_max: int) -> None:
         cursor: Cursor = None,
         limit: Annotated[int, Query(ge=1, le=page_max)] = DEFAULT_PAGE_SIZE,
     ) -> AuditPage:
-        """Audit rows of one stream, one escrow (by job id) or one agent, oldest first."""
-        if sum(value is not None for value in (stream, escrow, agent)) != 1:
-            raise ValidationFailed("give exactly one of ?stream=, ?escrow= or ?agent=")
+        """Audit rows oldest first: of one stream, one escrow (by job id), one agent, or
+        every stream; filters given together must all hold."""
 
         def work(s: Session) -> AuditPage:
             query = select(AuditLog).order_by(AuditLog.id).limit(limit)
             if stream is not None:
                 query = query.where(AuditLog.stream == stream)
-            elif escrow is not None:
+            if escrow is not None:
                 query = query.where(AuditLog.stream == f"escrow:{escrow}")
-            elif agent is not None:
+            if agent is not None:
                 owner = service.get_agent(s, agent)
                 query = query.where(AuditLog.stream.in_(_audit_streams_of_agent(owner.id)))
             if cursor is not None:
@@ -831,8 +830,9 @@ def _fill_configured(node: Any, values: Mapping[str, list[str]]) -> None:
             _fill_configured(child, values)
 
 
-def _document_configured(app: FastAPI, state: ApiState) -> None:
-    """/openapi.json lists the configured networks and assets where a request takes one."""
+def _extend_openapi(app: FastAPI, state: ApiState) -> None:
+    """/openapi.json lists the configured networks and assets where a request takes one,
+    and an example of every webhook event."""
     settings = state.settings
     assets = sorted({"USDC"} | ({"SOL"} if settings.solana is not None else set()))
     values = {"networks": list(state.networks), "assets": assets if state.networks else []}
@@ -840,7 +840,9 @@ def _document_configured(app: FastAPI, state: ApiState) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            _fill_configured(generate(), values)
+            document = generate()
+            _fill_configured(document, values)
+            add_examples(document)
         return app.openapi_schema or generate()
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -918,7 +920,7 @@ def create_app(
     _webhook_routes(router, page_max)
     app.include_router(router)
     document_webhooks(app)
-    _document_configured(app, state)
+    _extend_openapi(app, state)
     _install_error_handlers(app)
     return app
 

@@ -71,12 +71,13 @@ class ApiState:
 
     def family(self, network: str) -> str:
         """The chain family of a configured network; UnknownNetwork listing the
-        configured ones (and saying so when `network` is a family) if it is not one."""
+        configured ones (and saying so when `network` names a configured family) if it is
+        not one."""
         found = self.networks.get(network)
         if found is not None:
             return found
         known = ", ".join(self.networks) or "none configured"
-        if network in {family.value for family in Chain}:
+        if self.networks_of(network):
             raise UnknownNetwork(
                 f"{network!r} is a chain family, not a network; use a network: {known}"
             )

@@ -27,15 +27,20 @@ from pydantic import (
     WithJsonSchema,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
+
+from escrowd.escrow.events import EVENT_TYPES
 
 # Printable text: no C0 or C1 control characters (NUL, newlines, escapes, DEL).
 PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
 EXTERNAL_ID_PATTERN = r"^[A-Za-z0-9._:@-]+$"
 NETWORK_PATTERN = r"^[a-z][a-z0-9_-]*$"
 ASSET_PATTERN = r"^[A-Z0-9]+$"
-# EVM 0x-hex and Solana base58 are both letters and digits.
-ADDRESS_PATTERN = r"^[0-9A-Za-z]+$"
-EVENT_TYPE_PATTERN = r"^(\*|[a-z]+\.[a-z_]+)$"
+# An EVM address (0x and 40 hex digits) or a Solana one (32 bytes in base58).
+ADDRESS_PATTERN = r"^(0x[0-9A-Fa-f]{40}|[1-9A-HJ-NP-Za-km-z]{32,44})$"
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+_PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+WEBHOOK_URL_PATTERN = rf"^[Hh][Tt][Tt][Pp][Ss]?://{_LABEL}(\.{_LABEL})*(:{_PORT})?([/?#][!-~]*)?$"
 MAX_EXTERNAL_ID_LENGTH = 128
 MAX_NETWORK_LENGTH = 32
 # The marker `api.create_app` replaces with the configured values in /openapi.json: the
@@ -50,6 +55,16 @@ ExternalId = Annotated[
 ]
 DecimalString = Annotated[
     str, Field(max_length=40, pattern=r"^(0|[1-9][0-9]*)(\.[0-9]+)?$", examples=["12.5"])
+]
+PositiveDecimalString = Annotated[
+    str,
+    Field(
+        max_length=40,
+        pattern=r"^([1-9][0-9]*(\.[0-9]+)?|0\.[0-9]*[1-9][0-9]*)$",
+        examples=["12.5"],
+        description="A decimal amount above zero in the asset's units, at most as many "
+        "decimal places as the asset has.",
+    ),
 ]
 BaseUnits = Annotated[str, Field(pattern=r"^-?[0-9]+$")]
 AssetSymbol = Annotated[
@@ -66,6 +81,10 @@ NetworkName = Annotated[
     ),
 ]
 ChainFamily = Literal["evm", "solana"]
+EventTypeName = Annotated[
+    str,
+    Field(pattern=r"^[a-z*][a-z._]*$", json_schema_extra={"enum": ["*", *sorted(EVENT_TYPES)]}),
+]
 
 # RFC 3339 date-time with a mandatory offset; fractions of a second are allowed.
 _RFC3339 = re.compile(
@@ -183,7 +202,7 @@ class EscrowCreate(_Body):
     buyer: ExternalId
     worker: ExternalId
     asset: AssetSymbol
-    amount: DecimalString
+    amount: PositiveDecimalString
     fee_bps: Annotated[int, Field(ge=0, le=10_000)] | None = Field(
         default=None, description="Platform fee in basis points; defaults to the configured fee."
     )
@@ -222,23 +241,39 @@ class EscrowOut(BaseModel):
 
 
 class WithdrawalCreate(_Body):
+    # Exactly one of network and its old name chain.
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["network"]}, {"required": ["chain"]}]}
+    )
+
     agent_id: ExternalId
     asset: AssetSymbol
-    network: NetworkName | None = Field(default=None, description="The network to pay out on.")
-    chain: NetworkName | None = Field(
+    network: NetworkName | SkipJsonSchema[None] = Field(
+        default=None, description="The network to pay out on."
+    )
+    chain: NetworkName | SkipJsonSchema[None] = Field(
         default=None,
         json_schema_extra={"deprecated": True},
         description="The old name of `network`; send one of them.",
     )
-    to_address: Annotated[str, Field(min_length=1, max_length=64, pattern=ADDRESS_PATTERN)]
-    amount: DecimalString
+    to_address: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=64,
+            pattern=ADDRESS_PATTERN,
+            description="An address of the network's chain family: EVM 0x-hex (EIP-55 "
+            "checksummed if mixed case), Solana base58.",
+        ),
+    ]
+    amount: PositiveDecimalString
 
     @model_validator(mode="after")
     def _one_network(self) -> WithdrawalCreate:
         if self.network is None and self.chain is None:
             raise ValueError("network is required, e.g. base")
-        if self.network is not None and self.chain is not None and self.network != self.chain:
-            raise ValueError("network and its old name chain disagree; send network only")
+        if self.network is not None and self.chain is not None:
+            raise ValueError("send network only: chain is its old name")
         return self
 
     @property
@@ -332,12 +367,18 @@ class AuditVerifyOut(BaseModel):
 
 class WebhookEndpointCreate(_Body):
     url: Annotated[
-        str, Field(min_length=1, max_length=2000, pattern=r"^[Hh][Tt][Tt][Pp][Ss]?://[!-~]+$")
+        str,
+        Field(
+            min_length=1,
+            max_length=2000,
+            pattern=WEBHOOK_URL_PATTERN,
+            description="http:// or https://, a host name or IPv4 address, an optional "
+            "port and path; visible ASCII only (percent-encode the rest).",
+        ),
     ]
     event_types: Annotated[
-        list[Annotated[str, Field(max_length=64, pattern=EVENT_TYPE_PATTERN)]],
-        Field(min_length=1, max_length=50),
-    ] = ["*"]
+        list[EventTypeName], Field(min_length=1, max_length=len(EVENT_TYPES) + 1)
+    ] = Field(default=["*"], description='Event types to receive; "*" for all.')
 
 
 class WebhookEndpointOut(BaseModel):

@@ -167,7 +167,7 @@ BAD_ESCROW_REQUESTS: list[tuple[dict[str, Any], int, str]] = [
     ({"amount": "1.0000001"}, 400, "invalid_amount"),  # 7 decimals for a 6-decimal asset
     ({"amount": "-1"}, 400, "validation_error"),
     ({"amount": "1e3"}, 400, "validation_error"),
-    ({"amount": "0"}, 400, "invalid_amount"),
+    ({"amount": "0"}, 400, "validation_error"),
     ({"amount": "5"}, 422, "insufficient_funds"),
     ({"asset": "DOGE"}, 400, "unknown_asset"),
     ({"worker": "alice"}, 400, "validation_error"),
