@@ -533,7 +533,6 @@ def _withdrawal_routes(router: APIRouter, page_max: int) -> None:
         network = body.network_name
         family = state.family(network)
         platform = state.platform_addresses()
-        checked_key = key or ""
 
         def work(s: Session) -> Outcome:
             agent = service.get_agent(s, body.agent_id)
@@ -546,7 +545,7 @@ def _withdrawal_routes(router: APIRouter, page_max: int) -> None:
                 family=family,
                 to_address=body.to_address,
                 amount=parse_amount(body.amount, decimals),
-                idempotency_key=f"{principal.prefix}:{checked_key}",
+                idempotency_key=f"{principal.prefix}:{key}",
                 min_amount_base_units=minimum_payout(settings, body.asset),
                 platform=platform,
             )

@@ -174,7 +174,7 @@ ReadKey = Annotated[apikeys.Principal, Depends(_read_key)]
 WriteKey = Annotated[apikeys.Principal, Depends(_write_key)]
 AdminKey = Annotated[apikeys.Principal, Depends(_admin_key)]
 IdempotencyKeyHeader = Annotated[
-    str | None,
+    str,
     Header(
         alias="Idempotency-Key",
         min_length=1,

@@ -105,7 +105,7 @@ def test_schemathesis_all_checks_find_only_what_is_by_design(
             "--header",
             f"Authorization: Bearer {key}",
             "--max-examples",
-            "5",
+            "3",
             "--generation-deterministic",
             "--no-color",
             "--report",

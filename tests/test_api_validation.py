@@ -256,6 +256,9 @@ def test_evm_address_with_trailing_spaces_is_a_typed_error_also_under_python_o()
 def test_headers_have_limits_and_405_names_the_allowed_methods(world: Any) -> None:
     client, auth, *_ = world
     body = {"id": "dave"}
+    missing = client.post("/v1/agents", json=body, headers=auth)
+    assert missing.status_code == 400
+    assert "header.Idempotency-Key" in missing.json()["error"]["message"]
     for key, status in (("", 400), ("k" * 256, 400), ("has space", 400), ("k" * 255, 201)):
         response = client.post("/v1/agents", json=body, headers={**auth, "Idempotency-Key": key})
         assert response.status_code == status, (key[:10], response.text)
@@ -263,8 +266,8 @@ def test_headers_have_limits_and_405_names_the_allowed_methods(world: Any) -> No
     header = next(
         p for p in spec["paths"]["/v1/agents"]["post"]["parameters"] if p["in"] == "header"
     )
-    limits = header["schema"]["anyOf"][0]
-    assert (limits["minLength"], limits["maxLength"]) == (1, 255)
+    assert header["required"] is True
+    assert (header["schema"]["minLength"], header["schema"]["maxLength"]) == (1, 255)
 
     for method, url, allowed in (
         ("DELETE", "/v1/withdrawals", "GET, POST"),
