@@ -299,4 +299,5 @@ def document_webhooks(app: FastAPI) -> None:
             response_description="Received.",
             openapi_extra={"parameters": parameters},
             tags=["webhook events"],
+            operation_id=event_type.replace(".", "_"),
         )(_receiver(model))
