@@ -1,38 +1,54 @@
-"""The HTTP API under /v1: agents, deposits, escrows, withdrawals, audit and webhooks.
+"""The HTTP API under /v1: agents, networks, deposits, escrows, withdrawals, audit and
+webhooks.
 
 Routes only translate: they parse decimal strings with the asset's decimals, call the
-service functions in one transaction and render the result. Every error is
-``{"error": {"type", "message"}}`` with the status of its type (config/errors.py).
+service functions in one transaction and render the result. Requests are checked before a
+route runs, by the types of api_schemas (bodies) and api_deps (paths, queries, headers).
+Every error is ``{"error": {"type", "message"}}`` with the status of its type
+(config/errors.py); a 405 names the allowed methods in ``Allow``.
 """
 
 # No `from __future__ import annotations`: route signatures use local values (page size)
 # that FastAPI must see evaluated.
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import structlog
-from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
+from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine, String, cast, literal, or_, select
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
-from escrowd.config.errors import EscrowdError, ValidationFailed
+from escrowd.config.errors import EscrowdError
 from escrowd.config.settings import Settings
 from escrowd.daemon.api_deps import (
     AdminKey,
+    AgentIdPath,
+    AgentQuery,
     ApiState,
+    AuditStreamQuery,
+    ChainFamilyPath,
+    Cursor,
     IdempotencyKeyHeader,
+    JobIdPath,
+    JobQuery,
+    NetworkFilter,
     Outcome,
     ReadKey,
+    RowIdPath,
+    RowIdQuery,
     WriteKey,
+    in_future,
     mutate,
     state_of,
 )
 from escrowd.daemon.api_schemas import (
+    CONFIGURED,
     AgentCreate,
     AgentOut,
     AuditPage,
@@ -49,28 +65,35 @@ from escrowd.daemon.api_schemas import (
     EscrowCreate,
     EscrowOut,
     EscrowResolve,
+    NetworkAsset,
+    NetworkOut,
     WebhookEndpointCreate,
     WebhookEndpointCreated,
     WebhookEndpointOut,
     WebhookSecretOut,
     WithdrawalCreate,
     WithdrawalOut,
+    WithdrawalPage,
 )
-from escrowd.escrow import audit, service, webhooks
+from escrowd.daemon.api_webhooks import add_examples, document_webhooks
+from escrowd.escrow import audit, events, service, webhooks
 from escrowd.escrow.agent_cache import AgentCache
 from escrowd.escrow.deposits import credit_view
 from escrowd.escrow.errors import AgentNotFound
 from escrowd.escrow.money import format_amount, parse_amount
-from escrowd.escrow.payouts import PlatformAddresses, chain_family, minimum_payout
+from escrowd.escrow.payouts import PlatformAddresses, minimum_payout
 from escrowd.escrow.webhooks import SecretCipher
 from escrowd.models import (
     Agent,
     Asset,
     AuditLog,
+    DeliveryStatus,
     Deposit,
     DepositAddress,
+    DepositStatus,
     Escrow,
     Payout,
+    PayoutStatus,
     WebhookDelivery,
     WebhookEndpoint,
 )
@@ -83,6 +106,7 @@ DEFAULT_PAGE_SIZE = 50
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorOut} for status in (400, 401, 403, 404, 409, 422, 503)
 }
+
 _STATUS_TYPES = {
     400: "validation_error",
     401: "unauthorized",
@@ -93,10 +117,21 @@ _STATUS_TYPES = {
     422: "validation_error",
 }
 
-AgentIdPath = Annotated[str, Path(min_length=1, max_length=128)]
-JobIdPath = Annotated[str, Path(min_length=1, max_length=128)]
-ChainFamilyPath = Annotated[Literal["evm", "solana"], Path()]
-Cursor = Annotated[int | None, Query(ge=1, le=2**62, description="next_cursor of the last page")]
+
+DESCRIPTION = f"""Deposits, balances, escrow, withdrawals, audit and webhooks.
+
+**Words.** A *chain family* is an address format: `evm` or `solana`; deposit addresses
+are per family, and one EVM address receives on every configured EVM network. A
+*network* is one configured chain (`base`, `ethereum`, `solana`): deposits, withdrawals
+and their filters name networks (GET /v1/networks lists them). `chain` in requests and
+responses is the old name of these fields; it still works and is deprecated.
+
+**Webhooks.** Events are `{{"type", "api_version", "data"}}`, described below under
+`webhooks`, each with an example; this version is `{events.API_VERSION}`. A version
+changes only when a field is removed or changes meaning; new fields may appear at any
+time, so ignore fields you do not know. Every delivery carries Standard Webhooks headers
+(`webhook-id`, `webhook-timestamp`, `webhook-signature`) and `Escrowd-Signature`.
+"""
 
 
 def _error(status: int, type_: str, message: str) -> JSONResponse:
@@ -148,10 +183,13 @@ def _escrow_out(session: Session, escrow: Escrow, agents: AgentCache) -> EscrowO
     )
 
 
-def _address_out(agent: Agent, row: DepositAddress) -> DepositAddressOut:
+def _address_out(state: ApiState, agent: Agent, row: DepositAddress) -> DepositAddressOut:
+    family: Literal["evm", "solana"] = "evm" if row.chain == "evm" else "solana"
     return DepositAddressOut(
         agent_id=agent.external_id,
-        chain=row.chain,
+        chain_family=family,
+        chain=family,
+        networks=state.networks_of(family),
         address=row.address,
         derivation_index=row.derivation_index,
         token_account=row.token_account,
@@ -217,7 +255,7 @@ def _agents_routes(router: APIRouter) -> None:
         return _agent_out(agent)
 
     @router.post(
-        "/agents/{agent_id}/deposit-addresses/{chain}",
+        "/agents/{agent_id}/deposit-addresses/{chain_family}",
         status_code=201,
         response_model=DepositAddressOut,
         tags=["agents"],
@@ -225,42 +263,47 @@ def _agents_routes(router: APIRouter) -> None:
     def create_deposit_address(
         request: Request,
         agent_id: AgentIdPath,
-        chain: ChainFamilyPath,
+        chain_family: ChainFamilyPath,
         principal: WriteKey,
         key: IdempotencyKeyHeader,
     ) -> Response:
-        """The agent's deposit address on a chain family, allocated on first call."""
-        deriver = state_of(request).deriver(chain)
+        """The agent's deposit address for a chain family, allocated on first call. One
+        address receives on every configured network of the family (`networks`)."""
+        state = state_of(request)
+        deriver = state.deriver(chain_family)
 
         def work(s: Session) -> Outcome:
             agent = service.get_agent(s, agent_id)
-            row = allocate_deposit_address(s, agent.id, chain, deriver)
-            return 201, _address_out(agent, row).model_dump(mode="json")
+            row = allocate_deposit_address(s, agent.id, chain_family, deriver)
+            return 201, _address_out(state, agent, row).model_dump(mode="json")
 
         return mutate(request, principal, key, None, work)
 
     @router.get(
-        "/agents/{agent_id}/deposit-addresses/{chain}",
+        "/agents/{agent_id}/deposit-addresses/{chain_family}",
         response_model=DepositAddressOut,
         tags=["agents"],
     )
     def get_deposit_address(
-        request: Request, agent_id: AgentIdPath, chain: ChainFamilyPath, _: ReadKey
+        request: Request, agent_id: AgentIdPath, chain_family: ChainFamilyPath, _: ReadKey
     ) -> DepositAddressOut:
+        state = state_of(request)
+
         def work(s: Session) -> DepositAddressOut:
             agent = service.get_agent(s, agent_id)
             row = s.scalars(
                 select(DepositAddress).where(
-                    DepositAddress.agent_id == agent.id, DepositAddress.chain == chain
+                    DepositAddress.agent_id == agent.id, DepositAddress.chain == chain_family
                 )
             ).one_or_none()
             if row is None:
                 raise AgentNotFound(
-                    f"agent {agent_id!r} has no {chain} deposit address yet; create it with POST"
+                    f"agent {agent_id!r} has no {chain_family} deposit address yet; "
+                    "create it with POST"
                 )
-            return _address_out(agent, row)
+            return _address_out(state, agent, row)
 
-        result: DepositAddressOut = state_of(request).read(work)
+        result: DepositAddressOut = state.read(work)
         return result
 
     @router.get("/agents/{agent_id}/balances", response_model=BalancesOut, tags=["agents"])
@@ -275,6 +318,10 @@ def _agents_routes(router: APIRouter) -> None:
                     available_base_units=str(b.available),
                     escrowed_as_buyer=format_amount(b.escrowed_as_buyer, b.decimals),
                     escrowed_as_buyer_base_units=str(b.escrowed_as_buyer),
+                    incoming=format_amount(b.incoming, b.decimals),
+                    incoming_base_units=str(b.incoming),
+                    pending_withdrawals=format_amount(b.pending_withdrawals, b.decimals),
+                    pending_withdrawals_base_units=str(b.pending_withdrawals),
                 )
                 for b in service.balances(s, agent)
             ]
@@ -284,23 +331,43 @@ def _agents_routes(router: APIRouter) -> None:
         return result
 
 
+def _external_ids(s: Session, agent_ids: set[int | None]) -> dict[int, str]:
+    wanted = {agent_id for agent_id in agent_ids if agent_id is not None}
+    if not wanted:
+        return {}
+    return dict(s.execute(select(Agent.id, Agent.external_id).where(Agent.id.in_(wanted))).all())
+
+
+def _family(state: ApiState, network: str) -> Literal["evm", "solana"]:
+    """A stored network's chain family; a network no longer configured is told by its
+    address format (EVM networks are the ones that are not Solana)."""
+    known = state.networks.get(network)
+    if known is not None:
+        return "solana" if known == "solana" else "evm"
+    return "solana" if network == "solana" else "evm"
+
+
 def _deposit_routes(router: APIRouter, page_max: int) -> None:
     @router.get("/deposits", response_model=DepositPage, tags=["deposits"])
     def list_deposits(
         *,
         request: Request,
         _: ReadKey,
-        agent: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
-        chain: Annotated[str | None, Query(min_length=1, max_length=32)] = None,
-        status: Literal["pending", "confirmed", "orphaned"] | None = None,
+        agent: AgentQuery = None,
+        network: NetworkFilter,
+        status: DepositStatus | None = None,
         cursor: Cursor = None,
         limit: Annotated[int, Query(ge=1, le=page_max)] = DEFAULT_PAGE_SIZE,
     ) -> DepositPage:
+        """Deposits oldest first; filter by agent, network and status."""
+        state = state_of(request)
+
         def work(s: Session) -> DepositPage:
             owner = service.get_agent(s, agent) if agent is not None else None
             rows = service.list_deposits(
-                s, agent=owner, chain=chain, status=status, after_id=cursor, limit=limit
+                s, agent=owner, chain=network, status=status, after_id=cursor, limit=limit
             )
+            names = _external_ids(s, {row.agent_id for row in rows})
             items = []
             for row in rows:
                 asset = s.get_one(Asset, row.asset_id)
@@ -308,8 +375,10 @@ def _deposit_routes(router: APIRouter, page_max: int) -> None:
                 items.append(
                     DepositOut(
                         id=row.id,
-                        agent_id=s.get_one(Agent, row.agent_id).external_id,
+                        agent_id=names[row.agent_id],
+                        network=row.chain,
                         chain=row.chain,
+                        chain_family=_family(state, row.chain),
                         asset=asset.symbol,
                         amount=format_amount(row.amount, asset.decimals),
                         amount_base_units=str(row.amount),
@@ -329,7 +398,7 @@ def _deposit_routes(router: APIRouter, page_max: int) -> None:
             next_cursor = rows[-1].id if len(rows) == limit else None
             return DepositPage(data=items, next_cursor=next_cursor)
 
-        result: DepositPage = state_of(request).read(work)
+        result: DepositPage = state.read(work)
         return result
 
 
@@ -341,8 +410,6 @@ def _escrow_routes(router: APIRouter) -> None:
         """Fund an escrow for a job: the buyer's available balance moves into it."""
         state = state_of(request)
         settings = state.settings
-        if body.expires_at is not None and body.expires_at.tzinfo is None:
-            raise ValidationFailed("expires_at needs a timezone, e.g. 2026-12-01T00:00:00Z")
 
         def work(s: Session) -> Outcome:
             decimals = service.asset_decimals(s, body.asset)
@@ -354,7 +421,7 @@ def _escrow_routes(router: APIRouter) -> None:
                 asset=body.asset,
                 amount=parse_amount(body.amount, decimals),
                 fee_bps=(settings.escrow.default_fee_bps if body.fee_bps is None else body.fee_bps),
-                expires_at=body.expires_at,
+                expires_at=in_future(body.expires_at, "expires_at"),
                 actor=f"apikey:{principal.prefix}",
             )
             return 201, _escrow_out(s, escrow, state.agents).model_dump(mode="json")
@@ -417,19 +484,62 @@ def _escrow_routes(router: APIRouter) -> None:
         return mutate(request, principal, key, body, work)
 
 
-def _withdrawal_routes(router: APIRouter) -> None:
+def _withdrawal_out(
+    state: ApiState, s: Session, payout: Payout, agent: str, scanned: Mapping[str, int]
+) -> WithdrawalOut:
+    asset = s.get_one(Asset, payout.asset_id)
+    decimals = service.asset_decimals(s, asset.symbol)
+    family = _family(state, payout.chain)
+    head = scanned.get(payout.chain)
+    confirmations = None
+    if family == "evm" and payout.block_number is not None and head is not None:
+        confirmations = max(0, head - payout.block_number + 1)
+    return WithdrawalOut(
+        id=payout.id,
+        agent_id=agent,
+        network=payout.chain,
+        chain=payout.chain,
+        chain_family=family,
+        asset=asset.symbol,
+        destination=payout.destination,
+        amount=format_amount(payout.amount, decimals),
+        amount_base_units=str(payout.amount),
+        status=payout.status,
+        reason=payout.reason,
+        tx_hash=payout.tx_hash,
+        block_number=payout.block_number,
+        confirmations=confirmations,
+        failure_reason=payout.error,
+        created_at=payout.created_at,
+        updated_at=payout.updated_at,
+        broadcast_at=payout.broadcast_at,
+        confirmed_at=payout.confirmed_at,
+    )
+
+
+def _withdrawals_out(state: ApiState, s: Session, payouts: Sequence[Payout]) -> list[WithdrawalOut]:
+    names = _external_ids(s, {payout.agent_id for payout in payouts})
+    evm = sorted({p.chain for p in payouts if _family(state, p.chain) == "evm"})
+    scanned = service.scanned_blocks(s, evm)
+    return [
+        _withdrawal_out(state, s, payout, names.get(payout.agent_id or 0, ""), scanned)
+        for payout in payouts
+    ]
+
+
+def _withdrawal_routes(router: APIRouter, page_max: int) -> None:
     @router.post(
         "/withdrawals", status_code=201, response_model=WithdrawalOut, tags=["withdrawals"]
     )
     def create_withdrawal(
         request: Request, body: WithdrawalCreate, principal: WriteKey, key: IdempotencyKeyHeader
     ) -> Response:
-        """Hold an agent's balance for an on-chain payout to `to_address`."""
+        """Hold an agent's balance for an on-chain payout to `to_address` on `network`."""
         state = state_of(request)
         settings = state.settings
-        family = chain_family(settings, body.chain)
+        network = body.network_name
+        family = state.family(network)
         platform = state.platform_addresses()
-        checked_key = key or ""
 
         def work(s: Session) -> Outcome:
             agent = service.get_agent(s, body.agent_id)
@@ -438,28 +548,95 @@ def _withdrawal_routes(router: APIRouter) -> None:
                 s,
                 agent=agent,
                 asset=body.asset,
-                chain=body.chain,
+                chain=network,
                 family=family,
                 to_address=body.to_address,
                 amount=parse_amount(body.amount, decimals),
-                idempotency_key=f"{principal.prefix}:{checked_key}",
+                idempotency_key=f"{principal.prefix}:{key}",
                 min_amount_base_units=minimum_payout(settings, body.asset),
                 platform=platform,
             )
-            out = WithdrawalOut(
-                id=payout.id,
-                agent_id=agent.external_id,
-                chain=payout.chain,
-                asset=body.asset,
-                destination=payout.destination,
-                amount=format_amount(payout.amount, decimals),
-                amount_base_units=str(payout.amount),
-                status=payout.status,
-                created_at=payout.created_at,
-            )
+            out = _withdrawal_out(state, s, payout, agent.external_id, {})
             return 201, out.model_dump(mode="json")
 
         return mutate(request, principal, key, body, work)
+
+    @router.get("/withdrawals", response_model=WithdrawalPage, tags=["withdrawals"])
+    def list_withdrawals(
+        *,
+        request: Request,
+        _: ReadKey,
+        agent: AgentQuery = None,
+        network: NetworkFilter,
+        status: PayoutStatus | None = None,
+        cursor: Cursor = None,
+        limit: Annotated[int, Query(ge=1, le=page_max)] = DEFAULT_PAGE_SIZE,
+    ) -> WithdrawalPage:
+        """Payouts to agents oldest first (withdrawals, and escrow payouts sent on chain);
+        filter by agent, network and status."""
+        state = state_of(request)
+
+        def work(s: Session) -> WithdrawalPage:
+            owner = service.get_agent(s, agent) if agent is not None else None
+            rows = service.list_withdrawals(
+                s, agent=owner, network=network, status=status, after_id=cursor, limit=limit
+            )
+            next_cursor = rows[-1].id if len(rows) == limit else None
+            return WithdrawalPage(data=_withdrawals_out(state, s, rows), next_cursor=next_cursor)
+
+        result: WithdrawalPage = state.read(work)
+        return result
+
+    @router.get("/withdrawals/{withdrawal_id}", response_model=WithdrawalOut, tags=["withdrawals"])
+    def get_withdrawal(request: Request, withdrawal_id: RowIdPath, _: ReadKey) -> WithdrawalOut:
+        """One payout by the id POST /v1/withdrawals and payout.* events give."""
+        state = state_of(request)
+        result: WithdrawalOut = state.read(
+            lambda s: _withdrawals_out(state, s, [service.get_withdrawal(s, withdrawal_id)])[0]
+        )
+        return result
+
+
+def _network_routes(router: APIRouter) -> None:
+    @router.get("/networks", response_model=list[NetworkOut], tags=["networks"])
+    def list_networks(request: Request, _: ReadKey) -> list[NetworkOut]:
+        """The configured networks: the values ?network= and a withdrawal's network take."""
+        state = state_of(request)
+        settings = state.settings
+
+        def work(s: Session) -> list[NetworkOut]:
+            assets: dict[str, list[NetworkAsset]] = {}
+            for row in s.scalars(select(Asset).order_by(Asset.chain, Asset.symbol)):
+                assets.setdefault(row.chain, []).append(
+                    NetworkAsset(
+                        asset=row.symbol, decimals=row.decimals, token_address=row.token_address
+                    )
+                )
+            out = [
+                NetworkOut(
+                    network=chain.name,
+                    chain_family="evm",
+                    chain_id=chain.chain_id,
+                    confirmations=chain.confirmations,
+                    assets=assets.get(chain.name, []),
+                )
+                for chain in settings.evm_chains
+            ]
+            if settings.solana is not None:
+                name = settings.solana.name
+                out.append(
+                    NetworkOut(
+                        network=name,
+                        chain_family="solana",
+                        chain_id=None,
+                        confirmations=None,
+                        assets=assets.get(name, []),
+                    )
+                )
+            return out
+
+        result: list[NetworkOut] = state.read(work)
+        return result
 
 
 def _audit_streams_of_agent(agent_id: int) -> Any:
@@ -482,24 +659,22 @@ def _audit_routes(router: APIRouter, page_max: int) -> None:
         *,
         request: Request,
         _: ReadKey,
-        stream: Annotated[str | None, Query(min_length=1, max_length=160)] = None,
-        escrow: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
-        agent: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
+        stream: AuditStreamQuery = None,
+        escrow: JobQuery = None,
+        agent: AgentQuery = None,
         cursor: Cursor = None,
         limit: Annotated[int, Query(ge=1, le=page_max)] = DEFAULT_PAGE_SIZE,
     ) -> AuditPage:
-        """Audit rows of one stream, one escrow (by job id) or one agent, oldest first."""
-        if sum(value is not None for value in (stream, escrow, agent)) != 1:
-            raise ValidationFailed("give exactly one of ?stream=, ?escrow= or ?agent=")
+        """Audit rows oldest first: of one stream, one escrow (by job id), one agent, or
+        every stream; filters given together must all hold."""
 
         def work(s: Session) -> AuditPage:
             query = select(AuditLog).order_by(AuditLog.id).limit(limit)
             if stream is not None:
                 query = query.where(AuditLog.stream == stream)
-            elif escrow is not None:
+            if escrow is not None:
                 query = query.where(AuditLog.stream == f"escrow:{escrow}")
-            else:
-                assert agent is not None
+            if agent is not None:
                 owner = service.get_agent(s, agent)
                 query = query.where(AuditLog.stream.in_(_audit_streams_of_agent(owner.id)))
             if cursor is not None:
@@ -569,9 +744,7 @@ def _webhook_routes(router: APIRouter, page_max: int) -> None:
     @router.delete(
         "/webhook-endpoints/{endpoint_id}", response_model=WebhookEndpointOut, tags=["webhooks"]
     )
-    def delete_endpoint(
-        request: Request, endpoint_id: Annotated[int, Path(ge=1, le=2**62)], _: AdminKey
-    ) -> dict[str, Any]:
+    def delete_endpoint(request: Request, endpoint_id: RowIdPath, _: AdminKey) -> dict[str, Any]:
         """Stop sending to an endpoint; its queued deliveries are marked failed."""
         state = state_of(request)
         with state.writers() as s, s.begin():
@@ -584,7 +757,7 @@ def _webhook_routes(router: APIRouter, page_max: int) -> None:
     )
     def rotate_secret(
         request: Request,
-        endpoint_id: Annotated[int, Path(ge=1, le=2**62)],
+        endpoint_id: RowIdPath,
         principal: AdminKey,
         key: IdempotencyKeyHeader,
     ) -> Response:
@@ -601,8 +774,8 @@ def _webhook_routes(router: APIRouter, page_max: int) -> None:
         *,
         request: Request,
         _: AdminKey,
-        endpoint_id: Annotated[int | None, Query(ge=1, le=2**62)] = None,
-        status: Literal["pending", "delivered", "failed"] | None = None,
+        endpoint_id: RowIdQuery = None,
+        status: DeliveryStatus | None = None,
         cursor: Cursor = None,
         limit: Annotated[int, Query(ge=1, le=page_max)] = DEFAULT_PAGE_SIZE,
     ) -> DeliveryPage:
@@ -621,7 +794,7 @@ def _webhook_routes(router: APIRouter, page_max: int) -> None:
     )
     def redeliver(
         request: Request,
-        delivery_id: Annotated[int, Path(ge=1, le=2**62)],
+        delivery_id: RowIdPath,
         principal: AdminKey,
         key: IdempotencyKeyHeader,
     ) -> Response:
@@ -630,6 +803,55 @@ def _webhook_routes(router: APIRouter, page_max: int) -> None:
             return 200, _delivery_out(delivery).model_dump(mode="json")
 
         return mutate(request, principal, key, None, work)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route serves on this path. Starlette's own 405 names only the
+    methods of the first route whose path matched, and GET and POST of one path are two
+    routes here."""
+    return [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL
+            for route in app.router.routes
+        )
+    ]
+
+
+def _fill_configured(node: Any, values: Mapping[str, list[str]]) -> None:
+    """Replace each CONFIGURED marker in an OpenAPI document with the configured values
+    as an enum (left as a plain pattern when none are configured)."""
+    if isinstance(node, dict):
+        kind = node.pop(CONFIGURED, None)
+        if kind is not None and values.get(kind):
+            node["enum"] = values[kind]
+        for child in node.values():
+            _fill_configured(child, values)
+    elif isinstance(node, list):
+        for child in node:
+            _fill_configured(child, values)
+
+
+def _extend_openapi(app: FastAPI, state: ApiState) -> None:
+    """/openapi.json lists the configured networks and assets where a request takes one,
+    and an example of every webhook event."""
+    settings = state.settings
+    assets = sorted({"USDC"} | ({"SOL"} if settings.solana is not None else set()))
+    values = {"networks": list(state.networks), "assets": assets if state.networks else []}
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = generate()
+            _fill_configured(document, values)
+            add_examples(document)
+        return app.openapi_schema or generate()
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -646,9 +868,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(400, "validation_error", "invalid request: " + "; ".join(problems))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = _STATUS_TYPES.get(exc.status_code, "http_error")
-        return _error(exc.status_code, type_, str(exc.detail))
+        response = _error(exc.status_code, type_, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            response.headers["Allow"] = ", ".join(_allowed_methods(app, request))
+        return response
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -680,27 +906,27 @@ def create_app(
         derivers = dict(deriver)
     else:
         derivers = {deriver.chain: deriver}
-    app = FastAPI(
-        title="escrowd",
-        version="1",
-        description="Deposits, balances, escrow, withdrawals, audit and webhooks.",
-    )
-    app.state.escrowd = ApiState(
+    app = FastAPI(title="escrowd", version="1", description=DESCRIPTION)
+    state = ApiState(
         settings=settings,
         engine=engine,
         derivers=derivers,
         cipher=webhook_cipher,
         platform=platform,
     )
+    app.state.escrowd = state
     page_max = settings.api.page_size_max
     router = APIRouter(prefix=API_PREFIX, responses=ERROR_RESPONSES)
     _agents_routes(router)
+    _network_routes(router)
     _deposit_routes(router, page_max)
     _escrow_routes(router)
-    _withdrawal_routes(router)
+    _withdrawal_routes(router, page_max)
     _audit_routes(router, page_max)
     _webhook_routes(router, page_max)
     app.include_router(router)
+    document_webhooks(app)
+    _extend_openapi(app, state)
     _install_error_handlers(app)
     return app
 

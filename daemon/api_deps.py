@@ -1,27 +1,39 @@
-"""What every API route shares: the app's state, authentication and idempotent mutations."""
+"""What every API route shares: the app's state, authentication, the parameters every
+route takes the same way (ids in paths, filters, pages, the Idempotency-Key header) and
+idempotent mutations. Parameter checks live in the types here, not in handlers."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, Header, Request, Response
+from fastapi import Depends, Header, Path, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from escrowd.config.errors import Unavailable
+from escrowd.config.errors import Unavailable, ValidationFailed
 from escrowd.config.settings import Settings
+from escrowd.daemon.api_schemas import (
+    EXTERNAL_ID_PATTERN,
+    MAX_EXTERNAL_ID_LENGTH,
+    MAX_NETWORK_LENGTH,
+    NETWORK_PATTERN,
+    NETWORK_VALUES,
+    PRINTABLE_PATTERN,
+)
 from escrowd.escrow import apikeys, idempotency, service
 from escrowd.escrow.agent_cache import AgentCache
 from escrowd.escrow.audit import canonical_json
+from escrowd.escrow.errors import UnknownNetwork
 from escrowd.escrow.payouts import PlatformAddresses
 from escrowd.escrow.uow import in_transaction
 from escrowd.escrow.webhooks import SecretCipher
-from escrowd.models import Agent, ApiScope
+from escrowd.models import Agent, ApiScope, Chain, utcnow
 from escrowd.models.db import make_session_factory, statement_rows
 from escrowd.wallets.allocation import AddressDeriver
 
@@ -29,6 +41,14 @@ REPLAY_HEADER = "Idempotent-Replayed"
 
 # Work inside a mutation: returns the HTTP status and the JSON body to send.
 Outcome = tuple[int, dict[str, Any]]
+
+
+def configured_networks(settings: Settings) -> dict[str, str]:
+    """Every configured network and its chain family, in configuration order."""
+    networks = {chain.name: Chain.EVM.value for chain in settings.evm_chains}
+    if settings.solana is not None:
+        networks[settings.solana.name] = Chain.SOLANA.value
+    return networks
 
 
 @dataclass
@@ -41,11 +61,30 @@ class ApiState:
     writers: sessionmaker[Session] = field(init=False)
     readers: sessionmaker[Session] = field(init=False)
     agents: AgentCache = field(init=False)
+    networks: dict[str, str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.writers = make_session_factory(self.engine)
         self.readers = make_session_factory(self.engine, read_only=True)
         self.agents = AgentCache()
+        self.networks = configured_networks(self.settings)
+
+    def family(self, network: str) -> str:
+        """The chain family of a configured network; UnknownNetwork listing the
+        configured ones (and saying so when `network` names a configured family) if it is
+        not one."""
+        found = self.networks.get(network)
+        if found is not None:
+            return found
+        known = ", ".join(self.networks) or "none configured"
+        if self.networks_of(network):
+            raise UnknownNetwork(
+                f"{network!r} is a chain family, not a network; use a network: {known}"
+            )
+        raise UnknownNetwork(f"unknown network {network!r}; configured networks: {known}")
+
+    def networks_of(self, family: str) -> list[str]:
+        return [name for name, of in self.networks.items() if of == family]
 
     def authenticate(self, token: str | None) -> apikeys.Principal:
         """The caller's key, read by one statement: on PostgreSQL in autocommit on a
@@ -135,14 +174,92 @@ ReadKey = Annotated[apikeys.Principal, Depends(_read_key)]
 WriteKey = Annotated[apikeys.Principal, Depends(_write_key)]
 AdminKey = Annotated[apikeys.Principal, Depends(_admin_key)]
 IdempotencyKeyHeader = Annotated[
-    str | None,
+    str,
     Header(
         alias="Idempotency-Key",
+        min_length=1,
         max_length=idempotency.MAX_KEY_LENGTH,
+        # Visible ASCII: what HTTP header values carry unambiguously (a UUID fits).
+        pattern=r"^[!-~]+$",
         description="Required: a unique value per operation; a retry with the same key "
         "and body gets the stored response, the same key with another body gets 409.",
     ),
 ]
+
+AgentIdPath = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=MAX_EXTERNAL_ID_LENGTH,
+        pattern=EXTERNAL_ID_PATTERN,
+        description="The marketplace's id of the agent.",
+    ),
+]
+JobIdPath = Annotated[
+    str,
+    Path(min_length=1, max_length=MAX_EXTERNAL_ID_LENGTH, pattern=EXTERNAL_ID_PATTERN),
+]
+ChainFamilyPath = Annotated[
+    Literal["evm", "solana"],
+    Path(description="A chain family: one address serves every network of the family."),
+]
+RowIdPath = Annotated[int, Path(ge=1, le=2**62)]
+RowIdQuery = Annotated[int | None, Query(ge=1, le=2**62)]
+Cursor = Annotated[int | None, Query(ge=1, le=2**62, description="next_cursor of the last page")]
+AgentQuery = Annotated[
+    str | None,
+    Query(min_length=1, max_length=MAX_EXTERNAL_ID_LENGTH, pattern=EXTERNAL_ID_PATTERN),
+]
+JobQuery = AgentQuery
+AuditStreamQuery = Annotated[
+    str | None, Query(min_length=1, max_length=160, pattern=PRINTABLE_PATTERN)
+]
+
+
+def _network_filter(
+    request: Request,
+    network: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=MAX_NETWORK_LENGTH,
+            pattern=NETWORK_PATTERN,
+            description="Only this network (GET /v1/networks lists them).",
+            json_schema_extra=NETWORK_VALUES,
+        ),
+    ] = None,
+    chain: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=MAX_NETWORK_LENGTH,
+            pattern=NETWORK_PATTERN,
+            deprecated=True,
+            description="The old name of `network`.",
+            json_schema_extra=NETWORK_VALUES,
+        ),
+    ] = None,
+) -> str | None:
+    if network is not None and chain is not None and network != chain:
+        raise ValidationFailed("?network= and its old name ?chain= disagree; send network only")
+    name = network if network is not None else chain
+    if name is not None:
+        state_of(request).family(name)
+    return name
+
+
+# A configured network's name, or None for all; an unknown name is a 400 listing them.
+NetworkFilter = Annotated[str | None, Depends(_network_filter)]
+
+
+def in_future(moment: datetime | None, field_name: str) -> datetime | None:
+    """`moment` if it lies ahead; a ValidationFailed naming `field_name` if it has passed.
+    Checked inside the idempotent work, so a retry after that time replays the answer."""
+    if moment is not None and moment <= utcnow():
+        raise ValidationFailed(
+            f"{field_name} {moment.isoformat()} has already passed; give a time in the future"
+        )
+    return moment
 
 
 def mutate(

@@ -1,4 +1,4 @@
-"""`escrowd backfill evm --chain NAME --from N [--to M]`: scan a historical block range for
+"""`escrowd backfill evm --network NAME --from N [--to M]`: scan a historical block range for
 deposits with the live poller's code, under a cursor of its own.
 
 Mount in daemon/cli.py:
@@ -58,7 +58,7 @@ def _chain(settings: Settings, name: str) -> EvmChainSettings:
         if chain.name == name:
             return chain
     known = ", ".join(c.name for c in settings.evm_chains) or "none configured"
-    typer.echo(f"escrowd: no EVM chain named {name!r} in the config ({known})", err=True)
+    typer.echo(f"escrowd: no EVM network named {name!r} in the config ({known})", err=True)
     raise typer.Exit(EXIT_USAGE)
 
 
@@ -99,7 +99,12 @@ def _last_block(source: JsonRpcEvmSource, chain: str, from_block: int, to_block:
 @backfill_app.command("evm")
 def backfill_evm(
     ctx: typer.Context,
-    chain: Annotated[str, typer.Option("--chain", help="Name of a configured EVM chain.")],
+    chain: Annotated[
+        str,
+        typer.Option(
+            "--network", "--chain", help="A configured EVM network (--chain: its old name)."
+        ),
+    ],
     from_block: Annotated[int, typer.Option("--from", min=0, help="First block to scan.")],
     to_block: Annotated[
         int | None, typer.Option("--to", min=0, help="Last block (default: the head).")

@@ -123,10 +123,18 @@ def keys_xpub(ctx: typer.Context) -> None:
 def address_new(
     ctx: typer.Context,
     agent: Annotated[str, typer.Option("--agent", help="The agent's external id.")],
-    chain: Annotated[Chain, typer.Option("--chain", help="Chain family.")],
+    chain: Annotated[
+        Chain,
+        typer.Option(
+            "--chain-family",
+            "--chain",
+            help="Chain family (--chain is its old name). One EVM address receives on every "
+            "configured EVM network.",
+        ),
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print the full record as JSON.")] = False,
 ) -> None:
-    """Give an agent its deposit address on a chain (creating the agent if missing)."""
+    """Give an agent its deposit address for a chain family (creating the agent if missing)."""
     settings = _settings(ctx)
     unlocked = _unlock(settings)
     deriver: AddressDeriver
@@ -152,6 +160,8 @@ def _allocate(
             row = allocate_deposit_address(session, agent_row.id, chain, deriver)
             return {
                 "agent": agent,
+                "chain_family": row.chain,
+                # The old name of chain_family, for scripts that read it.
                 "chain": row.chain,
                 "derivation_index": row.derivation_index,
                 "address": row.address,
@@ -166,9 +176,14 @@ def _allocate(
 @address_app.command("list")
 def address_list(
     ctx: typer.Context,
-    chain: Annotated[Chain | None, typer.Option("--chain", help="Only this chain.")] = None,
+    chain: Annotated[
+        Chain | None,
+        typer.Option(
+            "--chain-family", "--chain", help="Only this chain family (--chain: old name)."
+        ),
+    ] = None,
 ) -> None:
-    """List deposit addresses: chain, index, agent, address, token account."""
+    """List deposit addresses: chain family, index, agent, address, token account."""
     settings = _settings(ctx)
     engine = make_engine(settings.resolved_database_url)
     try:
@@ -180,7 +195,7 @@ def address_list(
             )
             if chain is not None:
                 query = query.where(DepositAddress.chain == chain.value)
-            typer.echo("chain\tindex\tagent\taddress\ttoken_account")
+            typer.echo("chain_family\tindex\tagent\taddress\ttoken_account")
             for row, external_id in session.execute(query):
                 typer.echo(
                     f"{row.chain}\t{row.derivation_index}\t{external_id}\t{row.address}\t"

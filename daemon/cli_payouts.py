@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from escrowd.escrow import payouts
-from escrowd.escrow.payout_worker import landing_verdict, unlock_from_settings
+from escrowd.escrow.payout_worker import landing_verdict
 from escrowd.escrow.uow import in_transaction
 from escrowd.indexer.errors import RpcError
 from escrowd.models import Asset, Payout, PayoutStatus, PayoutTransaction

@@ -25,7 +25,6 @@ import httpx
 import typer
 from eth_account import Account
 from solders.pubkey import Pubkey
-from sqlalchemy import select
 from web3.types import Wei
 
 from escrowd.config.settings import (
@@ -48,7 +47,7 @@ from escrowd.escrow import apikeys, ledger
 from escrowd.indexer.evm_source import EthTesterSource
 from escrowd.indexer.solana_source import SolanaRpcSource
 from escrowd.migrations.runner import upgrade_to_head
-from escrowd.models import ApiScope, Payout
+from escrowd.models import ApiScope
 from escrowd.models.db import make_engine, make_session_factory
 from escrowd.wallets.keystore import UnlockedKeystore, create_keystore, unlock_keystore
 from escrowd.wallets.secrets import Secret
@@ -353,7 +352,7 @@ class Demo:
                 {
                     "agent_id": self.worker,
                     "asset": "USDC",
-                    "chain": EVM_CHAIN,
+                    "network": EVM_CHAIN,
                     "to_address": payout_to,
                     "amount": "117",
                 },
@@ -399,10 +398,9 @@ class Demo:
         self.step("audit verify", audit_verify)
         self.step("ledger check", ledger_check)
 
-    def _payout_status(self, payout_id: int) -> str | None:
-        sessions = make_session_factory(self.world.daemon.engine, read_only=True)
-        with sessions() as session:
-            return session.scalars(select(Payout.status).where(Payout.id == payout_id)).one()
+    def _payout_status(self, payout_id: int) -> str:
+        status: str = self._call("GET", f"/withdrawals/{payout_id}")["status"]
+        return status
 
     @staticmethod
     def _show(balances: dict[str, int]) -> str:

@@ -230,14 +230,45 @@ def health_router(probe: ReadinessProbe) -> APIRouter:
     def healthz() -> dict[str, str]:
         return {"status": "alive"}
 
-    @router.get("/readyz")
+    @router.get(
+        "/readyz",
+        responses={
+            200: {"description": "Ready: serve traffic to this instance."},
+            503: {
+                "description": "Not ready: `problems` names each check that failed.",
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "status": {"const": "not_ready"},
+                                "problems": {
+                                    "type": "object",
+                                    "additionalProperties": {"type": "string"},
+                                },
+                            },
+                        }
+                    }
+                },
+            },
+        },
+    )
     def readyz() -> JSONResponse:
         problems = probe.problems()
         if problems:
             return JSONResponse({"status": "not_ready", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    @router.get("/metrics")
+    @router.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format.",
+                "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+            }
+        },
+    )
     def metrics() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 

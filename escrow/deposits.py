@@ -195,6 +195,7 @@ class _Row:
 
 
 def _event_data(row: _Row | StoredDeposit, asset: Asset, agent: str) -> dict[str, object]:
+    """A deposit.* event's data; `agent` is the marketplace's id of the agent."""
     # A StoredDeposit is a first sighting: nothing credited yet.
     if isinstance(row, _Row):
         state, credited, dust, note = (
@@ -209,7 +210,7 @@ def _event_data(row: _Row | StoredDeposit, asset: Asset, agent: str) -> dict[str
     return {
         "deposit_id": row.id,
         "agent": agent,
-        "chain": row.chain,
+        "network": row.chain,
         "asset": asset.symbol,
         "decimals": asset.decimals,
         "amount_base_units": str(row.amount),

@@ -20,6 +20,8 @@ __all__ = [
     "InvalidAmount",
     "UnknownAccount",
     "UnknownAsset",
+    "UnknownNetwork",
+    "WithdrawalNotFound",
 ]
 
 
@@ -45,6 +47,16 @@ class EscrowConflict(Conflict):
 
 class AgentNotFound(NotFound):
     type = "agent_not_found"
+
+
+class WithdrawalNotFound(NotFound):
+    type = "withdrawal_not_found"
+
+
+class UnknownNetwork(ValidationFailed):
+    """A network name that is not configured, or a chain family where a network belongs."""
+
+    type = "unknown_network"
 
 
 class UnknownAsset(ValidationFailed):

@@ -1,4 +1,16 @@
-"""The webhook outbox: events are written in the same transaction as the change they report."""
+"""The webhook outbox: events are written in the same transaction as the change they report.
+
+Every event is ``{"type", "api_version", "data"}``; /openapi.json describes each type's
+``data`` under ``webhooks`` (daemon/api_webhooks.py), with an example. Events name things by
+the ids the HTTP API shows: agents by the marketplace's ids, escrows by job id, deposits
+and payouts by the ids GET /v1/deposits and GET /v1/withdrawals show; networks by name.
+
+API versions (the newest is API_VERSION):
+- 2026-12-03: deposit.* and payout.* carry ``agent`` (the marketplace's id) instead of
+  ``agent_id`` (an internal row id) and ``network`` instead of ``chain``; escrow.* no
+  longer carry ``escrow_id`` (an internal row id; ``job_id`` names the escrow).
+- 2026-11-01: first version.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +23,7 @@ from escrowd.escrow.audit import canonical_json
 from escrowd.models import WebhookEvent, bulk, utcnow
 
 # Bumped only when a field is removed or changes meaning; adding fields keeps the version.
-API_VERSION = "2026-11-01"
+API_VERSION = "2026-12-03"
 
 EVENT_TYPES = frozenset(
     {

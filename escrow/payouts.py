@@ -369,7 +369,7 @@ def event_data(
     return {
         "payout_id": payout.id,
         "agent": agent.external_id if agent is not None else None,
-        "chain": payout.chain,
+        "network": payout.chain,
         "asset": asset_symbol,
         "destination": payout.destination,
         "amount_base_units": str(payout.amount),

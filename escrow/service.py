@@ -35,19 +35,24 @@ from escrowd.escrow.errors import (
     InsufficientFunds,
     InvalidAmount,
     UnknownAsset,
+    WithdrawalNotFound,
 )
+from escrowd.escrow.money import to_ledger_units
 from escrowd.escrow.payouts import PlatformAddresses, request_payout
 from escrowd.escrow.uow import with_retries
 from escrowd.models import (
     AccountKind,
     Agent,
     Asset,
+    ChainCursor,
     Deposit,
+    DepositStatus,
     Escrow,
     EscrowStatus,
     LedgerAccount,
     Payout,
     PayoutReason,
+    PayoutStatus,
     TransferCode,
     utcnow,
 )
@@ -60,6 +65,8 @@ log = structlog.get_logger(__name__)
 BPS_DENOMINATOR = 10_000
 MAX_EXTERNAL_ID_LENGTH = 128
 MAX_PAGE_SIZE = 1_000
+# Payout states that hold nothing any more: the funds left on chain or came back.
+PAYOUT_FINAL_STATES = (PayoutStatus.CONFIRMED, PayoutStatus.FAILED, PayoutStatus.CANCELLED)
 
 
 # --- agents -------------------------------------------------------------------------------
@@ -145,10 +152,15 @@ class AssetBalance:
     decimals: int
     available: int
     escrowed_as_buyer: int
+    # Seen on chain, not yet confirmed: becomes available when credited.
+    incoming: int = 0
+    # Held for payouts that are neither confirmed nor failed.
+    pending_withdrawals: int = 0
 
 
 def balances(session: Session, agent: Agent) -> list[AssetBalance]:
-    """Per asset: what the agent can spend, and what it has locked in open escrows."""
+    """Per asset: what the agent can spend, what it has locked in open escrows, what is
+    on its way in (pending deposits) and what is on its way out (open payouts)."""
     available = {
         account.asset: ledger.balance(session, account)
         for account in session.scalars(
@@ -166,15 +178,44 @@ def balances(session: Session, agent: Agent) -> list[AssetBalance]:
             .group_by(Escrow.asset)
         )
     }
+    incoming: dict[str, int] = {}
+    # Summed here, not in SQL: amounts can exceed 64 bits and SQLite stores them as text.
+    for symbol, token_decimals, amount in session.execute(
+        select(Asset.symbol, Asset.decimals, Deposit.amount)
+        .join(Asset, Asset.id == Deposit.asset_id)
+        .where(Deposit.agent_id == agent.id, Deposit.status == DepositStatus.PENDING.value)
+    ):
+        units, _ = to_ledger_units(int(amount), token_decimals, asset_decimals(session, symbol))
+        incoming[symbol] = incoming.get(symbol, 0) + units
+    outgoing = {
+        symbol: int(total)
+        for symbol, total in session.execute(
+            select(Asset.symbol, func.sum(Payout.amount))
+            .join(Asset, Asset.id == Payout.asset_id)
+            .where(
+                Payout.agent_id == agent.id,
+                Payout.reason != PayoutReason.SWEEP.value,
+                Payout.status.not_in([state.value for state in PAYOUT_FINAL_STATES]),
+            )
+            .group_by(Asset.symbol)
+        )
+    }
     return [
         AssetBalance(
             asset=symbol,
             decimals=LEDGER_DECIMALS.get(symbol, 0),
             available=available.get(symbol, 0),
             escrowed_as_buyer=escrowed.get(symbol, 0),
+            incoming=incoming.get(symbol, 0),
+            pending_withdrawals=outgoing.get(symbol, 0),
         )
-        for symbol in sorted(set(available) | set(escrowed))
+        for symbol in sorted(set(available) | set(escrowed) | set(incoming) | set(outgoing))
     ]
+
+
+def _check_limit(limit: int) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE_SIZE:
+        raise ValidationFailed(f"limit must be an integer from 1 to {MAX_PAGE_SIZE}")
 
 
 def list_deposits(
@@ -186,8 +227,9 @@ def list_deposits(
     after_id: int | None = None,
     limit: int = 100,
 ) -> Sequence[Deposit]:
-    """Deposits in id order after `after_id` (the cursor), at most `limit`."""
-    assert 1 <= limit <= MAX_PAGE_SIZE
+    """Deposits in id order after `after_id` (the cursor), at most `limit`; `chain` is
+    the network name."""
+    _check_limit(limit)
     query = select(Deposit).order_by(Deposit.id).limit(limit)
     if agent is not None:
         query = query.where(Deposit.agent_id == agent.id)
@@ -198,6 +240,59 @@ def list_deposits(
     if after_id is not None:
         query = query.where(Deposit.id > after_id)
     return session.scalars(query).all()
+
+
+# --- withdrawals (reads) ------------------------------------------------------------------
+
+
+def list_withdrawals(
+    session: Session,
+    *,
+    agent: Agent | None = None,
+    network: str | None = None,
+    status: str | None = None,
+    after_id: int | None = None,
+    limit: int = 100,
+) -> Sequence[Payout]:
+    """Payouts to agents (withdrawals, and escrow releases or refunds paid on chain) in id
+    order after `after_id`, at most `limit`. Sweeps are custody moves and not listed."""
+    _check_limit(limit)
+    query = (
+        select(Payout)
+        .where(Payout.reason != PayoutReason.SWEEP.value)
+        .order_by(Payout.id)
+        .limit(limit)
+    )
+    if agent is not None:
+        query = query.where(Payout.agent_id == agent.id)
+    if network is not None:
+        query = query.where(Payout.chain == network)
+    if status is not None:
+        query = query.where(Payout.status == status)
+    if after_id is not None:
+        query = query.where(Payout.id > after_id)
+    return session.scalars(query).all()
+
+
+def get_withdrawal(session: Session, payout_id: int) -> Payout:
+    payout = session.get(Payout, payout_id)
+    if payout is None or payout.reason == PayoutReason.SWEEP.value:
+        raise WithdrawalNotFound(f"no withdrawal {payout_id}; GET /v1/withdrawals lists them")
+    return payout
+
+
+def scanned_blocks(session: Session, networks: Sequence[str]) -> dict[str, int]:
+    """The newest block escrowd's poller scanned on each of these EVM networks."""
+    if not networks:
+        return {}
+    rows = session.execute(
+        select(ChainCursor.chain, ChainCursor.block_number).where(
+            ChainCursor.chain.in_(networks),
+            ChainCursor.key == "",
+            ChainCursor.block_number.is_not(None),
+        )
+    )
+    return {chain: block for chain, block in rows.all() if block is not None}
 
 
 # --- escrows ------------------------------------------------------------------------------
@@ -269,7 +364,6 @@ def _event_data(escrow: Escrow, buyer: Agent, worker: Agent) -> dict[str, object
 
     return {
         "job_id": escrow.job_id,
-        "escrow_id": escrow.id,
         "status": escrow.status,
         "buyer": buyer.external_id,
         "worker": worker.external_id,

@@ -27,7 +27,7 @@ def unsupported_deposit_data(deposit: UnsupportedDeposit, agent: str) -> dict[st
     return {
         "unsupported_deposit_id": deposit.id,
         "agent": agent,
-        "chain": deposit.chain,
+        "network": deposit.chain,
         "token_address": deposit.token_address,
         "amount_base_units": deposit.amount_base_units,
         "tx_hash": deposit.tx_hash,

@@ -17,7 +17,7 @@ Claiming: a head is locked (FOR UPDATE SKIP LOCKED on PostgreSQL) and leased by 
 its next_attempt_at past the request timeout, then the transaction commits and the HTTP
 call runs with no transaction open. A daemon that dies mid-request leaves the lease to
 expire and the delivery is retried: delivery is at least once, and receivers de-duplicate
-on ``Escrowd-Event-Id``.
+on ``webhook-id`` (the same value as ``Escrowd-Event-Id``).
 """
 
 from __future__ import annotations
@@ -42,11 +42,10 @@ from escrowd.escrow.uow import in_transaction
 from escrowd.escrow.webhooks import (
     EVENT_ID_HEADER,
     EVENT_TYPE_HEADER,
-    SIGNATURE_HEADER,
     SecretCipher,
     WebhookKeyError,
     fan_out,
-    signature_header,
+    signature_headers,
 )
 from escrowd.models import (
     DeliveryStatus,
@@ -212,7 +211,7 @@ def _post(
         "User-Agent": USER_AGENT,
         EVENT_ID_HEADER: str(claim.event_id),
         EVENT_TYPE_HEADER: claim.event_type,
-        SIGNATURE_HEADER: signature_header(claim.payload, secret, int(now.timestamp())),
+        **signature_headers(claim.payload, secret, claim.event_id, int(now.timestamp())),
     }
     try:
         response = client.post(claim.url, content=claim.payload, headers=headers, timeout=timeout_s)

@@ -1,9 +1,13 @@
 """Webhook endpoints, their encrypted signing secrets, fan-out of the outbox, and signatures.
 
-Signatures follow Stripe's scheme: header ``Escrowd-Signature: t=<unix>,v1=<hex>`` where
-the hex is HMAC-SHA256 keyed with the endpoint secret over ``"<t>.<body>"``. Receivers
-call `verify_webhook`. Delivery itself (ordering, retries, disabling) is in
-`escrow.webhook_delivery`.
+Every delivery is signed twice, with the same secret:
+- Standard Webhooks (standardwebhooks.com): headers ``webhook-id`` (the event id),
+  ``webhook-timestamp`` (unix seconds) and ``webhook-signature: v1,<base64>``, the base64
+  HMAC-SHA256 over ``"<id>.<timestamp>.<body>"`` keyed with the secret's bytes (the base64
+  after ``whsec_``). Receivers in any language check it with a Standard Webhooks library.
+- Escrowd-Signature, Stripe's scheme: ``t=<unix>,v1=<hex>``, the hex HMAC-SHA256 keyed
+  with the whole secret string over ``"<t>.<body>"``; receivers call `verify_webhook`.
+Delivery itself (ordering, retries, disabling) is in `escrow.webhook_delivery`.
 
 Endpoint management functions take the caller's session and only flush: the caller owns
 the transaction (``in_transaction(sessions, lambda s: create_endpoint(s, ...))``).
@@ -41,6 +45,10 @@ SECRET_PREFIX = "whsec_"
 SIGNATURE_HEADER = "Escrowd-Signature"
 EVENT_ID_HEADER = "Escrowd-Event-Id"
 EVENT_TYPE_HEADER = "Escrowd-Event-Type"
+STANDARD_ID_HEADER = "webhook-id"
+STANDARD_TIMESTAMP_HEADER = "webhook-timestamp"
+STANDARD_SIGNATURE_HEADER = "webhook-signature"
+_SECRET_BYTES = 32
 ALL_EVENTS = "*"
 MAX_URL_LENGTH = 2000
 MAX_PAGE_SIZE = 1000
@@ -176,7 +184,39 @@ class SecretCipher:
 
 
 def new_secret() -> str:
-    return SECRET_PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+    """``whsec_`` and the standard base64 of 32 random bytes, the Standard Webhooks form."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(_SECRET_BYTES)).decode()
+
+
+def secret_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks signature: the bytes the base64 after
+    ``whsec_`` encodes. Secrets made before 2026-12-03 are unpadded URL-safe base64; their
+    bytes are decoded from that alphabet (a receiver whose library expects the standard
+    alphabet rotates such a secret)."""
+    encoded = secret.removeprefix(SECRET_PREFIX)
+    padded = encoded + "=" * (-len(encoded) % 4)
+    if "-" in encoded or "_" in encoded:
+        return base64.urlsafe_b64decode(padded)
+    return base64.b64decode(padded)
+
+
+def standard_signature(payload: bytes, secret: str, msg_id: str, timestamp: int) -> str:
+    """The ``webhook-signature`` header value: ``v1,`` and the base64 HMAC-SHA256 of
+    ``"<msg_id>.<timestamp>.<payload>"`` keyed with `secret_key(secret)`."""
+    message = f"{msg_id}.{timestamp}.".encode() + payload
+    digest = hmac.new(secret_key(secret), message, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def signature_headers(payload: bytes, secret: str, event_id: int, timestamp: int) -> dict[str, str]:
+    """Both signatures of one delivery, as the headers to send."""
+    msg_id = str(event_id)
+    return {
+        STANDARD_ID_HEADER: msg_id,
+        STANDARD_TIMESTAMP_HEADER: str(timestamp),
+        STANDARD_SIGNATURE_HEADER: standard_signature(payload, secret, msg_id, timestamp),
+        SIGNATURE_HEADER: signature_header(payload, secret, timestamp),
+    }
 
 
 def sign_payload(payload: bytes, secret: str, timestamp: int) -> str:
@@ -236,6 +276,13 @@ def verify_webhook(
 def validate_url(url: str) -> str:
     if len(url) > MAX_URL_LENGTH:
         raise InvalidWebhookUrl(f"webhook URL is longer than {MAX_URL_LENGTH} characters")
+    # Visible ASCII only: a URL with spaces, control characters or raw non-ASCII text is
+    # ambiguous to HTTP clients (percent-encode them; use the punycode form of a host).
+    if not url.isascii() or not url.isprintable() or " " in url:
+        raise InvalidWebhookUrl(
+            "webhook URL must be visible ASCII: percent-encode spaces, control and "
+            "non-ASCII characters"
+        )
     try:
         parts = urlsplit(url)
         port = parts.port

@@ -84,6 +84,8 @@ class Payout(Base):
         CheckConstraint(check_in("status", PayoutStatus), name="status_valid"),
         CheckConstraint(check_in("reason", PayoutReason), name="reason_valid"),
         Index("ix_payouts_status_chain", "status", "chain"),
+        # An agent's withdrawals in id order (GET /v1/withdrawals?agent=).
+        Index("ix_payouts_agent_id_id", "agent_id", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)

@@ -163,7 +163,6 @@ def _state(sessions: sessionmaker[Session]) -> dict[str, Any]:
             payload = json.loads(event.payload)
             # Byte-identical to the Python path's canonical form, not only equal as JSON.
             assert event.payload == canonical_json(payload)
-            payload["data"].pop("escrow_id")
             events.append((event.type, event.api_version, payload))
         escrows = [
             (

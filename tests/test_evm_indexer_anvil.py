@@ -270,7 +270,7 @@ def test_backfill_command_scans_a_range_resumably(
     assert_books_clean(lite)
 
     unknown = runner.invoke(app, ["backfill", "evm", "--chain", "nope", "--from", "0"])
-    assert unknown.exit_code == 2 and "no EVM chain named 'nope'" in unknown.output
+    assert unknown.exit_code == 2 and "no EVM network named 'nope'" in unknown.output
 
 
 def _backfill_cli(config: Path) -> typer.Typer:

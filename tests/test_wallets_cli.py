@@ -87,7 +87,9 @@ def test_keys_init_xpub_and_addresses(cli_env: dict[str, str], tmp_path: Path) -
     assert code == 0, err
     code, again, _ = _run(["address", "new", "--agent", "a-1", "--chain", "evm"], cli_env)
     assert again == evm_address
-    code, sol_address, _ = _run(["address", "new", "--agent", "a-1", "--chain", "solana"], cli_env)
+    code, sol_address, _ = _run(
+        ["address", "new", "--agent", "a-1", "--chain-family", "solana"], cli_env
+    )
     code, other, _ = _run(["address", "new", "--agent", "a-2", "--chain", "evm"], cli_env)
     assert other != evm_address
     unlocked = unlock_keystore(keystore, Secret(PASSPHRASE))
@@ -97,7 +99,7 @@ def test_keys_init_xpub_and_addresses(cli_env: dict[str, str], tmp_path: Path) -
 
     code, listing, _ = _run(["address", "list"], cli_env)
     lines = listing.strip().splitlines()
-    assert lines[0].startswith("chain\tindex\tagent")
+    assert lines[0].startswith("chain_family\tindex\tagent")
     assert f"evm\t1\ta-2\t{other.strip()}\t-" in lines
     assert len(lines) == 4
 

@@ -3,6 +3,7 @@ Solana associated token account (ATA) of an owner for a mint."""
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import base58
@@ -33,6 +34,8 @@ else:
 EVM = "evm"
 SOLANA = "solana"
 EVM_ZERO_ADDRESS = "0x" + "00" * 20
+# bytes.fromhex skips whitespace, so it alone would take "0x" + 38 digits + 2 spaces.
+_HEX40 = re.compile(r"[0-9a-fA-F]{40}")
 
 TOKEN_PROGRAM_ID = Pubkey.from_string("TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA")
 ASSOCIATED_TOKEN_PROGRAM_ID = Pubkey.from_string("ATokenGPvbdGVxr1b2hvZbsiqW5xWH25efTNsLJA8knL")
@@ -58,7 +61,12 @@ CHECKSUM_TABLE = _build_checksum_table()
 
 def evm_checksum_address(address20: bytes) -> str:
     """EIP-55 mixed-case form of a 20-byte address."""
-    assert len(address20) == 20
+    if len(address20) != 20:
+        raise InvalidAddress(
+            f"EVM address must be 20 bytes, got {len(address20)}",
+            chain=EVM,
+            address=address20.hex(),
+        )
     digest = keccak256(address20.hex().encode())
     table = CHECKSUM_TABLE
     return "0x" + "".join([table[(a << 8) | h] for a, h in zip(address20, digest, strict=False)])
@@ -90,12 +98,11 @@ def validate_evm_address(address: str, *, allow_zero: bool = True) -> str:
             chain=EVM,
             address=address,
         )
-    try:
-        raw = bytes.fromhex(body)
-    except ValueError:
+    if not _HEX40.fullmatch(body):
         raise InvalidAddress(
             "EVM address contains characters that are not hex digits", chain=EVM, address=address
-        ) from None
+        )
+    raw = bytes.fromhex(body)
     checksummed = evm_checksum_address(raw)
     is_mixed_case = body != body.lower() and body != body.upper()
     if is_mixed_case and checksummed != address:
