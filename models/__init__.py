@@ -25,6 +25,13 @@ from escrowd.models.base import (
 from escrowd.models.chain import Agent, Asset, ChainBlock, ChainCursor, Deposit, DepositAddress
 from escrowd.models.escrow import Escrow, Payout, PayoutTransaction, SenderNonce
 from escrowd.models.ledger import LedgerAccount, LedgerTransfer
+from escrowd.models.subscription import (
+    ChargeStatus,
+    Subscription,
+    SubscriptionCharge,
+    SubscriptionInterval,
+    SubscriptionStatus,
+)
 
 __all__ = [
     "AccountKind",
@@ -38,6 +45,7 @@ __all__ = [
     "Chain",
     "ChainBlock",
     "ChainCursor",
+    "ChargeStatus",
     "DeliveryStatus",
     "Deposit",
     "DepositAddress",
@@ -52,6 +60,10 @@ __all__ = [
     "PayoutStatus",
     "PayoutTransaction",
     "SenderNonce",
+    "Subscription",
+    "SubscriptionCharge",
+    "SubscriptionInterval",
+    "SubscriptionStatus",
     "TransferCode",
     "WebhookAttempt",
     "WebhookDelivery",

@@ -90,6 +90,7 @@ class TransferCode(enum.StrEnum):
     PAYOUT = "payout"
     PAYOUT_REVERSAL = "payout_reversal"
     ADJUSTMENT = "adjustment"
+    SUBSCRIPTION_CHARGE = "subscription_charge"
 
 
 class EscrowStatus(enum.StrEnum):
