@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from escrowd.config.errors import EscrowdError, ValidationFailed
 from escrowd.config.settings import Settings
+from escrowd.daemon import api_deposit_funding, api_subscriptions
 from escrowd.daemon.api_deps import (
     AdminKey,
     ApiState,
@@ -144,6 +145,7 @@ def _escrow_out(session: Session, escrow: Escrow, agents: AgentCache) -> EscrowO
         expires_at=escrow.expires_at,
         resolved_at=escrow.resolved_at,
         created_at=escrow.created_at,
+        funded_from_deposit=api_deposit_funding.deposit_out(session, escrow),
     )
 
 
@@ -693,6 +695,8 @@ def create_app(
     _withdrawal_routes(router)
     _audit_routes(router, page_max)
     _webhook_routes(router, page_max)
+    api_subscriptions.install(router, page_max)
+    api_deposit_funding.install(router, _escrow_out)
     app.include_router(router)
     _install_error_handlers(app)
     return app

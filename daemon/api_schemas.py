@@ -106,6 +106,19 @@ class EscrowResolve(_Body):
     )
 
 
+class EscrowDepositOut(BaseModel):
+    """The deposit an escrow was funded from (POST /v1/escrows/from-deposit)."""
+
+    deposit_id: int
+    chain: str
+    tx_hash: str
+    log_index: int
+    depositor_address: str | None = Field(
+        description="Sender of the on-chain transfer: the ERC-20 Transfer's `from` on EVM, "
+        "the source owner on Solana."
+    )
+
+
 class EscrowOut(BaseModel):
     job_id: str
     status: Literal["funded", "released", "refunded", "resolved", "expired"]
@@ -124,6 +137,9 @@ class EscrowOut(BaseModel):
     expires_at: datetime | None
     resolved_at: datetime | None
     created_at: datetime
+    funded_from_deposit: EscrowDepositOut | None = Field(
+        default=None, description="Null for an escrow funded from the buyer's balance."
+    )
 
 
 class WithdrawalCreate(_Body):

@@ -31,7 +31,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from escrowd.config.settings import EvmChainSettings, Settings, SolanaSettings
-from escrowd.escrow import audit, payout_worker, service, sweeps
+from escrowd.escrow import audit, payout_worker, service, subscriptions, sweeps
 from escrowd.escrow.deposits import LedgerDepositSink
 from escrowd.escrow.uow import in_transaction
 from escrowd.escrow.webhook_delivery import run_webhooks
@@ -502,6 +502,16 @@ def expiry_jobs(ctx: JobContext) -> list[Job]:
     return [Job("escrow_expiry", ctx.settings.escrow.expiry_interval_s, run)]
 
 
+def subscription_jobs(ctx: JobContext) -> list[Job]:
+    settings = ctx.settings.subscriptions
+    policy = subscriptions.ChargePolicy.of(settings)
+
+    def run() -> object:
+        return subscriptions.charge_due(ctx.sessions, utcnow(), policy, limit=settings.batch_size)
+
+    return [Job("subscriptions", settings.interval_s, run)]
+
+
 def webhook_jobs(ctx: JobContext) -> list[Job]:
     settings = ctx.settings.webhooks
     client = httpx.Client(timeout=httpx.Timeout(settings.timeout_s), follow_redirects=False)
@@ -563,6 +573,7 @@ BUILDERS: tuple[tuple[str, JobBuilder], ...] = (
     ("payouts", payout_jobs),
     ("sweeps", sweep_jobs),
     ("escrow_expiry", expiry_jobs),
+    ("subscriptions", subscription_jobs),
     ("webhooks", webhook_jobs),
     ("audit_checkpoint", audit_checkpoint_jobs),
     ("test_probe", probe_jobs),

@@ -28,6 +28,13 @@ EVENT_TYPES = frozenset(
         "payout.broadcast",
         "payout.confirmed",
         "payout.failed",
+        "subscription.created",
+        "subscription.charged",
+        "subscription.charge_failed",
+        "subscription.paused",
+        "subscription.resumed",
+        "subscription.canceled",
+        "subscription.periods_skipped",
     }
 )
 

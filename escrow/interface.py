@@ -17,11 +17,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from escrowd.config.errors import Unavailable
 from escrowd.config.settings import Settings
-from escrowd.escrow import service
+from escrowd.escrow import deposit_funding, service, subscriptions
 from escrowd.escrow.agent_cache import AgentCache
 from escrowd.escrow.payouts import PlatformAddresses, chain_family, minimum_payout
 from escrowd.escrow.uow import in_transaction
-from escrowd.models import Agent, Escrow, Payout
+from escrowd.models import Agent, Escrow, Payout, Subscription, SubscriptionCharge, utcnow
 from escrowd.models.db import make_engine, make_session_factory
 
 T = TypeVar("T")
@@ -178,4 +178,137 @@ class EscrowService:
                 min_amount_base_units=minimum,
                 platform=platform,
             )
+        )
+
+    # --- escrows funded by a named deposit (escrow.deposit_funding) ----------------------
+
+    def fund_escrow_from_deposit(
+        self,
+        *,
+        job_id: str,
+        worker: str,
+        chain: str,
+        tx_hash: str,
+        log_index: int | None = None,
+        buyer: str | None = None,
+        amount: int | None = None,
+        fee_bps: int | None = None,
+        expires_at: datetime | None = None,
+    ) -> Escrow:
+        """Fund `job_id` from one confirmed deposit (chain, tx hash and, when the
+        transaction holds several, log/instruction index): its credited amount, or
+        `amount` base units of it, moves from the depositing agent's balance into the
+        escrow. A deposit funds one escrow at most; one still pending raises
+        DepositPending (retry once it is confirmed)."""
+        bps = self.settings.escrow.default_fee_bps if fee_bps is None else fee_bps
+        ref = deposit_funding.DepositRef(chain, tx_hash, log_index)
+
+        def work(s: Session) -> Escrow:
+            return deposit_funding.fund_escrow_from_deposit(
+                s,
+                job_id=job_id,
+                deposit=ref,
+                worker=service.get_agent(s, worker),
+                buyer=None if buyer is None else service.get_agent(s, buyer),
+                amount=amount,
+                fee_bps=bps,
+                expires_at=expires_at,
+                actor="python",
+            )
+
+        return self._write(work)
+
+    def escrow_funding_deposit(self, job_id: str) -> deposit_funding.FundingDeposit | None:
+        """The deposit an escrow was funded from, with the depositor's address."""
+        return self._read(
+            lambda s: deposit_funding.funding_deposit(s, service.get_escrow(s, job_id))
+        )
+
+    # --- subscriptions (escrow.subscriptions) ------------------------------------------
+
+    def _charge_policy(self) -> subscriptions.ChargePolicy:
+        return subscriptions.ChargePolicy.of(self.settings.subscriptions)
+
+    def create_subscription(
+        self,
+        *,
+        subscription_id: str,
+        buyer: str,
+        asset: str,
+        amount: int,
+        interval: str,
+        interval_count: int = 1,
+        worker: str | None = None,
+        fee_bps: int | None = None,
+        starts_at: datetime | None = None,
+    ) -> Subscription:
+        """Authorize `amount` base units of `asset` from `buyer` every `interval_count`
+        `interval`s (day, week, month), to `worker` minus the fee, or to the platform when
+        no worker is named. Starting now (no `starts_at`) charges the first period at once
+        and raises InsufficientFunds, creating nothing, when the buyer cannot cover it."""
+        default_bps = self.settings.escrow.default_fee_bps if worker is not None else 0
+        bps = default_bps if fee_bps is None else fee_bps
+
+        def work(s: Session) -> Subscription:
+            request = subscriptions.NewSubscription(
+                external_id=subscription_id,
+                buyer=service.get_agent(s, buyer),
+                worker=None if worker is None else service.get_agent(s, worker),
+                asset=asset,
+                amount=amount,
+                interval=interval,
+                interval_count=interval_count,
+                fee_bps=bps,
+                starts_at=starts_at,
+            )
+            return subscriptions.create_subscription(
+                s, request, now=utcnow(), policy=self._charge_policy(), actor="python"
+            )
+
+        return self._write(work)
+
+    def get_subscription(self, subscription_id: str) -> Subscription:
+        return self._read(lambda s: subscriptions.get_subscription(s, subscription_id))
+
+    def subscription_charges(
+        self, subscription_id: str, *, after_period: int | None = None, limit: int = 100
+    ) -> list[SubscriptionCharge]:
+        """A subscription's charges in period order (a page of at most `limit`)."""
+        return self._read(
+            lambda s: list(
+                subscriptions.list_charges(
+                    s,
+                    subscriptions.get_subscription(s, subscription_id),
+                    after_period=after_period,
+                    limit=limit,
+                )
+            )
+        )
+
+    def cancel_subscription(
+        self, subscription_id: str, *, requested_by: str = "marketplace"
+    ) -> Subscription:
+        """Stop charging for good; `requested_by` (buyer or marketplace) is recorded."""
+        return self._write(
+            lambda s: subscriptions.cancel_subscription(
+                s, subscription_id, requested_by=requested_by, now=utcnow(), actor="python"
+            )
+        )
+
+    def resume_subscription(self, subscription_id: str) -> Subscription:
+        """Reactivate a paused subscription, charging the current period now."""
+        return self._write(
+            lambda s: subscriptions.resume_subscription(
+                s, subscription_id, now=utcnow(), policy=self._charge_policy(), actor="python"
+            )
+        )
+
+    def charge_due_subscriptions(self, now: datetime | None = None) -> subscriptions.ChargeRun:
+        """What the daemon's `subscriptions` job does each tick, for a backend that runs
+        no daemon: charge every subscription due by `now` (default: the current time)."""
+        return subscriptions.charge_due(
+            self._sessions,
+            utcnow() if now is None else now,
+            self._charge_policy(),
+            limit=self.settings.subscriptions.batch_size,
         )
