@@ -47,6 +47,7 @@ from tests.escrow_fixtures import (
     platform_fees,
     seed_agents,
 )
+from tests.subscription_helpers import age
 
 USDC = 1_000_000
 DAY = timedelta(days=1)
@@ -180,18 +181,6 @@ def test_charges_each_period_once_with_bounded_catch_up(
     assert ledger_clean(svc._sessions)
 
 
-def age(svc: EscrowService, external_id: str, delta: timedelta) -> None:
-    """Time passes for one subscription: its times move `delta` into the past."""
-    with svc._sessions() as s, s.begin():
-        sub = s.scalars(select(Subscription).where(Subscription.external_id == external_id)).one()
-        sub.anchor_at -= delta
-        sub.next_charge_at -= delta
-        for charge in s.scalars(
-            select(SubscriptionCharge).where(SubscriptionCharge.subscription_id == sub.id)
-        ):
-            charge.period_start -= delta
-
-
 def test_failed_charges_retry_then_pause_resume_and_cancel(svc: EscrowService) -> None:
     fund(svc, "alice", 25 * USDC)
     alice = svc.get_agent("alice").id
@@ -203,7 +192,7 @@ def test_failed_charges_retry_then_pause_resume_and_cancel(svc: EscrowService) -
     # Two weeks and an hour later: period 1 is charged, period 2 finds 5 USDC and fails;
     # it is retried an hour later (not sooner), and after its third failed attempt the
     # subscription pauses.
-    age(svc, "sub-2", 2 * week + timedelta(hours=1))
+    age(svc._sessions, "sub-2", 2 * week + timedelta(hours=1))
     run = svc.charge_due_subscriptions()
     assert (run.charged, run.failed) == (1, 1)
     retry_at = svc.get_subscription("sub-2").next_charge_at
@@ -230,7 +219,7 @@ def test_failed_charges_retry_then_pause_resume_and_cancel(svc: EscrowService) -
     # Two more weeks pass. Resuming while the buyer still cannot pay is refused and
     # changes nothing; once it can, the period running now (4) is charged and the ones
     # that passed while paused (2, the failed one, and 3) never are.
-    age(svc, "sub-2", 2 * week)
+    age(svc._sessions, "sub-2", 2 * week)
     with pytest.raises(InsufficientFunds, match="deposit more"):
         svc.resume_subscription("sub-2")
     assert svc.get_subscription("sub-2").status == "paused"
