@@ -397,3 +397,45 @@ def test_subscription_job_runs_in_one_daemon_at_a_time(pg_engine: Engine, tmp_pa
         assert charged_periods(svc._sessions, f"job-{n}") == [0, 1]
     assert available(svc._sessions, svc.get_agent("alice").id) == 80 * USDC
     assert ledger_clean(svc._sessions)
+
+
+def test_an_unexpected_error_on_one_subscription_holds_up_no_other(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    svc = EscrowService.from_url(sqlite_url, settings(tmp_path))
+    try:
+        seed_agents(svc._sessions, "alice", "bob")
+        fund(svc, "alice", 100 * USDC)
+        for n in range(3):
+            svc.create_subscription(
+                subscription_id=f"iso-{n}", buyer="alice", worker="bob", asset="USDC",
+                amount=1 * USDC, interval="day",
+            )  # fmt: skip
+        broken = svc.get_subscription("iso-1").id
+        # The database refuses this one subscription's next charge row (a fault injected
+        # below our code, as a failing disk or a bad migration would).
+        with svc.engine.begin() as connection:
+            connection.exec_driver_sql(
+                "CREATE TRIGGER inject_fault BEFORE INSERT ON subscription_charges "
+                f"WHEN NEW.subscription_id = {broken} AND NEW.period_index = 1 "
+                "BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
+            )
+        errors_before = REGISTRY.get_sample_value("escrowd_subscription_errors_total") or 0
+        when = svc.get_subscription("iso-2").anchor_at + DAY
+        run = svc.charge_due_subscriptions(when)
+        assert (run.charged, len(run.errors)) == (2, 1) and "injected fault" in run.errors[0]
+        assert REGISTRY.get_sample_value("escrowd_subscription_errors_total") == errors_before + 1
+        failing = svc.get_subscription("iso-1")
+        assert failing.last_error is not None and "injected fault" in failing.last_error
+        # Looked at again only after retry_after_s, so it cannot crowd out the others.
+        assert failing.next_charge_at == when + timedelta(hours=1)
+        assert charged_periods(svc._sessions, "iso-0") == [0, 1]
+        assert charged_periods(svc._sessions, "iso-1") == [0]
+        with svc.engine.begin() as connection:
+            connection.exec_driver_sql("DROP TRIGGER inject_fault")
+        assert svc.charge_due_subscriptions(when + timedelta(hours=1)).charged == 1
+        assert charged_periods(svc._sessions, "iso-1") == [0, 1]
+        assert svc.get_subscription("iso-1").last_error is None
+        assert ledger_clean(svc._sessions)
+    finally:
+        svc.close()
