@@ -50,9 +50,7 @@ print("MODULES", *sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY_M
 
 
 @pytest.mark.parametrize("args", [["--version"], ["--help"], ["payouts", "--help"]])
-def test_version_and_help_import_no_heavy_module(
-    cli_env: dict[str, str], args: list[str]
-) -> None:
+def test_version_and_help_import_no_heavy_module(cli_env: dict[str, str], args: list[str]) -> None:
     result = subprocess.run(
         [sys.executable, "-c", LIST_MODULES, *args],
         env=cli_env,
