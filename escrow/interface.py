@@ -270,6 +270,27 @@ class EscrowService:
     def get_subscription(self, subscription_id: str) -> Subscription:
         return self._read(lambda s: subscriptions.get_subscription(s, subscription_id))
 
+    def list_subscriptions(
+        self,
+        *,
+        buyer: str | None = None,
+        status: str | None = None,
+        after_id: int | None = None,
+        limit: int = 100,
+    ) -> list[Subscription]:
+        """Subscriptions in creation order after the row id `after_id` (a page)."""
+        return self._read(
+            lambda s: list(
+                subscriptions.list_subscriptions(
+                    s,
+                    buyer=None if buyer is None else service.get_agent(s, buyer),
+                    status=status,
+                    after_id=after_id,
+                    limit=limit,
+                )
+            )
+        )
+
     def subscription_charges(
         self, subscription_id: str, *, after_period: int | None = None, limit: int = 100
     ) -> list[SubscriptionCharge]:

@@ -261,6 +261,10 @@ def test_platform_payee_future_start_and_refusals(svc: EscrowService) -> None:
     assert svc.charge_due_subscriptions(start).charged == 1
     assert platform_fees(svc._sessions) == 12 * USDC
     assert svc.get_subscription("plan-1").next_charge_at.date() == period_start(sub, 1).date()
+    assert [s.external_id for s in svc.list_subscriptions(buyer="alice", status="active")] == [
+        "plan-1"
+    ]
+    assert svc.list_subscriptions(status="paused") == []
 
     refused = [
         ({"worker": None, "fee_bps": 100}, ValidationFailed, "platform has no fee"),
