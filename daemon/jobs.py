@@ -507,7 +507,9 @@ def subscription_jobs(ctx: JobContext) -> list[Job]:
     policy = subscriptions.ChargePolicy.of(settings)
 
     def run() -> object:
-        return subscriptions.charge_due(ctx.sessions, utcnow(), policy, limit=settings.batch_size)
+        return subscriptions.charge_all_due(
+            ctx.sessions, policy, batch_size=settings.batch_size, budget_s=settings.interval_s
+        )
 
     return [Job("subscriptions", settings.interval_s, run)]
 

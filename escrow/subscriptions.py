@@ -26,6 +26,7 @@ Periods that pass while a subscription is paused are skipped the same way on res
 from __future__ import annotations
 
 import calendar
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -33,7 +34,7 @@ from typing import Any
 
 import structlog
 from prometheus_client import Counter
-from sqlalchemy import select, text
+from sqlalchemy import and_, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -43,13 +44,16 @@ from escrowd.escrow import accounts, audit, events, ledger, service
 from escrowd.escrow.errors import InsufficientFunds, InvalidAmount
 from escrowd.escrow.uow import in_transaction
 from escrowd.models import (
+    AccountKind,
     Agent,
     ChargeStatus,
+    LedgerAccount,
     Subscription,
     SubscriptionCharge,
     SubscriptionInterval,
     SubscriptionStatus,
     TransferCode,
+    utcnow,
 )
 from escrowd.models.subscription import ACTIVE_SUBSCRIPTION_SQL, MAX_INTERVAL_COUNT
 
@@ -292,11 +296,17 @@ class _Change:
         events.emit(self.session, f"subscription.{what}", {**self.event_data(charge), **extra})
 
     def _charge_row(self, period: int) -> SubscriptionCharge:
-        """The period's charge row, created on the first attempt and locked until commit.
-        Of two runners creating it at once, the second's insert waits for the first's
-        commit and then does nothing: it reads the first's row."""
+        """The period's charge row with this attempt counted, locked until commit: created
+        by the first attempt, its attempts counted up by each later one while it has not
+        succeeded. Of two runners reaching it at once, the second's statement waits for
+        the first's commit and then sees what the first did. A row that succeeded is
+        returned as it is."""
         session, subscription = self.session, self.subscription
-        session.execute(
+        key = (
+            SubscriptionCharge.subscription_id == subscription.id,
+            SubscriptionCharge.period_index == period,
+        )
+        counted: SubscriptionCharge | None = session.scalars(
             _insert_for(session)(SubscriptionCharge)
             .values(
                 subscription_id=subscription.id,
@@ -304,43 +314,71 @@ class _Change:
                 period_start=period_start(subscription, period),
                 amount=subscription.amount,
                 status=ChargeStatus.FAILED.value,
-                attempts=0,
+                attempts=1,
                 created_at=self.now,
                 updated_at=self.now,
             )
-            .on_conflict_do_nothing(index_elements=["subscription_id", "period_index"])
-        )
-        return session.scalars(
-            select(SubscriptionCharge)
-            .where(
-                SubscriptionCharge.subscription_id == subscription.id,
-                SubscriptionCharge.period_index == period,
+            .on_conflict_do_update(
+                index_elements=["subscription_id", "period_index"],
+                set_={"attempts": SubscriptionCharge.attempts + 1, "updated_at": self.now},
+                where=SubscriptionCharge.status == ChargeStatus.FAILED.value,
             )
-            .with_for_update()
-            .execution_options(populate_existing=True)
+            .returning(SubscriptionCharge),
+            execution_options={"populate_existing": True},
+        ).one_or_none()
+        if counted is not None:
+            return counted
+        return session.scalars(
+            select(SubscriptionCharge).where(*key).execution_options(populate_existing=True)
         ).one()
+
+    def _accounts(self, fee: int) -> tuple[int, int, int | None]:
+        """Ledger account ids of the buyer, the payee and (when there is a fee) the
+        platform's fees, read in one query; missing ones are opened."""
+        asset = self.subscription.asset
+        buyer = (AccountKind.AGENT_AVAILABLE, str(self.buyer.id))
+        platform = (AccountKind.PLATFORM_FEES, accounts.PLATFORM_OWNER)
+        payee = (
+            platform if self.worker is None else (AccountKind.AGENT_AVAILABLE, str(self.worker.id))
+        )
+        wanted = [buyer, payee, *([platform] if fee else [])]
+        found = {
+            (row.kind, row.owner): row.id
+            for row in self.session.execute(
+                select(LedgerAccount.kind, LedgerAccount.owner, LedgerAccount.id).where(
+                    LedgerAccount.asset == asset,
+                    or_(
+                        *(
+                            and_(LedgerAccount.kind == k, LedgerAccount.owner == o)
+                            for k, o in wanted
+                        )
+                    ),
+                )
+            )
+        }
+        for kind, owner in wanted:
+            if (kind, owner) not in found:
+                account = ledger.get_or_create_account(self.session, kind, owner, asset)
+                found[kind, owner] = account.id
+        return found[buyer], found[payee], found[platform] if fee else None
 
     def _post(self, period: int) -> tuple[int, int]:
         """The period's ledger transfers out of the buyer's balance; returns (payee's
         amount, fee). Raises InsufficientFunds, posting nothing, when the balance is short."""
-        session, subscription = self.session, self.subscription
-        amount, asset = subscription.amount, subscription.asset
+        subscription = self.subscription
+        amount = subscription.amount
         fee = 0 if self.worker is None else service.fee_for(amount, subscription.fee_bps)
-        buyer = accounts.agent_available(session, self.buyer.id, asset)
-        if self.worker is None:
-            payee = accounts.platform_fees(session, asset)
-        else:
-            payee = accounts.agent_available(session, self.worker.id, asset)
+        buyer, payee, platform = self._accounts(fee)
+        legs = [("payee", payee, amount - fee, TransferCode.SUBSCRIPTION_CHARGE)]
+        if platform is not None:
+            legs.append(("fee", platform, fee, TransferCode.FEE))
         key = f"subscription:{subscription.id}:{period}"
-        legs = [("payee", payee.id, amount - fee, TransferCode.SUBSCRIPTION_CHARGE)]
-        if fee:
-            legs.append(("fee", accounts.platform_fees(session, asset).id, fee, TransferCode.FEE))
         ledger.post(
-            session,
+            self.session,
             [
                 ledger.TransferSpec(
                     idempotency_key=f"{key}:{name}",
-                    debit_account_id=buyer.id,
+                    debit_account_id=buyer,
                     credit_account_id=credit_id,
                     amount=leg_amount,
                     code=code,
@@ -362,7 +400,6 @@ class _Change:
         charge = self._charge_row(period)
         if charge.status == ChargeStatus.SUCCEEDED:
             return charge
-        charge.attempts += 1
         try:
             payee_amount, fee = self._post(period)
         except InsufficientFunds:
@@ -443,11 +480,14 @@ class _Change:
                     )
                 self._failed(charge, policy)
                 return charges
+            # Both set before the record's flush writes them, in one UPDATE.
             subscription.next_period = period + 1
-            self.session.flush()
+            subscription.next_charge_at = period_start(subscription, period + 1)
             self.record("charged", charge=charge)
-        subscription.next_charge_at = period_start(subscription, subscription.next_period)
-        subscription.last_error = None
+        if subscription.next_charge_at != period_start(subscription, subscription.next_period):
+            subscription.next_charge_at = period_start(subscription, subscription.next_period)
+        if subscription.last_error is not None:
+            subscription.last_error = None
         self.session.flush()
         return charges
 
@@ -475,12 +515,18 @@ class _Change:
 
 
 def _change(session: Session, subscription: Subscription, now: datetime, actor: str) -> _Change:
-    worker_id = subscription.worker_agent_id
+    buyer_id, worker_id = subscription.buyer_agent_id, subscription.worker_agent_id
+    parties = {
+        agent.id: agent
+        for agent in session.scalars(
+            select(Agent).where(Agent.id.in_([buyer_id, worker_id or buyer_id]))
+        )
+    }
     return _Change(
         session=session,
         subscription=subscription,
-        buyer=session.get_one(Agent, subscription.buyer_agent_id),
-        worker=None if worker_id is None else session.get_one(Agent, worker_id),
+        buyer=parties[buyer_id],
+        worker=None if worker_id is None else parties[worker_id],
         now=now,
         actor=actor,
     )
@@ -724,6 +770,32 @@ def charge_due(
         run.charged += charges.count(ChargeStatus.SUCCEEDED)
         run.failed += charges.count(ChargeStatus.FAILED)
     return run
+
+
+def charge_all_due(
+    sessions: sessionmaker[Session],
+    policy: ChargePolicy,
+    *,
+    batch_size: int,
+    budget_s: float,
+    clock: Callable[[], datetime] = utcnow,
+) -> ChargeRun:
+    """The scheduler job's tick: `charge_due` batch after batch until nothing is due, a
+    batch did nothing (what is left is held by another runner) or `budget_s` has passed,
+    so a day on which thousands of subscriptions renew is caught up within ticks."""
+    started = time.monotonic()
+    total = ChargeRun()
+    while True:
+        run = charge_due(sessions, clock(), policy, limit=batch_size)
+        total.subscriptions += run.subscriptions
+        total.charged += run.charged
+        total.failed += run.failed
+        total.errors.extend(run.errors)
+        progress = run.charged + run.failed + len(run.errors)
+        if run.subscriptions < batch_size or not progress:
+            return total
+        if time.monotonic() - started >= budget_s:
+            return total
 
 
 def _charging(

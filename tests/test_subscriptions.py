@@ -359,7 +359,12 @@ def test_two_runners_never_charge_a_period_twice(svc: EscrowService, engine: Eng
 
 @pytest.mark.postgres
 def test_subscription_job_runs_in_one_daemon_at_a_time(pg_engine: Engine, tmp_path: Path) -> None:
-    svc = EscrowService(pg_engine, settings(tmp_path))
+    # Batches of 2: one tick charges batch after batch until none is due.
+    config = settings(tmp_path)
+    config = config.model_copy(
+        update={"subscriptions": config.subscriptions.model_copy(update={"batch_size": 2})}
+    )
+    svc = EscrowService(pg_engine, config)
     seed_agents(svc._sessions, "alice", "bob")
     fund(svc, "alice", 100 * USDC)
     for n in range(5):
