@@ -145,6 +145,14 @@ class EscrowSettings(_Section):
     expiry_interval_s: PositiveFloat = 30.0
 
 
+class SubscriptionSettings(_Section):
+    interval_s: PositiveFloat = 60.0
+    retry_after_s: PositiveFloat = 3600.0
+    max_charge_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    max_catch_up_periods: Annotated[int, Field(ge=1, le=1_000)] = 3
+    batch_size: Annotated[int, Field(ge=1, le=10_000)] = 100
+
+
 class PayoutSettings(_Section):
     interval_s: PositiveFloat = 2.0
     min_usdc_base_units: NonNegativeInt = 10_000
@@ -210,6 +218,7 @@ class Settings(_Section):
     api: ApiSettings = ApiSettings()
     log: LogSettings = LogSettings()
     escrow: EscrowSettings = EscrowSettings()
+    subscriptions: SubscriptionSettings = SubscriptionSettings()
     payouts: PayoutSettings = PayoutSettings()
     webhooks: WebhookSettings = WebhookSettings()
     daemon: DaemonSettings = DaemonSettings()

@@ -26,6 +26,7 @@ from starlette.routing import Match
 
 from escrowd.config.errors import EscrowdError
 from escrowd.config.settings import Settings
+from escrowd.daemon import api_deposit_funding, api_subscriptions
 from escrowd.daemon.api_deps import (
     AdminKey,
     AgentIdPath,
@@ -180,6 +181,7 @@ def _escrow_out(session: Session, escrow: Escrow, agents: AgentCache) -> EscrowO
         expires_at=escrow.expires_at,
         resolved_at=escrow.resolved_at,
         created_at=escrow.created_at,
+        funded_from_deposit=api_deposit_funding.deposit_out(session, escrow),
     )
 
 
@@ -924,6 +926,8 @@ def create_app(
     _withdrawal_routes(router, page_max)
     _audit_routes(router, page_max)
     _webhook_routes(router, page_max)
+    api_subscriptions.install(router, page_max)
+    api_deposit_funding.install(router, _escrow_out)
     app.include_router(router)
     document_webhooks(app)
     _extend_openapi(app, state)

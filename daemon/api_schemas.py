@@ -233,6 +233,19 @@ class EscrowResolve(_Body):
     )
 
 
+class EscrowDepositOut(BaseModel):
+    """The deposit an escrow was funded from (POST /v1/escrows/from-deposit)."""
+
+    deposit_id: int
+    network: str
+    tx_hash: str
+    log_index: int
+    depositor_address: str | None = Field(
+        description="Sender of the on-chain transfer: the ERC-20 Transfer's `from` on EVM, "
+        "the source owner on Solana."
+    )
+
+
 class EscrowOut(BaseModel):
     job_id: str
     status: Literal["funded", "released", "refunded", "resolved", "expired"]
@@ -251,6 +264,9 @@ class EscrowOut(BaseModel):
     expires_at: datetime | None
     resolved_at: datetime | None
     created_at: datetime
+    funded_from_deposit: EscrowDepositOut | None = Field(
+        default=None, description="Null for an escrow funded from the buyer's balance."
+    )
 
 
 class WithdrawalCreate(_Body):

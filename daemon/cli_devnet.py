@@ -126,6 +126,7 @@ def proxy(
     finally:
         server.stop()
 
+
 def _write_keypair(path: Path, keypair: Keypair) -> None:
     """The keypair as the Solana CLI stores one (a JSON list of its 64 bytes), readable by
     its owner only: any tool can then mint test USDC. A throwaway development key."""

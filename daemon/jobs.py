@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from escrowd.config.settings import EvmChainSettings, Settings, SolanaSettings
 from escrowd.daemon.progress import JobProgress, LagReading, LagTracker
-from escrowd.escrow import audit, payout_worker, service, sweeps
+from escrowd.escrow import audit, payout_worker, service, subscriptions, sweeps
 from escrowd.escrow.deposits import LedgerDepositSink
 from escrowd.escrow.reconcile import HotWallets, Report, reconcile_configured
 from escrowd.escrow.unsupported import UnsupportedDepositRecorder
@@ -508,6 +508,18 @@ def expiry_jobs(ctx: JobContext) -> list[Job]:
     return [Job("escrow_expiry", ctx.settings.escrow.expiry_interval_s, run)]
 
 
+def subscription_jobs(ctx: JobContext) -> list[Job]:
+    settings = ctx.settings.subscriptions
+    policy = subscriptions.ChargePolicy.of(settings)
+
+    def run() -> object:
+        return subscriptions.charge_all_due(
+            ctx.sessions, policy, batch_size=settings.batch_size, budget_s=settings.interval_s
+        )
+
+    return [Job("subscriptions", settings.interval_s, run)]
+
+
 def webhook_jobs(ctx: JobContext) -> list[Job]:
     settings = ctx.settings.webhooks
     client = httpx.Client(timeout=httpx.Timeout(settings.timeout_s), follow_redirects=False)
@@ -569,6 +581,7 @@ BUILDERS: tuple[tuple[str, JobBuilder], ...] = (
     ("payouts", payout_jobs),
     ("sweeps", sweep_jobs),
     ("escrow_expiry", expiry_jobs),
+    ("subscriptions", subscription_jobs),
     ("webhooks", webhook_jobs),
     ("audit_checkpoint", audit_checkpoint_jobs),
     ("reconcile", reconcile_jobs),

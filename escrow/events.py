@@ -45,6 +45,13 @@ EVENT_TYPES = frozenset(
         "payout.needs_attention",
         "payout.retried",
         "payout.cancelled",
+        "subscription.created",
+        "subscription.charged",
+        "subscription.charge_failed",
+        "subscription.paused",
+        "subscription.resumed",
+        "subscription.canceled",
+        "subscription.periods_skipped",
     }
 )
 

@@ -28,11 +28,21 @@ from sqlalchemy.orm import Session, sessionmaker
 from escrowd import models
 from escrowd.config.errors import Unavailable
 from escrowd.config.settings import Settings
-from escrowd.escrow import service
+from escrowd.escrow import deposit_funding, service, subscriptions
 from escrowd.escrow.agent_cache import AgentCache
+from escrowd.escrow.deposit_funding import FundingDeposit
 from escrowd.escrow.payouts import PlatformAddresses, chain_family, minimum_payout
 from escrowd.escrow.uow import in_transaction
-from escrowd.escrow.values import Agent, Balance, Escrow, EscrowState, Withdrawal
+from escrowd.escrow.values import (
+    Agent,
+    Balance,
+    Escrow,
+    EscrowState,
+    Subscription,
+    SubscriptionCharge,
+    Withdrawal,
+)
+from escrowd.models import utcnow
 from escrowd.models.db import make_engine, make_session_factory
 
 T = TypeVar("T")
@@ -70,6 +80,47 @@ def balance_value(balance: service.AssetBalance) -> Balance:
         decimals=balance.decimals,
         available_base_units=balance.available,
         escrowed_as_buyer_base_units=balance.escrowed_as_buyer,
+        incoming_base_units=balance.incoming,
+        pending_withdrawals_base_units=balance.pending_withdrawals,
+    )
+
+
+def subscription_value(session: Session, row: models.Subscription) -> Subscription:
+    buyer = session.get_one(models.Agent, row.buyer_agent_id).external_id
+    worker_id = row.worker_agent_id
+    worker = None if worker_id is None else session.get_one(models.Agent, worker_id).external_id
+    active = row.status == models.SubscriptionStatus.ACTIVE
+    return Subscription(
+        id=row.external_id,
+        status=row.status,
+        buyer=buyer,
+        worker=worker,
+        asset=row.asset,
+        amount_base_units=row.amount,
+        fee_bps=row.fee_bps,
+        interval=row.interval,
+        interval_count=row.interval_count,
+        starts_at=row.anchor_at,
+        next_period_index=row.next_period,
+        next_charge_at=row.next_charge_at if active else None,
+        paused_at=row.paused_at,
+        canceled_at=row.canceled_at,
+        canceled_by=row.canceled_by,
+        created_at=row.created_at,
+    )
+
+
+def charge_value(row: models.SubscriptionCharge) -> SubscriptionCharge:
+    return SubscriptionCharge(
+        period_index=row.period_index,
+        period_start=row.period_start,
+        status=row.status,
+        attempts=row.attempts,
+        amount_base_units=row.amount,
+        payee_amount_base_units=row.payee_amount,
+        fee_amount_base_units=row.fee_amount,
+        error=row.last_error,
+        charged_at=row.charged_at,
     )
 
 
@@ -293,6 +344,172 @@ class EscrowService:
 
         return self._write(work)
 
+    # --- escrows funded by a named deposit (escrow.deposit_funding) ----------------------
+
+    def fund_escrow_from_deposit(
+        self,
+        *,
+        job_id: str,
+        worker: str,
+        chain: str,
+        tx_hash: str,
+        log_index: int | None = None,
+        buyer: str | None = None,
+        amount: int | None = None,
+        fee_bps: int | None = None,
+        expires_at: datetime | None = None,
+    ) -> Escrow:
+        """Fund `job_id` from one confirmed deposit (chain, tx hash and, when the
+        transaction holds several, log/instruction index): its credited amount, or
+        `amount` base units of it, moves from the depositing agent's balance into the
+        escrow. A deposit funds one escrow at most; one still pending raises
+        DepositPending (retry once it is confirmed)."""
+        bps = self.settings.escrow.default_fee_bps if fee_bps is None else fee_bps
+        ref = deposit_funding.DepositRef(chain, tx_hash, log_index)
+
+        def work(s: Session) -> Escrow:
+            escrow = deposit_funding.fund_escrow_from_deposit(
+                s,
+                job_id=job_id,
+                deposit=ref,
+                worker=service.get_agent(s, worker),
+                buyer=None if buyer is None else service.get_agent(s, buyer),
+                amount=amount,
+                fee_bps=bps,
+                expires_at=expires_at,
+                actor="python",
+            )
+            return self._escrow_value(escrow)
+
+        return self._write(work)
+
+    def escrow_funding_deposit(self, job_id: str) -> FundingDeposit | None:
+        """The deposit an escrow was funded from, with the depositor's address."""
+        return self._read(
+            lambda s: deposit_funding.funding_deposit(s, service.get_escrow(s, job_id))
+        )
+
+    # --- subscriptions (escrow.subscriptions) ------------------------------------------
+
+    def _charge_policy(self) -> subscriptions.ChargePolicy:
+        return subscriptions.ChargePolicy.of(self.settings.subscriptions)
+
+    def create_subscription(
+        self,
+        *,
+        subscription_id: str,
+        buyer: str,
+        asset: str,
+        amount: int,
+        interval: str,
+        interval_count: int = 1,
+        worker: str | None = None,
+        fee_bps: int | None = None,
+        starts_at: datetime | None = None,
+    ) -> Subscription:
+        """Authorize `amount` base units of `asset` from `buyer` every `interval_count`
+        `interval`s (day, week, month), to `worker` minus the fee, or to the platform when
+        no worker is named. Starting now (no `starts_at`) charges the first period at once
+        and raises InsufficientFunds, creating nothing, when the buyer cannot cover it."""
+        default_bps = self.settings.escrow.default_fee_bps if worker is not None else 0
+        bps = default_bps if fee_bps is None else fee_bps
+
+        def work(s: Session) -> Subscription:
+            request = subscriptions.NewSubscription(
+                external_id=subscription_id,
+                buyer=service.get_agent(s, buyer),
+                worker=None if worker is None else service.get_agent(s, worker),
+                asset=asset,
+                amount=amount,
+                interval=interval,
+                interval_count=interval_count,
+                fee_bps=bps,
+                starts_at=starts_at,
+            )
+            created = subscriptions.create_subscription(
+                s, request, now=utcnow(), policy=self._charge_policy(), actor="python"
+            )
+            return subscription_value(s, created)
+
+        return self._write(work)
+
+    def get_subscription(self, subscription_id: str) -> Subscription:
+        return self._read(
+            lambda s: subscription_value(s, subscriptions.get_subscription(s, subscription_id))
+        )
+
+    def list_subscriptions(
+        self,
+        *,
+        buyer: str | None = None,
+        status: str | None = None,
+        after_id: int | None = None,
+        limit: int = 100,
+    ) -> list[Subscription]:
+        """Subscriptions in creation order after the row id `after_id` (a page)."""
+        return self._read(
+            lambda s: [
+                subscription_value(s, row)
+                for row in subscriptions.list_subscriptions(
+                    s,
+                    buyer=None if buyer is None else service.get_agent(s, buyer),
+                    status=status,
+                    after_id=after_id,
+                    limit=limit,
+                )
+            ]
+        )
+
+    def subscription_charges(
+        self, subscription_id: str, *, after_period: int | None = None, limit: int = 100
+    ) -> list[SubscriptionCharge]:
+        """A subscription's charges in period order (a page of at most `limit`)."""
+        return self._read(
+            lambda s: [
+                charge_value(row)
+                for row in subscriptions.list_charges(
+                    s,
+                    subscriptions.get_subscription(s, subscription_id),
+                    after_period=after_period,
+                    limit=limit,
+                )
+            ]
+        )
+
+    def cancel_subscription(
+        self, subscription_id: str, *, requested_by: str = "marketplace"
+    ) -> Subscription:
+        """Stop charging for good; `requested_by` (buyer or marketplace) is recorded."""
+        return self._write(
+            lambda s: subscription_value(
+                s,
+                subscriptions.cancel_subscription(
+                    s, subscription_id, requested_by=requested_by, now=utcnow(), actor="python"
+                ),
+            )
+        )
+
+    def resume_subscription(self, subscription_id: str) -> Subscription:
+        """Reactivate a paused subscription, charging the current period now."""
+        return self._write(
+            lambda s: subscription_value(
+                s,
+                subscriptions.resume_subscription(
+                    s, subscription_id, now=utcnow(), policy=self._charge_policy(), actor="python"
+                ),
+            )
+        )
+
+    def charge_due_subscriptions(self, now: datetime | None = None) -> subscriptions.ChargeRun:
+        """What the daemon's `subscriptions` job does each tick, for a backend that runs
+        no daemon: charge every subscription due by `now` (default: the current time)."""
+        return subscriptions.charge_due(
+            self._sessions,
+            utcnow() if now is None else now,
+            self._charge_policy(),
+            limit=self.settings.subscriptions.batch_size,
+        )
+
 
 class AsyncEscrowService:
     """`EscrowService` for asyncio backends: the same calls, values and errors, each run
@@ -390,3 +607,90 @@ class AsyncEscrowService:
             amount=amount,
             idempotency_key=idempotency_key,
         )
+
+    async def fund_escrow_from_deposit(
+        self,
+        *,
+        job_id: str,
+        worker: str,
+        chain: str,
+        tx_hash: str,
+        log_index: int | None = None,
+        buyer: str | None = None,
+        amount: int | None = None,
+        fee_bps: int | None = None,
+        expires_at: datetime | None = None,
+    ) -> Escrow:
+        return await self._run(
+            self.sync.fund_escrow_from_deposit,
+            job_id=job_id,
+            worker=worker,
+            chain=chain,
+            tx_hash=tx_hash,
+            log_index=log_index,
+            buyer=buyer,
+            amount=amount,
+            fee_bps=fee_bps,
+            expires_at=expires_at,
+        )
+
+    async def escrow_funding_deposit(self, job_id: str) -> FundingDeposit | None:
+        return await self._run(self.sync.escrow_funding_deposit, job_id)
+
+    async def create_subscription(
+        self,
+        *,
+        subscription_id: str,
+        buyer: str,
+        asset: str,
+        amount: int,
+        interval: str,
+        interval_count: int = 1,
+        worker: str | None = None,
+        fee_bps: int | None = None,
+        starts_at: datetime | None = None,
+    ) -> Subscription:
+        return await self._run(
+            self.sync.create_subscription,
+            subscription_id=subscription_id,
+            buyer=buyer,
+            asset=asset,
+            amount=amount,
+            interval=interval,
+            interval_count=interval_count,
+            worker=worker,
+            fee_bps=fee_bps,
+            starts_at=starts_at,
+        )
+
+    async def get_subscription(self, subscription_id: str) -> Subscription:
+        return await self._run(self.sync.get_subscription, subscription_id)
+
+    async def list_subscriptions(
+        self,
+        *,
+        buyer: str | None = None,
+        status: str | None = None,
+        after_id: int | None = None,
+        limit: int = 100,
+    ) -> list[Subscription]:
+        return await self._run(
+            self.sync.list_subscriptions, buyer=buyer, status=status, after_id=after_id, limit=limit
+        )
+
+    async def subscription_charges(
+        self, subscription_id: str, *, after_period: int | None = None, limit: int = 100
+    ) -> list[SubscriptionCharge]:
+        return await self._run(
+            self.sync.subscription_charges, subscription_id, after_period=after_period, limit=limit
+        )
+
+    async def cancel_subscription(
+        self, subscription_id: str, *, requested_by: str = "marketplace"
+    ) -> Subscription:
+        return await self._run(
+            self.sync.cancel_subscription, subscription_id, requested_by=requested_by
+        )
+
+    async def resume_subscription(self, subscription_id: str) -> Subscription:
+        return await self._run(self.sync.resume_subscription, subscription_id)

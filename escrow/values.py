@@ -43,12 +43,17 @@ class Escrow:
 
 @dataclass(frozen=True, slots=True)
 class Balance:
-    """One asset of an agent: what it can spend, and what it has locked as a buyer."""
+    """One asset of an agent: what it can spend, what it has locked as a buyer, what is on
+    its way in and what is on its way out."""
 
     asset: str
     decimals: int
     available_base_units: int
     escrowed_as_buyer_base_units: int
+    # Deposits seen, not yet confirmed (in the asset's ledger units, rounded down).
+    incoming_base_units: int = 0
+    # Held for withdrawals neither confirmed nor failed.
+    pending_withdrawals_base_units: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,3 +68,42 @@ class Withdrawal:
     amount_base_units: int
     status: str
     created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """A recurring charge: `amount_base_units` of `asset` from `buyer` every
+    `interval_count` `interval`s, to `worker` (minus `fee_bps`) or, with no worker, to the
+    platform. Period k starts k intervals after `starts_at`."""
+
+    id: str
+    status: str
+    buyer: str
+    worker: str | None
+    asset: str
+    amount_base_units: int
+    fee_bps: int
+    interval: str
+    interval_count: int
+    starts_at: datetime
+    next_period_index: int
+    next_charge_at: datetime | None
+    paused_at: datetime | None
+    canceled_at: datetime | None
+    canceled_by: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionCharge:
+    """One period's charge; the payee and fee amounts are None until it succeeded."""
+
+    period_index: int
+    period_start: datetime
+    status: str
+    attempts: int
+    amount_base_units: int
+    payee_amount_base_units: int | None
+    fee_amount_base_units: int | None
+    error: str | None
+    charged_at: datetime | None

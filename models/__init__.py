@@ -27,6 +27,13 @@ from escrowd.models.chain import Agent, Asset, ChainBlock, ChainCursor, Deposit,
 from escrowd.models.escrow import Escrow, Payout, PayoutTransaction, SenderNonce
 from escrowd.models.ledger import LedgerAccount, LedgerTransfer
 from escrowd.models.tokens import RecoveryStatus, TokenRecovery, UnsupportedDeposit
+from escrowd.models.subscription import (
+    ChargeStatus,
+    Subscription,
+    SubscriptionCharge,
+    SubscriptionInterval,
+    SubscriptionStatus,
+)
 
 __all__ = [
     "AccountKind",
@@ -40,6 +47,7 @@ __all__ = [
     "Chain",
     "ChainBlock",
     "ChainCursor",
+    "ChargeStatus",
     "DeliveryStatus",
     "Deposit",
     "DepositAddress",
@@ -57,6 +65,10 @@ __all__ = [
     "RecoveryStatus",
     "SenderNonce",
     "TokenRecovery",
+    "Subscription",
+    "SubscriptionCharge",
+    "SubscriptionInterval",
+    "SubscriptionStatus",
     "TransferCode",
     "UnsupportedDeposit",
     "WebhookAttempt",

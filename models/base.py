@@ -127,6 +127,7 @@ class TransferCode(enum.StrEnum):
     PAYOUT = "payout"
     PAYOUT_REVERSAL = "payout_reversal"
     ADJUSTMENT = "adjustment"
+    SUBSCRIPTION_CHARGE = "subscription_charge"
 
 
 class EscrowStatus(enum.StrEnum):

@@ -31,6 +31,7 @@ OPEN_ESCROW_STATES = (EscrowStatus.FUNDED, EscrowStatus.EXPIRED)
 # bound parameter cannot prove an index condition).
 OPEN_ESCROW_SQL = "status IN ({})".format(", ".join(f"'{s}'" for s in OPEN_ESCROW_STATES))
 DUE_ESCROW_SQL = f"status = '{EscrowStatus.FUNDED}' AND expires_at IS NOT NULL"
+FUNDED_BY_DEPOSIT_SQL = "deposit_id IS NOT NULL"
 
 
 class Escrow(Base):
@@ -55,6 +56,15 @@ class Escrow(Base):
             postgresql_where=text(DUE_ESCROW_SQL),
             sqlite_where=text(DUE_ESCROW_SQL),
         ),
+        # One escrow per deposit at most (migration 0012); partial, so an escrow funded from
+        # a balance writes no entry.
+        Index(
+            "uq_escrows_deposit_id",
+            "deposit_id",
+            unique=True,
+            postgresql_where=text(FUNDED_BY_DEPOSIT_SQL),
+            sqlite_where=text(FUNDED_BY_DEPOSIT_SQL),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
@@ -73,6 +83,10 @@ class Escrow(Base):
     resolved_at: Mapped[datetime | None]
     payout_tx_hash: Mapped[str | None] = mapped_column(String(100))
     refund_tx_hash: Mapped[str | None] = mapped_column(String(100))
+    # Set when the escrow was funded from one named deposit: that deposit and the address
+    # its on-chain transfer came from.
+    deposit_id: Mapped[int | None] = mapped_column(ForeignKey("deposits.id"))
+    depositor_address: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
