@@ -30,6 +30,38 @@ class DepositEventData(BaseModel):
     log_index: int = Field(description="EVM log index; on Solana the balance change's index.")
     block_number: int = Field(description="EVM block number or Solana slot.")
     status: Literal["pending", "confirmed", "orphaned"]
+    decimals: int = Field(description="Decimals of the token on this network.")
+    credit_state: Literal["none", "credited", "dust", "refused", "reversed", "reversal_short"] = (
+        Field(
+            description="What happened to its credit: none yet, credited, dust (below one "
+            "ledger unit, held on chain), refused (too large), reversed (a reorg took it "
+            "back), reversal_short (the reversal fell short: the agent had spent it)."
+        )
+    )
+    credited_base_units: BaseUnits = Field(
+        description="Credited to the agent, in the asset's ledger units."
+    )
+    reversal_shortfall_base_units: BaseUnits = Field(
+        description="With reversal_short: the credit that could not be taken back."
+    )
+    dust_base_units: BaseUnits = Field(
+        description="Token base units below one ledger unit, held on chain, not credited."
+    )
+    credit_note: str | None = Field(description="Why it was not credited in full, if so.")
+
+
+class UnsupportedDepositEventData(BaseModel):
+    unsupported_deposit_id: int
+    agent: str = Field(description="The marketplace's id of the agent whose address received.")
+    network: str
+    token_address: str = Field(description="The ERC-20 contract: not a supported asset.")
+    amount_base_units: BaseUnits = Field(description="In that token's base units; never credited.")
+    tx_hash: TxHash
+    log_index: int
+    block_number: int
+    from_address: str
+    to_address: str = Field(description="The deposit address.")
+    recovery_id: int | None = Field(description="The operator's recovery moving it, if any.")
 
 
 class EscrowEventData(BaseModel):
@@ -55,6 +87,7 @@ class _PayoutEventData(BaseModel):
     destination: str
     amount_base_units: BaseUnits
     reason: Literal["withdrawal", "release", "refund"]
+    tx_hash: TxHash | None = Field(description="Null until a transaction was signed for it.")
 
 
 class PayoutRequestedData(_PayoutEventData):
@@ -64,19 +97,83 @@ class PayoutRequestedData(_PayoutEventData):
 
 class PayoutSentData(_PayoutEventData):
     status: Literal["signed", "broadcast"]
-    tx_hash: TxHash
 
 
 class PayoutConfirmedData(_PayoutEventData):
     status: Literal["confirmed"]
-    tx_hash: TxHash
     block_number: int = Field(description="EVM block number or Solana slot it landed in.")
 
 
 class PayoutFailedData(_PayoutEventData):
     status: Literal["failed"]
-    tx_hash: TxHash | None = Field(description="Null when it failed before being signed.")
     error: str = Field(description="Why it failed; the held amount is available again.")
+
+
+class PayoutWaitingData(_PayoutEventData):
+    status: Literal["waiting_funds"]
+    status_reason: str = Field(description="What the hot wallet lacks (token, gas or fee).")
+
+
+class PayoutAttentionData(_PayoutEventData):
+    status: Literal["needs_attention"]
+    status_reason: str = Field(description="The unexpected error that parked it.")
+
+
+class PayoutCancelledData(_PayoutEventData):
+    status: Literal["cancelled"]
+    status_reason: str = Field(description="The operator's reason; the hold is released.")
+
+
+class PayoutRetriedData(_PayoutEventData):
+    status: str = Field(description="The state it resumes in.")
+    previous_status: str = Field(description="The state it was retried from.")
+
+
+class SubscriptionChargeData(BaseModel):
+    period_index: int
+    period_start: str = Field(description="RFC 3339 start of the period.")
+    status: Literal["succeeded", "failed"]
+    attempts: int
+    payee_amount_base_units: BaseUnits | None
+    fee_amount_base_units: BaseUnits | None
+    error: str | None = Field(description="Why the last attempt failed.")
+
+
+class _SubscriptionEventData(BaseModel):
+    subscription_id: str = Field(description="The marketplace's id of the subscription.")
+    status: Literal["active", "paused", "canceled"]
+    buyer: str
+    worker: str | None
+    payee: Literal["worker", "platform"]
+    asset: str
+    amount_base_units: BaseUnits
+    fee_bps: int
+    interval: Literal["day", "week", "month"]
+    interval_count: int
+    next_period_index: int
+    next_charge_at: str | None = Field(description="RFC 3339; null unless active.")
+
+
+class SubscriptionCreatedData(_SubscriptionEventData):
+    anchor_at: str = Field(description="RFC 3339 start of period 0.")
+
+
+class SubscriptionChargeEventData(_SubscriptionEventData):
+    charge: SubscriptionChargeData
+
+
+class SubscriptionResumedData(_SubscriptionEventData):
+    pass
+
+
+class SubscriptionCanceledData(_SubscriptionEventData):
+    requested_by: Literal["buyer", "marketplace"]
+
+
+class SubscriptionSkippedData(_SubscriptionEventData):
+    skipped_from_period: int
+    skipped_to_period: int
+    reason: Literal["paused", "catch_up_limit"]
 
 
 _DEPOSIT = {
@@ -88,7 +185,14 @@ _DEPOSIT = {
     "tx_hash": "0x5c504ed432cb51138bcf09aa5e8a410dd4a1e204ef84bfed1be16dfba1b22060",
     "log_index": 3,
     "block_number": 21873001,
+    "decimals": 6,
+    "credit_state": "none",
+    "credited_base_units": "0",
+    "reversal_shortfall_base_units": "0",
+    "dust_base_units": "0",
+    "credit_note": None,
 }
+_CREDITED = {"credit_state": "credited", "credited_base_units": "25000000"}
 _ESCROW = {
     "job_id": "job-1842",
     "buyer": "agent-7f3a",
@@ -118,8 +222,39 @@ _PAYOUT = {
     "destination": "0x8ba1f109551bD432803012645Ac136ddd64DBA72",
     "amount_base_units": "10000000",
     "reason": "withdrawal",
+    "tx_hash": None,
 }
 _PAYOUT_TX = "0x9fc76417374aa880d4449a1f7f31ec597f00b1f6f3dd2d66f4c9c6c445836d8b"
+_SUBSCRIPTION = {
+    "subscription_id": "sub-88",
+    "status": "active",
+    "buyer": "agent-7f3a",
+    "worker": "agent-c210",
+    "payee": "worker",
+    "asset": "USDC",
+    "amount_base_units": "5000000",
+    "fee_bps": 250,
+    "interval": "month",
+    "interval_count": 1,
+    "next_period_index": 1,
+    "next_charge_at": "2027-01-01T00:00:00Z",
+}
+_CHARGE = {
+    "period_index": 0,
+    "period_start": "2026-12-01T00:00:00Z",
+    "status": "succeeded",
+    "attempts": 1,
+    "payee_amount_base_units": "4875000",
+    "fee_amount_base_units": "125000",
+    "error": None,
+}
+_FAILED_CHARGE = {
+    **_CHARGE,
+    "status": "failed",
+    "payee_amount_base_units": None,
+    "fee_amount_base_units": None,
+    "error": "agent-7f3a has 1000000 USDC base units available, 5000000 needed",
+}
 
 # type -> (data model, what it reports, example data)
 EVENTS: dict[str, tuple[type[BaseModel], str, dict[str, Any]]] = {
@@ -132,13 +267,31 @@ EVENTS: dict[str, tuple[type[BaseModel], str, dict[str, Any]]] = {
     "deposit.confirmed": (
         DepositEventData,
         "A deposit reached its confirmation depth and the agent's available balance was credited.",
-        {**_DEPOSIT, "status": "confirmed"},
+        {**_DEPOSIT, **_CREDITED, "status": "confirmed"},
     ),
     "deposit.orphaned": (
         DepositEventData,
         "A deposit's block left the canonical chain; if it had been credited, the credit "
         "was reversed.",
         {**_DEPOSIT, "status": "orphaned"},
+    ),
+    "deposit.unsupported": (
+        UnsupportedDepositEventData,
+        "A token other than the supported asset reached a deposit address; it is never "
+        "credited (an operator can move it with `escrowd tokens recover`).",
+        {
+            "unsupported_deposit_id": 3,
+            "agent": "agent-7f3a",
+            "network": "base",
+            "token_address": "0x50c5725949A6F0c72E6C4a641F24049A917DB0Cb",
+            "amount_base_units": "5000000000000000000",
+            "tx_hash": "0x1d0e3c2b0b1f4f6a8a47b5b7e2a4e4d2f01a7c4c8b0c6f5a9e0d2f3b4c5d6e7f",
+            "log_index": 0,
+            "block_number": 21873020,
+            "from_address": "0x3f5CE5FBFe3E9af3971dD833D26bA9b5C936f0bE",
+            "to_address": "0x71C7656EC7ab88b098defB751B7401B5f6d8976F",
+            "recovery_id": None,
+        },
     ),
     "escrow.funded": (
         EscrowEventData,
@@ -199,6 +352,79 @@ EVENTS: dict[str, tuple[type[BaseModel], str, dict[str, Any]]] = {
             "status": "failed",
             "tx_hash": _PAYOUT_TX,
             "error": "reverted on chain",
+        },
+    ),
+    "payout.waiting_funds": (
+        PayoutWaitingData,
+        "The hot wallet cannot cover the payout (token and network fee) now: nothing is "
+        "signed until it can; top up the wallet.",
+        {
+            **_PAYOUT,
+            "status": "waiting_funds",
+            "status_reason": "hot wallet holds 0 USDC token base units and 0 wei",
+        },
+    ),
+    "payout.needs_attention": (
+        PayoutAttentionData,
+        "An unexpected error parked the payout; its hold stays until an operator retries "
+        "or cancels it.",
+        {**_PAYOUT, "status": "needs_attention", "status_reason": "ValueError: bad data"},
+    ),
+    "payout.retried": (
+        PayoutRetriedData,
+        "An operator handed the payout back to the workers.",
+        {**_PAYOUT, "status": "requested", "previous_status": "needs_attention"},
+    ),
+    "payout.cancelled": (
+        PayoutCancelledData,
+        "An operator cancelled the payout once nothing signed for it could land; the held "
+        "amount is available to the agent again.",
+        {**_PAYOUT, "status": "cancelled", "status_reason": "destination closed"},
+    ),
+    "subscription.created": (
+        SubscriptionCreatedData,
+        "A buyer authorized a recurring charge.",
+        {**_SUBSCRIPTION, "anchor_at": "2026-12-01T00:00:00Z"},
+    ),
+    "subscription.charged": (
+        SubscriptionChargeEventData,
+        "One period was charged: the buyer paid the payee (minus the fee).",
+        {**_SUBSCRIPTION, "charge": _CHARGE},
+    ),
+    "subscription.charge_failed": (
+        SubscriptionChargeEventData,
+        "A period's charge found too little balance; it is retried after retry_after_s.",
+        {**_SUBSCRIPTION, "charge": _FAILED_CHARGE},
+    ),
+    "subscription.paused": (
+        SubscriptionChargeEventData,
+        "A period failed max_charge_attempts times: nothing is charged until it is resumed.",
+        {**_SUBSCRIPTION, "status": "paused", "next_charge_at": None, "charge": _FAILED_CHARGE},
+    ),
+    "subscription.resumed": (
+        SubscriptionResumedData,
+        "A paused subscription is active again; the current period is charged now.",
+        _SUBSCRIPTION,
+    ),
+    "subscription.canceled": (
+        SubscriptionCanceledData,
+        "The subscription stopped for good (charges made stay made).",
+        {
+            **_SUBSCRIPTION,
+            "status": "canceled",
+            "next_charge_at": None,
+            "requested_by": "marketplace",
+        },
+    ),
+    "subscription.periods_skipped": (
+        SubscriptionSkippedData,
+        "Periods that will never be charged: passed while paused, or beyond the catch-up "
+        "limit after downtime.",
+        {
+            **_SUBSCRIPTION,
+            "skipped_from_period": 2,
+            "skipped_to_period": 4,
+            "reason": "catch_up_limit",
         },
     ),
 }

@@ -1057,7 +1057,12 @@ class EvmPayoutChain:
         return self.sender.broadcast(raw_tx)
 
     def outcome(self, payout: Payout, asset: Asset, tx_hashes: Sequence[str]) -> TxOutcome:
-        return self.sender.outcome(tx_hashes)
+        found = self.sender.outcome(tx_hashes)
+        if found.state is not TxState.PENDING:
+            # Mined during this pass, maybe after the balances were read: read them again,
+            # or a payout no longer counted as ahead would seem covered by its coins.
+            self._balances.clear()
+        return found
 
     def start_pass(self) -> None:
         self._balances.clear()
@@ -1170,11 +1175,14 @@ class SolanaPayoutChain:
         if asset.token_address is None:
             sweep = payout.reason == PayoutReason.SWEEP.value
             intended = payout.amount if sweep else -payout.amount
-        return self.sender.outcome(
+        found = self.sender.outcome(
             tx_hashes,
             last_valid_block_height=payout.last_valid_block_height,
             intended_lamports_delta=intended,
         )
+        if found.state is not TxState.PENDING:
+            self._balances.clear()  # as on EVM: the balances read may predate it
+        return found
 
     def start_pass(self) -> None:
         self._balances.clear()

@@ -26,7 +26,6 @@ from escrowd.models.base import (
 from escrowd.models.chain import Agent, Asset, ChainBlock, ChainCursor, Deposit, DepositAddress
 from escrowd.models.escrow import Escrow, Payout, PayoutTransaction, SenderNonce
 from escrowd.models.ledger import LedgerAccount, LedgerTransfer
-from escrowd.models.tokens import RecoveryStatus, TokenRecovery, UnsupportedDeposit
 from escrowd.models.subscription import (
     ChargeStatus,
     Subscription,
@@ -34,6 +33,7 @@ from escrowd.models.subscription import (
     SubscriptionInterval,
     SubscriptionStatus,
 )
+from escrowd.models.tokens import RecoveryStatus, TokenRecovery, UnsupportedDeposit
 
 __all__ = [
     "AccountKind",
@@ -64,11 +64,11 @@ __all__ = [
     "PayoutTransaction",
     "RecoveryStatus",
     "SenderNonce",
-    "TokenRecovery",
     "Subscription",
     "SubscriptionCharge",
     "SubscriptionInterval",
     "SubscriptionStatus",
+    "TokenRecovery",
     "TransferCode",
     "UnsupportedDeposit",
     "WebhookAttempt",

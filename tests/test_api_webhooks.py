@@ -9,6 +9,7 @@ import base64
 import json
 import secrets
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,12 @@ from web3.types import Wei
 from escrowd.config.settings import WebhookSettings
 from escrowd.daemon.api import create_app
 from escrowd.daemon.api_webhooks import EVENT_MODELS, EVENTS
-from escrowd.escrow import service
+from escrowd.escrow import payouts, service, subscriptions
 from escrowd.escrow.deposits import LedgerDepositSink
 from escrowd.escrow.events import API_VERSION, EVENT_TYPES, emit
 from escrowd.escrow.payout_worker import EvmPayoutChain, PayoutWorker, WorkerOptions
 from escrowd.escrow.payouts import PlatformAddresses, request_payout
+from escrowd.escrow.unsupported import UnsupportedDepositRecorder
 from escrowd.escrow.uow import in_transaction
 from escrowd.escrow.webhook_delivery import deliver_due, run_webhooks
 from escrowd.escrow.webhooks import (
@@ -40,7 +42,17 @@ from escrowd.escrow.webhooks import (
     verify_webhook,
 )
 from escrowd.indexer.evm_sender import EvmSender
-from escrowd.models import Agent, Deposit, PayoutReason, WebhookEndpoint, WebhookEvent, utcnow
+from escrowd.models import (
+    Agent,
+    Deposit,
+    DepositAddress,
+    Payout,
+    PayoutReason,
+    UnsupportedDeposit,
+    WebhookEndpoint,
+    WebhookEvent,
+    utcnow,
+)
 from escrowd.models.db import make_engine, make_session_factory
 from escrowd.models.registry import ensure_asset
 from escrowd.wallets.keystore import create_keystore
@@ -142,14 +154,14 @@ def test_events_written_by_the_real_code_paths_match_their_descriptions(
         service.resolve_escrow(s, "resolved", 400_000)
         service.expire_due_escrows(s, utcnow() + timedelta(seconds=2))
 
-    # Payouts: one confirmed on chain; one that reverts because the hot wallet holds
-    # only the first one's coins.
+    # Payouts: one confirmed on chain; one the hot wallet cannot cover waits for funds and
+    # is cancelled; one parked by an operator, retried, then reverted on chain.
     hot = keystore.evm_hot_wallet.address
     chain.token.mint(hot, 3_000_000)
     platform = PlatformAddresses.of_keystore(keystore, None)
     with sessions() as s, s.begin():
-        credit(s, agent_id, 5_000_000)
-        for n, amount in enumerate((3_000_000, 2_000_000)):
+        credit(s, agent_id, 6_000_000)
+        payout_ids = [
             request_payout(
                 s,
                 chain=CHAIN,
@@ -163,7 +175,9 @@ def test_events_written_by_the_real_code_paths_match_their_descriptions(
                 idempotency_key=f"payout-{n}",
                 min_amount_base_units=1,
                 platform=platform,
-            )
+            ).id
+            for n, amount in enumerate((3_000_000, 2_000_000))
+        ]
     sender = EvmSender(
         chain.source,
         keystore.evm_hot_wallet,
@@ -174,7 +188,41 @@ def test_events_written_by_the_real_code_paths_match_their_descriptions(
     )
     worker_run = PayoutWorker(sessions, EvmPayoutChain(sender), WorkerOptions(worker_id="w"))
     stats = worker_run.run_until_idle(pause_s=0.0)
-    assert (stats.confirmed, stats.failed) == (1, 1)
+    assert stats.confirmed == 1
+    with sessions() as s:
+        # Mined in the same pass as the first one was confirmed: the float check must use
+        # the balance after it, not the one read at the start of the pass.
+        assert s.get_one(Payout, payout_ids[1]).status == "waiting_funds"
+    _operator(
+        sessions,
+        payout_ids[1],
+        lambda s, pid: payouts.cancel_payout(
+            s, pid, operator="ops", reason="destination closed", evidence=None
+        ),
+    )
+    with sessions() as s, s.begin():
+        third = request_payout(
+            s,
+            chain=CHAIN,
+            family="evm",
+            asset_symbol="USDC",
+            agent_id=agent_id,
+            destination=chain.accounts[4],
+            amount=1_000_000,
+            reason=PayoutReason.WITHDRAWAL,
+            reference=f"agent:{external}",
+            idempotency_key="payout-3",
+            min_amount_base_units=1,
+            platform=platform,
+        ).id
+        payouts.park(s, s.get_one(Payout, third), reason="ValueError: test", actor="test")
+    _operator(sessions, third, lambda s, pid: payouts.retry_payout(s, pid, operator="ops"))
+    # The float check would hold it; without it the transfer reverts (the wallet is empty).
+    reverting = PayoutWorker(sessions, _NoFloatCheck(sender), WorkerOptions(worker_id="w2"))
+    assert reverting.run_until_idle(pause_s=0.0).failed == 1
+
+    _subscription_events(sessions, agent_id)
+    _unsupported_deposit_event(sessions, agent_id, address)
 
     found = _payloads(sessions)
     assert set(found) == EVENT_TYPES, sorted(EVENT_TYPES - set(found))
@@ -189,6 +237,81 @@ def test_events_written_by_the_real_code_paths_match_their_descriptions(
             assert "agent_id" not in data and "escrow_id" not in data and "chain" not in data
     assert found["deposit.confirmed"][0]["data"]["network"] == CHAIN
     assert found["payout.confirmed"][0]["data"]["agent"] == external
+
+
+class _NoFloatCheck(EvmPayoutChain):
+    def shortfall(self, payout: Payout, asset: Any, ahead: Any) -> None:
+        return None
+
+
+def _operator(
+    sessions: sessionmaker[Session], payout_id: int, action: Callable[[Session, int], object]
+) -> None:
+    with sessions() as s, s.begin():
+        payouts.take_for_operator(s, payout_id, "ops", lease_s=30.0)
+    with sessions() as s, s.begin():
+        action(s, payout_id)
+
+
+def _subscription_events(sessions: sessionmaker[Session], agent_id: int) -> None:
+    """created and charged; charge_failed and paused (the balance spent); periods_skipped
+    and resumed (a day later); canceled."""
+    policy = subscriptions.ChargePolicy(max_charge_attempts=1)
+    start = utcnow()
+    with sessions() as s, s.begin():
+        buyer = s.get_one(Agent, agent_id)
+        request = subscriptions.NewSubscription(
+            external_id="sub-1",
+            buyer=buyer,
+            worker=service.get_agent(s, "worker-1"),
+            asset="USDC",
+            amount=1_000_000,
+            interval="day",
+            interval_count=1,
+            fee_bps=250,
+        )
+        subscriptions.create_subscription(s, request, now=start, policy=policy)
+        [spend] = [b.available for b in service.balances(s, buyer) if b.asset == "USDC"]
+        service.fund_escrow(
+            s,
+            job_id="spend-all",
+            buyer=buyer,
+            worker=service.get_agent(s, "worker-1"),
+            asset="USDC",
+            amount=spend,
+            fee_bps=0,
+        )
+    subscriptions.charge_due(sessions, start + timedelta(days=1, seconds=1), policy)
+    with sessions() as s, s.begin():
+        service.refund_escrow(s, "spend-all")
+        subscriptions.resume_subscription(
+            s, "sub-1", now=start + timedelta(days=3, seconds=1), policy=policy
+        )
+        subscriptions.cancel_subscription(s, "sub-1", now=start + timedelta(days=3, seconds=2))
+
+
+def _unsupported_deposit_event(
+    sessions: sessionmaker[Session], agent_id: int, address: str
+) -> None:
+    with sessions() as s, s.begin():
+        row = UnsupportedDeposit(
+            chain=CHAIN,
+            agent_id=agent_id,
+            deposit_address_id=s.scalars(
+                select(DepositAddress.id).where(DepositAddress.address == address)
+            ).one(),
+            token_address="0x50c5725949A6F0c72E6C4a641F24049A917DB0Cb",
+            from_address="0x3f5CE5FBFe3E9af3971dD833D26bA9b5C936f0bE",
+            to_address=address,
+            amount_base_units=str(5 * 10**18),
+            tx_hash="0x" + "1d" * 32,
+            log_index=0,
+            block_number=7,
+            block_hash="0x" + "2e" * 32,
+        )
+        s.add(row)
+        s.flush()
+        UnsupportedDepositRecorder().recorded(s, [row])
 
 
 class _Captured:

@@ -1,7 +1,7 @@
 """chain_cursors.account_state: the account state a per-address Solana cursor was verified at
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-03
 
 Per-address Solana polling called getSignaturesForAddress twice per deposit address on
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0007"
-down_revision: str | None = "0005"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

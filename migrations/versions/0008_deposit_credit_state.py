@@ -1,7 +1,7 @@
 """deposits: uint256 amounts and the state of each deposit's credit
 
 Revision ID: 0008
-Revises: 0005
+Revises: 0007
 Create Date: 2026-11-24
 
 A token's amounts are uint256 and its decimals its own: USDC on BNB Chain has 18, so a
@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0008"
-down_revision: str | None = "0005"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

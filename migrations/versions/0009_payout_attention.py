@@ -1,7 +1,7 @@
 """payouts that wait for the float, need attention or were cancelled; step backoff
 
 Revision ID: 0009
-Revises: 0005
+Revises: 0008
 Create Date: 2026-11-25
 
 One payout's unexpected error used to abort its chain's whole tick, on every tick. Now
@@ -21,7 +21,7 @@ from alembic import op
 from escrowd.models import base as models_base
 
 revision: str = "0009"
-down_revision: str | None = "0005"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

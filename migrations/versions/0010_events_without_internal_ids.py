@@ -1,7 +1,7 @@
 """escrow events without the internal escrow id; payouts indexed by agent
 
-Revision ID: 0011
-Revises: 0005
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-12-03
 
 Webhook API version 2026-12-03 names everything by the ids the HTTP API shows: an escrow
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0011"
-down_revision: str | None = "0005"
+revision: str = "0010"
+down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,7 +1,7 @@
 """recurring charges (subscriptions); escrows funded by one named deposit
 
-Revision ID: 0012
-Revises: 0005
+Revision ID: 0011
+Revises: 0010
 Create Date: 2026-12-04
 
 What the seed marketplaces expect and escrowd lacked (issue 24):
@@ -24,8 +24,8 @@ from alembic import op
 
 from escrowd.models import base as models_base
 
-revision: str = "0012"
-down_revision: str | None = "0005"
+revision: str = "0011"
+down_revision: str | None = "0010"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
