@@ -52,6 +52,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from escrowd.config.settings import EvmChainSettings, Settings, SettingsError, SolanaSettings
 from escrowd.escrow import accounts, ledger
+from escrowd.escrow.money import to_chain_units
 from escrowd.indexer.errors import RpcError
 from escrowd.indexer.evm_source import EvmSource, JsonRpcEvmSource
 from escrowd.indexer.solana_source import SolanaRpcSource, SolanaSource
@@ -63,6 +64,7 @@ from escrowd.models import (
     ChainCursor,
     Deposit,
     DepositAddress,
+    DepositCreditState,
     DepositStatus,
     LedgerAccount,
     Payout,
@@ -71,6 +73,7 @@ from escrowd.models import (
     TransferCode,
 )
 from escrowd.models.db import READ_ONLY_OPTION
+from escrowd.models.registry import ledger_decimals
 
 log = structlog.get_logger(__name__)
 
@@ -262,50 +265,92 @@ def _line(
     at_block: int | None,
     bracket_to: int | None,
 ) -> Line:
+    """Everything in the chain token's base units: the ledger's amounts (at the ledger's
+    scale) are converted exactly, and dust (below one ledger unit, never credited but held
+    on chain) is added to what the addresses must hold."""
+    scale = ledger_decimals(asset.symbol)
+
+    def chain_units(ledger_amount: int) -> int:
+        return to_chain_units(abs(ledger_amount), asset.decimals, scale) * (
+            -1 if ledger_amount < 0 else 1
+        )
+
     custody = ledger.find_account(session, AccountKind.CUSTODY, chain, asset.symbol)
     flight = ledger.find_account(session, AccountKind.PAYOUTS_IN_FLIGHT, chain, asset.symbol)
-    deposits = select(func.sum(Deposit.amount)).where(
-        Deposit.chain == chain, Deposit.asset_id == asset.id
-    )
-    uncredited = deposits.where(
-        Deposit.credited.is_(False), Deposit.status != DepositStatus.ORPHANED.value
-    )
-    credited = deposits.where(Deposit.credited.is_(True), Deposit.reversed.is_(False))
+    deposits = _deposit_rows(session, chain, asset.id)
+    pending = [d for d in deposits if d.status == PENDING]
+    # Final deposits are on chain in full: the ledger holds their credit, and the rest
+    # (dust below one ledger unit, or all of a refused one) stays there uncredited.
+    final = [d for d in deposits if d.status == CONFIRMED]
+    held_uncredited = sum(d.amount if d.credit_state == REFUSED else d.dust for d in final)
     settled = select(func.sum(Payout.amount)).where(
         Payout.chain == chain,
         Payout.asset_id == asset.id,
         Payout.status == PayoutStatus.CONFIRMED.value,
         Payout.reason != PayoutReason.SWEEP.value,
     )
+
+    def amount(rows: Sequence[_DepositRow], low: int | None = None, high: int | None = None) -> int:
+        return sum(
+            d.amount
+            for d in rows
+            if (low is None or d.block_number > low) and (high is None or d.block_number <= high)
+        )
+
     line = Line(
         chain=chain,
         asset=asset.symbol,
         on_chain=on_chain,
-        held_by_ledger=-ledger.balance(session, custody) if custody else 0,
-        in_flight=ledger.balance(session, flight) if flight else 0,
+        held_by_ledger=chain_units(-ledger.balance(session, custody) if custody else 0)
+        + held_uncredited,
+        in_flight=chain_units(ledger.balance(session, flight) if flight else 0),
     )
     if at_block is None:
-        return replace(line, uncredited=_sum(session, uncredited))
+        return replace(line, uncredited=amount(pending))
     end = at_block if bracket_to is None else bracket_to
     return replace(
         line,
-        uncredited=_sum(session, uncredited.where(Deposit.block_number <= at_block)),
-        may_have_arrived=(
-            _sum(session, uncredited.where(Deposit.block_number > at_block))
-            if bracket_to is not None
-            else 0
-        )
-        + _sum(
-            session,
-            settled.where(Payout.block_number > at_block, Payout.block_number <= end),
+        uncredited=amount(pending, high=at_block),
+        may_have_arrived=(amount(pending, low=at_block) if bracket_to is not None else 0)
+        + chain_units(
+            _sum(session, settled.where(Payout.block_number > at_block, Payout.block_number <= end))
         ),
-        settled_after_pin=_sum(session, settled.where(Payout.block_number > end)),
-        credited_after_pin=_sum(session, credited.where(Deposit.block_number > end)),
-        may_have_left=_sum(
-            session,
-            credited.where(Deposit.block_number > at_block, Deposit.block_number <= end),
-        ),
+        settled_after_pin=chain_units(_sum(session, settled.where(Payout.block_number > end))),
+        credited_after_pin=amount(final, low=end),
+        may_have_left=amount(final, low=at_block, high=end),
     )
+
+
+PENDING = DepositStatus.PENDING.value
+ORPHANED = DepositStatus.ORPHANED.value
+CONFIRMED = DepositStatus.CONFIRMED.value
+REFUSED = DepositCreditState.REFUSED.value
+
+
+@dataclass(frozen=True, slots=True)
+class _DepositRow:
+    amount: int
+    dust: int
+    block_number: int
+    status: str
+    credit_state: str
+
+
+def _deposit_rows(session: Session, chain: str, asset_id: int) -> list[_DepositRow]:
+    """A chain's deposits of an asset, summed in Python: their amounts may exceed 64 bits
+    and are text on SQLite, where SQL sums would go through floats."""
+    return [
+        _DepositRow(int(row.amount), int(row.dust_base_units), *row[2:])
+        for row in session.execute(
+            select(
+                Deposit.amount,
+                Deposit.dust_base_units,
+                Deposit.block_number,
+                Deposit.status,
+                Deposit.credit_state,
+            ).where(Deposit.chain == chain, Deposit.asset_id == asset_id)
+        )
+    ]
 
 
 def differences(lines: Sequence[Line]) -> list[Difference]:
@@ -330,8 +375,7 @@ def _uncredited(session: Session, chain: str, at_block: int | None) -> list[Uncr
         .join(Agent, Agent.id == Deposit.agent_id)
         .where(
             Deposit.chain == chain,
-            Deposit.credited.is_(False),
-            Deposit.status != DepositStatus.ORPHANED.value,
+            Deposit.status == DepositStatus.PENDING.value,
         )
         .order_by(Deposit.block_number, Deposit.id)
     )

@@ -67,6 +67,7 @@ from escrowd.models import (
     Chain,
     Deposit,
     DepositAddress,
+    DepositCreditState,
     DepositStatus,
     Payout,
     PayoutReason,
@@ -85,6 +86,8 @@ SWEPT = (*OPEN, PayoutStatus.CONFIRMED.value)
 # Sweeps the EVM sweeper drives (a waiting one: to check the gas wallet again).
 IN_FLIGHT = (PayoutStatus.REQUESTED.value, PayoutStatus.SIGNED.value)
 WORKED = (*IN_FLIGHT, PayoutStatus.WAITING_FUNDS.value)
+# The largest amount one sweep row holds (payouts.amount is a BIGINT of token units).
+MAX_SWEEP_BASE_UNITS = 2**63 - 1
 # Gas sent to a deposit address covers this many times one transfer at the quoted fee.
 GAS_MARGIN = 2
 # A Solana sweep that failed is not retried for this long, doubled per failure in a row.
@@ -185,18 +188,22 @@ def sweepable(session: Session, *, chain: str, asset_id: int) -> dict[str, Sweep
     """Deposit addresses holding credited funds of an asset on `chain` not yet swept. Only
     credited funds are swept: a deposit seen at `latest` but short of its confirmations
     may still be reorged away, and its coins stay where the indexer expects them."""
-    credited = session.execute(
-        select(DepositAddress.address, DepositAddress.agent_id, func.sum(Deposit.amount))
+    credited: dict[tuple[str, int], int] = {}
+    # Summed in Python: token amounts can exceed 64 bits and are text on SQLite.
+    for address, agent_id, amount in session.execute(
+        select(DepositAddress.address, DepositAddress.agent_id, Deposit.amount)
         .join(Deposit, Deposit.deposit_address_id == DepositAddress.id)
         .where(
             Deposit.chain == chain,
             Deposit.asset_id == asset_id,
             Deposit.status == DepositStatus.CONFIRMED.value,
-            Deposit.credited.is_(True),
-            Deposit.reversed.is_(False),
+            # Credited (its dust with it) or all dust; a refused one is left where it is.
+            Deposit.credit_state.in_(
+                [DepositCreditState.CREDITED.value, DepositCreditState.DUST.value]
+            ),
         )
-        .group_by(DepositAddress.address, DepositAddress.agent_id)
-    ).all()
+    ):
+        credited[address, agent_id] = credited.get((address, agent_id), 0) + int(amount)
     swept = dict(
         session.execute(
             select(Payout.source_address, func.sum(Payout.amount))
@@ -210,8 +217,8 @@ def sweepable(session: Session, *, chain: str, asset_id: int) -> dict[str, Sweep
         ).all()
     )
     found = {}
-    for address, agent_id, total in credited:
-        left = int(total) - int(swept.get(address, 0))
+    for (address, agent_id), total in credited.items():
+        left = total - int(swept.get(address, 0))
         if left > 0:
             found[address] = Sweepable(agent_id=agent_id, credited_base_units=left)
     return found
@@ -550,7 +557,9 @@ class EvmSweeper:
             if address in busy:
                 continue
             balance = self.source.erc20_balance(token, address)
-            amount = min(balance, credited.credited_base_units)
+            # A sweep's amount is a BIGINT of token units: more (USDC at 18 decimals above
+            # about 9.2 tokens) goes in the next sweep.
+            amount = min(balance, credited.credited_base_units, MAX_SWEEP_BASE_UNITS)
             if amount < self.min_amount:
                 continue
             create = functools.partial(

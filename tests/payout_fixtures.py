@@ -21,6 +21,7 @@ from web3.types import Wei
 from escrowd.config.settings import EvmChainSettings, KeystoreSettings, PayoutSettings, Settings
 from escrowd.devnet.anvil import REPO_ROOT
 from escrowd.escrow import accounts, audit, ledger, reconcile
+from escrowd.escrow.deposits import LedgerDepositSink
 from escrowd.escrow.payout_worker import EvmPayoutChain, PayoutWorker, WorkerOptions
 from escrowd.escrow.payouts import PlatformAddresses, request_payout
 from escrowd.indexer.evm_sender import EvmSender
@@ -208,7 +209,8 @@ def record_deposit(
     credited: bool = True,
 ) -> Deposit:
     """The row the indexer writes for a deposit to one of our addresses: credited (at its
-    confirmation depth) or still pending. The ledger side is the caller's."""
+    confirmation depth, through the ledger sink) or still pending. The coins are the
+    caller's to put on chain."""
     asset_row = find_asset(session, chain, asset)
     assert asset_row is not None
     deposit_address = session.scalars(
@@ -224,11 +226,13 @@ def record_deposit(
         amount=amount,
         block_number=1,
         block_hash=f"0x{0:064x}",
-        status=DepositStatus.CONFIRMED if credited else DepositStatus.PENDING,
-        credited=credited,
+        status=DepositStatus.PENDING,
     )
     session.add(deposit)
     session.flush()
+    if credited:
+        # Credited as the confirmation step does: the ledger transfer names the deposit.
+        LedgerDepositSink().confirmed(session, deposit)
     return deposit
 
 

@@ -35,6 +35,7 @@ from escrowd.models.registry import ensure_asset
 from escrowd.wallets.keystore import UnlockedKeystore, create_keystore
 from escrowd.wallets.secrets import Secret
 from tests.escrow_fixtures import audit_actions
+from tests.payout_fixtures import record_deposit
 
 CHAIN = "solana"
 SOL_FLOAT = 10 * 10**9
@@ -68,12 +69,16 @@ class SolanaWorld:
     def credit(
         self, session: Session, agent_id: int, asset: str, amount: int, holder: str | None = None
     ) -> None:
-        """A deposit: coins arrive at `holder` (default the hot wallet), custody -> agent."""
+        """A deposit: coins arrive at `holder` (default the hot wallet), custody -> agent.
+        At a deposit address (`holder`) it is recorded and credited as the indexer does."""
         to = Pubkey.from_string(holder or self.hot)
         if asset == "USDC":
             self.sim.mint_to(self.mint, to, amount)
         else:
             self.sim.airdrop(to, amount)
+        if holder is not None:
+            record_deposit(session, chain=CHAIN, asset=asset, address=holder, amount=amount)
+            return
         ledger.post(
             session,
             [

@@ -247,16 +247,14 @@ def test_a_sweep_in_the_mempool_and_a_deposit_short_of_confirmation_are_no_diffe
     assert report.differences == []
     [base] = report.chains
     [usdc] = base.lines
-    assert (usdc.on_chain, usdc.held_by_ledger, usdc.uncredited) == (
-        8_000_000,
-        5_000_000,
-        3_000_000,
-    )
-    assert [(d.amount, d.agent, d.block_number) for d in base.uncredited] == [
-        (3_000_000, "buyer", pending.block_number)
-    ]
+    # The pin is the poller's verified cursor, `confirmations` blocks below the head: the
+    # deposit one block short of its depth lies above it, so the read does not see it yet
+    # and it is no difference either way.
+    pin = int(base.at.split()[1])
+    assert pin < pending.block_number
+    assert (usdc.on_chain, usdc.held_by_ledger, usdc.uncredited) == (5_000_000, 5_000_000, 0)
+    assert base.uncredited == []
     assert base.open_sweeps == 1
-    assert base.at.startswith(f"block {pending.block_number + 1} ")
 
     # The chain moved on; once polled, swept and confirmed it still reconciles.
     _rpc(world, "evm_setAutomine", True)

@@ -15,6 +15,7 @@ from sqlalchemy import Engine, func, select
 from web3.types import Wei
 
 from escrowd.escrow import service
+from escrowd.escrow.deposits import LedgerDepositSink
 from escrowd.escrow.sweeps import EvmSweeper, build_evm_sweeper
 from escrowd.indexer.evm_source import JsonRpcEvmSource, RetryPolicy
 from escrowd.models import Deposit, DepositAddress, LedgerTransfer, Payout
@@ -59,15 +60,9 @@ def test_sweep_moves_deposits_to_the_hot_wallet_once(world: EvmPayoutWorld) -> N
                 )
             )
             s.flush()
-            world.credit(s, agent.id, amount)  # minted into the hot wallet by the helper...
+            chain.token.mint(address, amount)
             record_deposit(s, chain=CHAIN, asset="USDC", address=address, amount=amount)
-    # ...so move those coins to the deposit addresses, where deposits really land.
     hot = world.keystore.evm_hot_wallet.address
-    from escrowd.devnet.evm import _rpc
-
-    _rpc(chain.w3, "anvil_impersonateAccount", [hot])
-    for index, amount in amounts.items():
-        chain.token.transfer(hot, world.keystore.derive_evm(index).address, amount)
     assert world.reconcile_differences() == []
     # A later deposit the indexer has seen but not yet credited (short of its depth).
     late_address = world.keystore.derive_evm(1).address
@@ -85,13 +80,9 @@ def test_sweep_moves_deposits_to_the_hot_wallet_once(world: EvmPayoutWorld) -> N
     assert chain.token.balance_of(world.keystore.derive_evm(0).address) == 0
     assert chain.token.balance_of(late_address) == 700_000
     assert chain.token.balance_of(hot) == sum(amounts.values())
-    # The indexer credits it at its depth (the helper mints the coins at the hot wallet;
-    # they are at the deposit address already, so they leave the hot wallet again).
+    # The indexer credits it at its depth.
     with world.sessions() as s, s.begin():
-        deposit = s.get_one(Deposit, late_id)
-        deposit.status, deposit.credited = "confirmed", True
-        world.credit(s, deposit.agent_id, 700_000)
-    chain.token.transfer(hot, chain.accounts[1], 700_000)
+        LedgerDepositSink().confirmed(s, s.get_one(Deposit, late_id))
     with world.sessions() as s:
         transfers_before = s.scalar(select(func.count()).select_from(LedgerTransfer))
     for _ in range(6):
@@ -119,13 +110,9 @@ def test_a_sweep_waits_for_the_gas_wallet_and_a_failing_discovery_alerts_once(
         agent = service.register_agent(s, "agent")
         s.add(DepositAddress(agent_id=agent.id, chain="evm", address=address, derivation_index=0))
         s.flush()
-        world.credit(s, agent.id, 3_000_000)
         record_deposit(s, chain=CHAIN, asset="USDC", address=address, amount=3_000_000)
     hot = world.keystore.evm_hot_wallet.address
-    from escrowd.devnet.evm import _rpc
-
-    _rpc(chain.w3, "anvil_impersonateAccount", [hot])
-    chain.token.transfer(hot, address, 3_000_000)
+    chain.token.mint(address, 3_000_000)
     gas_wallet = world.keystore.evm_gas_wallet.address
 
     # The gas wallet was never funded: the sweep waits, nothing is sent, one warning.

@@ -24,7 +24,7 @@ from web3.types import Wei
 
 from escrowd.devnet.anvil import REPO_ROOT
 from escrowd.devnet.evm import _rpc, mine_blocks
-from escrowd.escrow import accounts, ledger, service
+from escrowd.escrow import service
 from escrowd.escrow.payout_worker import CrashHook, SimulatedCrash
 from escrowd.escrow.sweeps import CRASH_POINTS, build_evm_sweeper
 from escrowd.models import (
@@ -34,7 +34,6 @@ from escrowd.models import (
     Payout,
     PayoutReason,
     PayoutTransaction,
-    TransferCode,
 )
 from escrowd.models.db import make_engine
 from tests.evm_fixtures import EvmChain, anvil_chain
@@ -123,23 +122,6 @@ class Deposits:
         self.world.chain.token.mint(address, amount)
         with self.world.sessions() as s, s.begin():
             record_deposit(s, chain=CHAIN, asset="USDC", address=address, amount=amount)
-            ledger.post(
-                s,
-                [
-                    ledger.TransferSpec(
-                        idempotency_key=f"deposit:{address}:{self.received[address]}",
-                        debit_account_id=accounts.custody(s, CHAIN, "USDC").id,
-                        credit_account_id=accounts.agent_available(
-                            s, self.agents[address], "USDC"
-                        ).id,
-                        amount=amount,
-                        code=TransferCode.DEPOSIT,
-                        ref_type="test",
-                        ref_id=address,
-                    )
-                ],
-                actor="test",
-            )
         self.received[address] += amount
 
 

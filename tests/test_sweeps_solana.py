@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 from escrowd.escrow import accounts, ledger, service, sweeps
 from escrowd.escrow.payout_worker import PayoutWorker, SolanaPayoutChain, WorkerOptions
 from escrowd.escrow.sweeps import discover_solana_sweeps
-from escrowd.models import DepositAddress, Payout, TransferCode, WebhookEvent
+from escrowd.models import DepositAddress, Payout, WebhookEvent
 from tests.payout_fixtures import record_deposit
 from tests.solana_history import Chain
 from tests.test_payouts_solana import CHAIN, SolanaWorld, world
@@ -37,8 +37,6 @@ def test_deposit_addresses_are_swept_into_the_hot_wallet_once(world: SolanaWorld
         s.flush()
         world.credit(s, agent.id, "USDC", 6_000_000, holder=deposit.address)
         world.credit(s, agent.id, "SOL", 3 * 10**9, holder=deposit.address)
-        for asset, amount in (("USDC", 6_000_000), ("SOL", 3 * 10**9)):
-            record_deposit(s, chain=CHAIN, asset=asset, address=deposit.address, amount=amount)
     world.sim.finalize_all()
     assert world.differences() == []
 
@@ -104,21 +102,7 @@ def test_usdc_is_swept_from_every_token_account_that_holds_it(world: SolanaWorld
     )
     world.sim.chain.sign_and_send([mint_there], [world.sim.faucet, world.sim.mint_authority])
     with world.sessions() as s, s.begin():
-        ledger.post(
-            s,
-            [
-                ledger.TransferSpec(
-                    idempotency_key="deposit:other-token-account",
-                    debit_account_id=accounts.custody(s, CHAIN, "USDC").id,
-                    credit_account_id=accounts.agent_available(s, agent.id, "USDC").id,
-                    amount=5_000_000,
-                    code=TransferCode.DEPOSIT,
-                    ref_type="test",
-                    ref_id=str(agent.id),
-                )
-            ],
-            actor="test",
-        )
+        record_deposit(s, chain=CHAIN, asset="USDC", address=deposit.address, amount=5_000_000)
     world.sim.finalize_all()
     assert world.differences() == []
 
