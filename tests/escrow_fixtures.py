@@ -14,7 +14,7 @@ from escrowd.daemon.api import create_app
 from escrowd.escrow import accounts, apikeys, audit, ledger, service
 from escrowd.escrow.payouts import PlatformAddresses
 from escrowd.escrow.webhooks import SecretCipher
-from escrowd.models import ApiScope, AuditLog, TransferCode
+from escrowd.models import Agent, ApiScope, AuditLog, TransferCode
 from escrowd.models.registry import ensure_asset
 from escrowd.wallets.allocation import AddressDeriver
 from escrowd.wallets.hd import (
@@ -89,6 +89,12 @@ def seed_agents(sessions: sessionmaker[Session], *names: str, balance: int = 0) 
             if balance:
                 credit(s, agent.id, balance)
     return ids
+
+
+def row_id(sessions: sessionmaker[Session], external_id: str) -> int:
+    """An agent's database row id (EscrowService and the API name agents by external id)."""
+    with sessions() as s:
+        return s.scalars(select(Agent.id).where(Agent.external_id == external_id)).one()
 
 
 def available(sessions: sessionmaker[Session], agent_id: int, asset: str = "USDC") -> int:

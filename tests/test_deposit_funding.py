@@ -37,6 +37,7 @@ from tests.escrow_fixtures import (
     make_key,
     make_settings,
     platform_fees,
+    row_id,
     seed_agents,
 )
 from tests.evm_fixtures import EvmChain
@@ -115,7 +116,7 @@ class Api:
         return self.client.get(f"/v1{path}", headers=self.auth)
 
     def fund(self, job: str, tx_hash: str, key: str | None = None, **more: Any) -> Any:
-        named = {"chain": CHAIN, "tx_hash": tx_hash}
+        named = {"network": CHAIN, "tx_hash": tx_hash}
         if "log_index" in more:
             named["log_index"] = more.pop("log_index")
         body = {"job_id": job, "worker": "bob", "deposit": named, **more}
@@ -152,7 +153,7 @@ def test_escrow_from_a_named_deposit_over_http(
     )
     assert body["funded_from_deposit"] == {
         "deposit_id": first,
-        "chain": CHAIN,
+        "network": CHAIN,
         "tx_hash": tx(1),
         "log_index": 0,
         "depositor_address": SENDER,
@@ -237,10 +238,10 @@ def test_one_deposit_funds_one_escrow_when_requests_race(
     assert found is not None and (found.tx_hash, found.depositor_address) == (tx(7), SENDER)
 
     # The database refuses a second escrow naming the deposit, whatever the code does.
-    other = svc.fund_escrow(job_id="plain", buyer="alice", worker="bob", asset="USDC", amount=1)
+    svc.fund_escrow(job_id="plain", buyer="alice", worker="bob", asset="USDC", amount=1)
     assert svc.escrow_funding_deposit("plain") is None
     with sessions() as s, pytest.raises(IntegrityError):
-        s.get_one(Escrow, other.id).deposit_id = deposit_id
+        s.scalars(select(Escrow).where(Escrow.job_id == "plain")).one().deposit_id = deposit_id
         s.flush()
     assert ledger_clean(sessions)
 
@@ -270,9 +271,11 @@ def test_escrow_from_an_evm_deposit_names_its_sender(
         chain="testevm",
         tx_hash=tx_hash.upper().replace("0X", "0x"),
     )
-    assert (escrow.buyer_agent_id, escrow.amount, escrow.asset) == (buyer, 7_500_000, "USDC")
+    assert (escrow.amount_base_units, escrow.asset) == (7_500_000, "USDC")
+    assert row_id(svc._sessions, escrow.buyer) == buyer
     # The sender of the ERC-20 Transfer, as its log named it.
-    assert escrow.depositor_address == sender
+    funding = svc.escrow_funding_deposit("evm-job")
+    assert funding is not None and funding.depositor_address == sender
     svc.close()
 
 
@@ -292,7 +295,9 @@ def test_sol_escrow_from_a_solana_deposit(sqlite_url: str, tmp_path: Path) -> No
             buyer = svc.register_agent("sol-buyer")
             svc.register_agent("sol-worker")
             with svc._sessions() as s, s.begin():
-                row = allocate_deposit_address(s, buyer.id, "solana", deriver)
+                row = allocate_deposit_address(
+                    s, row_id(svc._sessions, buyer.id), "solana", deriver
+                )
             signature = str(sim.transfer_sol(payer, deriver.keypair(row.derivation_index).pubkey(),
                                              2 * SOL + 1))  # fmt: skip
             sim.advance_slots(2)
@@ -315,11 +320,15 @@ def test_sol_escrow_from_a_solana_deposit(sqlite_url: str, tmp_path: Path) -> No
                 fee_bps=300,
             )  # fmt: skip
             # Priced in SOL: lamports in, lamports out, the fee on them.
-            assert (escrow.asset, escrow.amount) == ("SOL", 2 * SOL + 1)
-            assert escrow.depositor_address == str(payer.pubkey())
+            assert (escrow.asset, escrow.amount_base_units) == ("SOL", 2 * SOL + 1)
+            funding = svc.escrow_funding_deposit("sol-job")
+            assert funding is not None and funding.depositor_address == str(payer.pubkey())
             released = svc.release_escrow("sol-job")
-            assert (released.worker_amount, released.fee_amount) == (1_940_000_001, 60_000_000)
-            worker_id = svc.get_agent("sol-worker").id
+            assert (released.worker_amount_base_units, released.fee_amount_base_units) == (
+                1_940_000_001,
+                60_000_000,
+            )
+            worker_id = row_id(svc._sessions, "sol-worker")
             assert available(svc._sessions, worker_id, "SOL") == 1_940_000_001
             assert platform_fees(svc._sessions, "SOL") == 60_000_000
             assert ledger_clean(svc._sessions)

@@ -125,7 +125,8 @@ def test_a_withdrawal_above_the_float_waits_and_is_paid_after_a_top_up(
     worker.run_once()
     waiting = _payout(world, gas_id)
     assert waiting.status == "waiting_funds"
-    assert f"holds {5 * USDC} USDC token base units and {10**9} wei" in (waiting.status_reason or "")
+    reason = waiting.status_reason or ""
+    assert f"holds {5 * USDC} USDC token base units and {10**9} wei" in reason
     _rpc(chain.w3, "anvil_setBalance", [hot, hex(10**19)])
     worker.run_until_idle()
     assert _payout(world, gas_id).status == "confirmed"

@@ -63,13 +63,16 @@ def test_sol_escrows_in_process_and_over_http_with_fees(
         job_id="sol-1", buyer="buyer", worker="worker", asset="SOL", amount=1_500_000_001,
         fee_bps=250,
     )  # fmt: skip
-    assert (escrow.asset, escrow.amount) == ("SOL", 1_500_000_001)
+    assert (escrow.asset, escrow.amount_base_units) == ("SOL", 1_500_000_001)
     released = svc.release_escrow("sol-1")
     # fee = floor(1_500_000_001 * 250 / 10000) = 37_500_000; the odd lamport stays the worker's.
-    assert (released.worker_amount, released.fee_amount) == (1_462_500_001, 37_500_000)
+    assert (released.worker_amount_base_units, released.fee_amount_base_units) == (
+        1_462_500_001,
+        37_500_000,
+    )
     balances = {b.asset: b for b in svc.balances("buyer")}
-    assert (balances["SOL"].decimals, balances["SOL"].available) == (9, 3_499_999_999)
-    assert balances["USDC"].available == 50_000_000
+    assert (balances["SOL"].decimals, balances["SOL"].available_base_units) == (9, 3_499_999_999)
+    assert balances["USDC"].available_base_units == 50_000_000
 
     # Over HTTP, in SOL with up to 9 decimals.
     client = make_client(engine, tmp_path)

@@ -45,6 +45,7 @@ from tests.escrow_fixtures import (
     ledger_clean,
     make_settings,
     platform_fees,
+    row_id,
     seed_agents,
 )
 from tests.subscription_helpers import age
@@ -72,7 +73,22 @@ def svc(engine: Engine, tmp_path: Path) -> Iterator[EscrowService]:
 
 def fund(svc: EscrowService, agent: str, amount: int) -> None:
     with svc._sessions() as s, s.begin():
-        credit(s, svc.get_agent(agent).id, amount)
+        credit(s, row_id(svc._sessions, agent), amount)
+
+
+def last_error(svc: EscrowService, external_id: str) -> str | None:
+    """The unexpected error a scheduled charge last hit (the operator's view, not the API's)."""
+    with svc._sessions() as s:
+        return s.scalars(
+            select(Subscription.last_error).where(Subscription.external_id == external_id)
+        ).one()
+
+
+def subscription_row_id(svc: EscrowService, external_id: str) -> int:
+    with svc._sessions() as s:
+        return s.scalars(
+            select(Subscription.id).where(Subscription.external_id == external_id)
+        ).one()
 
 
 def charged_periods(sessions: sessionmaker[Session], external_id: str) -> list[int]:
@@ -125,14 +141,14 @@ def test_charges_each_period_once_with_bounded_catch_up(
     svc: EscrowService, engine: Engine, tmp_path: Path
 ) -> None:
     fund(svc, "alice", 100 * USDC)
-    ids = {name: svc.get_agent(name).id for name in ("alice", "bob")}
+    ids = {name: row_id(svc._sessions, name) for name in ("alice", "bob")}
     before = utcnow()
     sub = svc.create_subscription(
         subscription_id="sub-1", buyer="alice", worker="bob", asset="USDC",
         amount=10 * USDC, interval="day", fee_bps=250,
     )  # fmt: skip
     # Starting now charges period 0 at once: 10 USDC, 0.25 of it the platform's fee.
-    assert (sub.status, sub.next_period) == ("active", 1)
+    assert (sub.status, sub.next_period_index) == ("active", 1)
     assert before + DAY <= sub.next_charge_at <= utcnow() + DAY
     assert available(svc._sessions, ids["alice"]) == 90 * USDC
     assert available(svc._sessions, ids["bob"]) == 9_750_000
@@ -140,7 +156,7 @@ def test_charges_each_period_once_with_bounded_catch_up(
 
     # Nothing is due before period 1 starts; at its start it is charged once, however
     # often the scheduler runs, and after a restart (a new service on the same database).
-    anchor = sub.anchor_at
+    anchor = sub.starts_at
     assert svc.charge_due_subscriptions(anchor + DAY - timedelta(seconds=1)).charged == 0
     assert svc.charge_due_subscriptions(anchor + DAY).charged == 1
     assert svc.charge_due_subscriptions(anchor + DAY + timedelta(hours=1)).charged == 0
@@ -159,7 +175,7 @@ def test_charges_each_period_once_with_bounded_catch_up(
     assert charged_periods(svc._sessions, "sub-1") == [0, 1, 6, 7, 8]
     assert available(svc._sessions, ids["alice"]) == 50 * USDC
     current = svc.get_subscription("sub-1")
-    assert (current.next_period, current.next_charge_at) == (9, anchor + 9 * DAY)
+    assert (current.next_period_index, current.next_charge_at) == (9, anchor + 9 * DAY)
     assert [c.period_index for c in svc.subscription_charges("sub-1")] == [0, 1, 6, 7, 8]
     assert event_types(svc._sessions, "sub-1") == [
         "subscription.created",
@@ -183,7 +199,7 @@ def test_charges_each_period_once_with_bounded_catch_up(
 
 def test_failed_charges_retry_then_pause_resume_and_cancel(svc: EscrowService) -> None:
     fund(svc, "alice", 25 * USDC)
-    alice = svc.get_agent("alice").id
+    alice = row_id(svc._sessions, "alice")
     svc.create_subscription(
         subscription_id="sub-2", buyer="alice", worker="bob", asset="USDC",
         amount=10 * USDC, interval="week", fee_bps=0,
@@ -202,10 +218,10 @@ def test_failed_charges_retry_then_pause_resume_and_cancel(svc: EscrowService) -
     assert svc.get_subscription("sub-2").status == "active"
     assert svc.charge_due_subscriptions(retry_at + timedelta(hours=1)).failed == 1
     paused = svc.get_subscription("sub-2")
-    assert (paused.status, paused.next_period) == ("paused", 2)
+    assert (paused.status, paused.next_period_index) == ("paused", 2)
     [*_, failing] = svc.subscription_charges("sub-2")
     assert (failing.period_index, failing.status, failing.attempts) == (2, "failed", 3)
-    assert failing.last_error == "buyer alice had less than 10000000 base units of USDC available"
+    assert failing.error == "buyer alice had less than 10000000 base units of USDC available"
     assert available(svc._sessions, alice) == 5 * USDC
     assert svc.charge_due_subscriptions(utcnow() + 5 * week).charged == 0  # paused: untouched
     types = event_types(svc._sessions, "sub-2")
@@ -226,7 +242,7 @@ def test_failed_charges_retry_then_pause_resume_and_cancel(svc: EscrowService) -
     assert event_types(svc._sessions, "sub-2") == types
     fund(svc, "alice", 20 * USDC)
     resumed = svc.resume_subscription("sub-2")
-    assert (resumed.status, resumed.paused_at, resumed.next_period) == ("active", None, 5)
+    assert (resumed.status, resumed.paused_at, resumed.next_period_index) == ("active", None, 5)
     assert charged_periods(svc._sessions, "sub-2") == [0, 1, 4]
     assert available(svc._sessions, alice) == 15 * USDC
     assert event_types(svc._sessions, "sub-2")[len(types) :] == [
@@ -249,21 +265,20 @@ def test_failed_charges_retry_then_pause_resume_and_cancel(svc: EscrowService) -
 
 def test_platform_payee_future_start_and_refusals(svc: EscrowService) -> None:
     fund(svc, "alice", 30 * USDC)
-    alice = svc.get_agent("alice").id
+    alice = row_id(svc._sessions, "alice")
     start = utcnow() + timedelta(days=3)
     sub = svc.create_subscription(
         subscription_id="plan-1", buyer="alice", asset="USDC", amount=12 * USDC,
         interval="month", starts_at=start,
     )  # fmt: skip
     # Paying the platform: no fee, and a future start charges nothing yet.
-    assert (sub.worker_agent_id, sub.fee_bps, sub.next_charge_at) == (None, 0, start)
+    assert (sub.worker, sub.fee_bps, sub.next_charge_at) == (None, 0, start)
     assert available(svc._sessions, alice) == 30 * USDC
     assert svc.charge_due_subscriptions(start).charged == 1
     assert platform_fees(svc._sessions) == 12 * USDC
-    assert svc.get_subscription("plan-1").next_charge_at.date() == period_start(sub, 1).date()
-    assert [s.external_id for s in svc.list_subscriptions(buyer="alice", status="active")] == [
-        "plan-1"
-    ]
+    monthly = Subscription(interval=sub.interval, interval_count=1, anchor_at=sub.starts_at)
+    assert svc.get_subscription("plan-1").next_charge_at.date() == period_start(monthly, 1).date()
+    assert [s.id for s in svc.list_subscriptions(buyer="alice", status="active")] == ["plan-1"]
     assert svc.list_subscriptions(status="paused") == []
 
     refused = [
@@ -311,14 +326,14 @@ def _run_together(count: int, work: object) -> list[BaseException]:
 
 def test_two_runners_never_charge_a_period_twice(svc: EscrowService, engine: Engine) -> None:
     fund(svc, "alice", 1_000 * USDC)
-    alice = svc.get_agent("alice").id
+    alice = row_id(svc._sessions, "alice")
     anchors = []
     for n in range(12):
         sub = svc.create_subscription(
             subscription_id=f"race-{n}", buyer="alice", worker="bob", asset="USDC",
             amount=1 * USDC, interval="day",
         )  # fmt: skip
-        anchors.append(sub.anchor_at)
+        anchors.append(sub.starts_at)
     # Two runners without the advisory lock (as if one lost it mid-tick), both charging
     # periods 1 and 2 of every subscription at once.
     when = max(anchors) + 2 * DAY
@@ -334,7 +349,7 @@ def test_two_runners_never_charge_a_period_twice(svc: EscrowService, engine: Eng
 
     # The database itself refuses a second charge row for a period, and the ledger
     # answers a repeated period key with the original transfer instead of moving money.
-    sub_id = svc.get_subscription("race-0").id
+    sub_id = subscription_row_id(svc, "race-0")
     with sessions() as s, pytest.raises(IntegrityError):
         s.add(
             SubscriptionCharge(
@@ -404,7 +419,7 @@ def test_subscription_job_runs_in_one_daemon_at_a_time(pg_engine: Engine, tmp_pa
             runner.locks.close()
     for n in range(5):
         assert charged_periods(svc._sessions, f"job-{n}") == [0, 1]
-    assert available(svc._sessions, svc.get_agent("alice").id) == 80 * USDC
+    assert available(svc._sessions, row_id(svc._sessions, "alice")) == 80 * USDC
     assert ledger_clean(svc._sessions)
 
 
@@ -420,7 +435,7 @@ def test_an_unexpected_error_on_one_subscription_holds_up_no_other(
                 subscription_id=f"iso-{n}", buyer="alice", worker="bob", asset="USDC",
                 amount=1 * USDC, interval="day",
             )  # fmt: skip
-        broken = svc.get_subscription("iso-1").id
+        broken = subscription_row_id(svc, "iso-1")
         # The database refuses this one subscription's next charge row (a fault injected
         # below our code, as a failing disk or a bad migration would).
         with svc.engine.begin() as connection:
@@ -430,12 +445,13 @@ def test_an_unexpected_error_on_one_subscription_holds_up_no_other(
                 "BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
             )
         errors_before = REGISTRY.get_sample_value("escrowd_subscription_errors_total") or 0
-        when = svc.get_subscription("iso-2").anchor_at + DAY
+        when = svc.get_subscription("iso-2").starts_at + DAY
         run = svc.charge_due_subscriptions(when)
         assert (run.charged, len(run.errors)) == (2, 1) and "injected fault" in run.errors[0]
         assert REGISTRY.get_sample_value("escrowd_subscription_errors_total") == errors_before + 1
         failing = svc.get_subscription("iso-1")
-        assert failing.last_error is not None and "injected fault" in failing.last_error
+        error = last_error(svc, "iso-1")
+        assert error is not None and "injected fault" in error
         # Looked at again only after retry_after_s, so it cannot crowd out the others.
         assert failing.next_charge_at == when + timedelta(hours=1)
         assert charged_periods(svc._sessions, "iso-0") == [0, 1]
@@ -444,7 +460,7 @@ def test_an_unexpected_error_on_one_subscription_holds_up_no_other(
             connection.exec_driver_sql("DROP TRIGGER inject_fault")
         assert svc.charge_due_subscriptions(when + timedelta(hours=1)).charged == 1
         assert charged_periods(svc._sessions, "iso-1") == [0, 1]
-        assert svc.get_subscription("iso-1").last_error is None
+        assert last_error(svc, "iso-1") is None
         assert ledger_clean(svc._sessions)
     finally:
         svc.close()
