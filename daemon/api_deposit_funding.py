@@ -1,4 +1,4 @@
-"""HTTP route of escrows funded from one named deposit: POST /v1/escrows/from-deposit
+"""HTTP route of escrows funded from one named deposit: POST /v1/deposit-funded-escrows
 (escrow.deposit_funding), and the `funded_from_deposit` part of every escrow's answer.
 
 Mounted by daemon.api.create_app on its /v1 router, with the API's escrow renderer.
@@ -92,7 +92,7 @@ def install(router: APIRouter, render_escrow: RenderEscrow) -> None:
     """Add the route to the API's /v1 router; `render_escrow` is the API's EscrowOut."""
 
     @router.post(
-        "/escrows/from-deposit", status_code=201, response_model=EscrowOut, tags=["escrows"]
+        "/deposit-funded-escrows", status_code=201, response_model=EscrowOut, tags=["escrows"]
     )
     def create_escrow_from_deposit(
         request: Request, body: EscrowFromDeposit, principal: WriteKey, key: IdempotencyKeyHeader

@@ -234,7 +234,7 @@ class EscrowResolve(_Body):
 
 
 class EscrowDepositOut(BaseModel):
-    """The deposit an escrow was funded from (POST /v1/escrows/from-deposit)."""
+    """The deposit an escrow was funded from (POST /v1/deposit-funded-escrows)."""
 
     deposit_id: int
     network: str

@@ -152,6 +152,6 @@ def test_subscriptions_over_http(
         "/v1/subscriptions/{subscription_id}/charges",
         "/v1/subscriptions/{subscription_id}/cancel",
         "/v1/subscriptions/{subscription_id}/resume",
-        "/v1/escrows/from-deposit",
+        "/v1/deposit-funded-escrows",
     } <= set(schema["paths"])
     assert ledger_clean(sessions)

@@ -44,6 +44,7 @@ PATH_VALUES = {
     "withdrawal_id": "1",
     "endpoint_id": "1",
     "delivery_id": "1",
+    "subscription_id": "sub-1",
 }
 # A valid body for each operation that takes one (a new operation must add its own).
 BODIES: dict[str, dict[str, Any]] = {
@@ -65,6 +66,20 @@ BODIES: dict[str, dict[str, Any]] = {
         "amount": "1",
     },
     "POST /v1/webhook-endpoints": {"url": "https://example.com/hooks", "event_types": ["*"]},
+    "POST /v1/deposit-funded-escrows": {
+        "job_id": "job-2",
+        "worker": "bob",
+        "deposit": {"network": "base", "tx_hash": "0x" + "ab" * 32},
+    },
+    "POST /v1/subscriptions": {
+        "id": "sub-1",
+        "buyer": "alice",
+        "worker": "bob",
+        "asset": "USDC",
+        "amount": "1",
+        "interval": "month",
+    },
+    "POST /v1/subscriptions/{subscription_id}/cancel": {"requested_by": "marketplace"},
 }
 
 

@@ -120,7 +120,7 @@ class Api:
         if "log_index" in more:
             named["log_index"] = more.pop("log_index")
         body = {"job_id": job, "worker": "bob", "deposit": named, **more}
-        return self.post("/escrows/from-deposit", body, key)
+        return self.post("/deposit-funded-escrows", body, key)
 
 
 def error(response: Any) -> tuple[int, str, str]:
