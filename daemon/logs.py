@@ -88,6 +88,12 @@ def configure_logging(*, fmt: str = "auto", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric_level)
+    # A uvicorn started elsewhere in this process with its own log config attached
+    # handlers of its own (plain text, not propagated): route its records through ours.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        uvicorn_logger = logging.getLogger(name)
+        uvicorn_logger.handlers[:] = []
+        uvicorn_logger.propagate = True
     library_level = numeric_level if level == "debug" else max(numeric_level, logging.WARNING)
     for name in CHATTY_LIBRARIES:
         logging.getLogger(name).setLevel(library_level)

@@ -54,6 +54,7 @@ def test_a_fresh_daemon_logs_no_warning_or_error(
             {
                 "keystore": {"path": str(tmp_path / "keystore.json"), "scrypt_log2_n": 10},
                 "payouts": {"interval_s": TICK_S, "sweep_interval_s": TICK_S},
+                "subscriptions": {"interval_s": TICK_S},
                 "evm_chains": [
                     {
                         "name": "evm",
@@ -62,6 +63,7 @@ def test_a_fresh_daemon_logs_no_warning_or_error(
                         "usdc_address": anvil_chain.token.address,
                         "confirmations": 2,
                         "poll_interval_s": TICK_S,
+                        "token_scan_interval_s": TICK_S,
                     }
                 ],
                 "solana": {
