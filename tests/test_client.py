@@ -41,6 +41,7 @@ from escrowd.client import (
     parse_event,
     verify_webhook,
 )
+from escrowd.escrow.events import API_VERSION
 from escrowd.escrow.webhooks import (
     SignatureHeaderInvalid,
     SignatureMismatch,
@@ -345,10 +346,9 @@ def _delivery(body: dict[str, object], *, at: int | None = None) -> tuple[bytes,
 
 ESCROW_EVENT = {
     "type": "escrow.released",
-    "api_version": "2026-11-01",
+    "api_version": API_VERSION,
     "data": {
         "job_id": "job-1",
-        "escrow_id": 7,
         "status": "released",
         "buyer": "b",
         "worker": "w",
@@ -371,7 +371,7 @@ def test_verify_webhook_returns_typed_events() -> None:
 
     deposit = {
         "type": "deposit.confirmed",
-        "api_version": "2026-11-01",
+        "api_version": API_VERSION,
         "data": {
             "deposit_id": 3,
             "agent": "b",

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from escrowd.client import EscrowdClient
 from escrowd.escrow import EscrowService, service
+from escrowd.escrow.events import API_VERSION
 from escrowd.escrow.webhooks import signature_header
 from escrowd.models.db import make_engine
 from tests.dev_api import LAMPORTS_PER_SOL, DevApi, running_dev_api, wait_for
@@ -179,7 +180,7 @@ def test_fastapi_example_uses_the_async_client_and_verified_webhooks(
 
         # A forged event is refused; a replay of a delivered event id changes nothing.
         forged = json.dumps(
-            {"type": "escrow.refunded", "api_version": "2026-11-01", "data": {"job_id": job_id}}
+            {"type": "escrow.refunded", "api_version": API_VERSION, "data": {"job_id": job_id}}
         ).encode()
         bad = web.post(
             "/webhooks/escrowd",
@@ -191,10 +192,9 @@ def test_fastapi_example_uses_the_async_client_and_verified_webhooks(
         replay = json.dumps(
             {
                 "type": "escrow.refunded",
-                "api_version": "2026-11-01",
+                "api_version": API_VERSION,
                 "data": {
                     "job_id": job_id,
-                    "escrow_id": 1,
                     "status": "refunded",
                     "buyer": "client-1",
                     "worker": "seller-1",

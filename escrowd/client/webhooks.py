@@ -34,7 +34,6 @@ class _Model(BaseModel):
 
 class EscrowEventData(_Model):
     job_id: str
-    escrow_id: int
     status: EscrowState
     buyer: str
     worker: str
@@ -51,13 +50,18 @@ class DepositEventData(_Model):
 
     deposit_id: int
     agent: str | None = None
-    chain: str
+    network: str
     asset: str
     amount_base_units: int
     tx_hash: str
     log_index: int
     block_number: int
     status: str
+    # What happened to its credit (none, credited, dust, refused, reversed, reversal_short),
+    # in the asset's ledger units.
+    credit_state: str = "none"
+    credited_base_units: int = 0
+    reversal_shortfall_base_units: int = 0
 
 
 class PayoutEventData(_Model):
@@ -65,13 +69,15 @@ class PayoutEventData(_Model):
 
     payout_id: int
     agent: str | None = None
-    chain: str
+    network: str
     asset: str
     destination: str
     amount_base_units: int
     reason: str
     status: str
     tx_hash: str | None = None
+    # Why it waits, was parked or was cancelled (waiting_funds, needs_attention, cancelled).
+    status_reason: str | None = None
 
 
 class _Event(_Model):
