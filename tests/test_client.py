@@ -375,7 +375,7 @@ def test_verify_webhook_returns_typed_events() -> None:
         "data": {
             "deposit_id": 3,
             "agent": "b",
-            "chain": "solana",
+            "network": "solana",
             "asset": "SOL",
             "amount_base_units": "2000000000",
             "tx_hash": "sig",
@@ -387,7 +387,7 @@ def test_verify_webhook_returns_typed_events() -> None:
     parsed = parse_event(json.dumps(deposit))
     assert isinstance(parsed, DepositEvent) and parsed.data.amount_base_units == 2 * 10**9
     other = parse_event(
-        json.dumps({"type": "subscription.charged", "api_version": "x", "data": {"n": 1}})
+        json.dumps({"type": "future.thing", "api_version": "x", "data": {"n": 1}})
     )
     assert isinstance(other, OtherEvent) and other.data == {"n": 1}
 
