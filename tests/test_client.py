@@ -386,9 +386,7 @@ def test_verify_webhook_returns_typed_events() -> None:
     }
     parsed = parse_event(json.dumps(deposit))
     assert isinstance(parsed, DepositEvent) and parsed.data.amount_base_units == 2 * 10**9
-    other = parse_event(
-        json.dumps({"type": "future.thing", "api_version": "x", "data": {"n": 1}})
-    )
+    other = parse_event(json.dumps({"type": "future.thing", "api_version": "x", "data": {"n": 1}}))
     assert isinstance(other, OtherEvent) and other.data == {"n": 1}
 
 
