@@ -989,28 +989,7 @@ class PayoutWorker:
         if outcome.tx_hash is not None:
             payout.tx_hash = outcome.tx_hash
             payout.block_number = outcome.block_number
-        if payout.reason != PayoutReason.SWEEP.value:
-            assert payout.agent_id is not None
-            ledger.post(
-                session,
-                [
-                    ledger.TransferSpec(
-                        idempotency_key=f"payout:{payout.id}:reversal",
-                        debit_account_id=accounts.payouts_in_flight(
-                            session, payout.chain, asset.symbol
-                        ).id,
-                        credit_account_id=accounts.agent_available(
-                            session, payout.agent_id, asset.symbol
-                        ).id,
-                        amount=payout.amount,
-                        code=TransferCode.PAYOUT_REVERSAL,
-                        ref_type="payout",
-                        ref_id=str(payout.id),
-                    )
-                ],
-                actor=f"worker:{self.options.worker_id}",
-                audit_stream=f"payout:{payout.id}",
-            )
+        payouts.release_hold(session, payout, asset, actor=f"worker:{self.options.worker_id}")
         self._book_network_cost(session, payout, outcome)
         session.flush()
         self._record(session, payout, asset, "payout_failed", error=payout.error)

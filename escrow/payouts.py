@@ -530,6 +530,32 @@ def release_operator_claim(session: Session, payout_id: int, operator: str) -> N
     )
 
 
+def release_hold(session: Session, payout: Payout, asset: Asset, *, actor: str) -> None:
+    """Give a payout's held amount back to its agent (sweeps hold nothing). One key for a
+    chain failure and a cancel alike: a payout's hold is released at most once."""
+    if payout.reason == PayoutReason.SWEEP.value:
+        return
+    assert payout.agent_id is not None
+    ledger.post(
+        session,
+        [
+            ledger.TransferSpec(
+                idempotency_key=f"payout:{payout.id}:reversal",
+                debit_account_id=accounts.payouts_in_flight(session, payout.chain, asset.symbol).id,
+                credit_account_id=accounts.agent_available(
+                    session, payout.agent_id, asset.symbol
+                ).id,
+                amount=payout.amount,
+                code=TransferCode.PAYOUT_REVERSAL,
+                ref_type="payout",
+                ref_id=str(payout.id),
+            )
+        ],
+        actor=actor,
+        audit_stream=f"payout:{payout.id}",
+    )
+
+
 def cancel_payout(
     session: Session, payout_id: int, *, operator: str, reason: str, evidence: str | None
 ) -> Payout:
@@ -564,29 +590,7 @@ def cancel_payout(
     payout.claimed_until = None
     payout.retry_at = None
     session.flush()
-    if payout.reason != PayoutReason.SWEEP.value:
-        assert payout.agent_id is not None
-        ledger.post(
-            session,
-            [
-                ledger.TransferSpec(
-                    # The key a chain failure would use: a payout is reversed at most once.
-                    idempotency_key=f"payout:{payout.id}:reversal",
-                    debit_account_id=accounts.payouts_in_flight(
-                        session, payout.chain, asset.symbol
-                    ).id,
-                    credit_account_id=accounts.agent_available(
-                        session, payout.agent_id, asset.symbol
-                    ).id,
-                    amount=payout.amount,
-                    code=TransferCode.PAYOUT_REVERSAL,
-                    ref_type="payout",
-                    ref_id=str(payout.id),
-                )
-            ],
-            actor=operator,
-            audit_stream=f"payout:{payout.id}",
-        )
+    release_hold(session, payout, asset, actor=operator)
     _audit(
         session,
         payout,
