@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Annotated, Protocol
+from typing import Annotated
 
 import typer
-from sqlalchemy import Engine
 
 from escrowd.config.settings import EvmChainSettings, Settings
+from escrowd.daemon.cli import state_of
 from escrowd.escrow.deposits import LedgerDepositSink
 from escrowd.indexer.errors import RpcError
 from escrowd.indexer.evm_poller import EvmPoller, WindowDone
@@ -35,22 +35,6 @@ EXIT_INTERRUPTED = 130
 MAX_FAILURES = 5
 
 backfill_app = typer.Typer(help="Scan historical block ranges for deposits.", no_args_is_help=True)
-
-
-class _State(Protocol):
-    @property
-    def settings(self) -> Settings: ...
-
-    @property
-    def engine(self) -> Engine: ...
-
-
-def _state(ctx: typer.Context) -> _State:
-    state = ctx.find_root().obj
-    if state is None or not hasattr(state, "engine"):
-        typer.echo("escrowd: backfill must run under the escrowd command", err=True)
-        raise typer.Exit(EXIT_USAGE)
-    return state  # type: ignore[no-any-return]
 
 
 def _chain(settings: Settings, name: str) -> EvmChainSettings:
@@ -114,7 +98,7 @@ def backfill_evm(
     ] = True,
 ) -> None:
     """Scan [FROM, TO] for USDC deposits into watched addresses; resumable."""
-    state = _state(ctx)
+    state = state_of(ctx)
     settings = _chain(state.settings, chain)
     if to_block is not None and to_block < from_block:
         typer.echo(f"escrowd: --to {to_block} is before --from {from_block}", err=True)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import getpass
 import socket
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from escrowd.daemon.cli import state_of
 from escrowd.escrow import payouts
 from escrowd.escrow.payout_worker import landing_verdict
 from escrowd.escrow.uow import in_transaction
@@ -34,12 +35,6 @@ payouts_app = typer.Typer(
 )
 
 
-def _state(ctx: typer.Context) -> Any:
-    state = ctx.find_root().obj
-    assert hasattr(state, "settings") and hasattr(state, "engine")
-    return state
-
-
 @payouts_app.command("list")
 def list_payouts(
     ctx: typer.Context,
@@ -51,7 +46,7 @@ def list_payouts(
     query = select(Payout, Asset.symbol).join(Asset, Asset.id == Payout.asset_id)
     if status is not None:
         query = query.where(Payout.status == status.value)
-    with make_session_factory(_state(ctx).engine)() as session:
+    with make_session_factory(state_of(ctx).engine)() as session:
         for payout, symbol in session.execute(query.order_by(Payout.id.desc()).limit(limit)):
             why = f"\t{payout.status_reason}" if payout.status_reason else ""
             typer.echo(
@@ -63,7 +58,7 @@ def list_payouts(
 @payouts_app.command("show")
 def show_payout(ctx: typer.Context, payout_id: int) -> None:
     """One payout with every transaction signed for it (replacements included)."""
-    with make_session_factory(_state(ctx).engine)() as session:
+    with make_session_factory(state_of(ctx).engine)() as session:
         payout = session.get(Payout, payout_id)
         if payout is None:
             typer.echo(f"escrowd: no payout {payout_id}", err=True)
@@ -124,7 +119,7 @@ def _fail(message: str) -> NoReturn:
 def retry(ctx: typer.Context, payout_id: int) -> None:
     """Hand a payout back to the workers now: one in needs_attention resumes where it was
     parked (its hold was kept); any other open one is tried at once, without its backoff."""
-    sessions = make_session_factory(_state(ctx).engine)
+    sessions = make_session_factory(state_of(ctx).engine)
     operator = _operator()
 
     def work(session: Session) -> Payout:
@@ -156,7 +151,7 @@ def cancel(
     known: nothing was ever signed for it, or the chain shows none of its transactions can
     be mined any more (EVM: its nonce used by another transaction at the confirmation
     depth; Solana: the blockhash expired and no signature is known). Exit 1 otherwise."""
-    state = _state(ctx)
+    state = state_of(ctx)
     sessions = make_session_factory(state.engine)
     operator = _operator()
     try:

@@ -7,11 +7,12 @@ is about money, one on exit 3 about a node.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from escrowd.config.settings import SettingsError
+from escrowd.daemon.cli import state_of
 from escrowd.escrow.payout_worker import unlock_from_settings
 from escrowd.escrow.reconcile import ChainReport, HotWallets, Report, reconcile_configured
 from escrowd.models.db import make_session_factory
@@ -19,12 +20,6 @@ from escrowd.models.db import make_session_factory
 EXIT_DIFFERENCE = 1
 EXIT_USAGE = 2
 EXIT_UNREADABLE = 3
-
-
-def _state(ctx: typer.Context) -> Any:
-    state = ctx.find_root().obj
-    assert hasattr(state, "settings") and hasattr(state, "engine")
-    return state
 
 
 def print_chain(report: ChainReport) -> None:
@@ -72,7 +67,7 @@ def reconcile(
     """Compare on-chain balances of the hot wallet and every deposit address with the
     ledger's custody, per chain and asset, each chain read at one block. Exit 1 listing
     each difference; exit 3 when a chain could not be read."""
-    state = _state(ctx)
+    state = state_of(ctx)
     settings = state.settings
     keystore = unlock_from_settings(settings)
     hot = HotWallets(evm=keystore.evm_hot_wallet.address, solana=keystore.solana_hot_wallet.address)

@@ -6,13 +6,13 @@ moving one of them out to a named destination, exactly once (escrow/token_recove
 from __future__ import annotations
 
 import getpass
-from typing import Annotated, Protocol
+from typing import Annotated
 
 import typer
-from sqlalchemy import Engine
 
 from escrowd.config.errors import Conflict, EscrowdError, NotFound, ValidationFailed
-from escrowd.config.settings import Settings, SettingsError
+from escrowd.config.settings import SettingsError
+from escrowd.daemon.cli import state_of
 from escrowd.escrow.token_recovery import RecoveryRequest, TokenRecoverer
 from escrowd.escrow.unsupported import list_unsupported_deposits
 from escrowd.indexer.errors import RpcError
@@ -28,22 +28,6 @@ tokens_app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
 )
-
-
-class _State(Protocol):
-    @property
-    def settings(self) -> Settings: ...
-
-    @property
-    def engine(self) -> Engine: ...
-
-
-def _state(ctx: typer.Context) -> _State:
-    state = ctx.find_root().obj
-    if state is None or not hasattr(state, "engine"):
-        typer.echo("escrowd: tokens must run under the escrowd command", err=True)
-        raise typer.Exit(EXIT_USAGE)
-    return state  # type: ignore[no-any-return]
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -66,7 +50,7 @@ def list_tokens(
     limit: Annotated[int, typer.Option(min=1, max=1000, help="Rows to show.")] = 100,
 ) -> None:
     """Unsupported deposits, oldest first: network, token, amount, address, agent."""
-    state = _state(ctx)
+    state = state_of(ctx)
     wanted = _address("--address", address) if address is not None else None
     with make_session_factory(state.engine)() as session:
         rows = list_unsupported_deposits(session, chain=chain, address=wanted, limit=limit)
@@ -102,7 +86,7 @@ def recover(
     ] = None,
 ) -> None:
     """Move TOKEN from deposit ADDRESS to TO, exactly once; run again to resume."""
-    state = _state(ctx)
+    state = state_of(ctx)
     try:
         settings = state.settings.evm_chain(chain)
     except SettingsError as exc:

@@ -13,6 +13,7 @@ import typer
 
 from escrowd.config.errors import EscrowdError
 from escrowd.config.settings import SettingsError
+from escrowd.daemon.cli import state_of
 from escrowd.escrow.payout_worker import unlock_from_settings
 from escrowd.escrow.platform_wallets import WalletStatus, book, evm_status, solana_status
 from escrowd.escrow.reconcile import configured_chains
@@ -30,12 +31,6 @@ wallets_app = typer.Typer(
 )
 
 
-def _state(ctx: typer.Context) -> Any:
-    state = ctx.find_root().obj
-    assert hasattr(state, "settings") and hasattr(state, "engine")
-    return state
-
-
 def _check_chains(settings: Any, chains: list[str] | None) -> list[str]:
     known = configured_chains(settings)
     unknown = [name for name in chains or () if name not in known]
@@ -50,7 +45,7 @@ def _check_chains(settings: Any, chains: list[str] | None) -> list[str]:
 
 
 def statuses(ctx: typer.Context, chains: list[str] | None) -> list[WalletStatus]:
-    state = _state(ctx)
+    state = state_of(ctx)
     settings = state.settings
     selected = _check_chains(settings, chains)
     keystore = unlock_from_settings(settings)
@@ -134,7 +129,7 @@ def status(ctx: typer.Context, chain: ChainOption = None) -> None:
 def _book(
     ctx: typer.Context, chain: str, asset: str, amount: str, reference: str, *, withdrawal: bool
 ) -> None:
-    state = _state(ctx)
+    state = state_of(ctx)
     _check_chains(state.settings, [chain])
     try:
         with make_session_factory(state.engine)() as session, session.begin():

@@ -316,9 +316,10 @@ def test_a_failing_step_backs_off_and_alerts_once(world: EvmPayoutWorld) -> None
     failed = [e for e in logs if e["event"] == "payout_step_failed"]
     stalled = [e for e in logs if e["event"] == "payout_stalled"]
     assert len(stalled) == 1 and stalled[0]["log_level"] == "error"
-    # Growing delays: far fewer attempts than passes.
+    # Growing delays (0.05 s doubling to 0.4 s): at most 8 attempts in the 1.5 s, fewer
+    # than the passes made (how many passes fit depends on the machine's load).
     attempts = len(failed) + len(stalled)
-    assert 3 <= attempts <= 8 < passes
+    assert 3 <= attempts <= 8 and attempts < passes
     payout = _status(world, payout_id)
     assert payout.status == "requested" and payout.step_errors == attempts
     assert payout.retry_at is not None and payout.stall_reported
