@@ -25,9 +25,17 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from escrowd.config.errors import Conflict, NotFound, ValidationFailed
+from escrowd.config.errors import ValidationFailed
 from escrowd.escrow import audit, service
-from escrowd.escrow.errors import InvalidAmount
+from escrowd.escrow.errors import (
+    DepositAgentMismatch,
+    DepositAmbiguous,
+    DepositNotFound,
+    DepositPending,
+    DepositUnusable,
+    DepositUsed,
+    InvalidAmount,
+)
 from escrowd.models import (
     Agent,
     Asset,
@@ -42,32 +50,6 @@ log = structlog.get_logger(__name__)
 
 MAX_TX_HASH_LENGTH = 100
 MAX_CHAIN_LENGTH = 32
-
-
-class DepositNotFound(NotFound):
-    type = "deposit_not_found"
-
-
-class DepositPending(Conflict):
-    """Not an error that is final: the same request succeeds once the deposit is credited."""
-
-    type = "deposit_pending"
-
-
-class DepositUnusable(Conflict):
-    type = "deposit_unusable"
-
-
-class DepositUsed(Conflict):
-    type = "deposit_used"
-
-
-class DepositAmbiguous(ValidationFailed):
-    type = "deposit_ambiguous"
-
-
-class DepositAgentMismatch(ValidationFailed):
-    type = "deposit_agent_mismatch"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
-"""Errors of the ledger and escrow service."""
+"""Errors of the ledger and escrow service.
+
+All of them here, away from the database layer, so that escrowd.client raises the very
+classes the in-process interface raises without importing SQLAlchemy."""
 
 from __future__ import annotations
 
@@ -13,11 +16,19 @@ from escrowd.config.errors import (
 __all__ = [
     "AgentNotFound",
     "AssetMismatch",
+    "DepositAgentMismatch",
+    "DepositAmbiguous",
+    "DepositNotFound",
+    "DepositPending",
+    "DepositUnusable",
+    "DepositUsed",
     "EscrowConflict",
     "EscrowNotFound",
     "IdempotencyConflict",
     "InsufficientFunds",
     "InvalidAmount",
+    "SubscriptionConflict",
+    "SubscriptionNotFound",
     "UnknownAccount",
     "UnknownAsset",
     "UnknownNetwork",
@@ -61,3 +72,43 @@ class UnknownNetwork(ValidationFailed):
 
 class UnknownAsset(ValidationFailed):
     type = "unknown_asset"
+
+
+# Escrows funded from a named deposit (escrow.deposit_funding).
+
+
+class DepositNotFound(NotFound):
+    type = "deposit_not_found"
+
+
+class DepositPending(Conflict):
+    """Not an error that is final: the same request succeeds once the deposit is credited."""
+
+    type = "deposit_pending"
+
+
+class DepositUnusable(Conflict):
+    type = "deposit_unusable"
+
+
+class DepositUsed(Conflict):
+    type = "deposit_used"
+
+
+class DepositAmbiguous(ValidationFailed):
+    type = "deposit_ambiguous"
+
+
+class DepositAgentMismatch(ValidationFailed):
+    type = "deposit_agent_mismatch"
+
+
+# Recurring charges (escrow.subscriptions).
+
+
+class SubscriptionNotFound(NotFound):
+    type = "subscription_not_found"
+
+
+class SubscriptionConflict(Conflict):
+    type = "subscription_conflict"

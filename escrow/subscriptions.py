@@ -38,10 +38,15 @@ from sqlalchemy import and_, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from escrowd.config.errors import Conflict, NotFound, ValidationFailed
+from escrowd.config.errors import ValidationFailed
 from escrowd.config.settings import SubscriptionSettings
 from escrowd.escrow import accounts, audit, events, ledger, service
-from escrowd.escrow.errors import InsufficientFunds, InvalidAmount
+from escrowd.escrow.errors import (
+    InsufficientFunds,
+    InvalidAmount,
+    SubscriptionConflict,
+    SubscriptionNotFound,
+)
 from escrowd.escrow.uow import in_transaction
 from escrowd.models import (
     AccountKind,
@@ -75,14 +80,6 @@ CANCEL_REQUESTERS = ("buyer", "marketplace")
 # A start this far in the past is taken as "now" (clock skew between the caller and us).
 START_SKEW_S = 60.0
 MAX_ERROR_LENGTH = 500
-
-
-class SubscriptionNotFound(NotFound):
-    type = "subscription_not_found"
-
-
-class SubscriptionConflict(Conflict):
-    type = "subscription_conflict"
 
 
 @dataclass(frozen=True)

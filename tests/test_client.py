@@ -1,4 +1,7 @@
-"""escrowd.client against a running `escrowd dev` API (started once for this module).
+"""escrowd.client against a running `escrowd dev` API (started once for this module):
+escrows, deposits and networks, withdrawals paid out on the simulated Solana chain,
+escrows funded from a named deposit, subscriptions, audit and webhook endpoints.
+(tests/test_client_contract.py holds the client to /openapi.json without a server.)
 
 The buyer is funded as a user would fund it: SOL airdropped to its Solana deposit
 address, seen by the poller and credited. Faults come from a TCP proxy between the client
@@ -14,15 +17,19 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from solders.keypair import Keypair
 
 from escrowd.client import (
     AgentNotFound,
     AsyncEscrowdClient,
     ConnectionFailed,
     DepositEvent,
+    DepositNotFound,
+    DepositUsed,
     EscrowConflict,
     EscrowdClient,
     EscrowEvent,
@@ -35,9 +42,13 @@ from escrowd.client import (
     RateLimited,
     RetryPolicy,
     ServerError,
+    SubscriptionConflict,
+    SubscriptionNotFound,
     Unauthorized,
+    UnknownNetwork,
     ValidationFailed,
     WebhookPayloadInvalid,
+    WithdrawalNotFound,
     parse_event,
     verify_webhook,
 )
@@ -222,6 +233,170 @@ def test_webhook_endpoint_operations(dev: DevApi, client: EscrowdClient) -> None
         stranger.get_agent("anyone")
 
 
+def test_networks_deposit_addresses_and_deposits_name_networks(
+    client: EscrowdClient, parties: tuple[str, str]
+) -> None:
+    buyer, _ = parties
+    networks = {n.network: n for n in client.list_networks()}
+    # `escrowd dev` names its one EVM chain after its family.
+    assert {name: n.chain_family for name, n in networks.items()} == {
+        "evm": "evm",
+        "solana": "solana",
+    }
+    sol = {a.asset: a for a in networks["solana"].assets}["SOL"]
+    assert (sol.decimals, sol.token_address) == (9, None)
+    assert networks["evm"].chain_id is not None and networks["evm"].confirmations == 3
+    assert networks["solana"].confirmations is None
+
+    address = client.get_deposit_address(buyer, "solana")
+    assert (address.chain_family, address.networks) == ("solana", ("solana",))
+    evm = client.create_deposit_address(buyer, "evm")
+    assert evm.address.startswith("0x") and evm.networks == ("evm",)
+    deposits = list(client.iter_deposits(agent=buyer, network="solana"))
+    assert [(d.network, d.chain_family, d.credit_state) for d in deposits] == [
+        ("solana", "solana", "credited")
+    ] * 2
+    assert [d.credited_base_units for d in deposits] == [2 * LAMPORTS_PER_SOL, LAMPORTS_PER_SOL]
+    assert list(client.iter_deposits(agent=buyer, network="evm")) == []
+    with pytest.raises(UnknownNetwork, match="configured networks"):
+        client.list_deposits(network="base")
+
+
+def test_withdrawal_is_held_then_paid_and_read_back(
+    client: EscrowdClient, parties: tuple[str, str]
+) -> None:
+    buyer, _ = parties
+    before = {b.asset: b for b in client.balances(buyer)}["SOL"]
+    destination = str(Keypair().pubkey())
+
+    held = client.withdraw(
+        agent=buyer, asset="SOL", network="solana", to_address=destination, amount="0.05"
+    )
+
+    assert (held.network, held.chain, held.chain_family) == ("solana", "solana", "solana")
+    assert (held.agent, held.destination, held.reason) == (buyer, destination, "withdrawal")
+    assert held.amount_base_units == 50_000_000
+    sol = {b.asset: b for b in client.balances(buyer)}["SOL"]
+    assert sol.available_base_units == before.available_base_units - 50_000_000
+    wait_for(
+        "the payout confirmed",
+        lambda: client.get_withdrawal(held.id).status == "confirmed",
+        timeout_s=20,
+    )
+    paid = client.get_withdrawal(held.id)
+    assert paid.tx_hash is not None and paid.confirmed_at is not None
+    assert paid.block_number is not None and paid.confirmations is None  # Solana: finalized
+    assert (paid.id, paid.amount_base_units, paid.created_at) == (
+        held.id,
+        held.amount_base_units,
+        held.created_at,
+    )
+    after = {b.asset: b for b in client.balances(buyer)}["SOL"]
+    assert after.pending_withdrawals_base_units == 0
+    assert after.available_base_units == before.available_base_units - 50_000_000
+    listed = list(client.iter_withdrawals(agent=buyer, network="solana", page_size=1))
+    assert paid in listed
+    assert client.list_withdrawals(status="confirmed", limit=50).items.count(paid) == 1
+    with pytest.raises(WithdrawalNotFound):
+        client.get_withdrawal(10**12)
+
+
+def test_escrow_funded_from_a_named_deposit(
+    client: EscrowdClient, parties: tuple[str, str]
+) -> None:
+    buyer, worker = parties
+    one_sol = client.list_deposits(agent=buyer).items[1]
+    assert one_sol.amount_base_units == LAMPORTS_PER_SOL
+    before = _available(client, buyer)
+    job = _job()
+
+    escrow = client.fund_escrow_from_deposit(
+        job_id=job,
+        worker=worker,
+        network=one_sol.network,
+        tx_hash=one_sol.tx_hash,
+        log_index=one_sol.log_index,
+        buyer=buyer,
+        amount="0.1",
+    )
+
+    assert (escrow.status, escrow.buyer, escrow.amount_base_units) == ("funded", buyer, 10**8)
+    source = escrow.funded_from_deposit
+    assert source is not None and source.deposit_id == one_sol.id
+    assert (source.network, source.tx_hash) == ("solana", one_sol.tx_hash)
+    assert source.depositor_address is not None
+    assert client.get_escrow(job) == escrow
+    assert _available(client, buyer) == before - 10**8
+    with pytest.raises(DepositUsed):
+        client.fund_escrow_from_deposit(
+            job_id=_job(), worker=worker, network="solana", tx_hash=one_sol.tx_hash
+        )
+    with pytest.raises(DepositNotFound):
+        client.fund_escrow_from_deposit(
+            job_id=_job(), worker=worker, network="solana", tx_hash="1111111111"
+        )
+    assert client.refund_escrow(job).funded_from_deposit == source
+    assert _available(client, buyer) == before
+
+
+def test_subscription_operations(client: EscrowdClient, parties: tuple[str, str]) -> None:
+    buyer, worker = parties
+    before = _available(client, buyer)
+    monthly = f"sub-{uuid.uuid4().hex[:8]}"
+
+    created = client.create_subscription(
+        subscription_id=monthly,
+        buyer=buyer,
+        worker=worker,
+        asset="SOL",
+        amount="0.01",
+        interval="month",
+    )
+
+    # Starting now charges the first period at once: 0.01 SOL, 2.5 % of it the fee.
+    assert (created.status, created.next_period_index, created.amount_base_units) == (
+        "active",
+        1,
+        10_000_000,
+    )
+    [charge] = client.iter_subscription_charges(monthly, page_size=1)  # next cursor: 0
+    assert (charge.period_index, charge.status, charge.attempts) == (0, "succeeded", 1)
+    assert (charge.payee_amount_base_units, charge.fee_amount_base_units) == (9_750_000, 250_000)
+    assert _available(client, buyer) == before - 10_000_000
+    assert client.get_subscription(monthly) == created
+    assert created in client.iter_subscriptions(buyer=buyer, status="active", page_size=1)
+    with pytest.raises(SubscriptionConflict):
+        client.resume_subscription(monthly)  # only a paused one resumes
+    canceled = client.cancel_subscription(monthly, requested_by="buyer")
+    assert (canceled.status, canceled.canceled_by, canceled.next_charge_at) == (
+        "canceled",
+        "buyer",
+        None,
+    )
+
+    later = f"sub-{uuid.uuid4().hex[:8]}"
+    starts = datetime.now(UTC).replace(microsecond=0) + timedelta(days=2)
+    weekly = client.create_subscription(
+        subscription_id=later,
+        buyer=buyer,
+        asset="SOL",
+        amount="0.02",
+        interval="week",
+        interval_count=2,
+        starts_at=starts,
+    )
+    assert (weekly.worker, weekly.fee_bps, weekly.next_charge_at) == (None, 0, starts)
+    assert client.list_subscription_charges(later).items == ()
+    assert client.cancel_subscription(later).canceled_by == "marketplace"
+    assert _available(client, buyer) == before - 10_000_000
+    with pytest.raises(InsufficientFunds):
+        client.create_subscription(
+            subscription_id=_job(), buyer=buyer, asset="SOL", amount="1000", interval="day"
+        )
+    with pytest.raises(SubscriptionNotFound):
+        client.get_subscription("no-such-subscription")
+
+
 # --- retries through the fault proxy ------------------------------------------------------
 
 
@@ -315,6 +490,10 @@ def test_async_client(dev: DevApi, parties: tuple[str, str]) -> None:
             assert len(deposits) == 2
             with pytest.raises(EscrowConflict):
                 await escrowd.release_escrow(job)
+            networks = await escrowd.list_networks()
+            assert sorted(n.network for n in networks) == ["evm", "solana"]
+            subscriptions = [s async for s in escrowd.iter_subscriptions(page_size=1)]
+            assert len({s.id for s in subscriptions}) == len(subscriptions)
 
     asyncio.run(scenario())
 

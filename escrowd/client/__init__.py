@@ -6,12 +6,15 @@
                                      asset="USDC", amount="12.5")
         escrowd.release_escrow("job-1")
 
-Calls return the plain values `EscrowService` returns in process (escrowd.escrow.values)
-and raise the same typed errors (`InsufficientFunds`, `EscrowConflict`, ...). Each
-changing call carries one Idempotency-Key for all of its retries (no answer, 5xx, 429
-after its Retry-After), so a retry never does the work twice. Lists come a page at a
+Every operation of the API has a method (`operations.OPERATIONS` lists them by method
+and path). Calls return the plain values `EscrowService` returns in process
+(escrowd.escrow.values; `Escrow` and `Withdrawal` with what the API tells besides) and
+raise the same typed errors (`InsufficientFunds`, `EscrowConflict`, `DepositUsed`, ...).
+Each changing call carries one Idempotency-Key for all of its retries (no answer, 5xx,
+429 after its Retry-After), so a retry never does the work twice. Lists come a page at a
 time (`list_*`) or as iterators over every page (`iter_*`). `verify_webhook` checks a
-delivery's signature and returns its typed event.
+delivery's signatures (Standard Webhooks and Escrowd-Signature) and returns its typed
+event.
 """
 
 from escrowd.client.aio import AsyncEscrowdClient
@@ -21,6 +24,12 @@ from escrowd.client.errors import (
     AssetMismatch,
     Conflict,
     ConnectionFailed,
+    DepositAgentMismatch,
+    DepositAmbiguous,
+    DepositNotFound,
+    DepositPending,
+    DepositUnusable,
+    DepositUsed,
     EscrowConflict,
     EscrowdError,
     EscrowNotFound,
@@ -31,11 +40,15 @@ from escrowd.client.errors import (
     NotFound,
     RateLimited,
     ServerError,
+    SubscriptionConflict,
+    SubscriptionNotFound,
     Unauthorized,
     Unavailable,
     UnknownAccount,
     UnknownAsset,
+    UnknownNetwork,
     ValidationFailed,
+    WithdrawalNotFound,
 )
 from escrowd.client.sync import EscrowdClient
 from escrowd.client.values import (
@@ -43,9 +56,14 @@ from escrowd.client.values import (
     AuditRow,
     Deposit,
     DepositAddress,
+    Escrow,
+    FundingDeposit,
+    Network,
+    NetworkAsset,
     Page,
     WebhookDelivery,
     WebhookEndpoint,
+    Withdrawal,
 )
 from escrowd.client.webhooks import (
     DepositEvent,
@@ -56,11 +74,16 @@ from escrowd.client.webhooks import (
     OtherEvent,
     PayoutEvent,
     PayoutEventData,
+    SubscriptionChargeData,
+    SubscriptionEvent,
+    SubscriptionEventData,
+    UnsupportedDepositEvent,
+    UnsupportedDepositEventData,
     WebhookPayloadInvalid,
     parse_event,
     verify_webhook,
 )
-from escrowd.escrow.values import Agent, Balance, Escrow, Withdrawal
+from escrowd.escrow.values import Agent, Balance, Subscription, SubscriptionCharge
 
 __all__ = [
     "Agent",
@@ -75,8 +98,14 @@ __all__ = [
     "ConnectionFailed",
     "Deposit",
     "DepositAddress",
+    "DepositAgentMismatch",
+    "DepositAmbiguous",
     "DepositEvent",
     "DepositEventData",
+    "DepositNotFound",
+    "DepositPending",
+    "DepositUnusable",
+    "DepositUsed",
     "Escrow",
     "EscrowConflict",
     "EscrowEvent",
@@ -86,9 +115,12 @@ __all__ = [
     "EscrowdError",
     "Event",
     "Forbidden",
+    "FundingDeposit",
     "IdempotencyConflict",
     "InsufficientFunds",
     "InvalidAmount",
+    "Network",
+    "NetworkAsset",
     "NotFound",
     "OtherEvent",
     "Page",
@@ -97,15 +129,26 @@ __all__ = [
     "RateLimited",
     "RetryPolicy",
     "ServerError",
+    "Subscription",
+    "SubscriptionCharge",
+    "SubscriptionChargeData",
+    "SubscriptionConflict",
+    "SubscriptionEvent",
+    "SubscriptionEventData",
+    "SubscriptionNotFound",
     "Unauthorized",
     "Unavailable",
     "UnknownAccount",
     "UnknownAsset",
+    "UnknownNetwork",
+    "UnsupportedDepositEvent",
+    "UnsupportedDepositEventData",
     "ValidationFailed",
     "WebhookDelivery",
     "WebhookEndpoint",
     "WebhookPayloadInvalid",
     "Withdrawal",
+    "WithdrawalNotFound",
     "parse_event",
     "verify_webhook",
 ]

@@ -10,23 +10,27 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
-from typing import Self, TypeVar
+from typing import Literal, Self, TypeVar
 
 import httpx
 
 from escrowd.client import operations as ops
 from escrowd.client.calls import RETRYABLE_ERRORS, Attempts, Call, RetryPolicy, outcome
-from escrowd.client.operations import Amount
+from escrowd.client.operations import Amount, Interval
 from escrowd.client.values import (
     AuditReport,
     AuditRow,
+    ChainFamily,
     Deposit,
     DepositAddress,
+    Escrow,
+    Network,
     Page,
     WebhookDelivery,
     WebhookEndpoint,
+    Withdrawal,
 )
-from escrowd.escrow.values import Agent, Balance, Escrow, Withdrawal
+from escrowd.escrow.values import Agent, Balance, Subscription, SubscriptionCharge
 
 T = TypeVar("T")
 
@@ -108,43 +112,51 @@ class EscrowdClient:
         return self.send(ops.get_agent(agent_id))
 
     def create_deposit_address(
-        self, agent_id: str, chain: str, *, idempotency_key: str | None = None
+        self, agent_id: str, chain_family: ChainFamily, *, idempotency_key: str | None = None
     ) -> DepositAddress:
-        return self.send(ops.create_deposit_address(agent_id, chain), idempotency_key)
+        """The agent's address for a chain family (evm, solana), allocated on first call;
+        it receives on every network of the family (`networks`)."""
+        return self.send(ops.create_deposit_address(agent_id, chain_family), idempotency_key)
 
-    def get_deposit_address(self, agent_id: str, chain: str) -> DepositAddress:
-        return self.send(ops.get_deposit_address(agent_id, chain))
+    def get_deposit_address(self, agent_id: str, chain_family: ChainFamily) -> DepositAddress:
+        return self.send(ops.get_deposit_address(agent_id, chain_family))
 
     def balances(self, agent_id: str) -> list[Balance]:
         return self.send(ops.balances(agent_id))
 
-    # --- deposits -------------------------------------------------------------------------
+    # --- networks and deposits ------------------------------------------------------------
+
+    def list_networks(self) -> list[Network]:
+        """The configured networks: the values `network=` takes, with their assets."""
+        return self.send(ops.list_networks())
 
     def list_deposits(
         self,
         *,
         agent: str | None = None,
-        chain: str | None = None,
+        network: str | None = None,
         status: str | None = None,
         cursor: int | None = None,
         limit: int | None = None,
     ) -> Page[Deposit]:
         return self.send(
-            ops.list_deposits(agent=agent, chain=chain, status=status, cursor=cursor, limit=limit)
+            ops.list_deposits(
+                agent=agent, network=network, status=status, cursor=cursor, limit=limit
+            )
         )
 
     def iter_deposits(
         self,
         *,
         agent: str | None = None,
-        chain: str | None = None,
+        network: str | None = None,
         status: str | None = None,
         page_size: int | None = None,
     ) -> Iterator[Deposit]:
         """Every matching deposit, oldest first, fetched a page at a time."""
         return self._each(
             lambda cursor: ops.list_deposits(
-                agent=agent, chain=chain, status=status, cursor=cursor, limit=page_size
+                agent=agent, network=network, status=status, cursor=cursor, limit=page_size
             )
         )
 
@@ -173,6 +185,38 @@ class EscrowdClient:
         )
         return self.send(call, idempotency_key)
 
+    def fund_escrow_from_deposit(
+        self,
+        *,
+        job_id: str,
+        worker: str,
+        network: str,
+        tx_hash: str,
+        log_index: int | None = None,
+        buyer: str | None = None,
+        amount: Amount | None = None,
+        fee_bps: int | None = None,
+        expires_at: datetime | None = None,
+        idempotency_key: str | None = None,
+    ) -> Escrow:
+        """Fund an escrow from one confirmed deposit (network, tx hash and, when the
+        transaction holds several, its log index, as `list_deposits` shows them): the
+        agent it credited is the buyer; the escrow holds what it credited, or `amount`.
+        A deposit funds one escrow at most (DepositUsed); one not confirmed yet raises
+        DepositPending: call again later with the same `idempotency_key`."""
+        call = ops.fund_escrow_from_deposit(
+            job_id=job_id,
+            worker=worker,
+            network=network,
+            tx_hash=tx_hash,
+            log_index=log_index,
+            buyer=buyer,
+            amount=amount,
+            fee_bps=fee_bps,
+            expires_at=expires_at,
+        )
+        return self.send(call, idempotency_key)
+
     def get_escrow(self, job_id: str) -> Escrow:
         return self.send(ops.get_escrow(job_id))
 
@@ -194,15 +238,146 @@ class EscrowdClient:
         *,
         agent: str,
         asset: str,
-        chain: str,
+        network: str,
         to_address: str,
         amount: Amount,
         idempotency_key: str | None = None,
     ) -> Withdrawal:
+        """Hold `amount` of the agent's balance for a payout to `to_address` on `network`.
+        Pass an `idempotency_key` of your own (your payout's id) to make it safe to
+        repeat across restarts: the same key returns the same withdrawal."""
         call = ops.withdraw(
-            agent=agent, asset=asset, chain=chain, to_address=to_address, amount=amount
+            agent=agent, asset=asset, network=network, to_address=to_address, amount=amount
         )
         return self.send(call, idempotency_key)
+
+    def list_withdrawals(
+        self,
+        *,
+        agent: str | None = None,
+        network: str | None = None,
+        status: str | None = None,
+        cursor: int | None = None,
+        limit: int | None = None,
+    ) -> Page[Withdrawal]:
+        return self.send(
+            ops.list_withdrawals(
+                agent=agent, network=network, status=status, cursor=cursor, limit=limit
+            )
+        )
+
+    def iter_withdrawals(
+        self,
+        *,
+        agent: str | None = None,
+        network: str | None = None,
+        status: str | None = None,
+        page_size: int | None = None,
+    ) -> Iterator[Withdrawal]:
+        """Payouts to agents (withdrawals and escrow payouts), oldest first."""
+        return self._each(
+            lambda cursor: ops.list_withdrawals(
+                agent=agent, network=network, status=status, cursor=cursor, limit=page_size
+            )
+        )
+
+    def get_withdrawal(self, withdrawal_id: int) -> Withdrawal:
+        """One payout by the id `withdraw` and the payout.* events give."""
+        return self.send(ops.get_withdrawal(withdrawal_id))
+
+    # --- subscriptions --------------------------------------------------------------------
+
+    def create_subscription(
+        self,
+        *,
+        subscription_id: str,
+        buyer: str,
+        asset: str,
+        amount: Amount,
+        interval: Interval,
+        interval_count: int | None = None,
+        worker: str | None = None,
+        fee_bps: int | None = None,
+        starts_at: datetime | None = None,
+        idempotency_key: str | None = None,
+    ) -> Subscription:
+        """Charge `amount` from `buyer` every `interval_count` `interval`s, to `worker`
+        minus the fee or, with no worker, to the platform. Without `starts_at` the first
+        period is charged now (InsufficientFunds, and nothing created, if it cannot be)."""
+        call = ops.create_subscription(
+            subscription_id=subscription_id,
+            buyer=buyer,
+            asset=asset,
+            amount=amount,
+            interval=interval,
+            interval_count=interval_count,
+            worker=worker,
+            fee_bps=fee_bps,
+            starts_at=starts_at,
+        )
+        return self.send(call, idempotency_key)
+
+    def list_subscriptions(
+        self,
+        *,
+        buyer: str | None = None,
+        status: str | None = None,
+        cursor: int | None = None,
+        limit: int | None = None,
+    ) -> Page[Subscription]:
+        return self.send(
+            ops.list_subscriptions(buyer=buyer, status=status, cursor=cursor, limit=limit)
+        )
+
+    def iter_subscriptions(
+        self,
+        *,
+        buyer: str | None = None,
+        status: str | None = None,
+        page_size: int | None = None,
+    ) -> Iterator[Subscription]:
+        """Subscriptions oldest first."""
+        return self._each(
+            lambda cursor: ops.list_subscriptions(
+                buyer=buyer, status=status, cursor=cursor, limit=page_size
+            )
+        )
+
+    def get_subscription(self, subscription_id: str) -> Subscription:
+        return self.send(ops.get_subscription(subscription_id))
+
+    def list_subscription_charges(
+        self, subscription_id: str, *, cursor: int | None = None, limit: int | None = None
+    ) -> Page[SubscriptionCharge]:
+        return self.send(ops.list_subscription_charges(subscription_id, cursor=cursor, limit=limit))
+
+    def iter_subscription_charges(
+        self, subscription_id: str, *, page_size: int | None = None
+    ) -> Iterator[SubscriptionCharge]:
+        """A subscription's charges by period; a failed one shows its error and attempts."""
+        return self._each(
+            lambda cursor: ops.list_subscription_charges(
+                subscription_id, cursor=cursor, limit=page_size
+            )
+        )
+
+    def cancel_subscription(
+        self,
+        subscription_id: str,
+        *,
+        requested_by: Literal["buyer", "marketplace"] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Subscription:
+        """Stop charging for good; `requested_by` is recorded (escrowd's default:
+        marketplace)."""
+        call = ops.cancel_subscription(subscription_id, requested_by=requested_by)
+        return self.send(call, idempotency_key)
+
+    def resume_subscription(
+        self, subscription_id: str, *, idempotency_key: str | None = None
+    ) -> Subscription:
+        """Reactivate a paused subscription, charging the current period now."""
+        return self.send(ops.resume_subscription(subscription_id), idempotency_key)
 
     # --- audit ----------------------------------------------------------------------------
 
