@@ -13,7 +13,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import structlog
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -45,6 +44,7 @@ from escrowd.models import db as models_db
 from escrowd.models.db import make_session_factory, statement_rows
 from tests.escrow_fixtures import PLATFORM, credit, make_settings, platform_fees, seed_asset
 from tests.ledger_helpers import fund
+from tests.log_capture import captured_logs
 
 _keys = itertools.count(1)
 
@@ -473,7 +473,7 @@ def test_concurrent_post_alone_new_shared_streams(pg_engine: Engine) -> None:
             errors.append(exc)
             barrier.abort()
 
-    with structlog.testing.capture_logs() as logs:
+    with captured_logs() as logs:
         threads = [threading.Thread(target=writer, args=(i,)) for i in range(THREADS)]
         for t in threads:
             t.start()

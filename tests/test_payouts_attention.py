@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 import typer
 from solders.keypair import Keypair
 from sqlalchemy import Engine, select
@@ -37,6 +36,7 @@ from escrowd.models import Payout, PayoutStatus, WebhookEvent
 from escrowd.models.db import make_engine
 from tests.escrow_fixtures import audit_actions
 from tests.evm_fixtures import EvmChain, anvil_chain
+from tests.log_capture import captured_logs
 from tests.payout_fixtures import PASSPHRASE, EvmPayoutWorld, make_evm_world, random_address
 from tests.test_payouts_solana import SolanaWorld
 from tests.test_payouts_solana import world as solana_world
@@ -307,7 +307,7 @@ def test_a_failing_step_backs_off_and_alerts_once(world: EvmPayoutWorld) -> None
         WorkerOptions(worker_id="w1", backoff=backoff),
     )
     passes = 0
-    with structlog.testing.capture_logs() as logs:
+    with captured_logs() as logs:
         deadline = time.monotonic() + 1.5
         while time.monotonic() < deadline:
             down.run_once()
@@ -325,7 +325,7 @@ def test_a_failing_step_backs_off_and_alerts_once(world: EvmPayoutWorld) -> None
     assert payout.retry_at is not None and payout.stall_reported
     dead.close()
 
-    with structlog.testing.capture_logs() as logs:
+    with captured_logs() as logs:
         time.sleep(0.4)
         world.worker("w1").run_until_idle()
     assert [e["event"] for e in logs].count("payout_step_recovered") == 1

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 from sqlalchemy import Engine, func, select
 from web3.types import Wei
 
@@ -21,6 +20,7 @@ from escrowd.indexer.evm_source import JsonRpcEvmSource, RetryPolicy
 from escrowd.models import Deposit, DepositAddress, LedgerTransfer, Payout
 from escrowd.models.db import make_engine
 from tests.evm_fixtures import EvmChain, anvil_chain
+from tests.log_capture import captured_logs
 from tests.payout_fixtures import CHAIN, EvmPayoutWorld, make_evm_world, record_deposit
 
 __all__ = ["anvil_chain"]
@@ -117,7 +117,7 @@ def test_a_sweep_waits_for_the_gas_wallet_and_a_failing_discovery_alerts_once(
 
     # The gas wallet was never funded: the sweep waits, nothing is sent, one warning.
     sweeper = _sweeper(world)
-    with structlog.testing.capture_logs() as logs:
+    with captured_logs() as logs:
         for _ in range(3):
             sweeper.run_once()
     with world.sessions() as s:
@@ -153,7 +153,7 @@ def test_a_sweep_waits_for_the_gas_wallet_and_a_failing_discovery_alerts_once(
         update={"payouts": world.settings.payouts.model_copy(update={"stalled_after_s": 0.2})}
     )
     blind = build_evm_sweeper(world.sessions, settings, CHAIN, world.keystore, dead)
-    with structlog.testing.capture_logs() as logs:
+    with captured_logs() as logs:
         for _ in range(4):
             blind.run_once()
             time.sleep(0.1)

@@ -11,12 +11,12 @@ from spl.token.constants import TOKEN_PROGRAM_ID
 from spl.token.instructions import mint_to_checked
 from spl.token.models import MintToCheckedParams
 from sqlalchemy import select
-from structlog.testing import capture_logs
 
 from escrowd.escrow import accounts, ledger, service, sweeps
 from escrowd.escrow.payout_worker import PayoutWorker, SolanaPayoutChain, WorkerOptions
 from escrowd.escrow.sweeps import discover_solana_sweeps
 from escrowd.models import DepositAddress, Payout, WebhookEvent
+from tests.log_capture import captured_logs
 from tests.payout_fixtures import record_deposit
 from tests.solana_history import Chain
 from tests.test_payouts_solana import CHAIN, SolanaWorld, world
@@ -149,7 +149,7 @@ def test_a_failed_sweep_backs_off_with_one_warning(
     assert sweep() == 1
     with world.sessions() as s, s.begin():  # as the chain would have it: the sweep failed
         s.scalars(select(Payout).where(Payout.reason == "sweep")).one().status = "failed"
-    with capture_logs() as logs:
+    with captured_logs() as logs:
         assert sweep() == 0
         assert sweep() == 0
     backing_off = [e for e in logs if e["event"] == "sweep_backing_off"]

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import structlog
 from prometheus_client import REGISTRY
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -47,6 +46,7 @@ from escrowd.escrow.webhooks import (
 )
 from escrowd.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, utcnow
 from escrowd.models.db import make_session_factory
+from tests.log_capture import captured_logs
 
 
 @dataclass
@@ -300,7 +300,7 @@ def test_retries_bounded_then_endpoint_disabled_reported_and_resumable(
     event_ids = emit_events(sessions, 3)
     failures_before = REGISTRY.get_sample_value("escrowd_webhook_failures_total") or 0.0
 
-    with structlog.testing.capture_logs() as logs:
+    with captured_logs() as logs:
         for step in range(6):
             deliver_due(sessions, cipher, SETTINGS, client=client, now=later(9 * step))
             if step == 0:
