@@ -110,13 +110,15 @@ def bench_authenticate(engine: Engine, calls: int, rounds: int) -> list[tuple[fl
     return results
 
 
-def _escrowd(src: Path, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+def _escrowd(
+    src: Path, env: dict[str, str], *args: str, log: Path | None = None
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-c", "from escrowd.daemon.cli import main; main()", *args],
         cwd=src,
         env={**env, "PYTHONPATH": str(src)},
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=log.open("wb") if log is not None else subprocess.DEVNULL,
     )
 
 
@@ -135,7 +137,10 @@ def _server(src: Path, url: str, data_dir: Path) -> tuple[subprocess.Popen[bytes
         out, _ = done.communicate(timeout=120)
         assert done.returncode == 0, args
     key = next(line for line in out.decode().splitlines() if line.startswith("esk_"))
-    server = _escrowd(src, env, "run")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # The server's warnings and errors (an api_unhandled_error would show here).
+    server = _escrowd(src, env, "run", log=data_dir / "server.log")
+    print(f"server log: {data_dir / 'server.log'}")
     deadline = time.monotonic() + 60
     while subprocess.run(
         ["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{port}/healthz"], check=False
