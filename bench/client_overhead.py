@@ -30,9 +30,9 @@ import httpx
 
 from bench.escrow import _free_port, _serve, _setup, _wait_until_serving
 from escrowd.client import EscrowdClient
+from escrowd.config.rate_limit import MAX_REQUESTS, RateLimit
 from escrowd.daemon.logs import configure_logging
 from escrowd.escrow import apikeys
-from escrowd.escrow.ratelimit import MAX_REQUESTS, RateLimit
 from escrowd.models import ApiScope
 from escrowd.models.db import make_engine
 

@@ -43,12 +43,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bench.clients import run_threads, spread
 from bench.pg import URL_BASE, PgBench, admin, interleaved, median_ratio, pooled_ratio
+from escrowd.config.rate_limit import MAX_REQUESTS, RateLimit
 from escrowd.config.settings import Settings
 from escrowd.daemon.api import create_app
 from escrowd.daemon.logs import configure_logging
 from escrowd.escrow import accounts, apikeys, ledger, service
 from escrowd.escrow.interface import EscrowService
-from escrowd.escrow.ratelimit import MAX_REQUESTS, RateLimit
 from escrowd.migrations.runner import upgrade_to_head
 from escrowd.models import ApiScope, TransferCode
 from escrowd.models.db import make_engine, make_session_factory

@@ -36,17 +36,18 @@ from sqlalchemy import Engine, text
 
 from bench.escrow import _free_port
 from bench.pg import URL_BASE, admin
+from escrowd.config.rate_limit import MAX_REQUESTS, RateLimit
 from escrowd.config.settings import Settings
 from escrowd.daemon.api_deps import ApiState
 from escrowd.daemon.logs import configure_logging
-from escrowd.escrow import apikeys, ratelimit
+from escrowd.escrow import apikeys
 from escrowd.migrations.runner import upgrade_to_head
 from escrowd.models import ApiScope
 from escrowd.models.db import make_engine, make_session_factory, statement_rows
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 REPO = Path(__file__).resolve().parent.parent
-HIGH = ratelimit.RateLimit(requests=ratelimit.MAX_REQUESTS, window_s=1)
+HIGH = RateLimit(requests=MAX_REQUESTS, window_s=1)
 # main's key lookup (apikeys.PG_KEY_LOOKUP before this branch).
 _PG_LOOKUP = (
     "SELECT id, prefix, key_hash, scope, revoked_at IS NOT NULL FROM api_keys WHERE prefix = %s"

@@ -22,7 +22,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from escrowd.config.errors import ValidationFailed
-from escrowd.escrow.ratelimit import parse_limit
+from escrowd.config.rate_limit import parse_limit
 
 log = structlog.get_logger(__name__)
 

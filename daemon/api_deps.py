@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from escrowd.config.errors import Unavailable, ValidationFailed
+from escrowd.config.rate_limit import RateLimit, parse_limit
 from escrowd.config.settings import Settings
 from escrowd.daemon.api_ratelimit import RATE_LIMITED, STATE_ATTR
 from escrowd.daemon.api_schemas import (
@@ -66,10 +67,10 @@ class ApiState:
     readers: sessionmaker[Session] = field(init=False)
     agents: AgentCache = field(init=False)
     networks: dict[str, str] = field(init=False)
-    rate_limit: ratelimit.RateLimit = field(init=False)
+    rate_limit: RateLimit = field(init=False)
 
     def __post_init__(self) -> None:
-        self.rate_limit = ratelimit.parse_limit(self.settings.api.rate_limit)
+        self.rate_limit = parse_limit(self.settings.api.rate_limit)
         self.writers = make_session_factory(self.engine)
         self.readers = make_session_factory(self.engine, read_only=True)
         self.agents = AgentCache()

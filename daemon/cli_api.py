@@ -18,8 +18,9 @@ import typer
 from sqlalchemy import Engine
 
 from escrowd.config.errors import EscrowdError
+from escrowd.config.rate_limit import parse_limit
 from escrowd.config.settings import SettingsError, load_settings
-from escrowd.escrow import apikeys, ratelimit
+from escrowd.escrow import apikeys
 from escrowd.escrow.uow import in_transaction
 from escrowd.models import ApiScope
 from escrowd.models.db import make_engine, make_session_factory
@@ -62,7 +63,7 @@ def create(
     """Create a key and print it once: only its hash is stored, it cannot be shown again."""
     sessions = make_session_factory(_engine(ctx))
     try:
-        limit = ratelimit.parse_limit(rate_limit) if rate_limit is not None else None
+        limit = parse_limit(rate_limit) if rate_limit is not None else None
         row, key = in_transaction(
             sessions,
             lambda s: apikeys.create_key(s, name=name, scope=scope, rate_limit=limit),
@@ -129,7 +130,7 @@ def set_limit(
     request on, in every API process."""
     sessions = make_session_factory(_engine(ctx))
     try:
-        limit = None if rate_limit == "default" else ratelimit.parse_limit(rate_limit)
+        limit = None if rate_limit == "default" else parse_limit(rate_limit)
         in_transaction(sessions, lambda s: apikeys.set_rate_limit(s, prefix, limit))
     except EscrowdError as exc:
         _fail(exc.message)

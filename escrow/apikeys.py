@@ -19,8 +19,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from escrowd.config.errors import Forbidden, NotFound, Unauthorized, ValidationFailed
+from escrowd.config.rate_limit import RateLimit
 from escrowd.escrow import audit
-from escrowd.escrow.ratelimit import Quota, RateLimit
+from escrowd.escrow.ratelimit import Quota
 from escrowd.models import ApiKey, ApiScope, utcnow
 
 log = structlog.get_logger(__name__)

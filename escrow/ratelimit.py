@@ -1,12 +1,13 @@
 """Requests per API key per fixed window, counted where the key is read.
 
-Authentication (daemon/api_deps.ApiState.authenticate) calls `admit`: on PostgreSQL one
-statement reads the key and, when the presented secret's hash matches an active key,
-upserts-and-increments its row of `api_rate_windows`; on SQLite a transaction does the
-same. The count lives in the database, so every API process and host on one PostgreSQL
-shares it, and the atomic increment gives each request its own number: of N racing
-requests, exactly `limit` get a number within it. Only a matching hash counts, so a caller
-who knows a key's public prefix but not its secret cannot use up the key's window.
+Authentication (daemon/api_deps.ApiState.authenticate) runs `PG_ADMIT` or
+`admit_sqlite`: on PostgreSQL one statement reads the key and, when the presented secret's
+hash matches an active key, upserts-and-increments its row of `api_rate_windows`; on
+SQLite a transaction does the same. The count lives in the database, so every API process
+and host on one PostgreSQL shares it, and the atomic increment gives each request its own
+number: of N racing requests, exactly `limit` get a number within it. Only a matching
+hash counts, so a caller who knows a key's public prefix but not its secret cannot use up
+the key's window.
 
 Windows are fixed (start = a multiple of the length, on the database's clock) and one row
 per key holds the current one, so the table never grows beyond the keys. A refused request
@@ -17,50 +18,19 @@ is the one that writes the `rate_limit_exceeded` audit row.
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from escrowd.config.errors import EscrowdError, ValidationFailed
-
-MAX_REQUESTS = 1_000_000_000
-MAX_WINDOW_S = 86_400
-_UNIT_S = {"s": 1, "m": 60, "h": 3600}
-_LIMIT = re.compile(r"^\s*([0-9]{1,10})\s*/\s*([0-9]{0,6})\s*([smh])\s*$")
+from escrowd.config.errors import EscrowdError
+from escrowd.config.rate_limit import RateLimit
 
 
 class RateLimited(EscrowdError):
     type = "rate_limited"
     http_status = 429
-
-
-@dataclass(frozen=True)
-class RateLimit:
-    requests: int
-    window_s: int
-
-    def __str__(self) -> str:
-        return f"{self.requests}/{self.window_s}s"
-
-
-def parse_limit(value: str) -> RateLimit:
-    """ "N/<duration>" ("6000/60s", "100/1m", "5000/h") as a RateLimit; ValidationFailed
-    saying what is accepted otherwise."""
-    match = _LIMIT.match(value)
-    problem = (
-        f"invalid rate limit {value!r}: write requests/duration, such as 6000/60s, 100/1m "
-        f"or 5000/1h, with 1 to {MAX_REQUESTS} requests and a duration of 1s to 24h"
-    )
-    if match is None:
-        raise ValidationFailed(problem)
-    requests = int(match.group(1))
-    window_s = int(match.group(2) or "1") * _UNIT_S[match.group(3)]
-    if not 1 <= requests <= MAX_REQUESTS or not 1 <= window_s <= MAX_WINDOW_S:
-        raise ValidationFailed(problem)
-    return RateLimit(requests=requests, window_s=window_s)
 
 
 @dataclass(frozen=True)

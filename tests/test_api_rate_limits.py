@@ -19,11 +19,11 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
+from escrowd.config.rate_limit import RateLimit
 from escrowd.config.settings import ApiSettings, SettingsError, load_settings
 from escrowd.daemon.api import create_app
 from escrowd.daemon.cli_api import apikey_app
 from escrowd.escrow import apikeys, audit
-from escrowd.escrow.ratelimit import RateLimit
 from escrowd.escrow.webhooks import SecretCipher
 from escrowd.models import ApiScope, AuditLog
 from escrowd.models.db import make_session_factory
