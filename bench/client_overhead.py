@@ -30,12 +30,15 @@ import httpx
 
 from bench.escrow import _free_port, _serve, _setup, _wait_until_serving
 from escrowd.client import EscrowdClient
+from escrowd.config.rate_limit import MAX_REQUESTS, RateLimit
 from escrowd.daemon.logs import configure_logging
 from escrowd.escrow import apikeys
 from escrowd.models import ApiScope
 from escrowd.models.db import make_engine
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+# The bench key's own limit, far above any rate here: counted, never refused.
+BENCH_LIMIT = RateLimit(requests=MAX_REQUESTS, window_s=1)
 BUYER, WORKER = "buyer-0", "worker-0"
 
 Operation = Callable[[int], None]
@@ -118,7 +121,7 @@ def main() -> None:
     engine = make_engine(db_url)
     sessions = _setup(engine, 1)
     with sessions() as s, s.begin():
-        _, key = apikeys.create_key(s, name="bench", scope=ApiScope.WRITE)
+        _, key = apikeys.create_key(s, name="bench", scope=ApiScope.WRITE, rate_limit=BENCH_LIMIT)
     engine.dispose()
     port = _free_port()
     server = multiprocessing.get_context("spawn").Process(

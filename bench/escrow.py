@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bench.clients import run_threads, spread
 from bench.pg import URL_BASE, PgBench, admin, interleaved, median_ratio, pooled_ratio
+from escrowd.config.rate_limit import MAX_REQUESTS, RateLimit
 from escrowd.config.settings import Settings
 from escrowd.daemon.api import create_app
 from escrowd.daemon.logs import configure_logging
@@ -54,6 +55,8 @@ from escrowd.models.db import make_engine, make_session_factory
 from escrowd.models.registry import ensure_asset
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+# The bench key's own limit, far above any rate here: counted, never refused.
+BENCH_LIMIT = RateLimit(requests=MAX_REQUESTS, window_s=1)
 AMOUNT = 1_000_000
 
 
@@ -168,7 +171,7 @@ def bench_http(engine: Engine, clients: int, seconds: float, data_dir: Path) -> 
     threads of this one posting to it."""
     sessions = _setup(engine, clients)
     with sessions() as s, s.begin():
-        _, key = apikeys.create_key(s, name="bench", scope=ApiScope.WRITE)
+        _, key = apikeys.create_key(s, name="bench", scope=ApiScope.WRITE, rate_limit=BENCH_LIMIT)
     port = _free_port()
     url = engine.url.render_as_string(hide_password=False)
     server = multiprocessing.get_context("spawn").Process(

@@ -21,6 +21,9 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from escrowd.config.errors import ValidationFailed
+from escrowd.config.rate_limit import parse_limit
+
 log = structlog.get_logger(__name__)
 
 ENV_PREFIX = "ESCROWD_"
@@ -72,6 +75,17 @@ class ApiSettings(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8725
     page_size_max: Annotated[int, Field(ge=1, le=1000)] = 200
+    # Requests per window of an API key without a limit of its own ("N/<duration>", s/m/h).
+    rate_limit: str = "6000/60s"
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        try:
+            parse_limit(value)
+        except ValidationFailed as exc:
+            raise ValueError(exc.message) from None
+        return value
 
 
 class LogSettings(_Section):

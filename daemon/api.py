@@ -26,7 +26,7 @@ from starlette.routing import Match
 
 from escrowd.config.errors import EscrowdError
 from escrowd.config.settings import Settings
-from escrowd.daemon import api_deposit_funding, api_subscriptions
+from escrowd.daemon import api_deposit_funding, api_ratelimit, api_subscriptions
 from escrowd.daemon.api_deps import (
     AdminKey,
     AgentIdPath,
@@ -105,7 +105,7 @@ log = structlog.get_logger(__name__)
 API_PREFIX = "/v1"
 DEFAULT_PAGE_SIZE = 50
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorOut} for status in (400, 401, 403, 404, 409, 422, 503)
+    status: {"model": ErrorOut} for status in (400, 401, 403, 404, 409, 422, 429, 503)
 }
 
 _STATUS_TYPES = {
@@ -116,6 +116,7 @@ _STATUS_TYPES = {
     405: "method_not_allowed",
     409: "conflict",
     422: "validation_error",
+    429: "rate_limited",
 }
 
 
@@ -851,6 +852,7 @@ def _extend_openapi(app: FastAPI, state: ApiState) -> None:
             document = generate()
             _fill_configured(document, values)
             add_examples(document)
+            api_ratelimit.document(document)
         return app.openapi_schema or generate()
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -932,6 +934,7 @@ def create_app(
     document_webhooks(app)
     _extend_openapi(app, state)
     _install_error_handlers(app)
+    app.add_middleware(api_ratelimit.RateLimitHeaders)
     return app
 
 

@@ -8,8 +8,9 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
+import structlog
 from fastapi import Depends, Header, Path, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
@@ -17,7 +18,9 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from escrowd.config.errors import Unavailable, ValidationFailed
+from escrowd.config.rate_limit import RateLimit, parse_limit
 from escrowd.config.settings import Settings
+from escrowd.daemon.api_ratelimit import RATE_LIMITED, STATE_ATTR
 from escrowd.daemon.api_schemas import (
     EXTERNAL_ID_PATTERN,
     MAX_EXTERNAL_ID_LENGTH,
@@ -26,7 +29,7 @@ from escrowd.daemon.api_schemas import (
     NETWORK_VALUES,
     PRINTABLE_PATTERN,
 )
-from escrowd.escrow import apikeys, idempotency, service
+from escrowd.escrow import apikeys, idempotency, ratelimit, service
 from escrowd.escrow.agent_cache import AgentCache
 from escrowd.escrow.audit import canonical_json
 from escrowd.escrow.errors import UnknownNetwork
@@ -36,6 +39,8 @@ from escrowd.escrow.webhooks import SecretCipher
 from escrowd.models import Agent, ApiScope, Chain, utcnow
 from escrowd.models.db import make_session_factory, statement_rows
 from escrowd.wallets.allocation import AddressDeriver
+
+log = structlog.get_logger(__name__)
 
 REPLAY_HEADER = "Idempotent-Replayed"
 
@@ -62,8 +67,10 @@ class ApiState:
     readers: sessionmaker[Session] = field(init=False)
     agents: AgentCache = field(init=False)
     networks: dict[str, str] = field(init=False)
+    rate_limit: RateLimit = field(init=False)
 
     def __post_init__(self) -> None:
+        self.rate_limit = parse_limit(self.settings.api.rate_limit)
         self.writers = make_session_factory(self.engine)
         self.readers = make_session_factory(self.engine, read_only=True)
         self.agents = AgentCache()
@@ -86,18 +93,49 @@ class ApiState:
     def networks_of(self, family: str) -> list[str]:
         return [name for name, of in self.networks.items() if of == family]
 
-    def authenticate(self, token: str | None) -> apikeys.Principal:
-        """The caller's key, read by one statement: on PostgreSQL in autocommit on a
-        statement connection, a round trip where a read transaction takes three."""
+    def authenticate(self, token: str | None) -> tuple[apikeys.Principal, ratelimit.Quota]:
+        """The caller's key and this request's place in the key's rate-limit window, read
+        and counted together (escrow/ratelimit.py): on PostgreSQL by one statement in
+        autocommit on a statement connection, one round trip; on SQLite by one write
+        transaction. Unauthorized (nothing counted) for a missing, wrong or revoked key."""
+        prefix, candidate = apikeys.parse(token)
+        default = self.rate_limit
         if self.engine.dialect.name == "postgresql":
+            params = (default.requests, default.window_s, prefix, candidate)
+            rows = statement_rows(self.engine, ratelimit.PG_ADMIT, params)
+            row = rows[0] if rows else None
+            principal = apikeys.check(apikeys.KeyRow(*row[:5]) if row else None, candidate)
+            # check() passed: the hash matched an active key, so the statement counted.
+            assert row is not None and row[9] is not None
+            limit, window_s, now_s, start, count = row[5:]
+            return principal, ratelimit.quota(limit, window_s, start, count, now_s)
+        admission = in_transaction(
+            self.writers, lambda s: ratelimit.admit_sqlite(s, prefix, candidate, default)
+        )
+        key = apikeys.KeyRow(*admission.key) if admission.key is not None else None
+        principal = apikeys.check(key, candidate)
+        assert admission.quota is not None
+        return principal, admission.quota
 
-            def lookup(prefix: str) -> apikeys.KeyRow | None:
-                rows = statement_rows(self.engine, apikeys.PG_KEY_LOOKUP, (prefix,))
-                return apikeys.KeyRow(*rows[0]) if rows else None
-
-            return apikeys.verify(token, lookup)
-        principal: apikeys.Principal = self.read(lambda s: apikeys.authenticate(s, token))
-        return principal
+    def refuse(self, principal: apikeys.Principal, quota: ratelimit.Quota) -> NoReturn:
+        """Answer a request over its key's limit: counted in the metric, and the window's
+        first refusal recorded in the audit trail."""
+        RATE_LIMITED.labels(key=principal.prefix).inc()
+        if quota.first_refused:
+            in_transaction(
+                self.writers, lambda s: apikeys.record_exceeded(s, principal.prefix, quota)
+            )
+            log.warning(
+                "rate_limit_exceeded",
+                prefix=principal.prefix,
+                limit=quota.limit,
+                retry_after_s=quota.reset_s,
+            )
+        raise ratelimit.RateLimited(
+            f"API key {principal.prefix} used its {quota.limit} requests of this window; "
+            f"retry after {quota.reset_s} s (Retry-After), or ask the operator for a higher "
+            "limit (`escrowd apikey set-limit`)"
+        )
 
     def agent(self, external_id: str) -> Agent:
         """A registered agent for naming an escrow's parties (AgentNotFound if none); its
@@ -147,7 +185,11 @@ def _authenticate(
     request: Request, credentials: HTTPAuthorizationCredentials | None, scope: ApiScope
 ) -> apikeys.Principal:
     token = credentials.credentials if credentials is not None else None
-    principal = state_of(request).authenticate(token)
+    state = state_of(request)
+    principal, quota = state.authenticate(token)
+    setattr(request.state, STATE_ATTR, quota)
+    if quota.refused:
+        state.refuse(principal, quota)
     principal.require(scope)
     return principal
 

@@ -1,4 +1,4 @@
-"""`escrowd apikey ...`: create, list and revoke API keys.
+"""`escrowd apikey ...`: create, list and revoke API keys, and set their rate limits.
 
 Mount in daemon/cli.py:
 
@@ -18,6 +18,7 @@ import typer
 from sqlalchemy import Engine
 
 from escrowd.config.errors import EscrowdError
+from escrowd.config.rate_limit import parse_limit
 from escrowd.config.settings import SettingsError, load_settings
 from escrowd.escrow import apikeys
 from escrowd.escrow.uow import in_transaction
@@ -51,11 +52,22 @@ def create(
     ctx: typer.Context,
     name: Annotated[str, typer.Option("--name", help="Who the key is for.")],
     scope: Annotated[ApiScope, typer.Option("--scope", help="read, write or admin.")],
+    rate_limit: Annotated[
+        str | None,
+        typer.Option(
+            "--rate-limit",
+            help="Requests per window, such as 100/60s; default: [api] rate_limit.",
+        ),
+    ] = None,
 ) -> None:
     """Create a key and print it once: only its hash is stored, it cannot be shown again."""
     sessions = make_session_factory(_engine(ctx))
     try:
-        row, key = in_transaction(sessions, lambda s: apikeys.create_key(s, name=name, scope=scope))
+        limit = parse_limit(rate_limit) if rate_limit is not None else None
+        row, key = in_transaction(
+            sessions,
+            lambda s: apikeys.create_key(s, name=name, scope=scope, rate_limit=limit),
+        )
     except EscrowdError as exc:
         _fail(exc.message)
     typer.echo(key)
@@ -76,17 +88,20 @@ def list_keys(
         rows = apikeys.list_keys(session)
     for row in rows:
         state = "revoked" if row.revoked_at is not None else "active"
+        own = apikeys.key_limit(row)
+        limit = str(own) if own is not None else "default"
         if as_json:
             record = {
                 "prefix": row.prefix,
                 "name": row.name,
                 "scope": row.scope,
                 "state": state,
+                "rate_limit": limit,
                 "created_at": row.created_at.isoformat(),
             }
             typer.echo(json.dumps(record))
         else:
-            typer.echo(f"{row.prefix}  {row.scope:<5}  {state:<7}  {row.name}")
+            typer.echo(f"{row.prefix}  {row.scope:<5}  {state:<7}  {limit:<14}  {row.name}")
 
 
 @apikey_app.command("revoke")
@@ -101,3 +116,22 @@ def revoke(
     except EscrowdError as exc:
         _fail(exc.message)
     typer.echo(f"revoked API key {prefix}")
+
+
+@apikey_app.command("set-limit")
+def set_limit(
+    ctx: typer.Context,
+    prefix: Annotated[str, typer.Argument(help="The key's public prefix (see `list`).")],
+    rate_limit: Annotated[
+        str, typer.Argument(help="Requests per window, such as 100/60s, or 'default'.")
+    ],
+) -> None:
+    """Give a key its own rate limit, or 'default' for [api] rate_limit; from its next
+    request on, in every API process."""
+    sessions = make_session_factory(_engine(ctx))
+    try:
+        limit = None if rate_limit == "default" else parse_limit(rate_limit)
+        in_transaction(sessions, lambda s: apikeys.set_rate_limit(s, prefix, limit))
+    except EscrowdError as exc:
+        _fail(exc.message)
+    typer.echo(f"API key {prefix}: rate limit {limit if limit is not None else 'default'}")

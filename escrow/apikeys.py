@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -19,6 +19,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from escrowd.config.errors import Forbidden, NotFound, Unauthorized, ValidationFailed
+from escrowd.config.rate_limit import RateLimit
+from escrowd.escrow import audit
+from escrowd.escrow.ratelimit import Quota
 from escrowd.models import ApiKey, ApiScope, utcnow
 
 log = structlog.get_logger(__name__)
@@ -54,17 +57,67 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_key(session: Session, *, name: str, scope: ApiScope) -> tuple[ApiKey, str]:
-    """A new key row and the full key (shown to the user once; only its hash is kept)."""
+def _stream(prefix: str) -> str:
+    return f"api_key:{prefix}"
+
+
+def create_key(
+    session: Session, *, name: str, scope: ApiScope, rate_limit: RateLimit | None = None
+) -> tuple[ApiKey, str]:
+    """A new key row and the full key (shown to the user once; only its hash is kept).
+    `rate_limit`: the key's own limit; None follows the [api] rate_limit default."""
     if not name or len(name) > 100:
         raise ValidationFailed("API key name must be 1 to 100 characters")
     prefix = secrets.token_hex(PREFIX_HEX_CHARS // 2)
     secret = secrets.token_urlsafe(SECRET_BYTES)
     row = ApiKey(name=name, prefix=prefix, key_hash=_hash(secret), scope=scope.value)
+    if rate_limit is not None:
+        row.rate_limit_requests = rate_limit.requests
+        row.rate_limit_window_s = rate_limit.window_s
     session.add(row)
     session.flush()
+    limit = str(rate_limit) if rate_limit is not None else "default"
+    audit.append(
+        session,
+        stream=_stream(prefix),
+        actor="operator",
+        action="api_key_created",
+        details={"prefix": prefix, "name": name, "scope": scope.value, "rate_limit": limit},
+    )
     log.info("api_key_created", key_id=row.id, prefix=prefix, scope=scope.value)
     return row, f"{KEY_TAG}_{prefix}_{secret}"
+
+
+def key_limit(row: ApiKey) -> RateLimit | None:
+    """The key's own limit; None when it follows the default."""
+    if row.rate_limit_requests is None or row.rate_limit_window_s is None:
+        return None
+    return RateLimit(requests=row.rate_limit_requests, window_s=row.rate_limit_window_s)
+
+
+def _find(session: Session, prefix: str) -> ApiKey:
+    row = session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).one_or_none()
+    if row is None:
+        raise ApiKeyNotFound(f"no API key with prefix {prefix!r}; see `escrowd apikey list`")
+    return row
+
+
+def set_rate_limit(session: Session, prefix: str, rate_limit: RateLimit | None) -> ApiKey:
+    """Give a key its own limit (None: the default again); applies from its next request."""
+    row = _find(session, prefix)
+    row.rate_limit_requests = rate_limit.requests if rate_limit is not None else None
+    row.rate_limit_window_s = rate_limit.window_s if rate_limit is not None else None
+    session.flush()
+    limit = str(rate_limit) if rate_limit is not None else "default"
+    audit.append(
+        session,
+        stream=_stream(prefix),
+        actor="operator",
+        action="api_key_rate_limit_set",
+        details={"prefix": prefix, "rate_limit": limit},
+    )
+    log.info("api_key_rate_limit_set", key_id=row.id, prefix=prefix, rate_limit=limit)
+    return row
 
 
 class KeyRow(NamedTuple):
@@ -77,48 +130,31 @@ class KeyRow(NamedTuple):
     revoked: bool
 
 
-# The same lookup as `authenticate`, for a connection of statement_rows (PostgreSQL).
-PG_KEY_LOOKUP = (
-    "SELECT id, prefix, key_hash, scope, revoked_at IS NOT NULL FROM api_keys WHERE prefix = %s"
-)
-
-
-def authenticate(session: Session, presented: str | None) -> Principal:
-    """The principal of a presented key; Unauthorized when missing, malformed, unknown or
-    revoked (one message for all, so a caller cannot probe which prefixes exist)."""
-
-    def lookup(prefix: str) -> KeyRow | None:
-        row = session.execute(
-            select(
-                ApiKey.id,
-                ApiKey.prefix,
-                ApiKey.key_hash,
-                ApiKey.scope,
-                ApiKey.revoked_at.is_not(None),
-            ).where(ApiKey.prefix == prefix)
-        ).one_or_none()
-        return None if row is None else KeyRow(*row)
-
-    return verify(presented, lookup)
-
-
-def verify(presented: str | None, lookup: Callable[[str], KeyRow | None]) -> Principal:
-    """`authenticate` with the key row read by `lookup(prefix)`."""
-    invalid = Unauthorized(
+def _invalid() -> Unauthorized:
+    return Unauthorized(
         "missing or invalid API key: send 'Authorization: Bearer esk_...' with an active key"
     )
+
+
+def parse(presented: str | None) -> tuple[str, str]:
+    """The public prefix of a presented key and the hash of its secret; Unauthorized when
+    it is missing or malformed."""
     if not presented:
-        raise invalid
+        raise _invalid()
     tag, _, rest = presented.partition("_")
     prefix, _, secret = rest.partition("_")
     if tag != KEY_TAG or len(prefix) != PREFIX_HEX_CHARS or not secret:
-        raise invalid
-    row = lookup(prefix)
-    # Hash even when no row matched, so timing does not reveal which prefixes exist.
-    candidate = _hash(secret)
+        raise _invalid()
+    return prefix, _hash(secret)
+
+
+def check(row: KeyRow | None, candidate_hash: str) -> Principal:
+    """The principal of the key row a presented key's prefix found; Unauthorized unless
+    the secret's hash matches and the key is active."""
+    # Compared even when no row matched, so timing does not reveal which prefixes exist.
     stored = row.key_hash if row is not None else "0" * 64
-    if not hmac.compare_digest(candidate, stored) or row is None or row.revoked:
-        raise invalid
+    if not hmac.compare_digest(candidate_hash, stored) or row is None or row.revoked:
+        raise _invalid()
     return Principal(key_id=row.id, prefix=row.prefix, scope=ApiScope(row.scope))
 
 
@@ -128,11 +164,28 @@ def list_keys(session: Session) -> Sequence[ApiKey]:
 
 def revoke_key(session: Session, prefix: str) -> ApiKey:
     """Revoke a key by its public prefix; revoking twice keeps the first revocation time."""
-    row = session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).one_or_none()
-    if row is None:
-        raise ApiKeyNotFound(f"no API key with prefix {prefix!r}; see `escrowd apikey list`")
+    row = _find(session, prefix)
     if row.revoked_at is None:
         row.revoked_at = utcnow()
         session.flush()
+        audit.append(
+            session,
+            stream=_stream(prefix),
+            actor="operator",
+            action="api_key_revoked",
+            details={"prefix": prefix},
+        )
         log.info("api_key_revoked", key_id=row.id, prefix=prefix)
     return row
+
+
+def record_exceeded(session: Session, prefix: str, seen: Quota) -> None:
+    """The audit row of a key's first refused request in a window (one per window, so a
+    flood of refused requests writes one row)."""
+    audit.append(
+        session,
+        stream=_stream(prefix),
+        actor=f"api_key:{prefix}",
+        action="rate_limit_exceeded",
+        details={"prefix": prefix, "limit": seen.limit, "retry_after_s": seen.reset_s},
+    )

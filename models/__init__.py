@@ -2,6 +2,7 @@
 
 from escrowd.models.api import (
     ApiKey,
+    ApiRateWindow,
     IdempotencyKey,
     WebhookAttempt,
     WebhookDelivery,
@@ -39,6 +40,7 @@ __all__ = [
     "AccountKind",
     "Agent",
     "ApiKey",
+    "ApiRateWindow",
     "ApiScope",
     "Asset",
     "AuditHead",

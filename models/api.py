@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import (
+    BigInteger,
     CheckConstraint,
     ForeignKey,
     Index,
@@ -18,12 +19,21 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from escrowd.models.base import ApiScope, Base, BigIntPK, DeliveryStatus, check_in, utcnow
 
+# A key's own limit is both values or neither.
+RATE_LIMIT_CHECK = (
+    "(rate_limit_requests IS NULL AND rate_limit_window_s IS NULL) OR "
+    "(rate_limit_requests > 0 AND rate_limit_window_s > 0)"
+)
+
 
 class ApiKey(Base):
     """Only a hash of the key is stored; `prefix` is its public, indexed part."""
 
     __tablename__ = "api_keys"
-    __table_args__ = (CheckConstraint(check_in("scope", ApiScope), name="scope_valid"),)
+    __table_args__ = (
+        CheckConstraint(check_in("scope", ApiScope), name="scope_valid"),
+        CheckConstraint(RATE_LIMIT_CHECK, name="rate_limit_valid"),
+    )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
@@ -33,6 +43,21 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
     last_used_at: Mapped[datetime | None]
+    # Requests per window of this key; both NULL: the [api] rate_limit default.
+    rate_limit_requests: Mapped[int | None] = mapped_column(Integer)
+    rate_limit_window_s: Mapped[int | None] = mapped_column(Integer)
+
+
+class ApiRateWindow(Base):
+    """One row per key: the requests counted in its current fixed window (escrow/ratelimit).
+    UNLOGGED on PostgreSQL: a crash may forget counts, never money."""
+
+    __tablename__ = "api_rate_windows"
+
+    api_key_id: Mapped[int] = mapped_column(BigIntPK, ForeignKey("api_keys.id"), primary_key=True)
+    # Unix time (seconds) the window began, a multiple of its length.
+    window_start: Mapped[int] = mapped_column(BigInteger)
+    request_count: Mapped[int] = mapped_column(BigInteger)
 
 
 class IdempotencyKey(Base):
