@@ -1,0 +1,313 @@
+"""The HTTP API under wrk against a real `escrowd run`, beside pgbench, in one run.
+
+Usage: python -m bench.http [--seconds 15] [--rounds 2] [--connections 16] [--workers 2]
+
+Needs wrk (Debian: `apt-get install wrk`) and pgbench (`apt-get install postgresql-client`
+or the server package), and PostgreSQL on 127.0.0.1:5432 as user postgres.
+
+On a fresh PostgreSQL database: migrate, create the buyers (each with a large balance), a
+worker and a page of deposits, create the API key (`bench_api_key`, the one place that
+decides what key the bench uses), then start `escrowd run` (`--workers` API processes
+and the jobs process: expiry, webhooks, audit checkpoint, subscriptions; no chain is
+configured, so no poller runs). Each round runs pgbench tpcb-like (-c connections, scale
+>= connections), then wrk (-c connections, keep-alive, `--seconds` each) on
+  fund      POST /v1/escrows, unique job ids and Idempotency-Keys, buyers in turn
+  release   POST /v1/escrows/{job}/release of the jobs funded so far, each once
+  balances  GET /v1/agents/{id}/balances
+  deposits  GET /v1/deposits?limit=50
+and a last pgbench closes the run. Each wrk figure is compared with the mean of the
+pgbench runs before and after its round. Prints requests/s, p50/p99, non-2xx and the
+ratio, then runs `escrowd ledger check` on the database.
+Targets (issue #19): fund and release >= 0.35 of pgbench tps, balances >= 1.0, p99 <= 50
+ms, 0 non-2xx, ledger check clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from bench.pg import URL_BASE, PgBench, admin
+from escrowd.daemon.logs import configure_logging
+from escrowd.escrow import accounts, apikeys, ledger, service
+from escrowd.migrations.runner import upgrade_to_head
+from escrowd.models import ApiScope, Deposit, DepositAddress, Escrow, TransferCode
+from escrowd.models.db import make_engine, make_session_factory
+from escrowd.models.registry import ensure_asset
+
+LUA = Path(__file__).resolve().parent / "http.lua"
+ENTRY = "from escrowd.daemon.cli import main; main()"
+BUYERS = 64
+DEPOSITS = 200
+OPERATIONS = ("fund", "release", "balances", "deposits")
+START_TIMEOUT_S = 60.0
+
+
+def bench_api_key(session: Session) -> str:
+    """The API key every request of the bench presents. (A per-key rate limit, where one
+    exists, must be raised here: the bench sends thousands of requests a second.)"""
+    _, key = apikeys.create_key(session, name="bench-http", scope=ApiScope.ADMIN)
+    return key
+
+
+def _seed(engine: Engine) -> str:
+    upgrade_to_head(engine)
+    sessions = make_session_factory(engine)
+    with sessions() as s, s.begin():
+        usdc = ensure_asset(
+            s, chain="base", symbol="USDC", decimals=6, token_address="0x" + "ab" * 20
+        )
+        service.register_agent(s, "worker")
+        custody = accounts.custody(s, "base", "USDC").id
+        for n in range(BUYERS):
+            buyer = service.register_agent(s, f"buyer-{n}")
+            ledger.post(
+                s,
+                [
+                    ledger.TransferSpec(
+                        idempotency_key=f"seed-{n}",
+                        debit_account_id=custody,
+                        credit_account_id=accounts.agent_available(s, buyer.id, "USDC").id,
+                        amount=10**15,
+                        code=TransferCode.DEPOSIT,
+                        ref_type="bench",
+                        ref_id=str(n),
+                    )
+                ],
+                actor="bench",
+            )
+        owner = service.get_agent(s, "buyer-0")
+        address = DepositAddress(
+            agent_id=owner.id, chain="evm", address="0x" + "cd" * 20, derivation_index=0
+        )
+        s.add(address)
+        s.flush()
+        # Pending deposits: a full page to list, and no credit for `ledger check` to expect.
+        s.add_all(
+            Deposit(
+                chain="base",
+                tx_hash=f"0x{n:064x}",
+                log_index=0,
+                asset_id=usdc.id,
+                agent_id=owner.id,
+                deposit_address_id=address.id,
+                from_address="0x" + "ef" * 20,
+                amount=1_000_000 + n,
+                block_number=1_000 + n,
+                block_hash=f"0x{n + 1:064x}",
+            )
+            for n in range(DEPOSITS)
+        )
+        return bench_api_key(s)
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    port: int
+
+
+def _start_daemon(url: str, data_dir: Path, workers: int) -> Daemon:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ESCROWD_")}
+    env.update(
+        ESCROWD_DATA_DIR=str(data_dir),
+        ESCROWD_DATABASE_URL=url,
+        ESCROWD_API__PORT="0",
+        ESCROWD_WORKER__PORT="0",
+        ESCROWD_LOG__LEVEL="info",
+        ESCROWD_LOG__FORMAT="json",
+    )
+    log_path = data_dir / "daemon.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", ENTRY, "run", "--workers", str(workers)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    port = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        for line in log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                event = json.loads(line)
+                if event.get("event") == "api_listening":
+                    port = int(event["port"])
+                if event.get("event") == "daemon_ready" and port is not None:
+                    return Daemon(proc, log_path, port)
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"escrowd run did not start:\n{log_path.read_text()[-3000:]}")
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    op: str
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+    socket_errors: int
+    replays: int
+
+
+def _wrk(op: str, port: int, key: str, seconds: int, connections: int, jobs: Path) -> WrkResult:
+    threads = 2
+    env = {
+        **os.environ,
+        "BENCH_OP": op,
+        "BENCH_KEY": key,
+        "BENCH_RUN": uuid.uuid4().hex[:10],
+        "BENCH_BUYERS": str(BUYERS),
+        "BENCH_THREADS": str(threads),
+        "BENCH_JOBS": str(jobs),
+    }
+    out = subprocess.run(
+        [
+            *("wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s"),
+            *("--timeout", "10s", "-s", str(LUA), f"http://127.0.0.1:{port}"),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    line = next(line for line in out.splitlines() if line.startswith("BENCH "))
+    figures = json.loads(line.removeprefix("BENCH "))
+    requests = int(figures["requests"])
+    listed = len(jobs.read_text().splitlines()) if op == "release" else requests
+    return WrkResult(
+        op=op,
+        requests_per_s=requests / (figures["duration_us"] / 1e6),
+        p50_ms=figures["p50_us"] / 1000,
+        p99_ms=figures["p99_us"] / 1000,
+        non_2xx=int(figures["non_2xx"]),
+        socket_errors=int(figures["socket_errors"]),
+        replays=max(0, requests - listed),
+    )
+
+
+def _funded_jobs(engine: Engine, path: Path) -> int:
+    with make_session_factory(engine, read_only=True)() as s:
+        jobs = list(s.scalars(select(Escrow.job_id).where(Escrow.status == "funded")))
+    path.write_text("".join(f"{job}\n" for job in jobs))
+    return len(jobs)
+
+
+def _ledger_check(url: str, data_dir: Path) -> tuple[int, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ESCROWD_")}
+    env.update(ESCROWD_DATA_DIR=str(data_dir), ESCROWD_DATABASE_URL=url)
+    done = subprocess.run(
+        [sys.executable, "-c", ENTRY, "ledger", "check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return done.returncode, (done.stdout + done.stderr).strip()
+
+
+def _server_load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load {one:.1f}/{five:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2, help="API worker processes")
+    args = parser.parse_args()
+    for tool in ("wrk", "pgbench"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed: apt-get install {tool}")
+
+    configure_logging(fmt="console", level="warning")
+    name = f"bench_http_{uuid.uuid4().hex[:8]}"
+    url = f"{URL_BASE}/{name}"
+    admin(f'CREATE DATABASE "{name}"')
+    engine = make_engine(url)
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-http-"))
+    daemon: Daemon | None = None
+    try:
+        key = _seed(engine)
+        daemon = _start_daemon(url, data_dir, args.workers)
+        jobs = data_dir / "jobs.txt"
+        jobs.write_text("")
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        print(
+            f"# {platform.node()} {os.cpu_count()} cores, {started}, escrowd run --workers "
+            f"{args.workers}, wrk -c {args.connections} -d {args.seconds}s"
+        )
+        results: dict[str, list[tuple[WrkResult, float]]] = {op: [] for op in OPERATIONS}
+        with PgBench(args.connections) as pgbench:
+            baseline = [pgbench.tps(args.seconds)]
+            print(f"pgbench {baseline[-1]:8.1f} tps  ({_server_load()})", flush=True)
+            for round_ in range(1, args.rounds + 1):
+                measured = []
+                for op in OPERATIONS:
+                    if op == "release":
+                        _funded_jobs(engine, jobs)
+                    result = _wrk(op, daemon.port, key, args.seconds, args.connections, jobs)
+                    measured.append(result)
+                    print(
+                        f"round {round_} {op:9s} {result.requests_per_s:8.1f} req/s  "
+                        f"p50 {result.p50_ms:6.1f} ms  p99 {result.p99_ms:6.1f} ms  "
+                        f"non-2xx {result.non_2xx}  socket errors {result.socket_errors}"
+                        + (f"  replays {result.replays}" if result.replays else "")
+                        + f"  ({_server_load()})",
+                        flush=True,
+                    )
+                baseline.append(pgbench.tps(args.seconds))
+                print(f"pgbench {baseline[-1]:8.1f} tps  ({_server_load()})", flush=True)
+                around = statistics.mean(baseline[-2:])
+                for result in measured:
+                    results[result.op].append((result, around))
+        print()
+        print("| request | requests/s | p50 | p99 | non-2xx | pgbench tps (around) | ratio |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for op, rows in results.items():
+            for n, (result, around) in enumerate(rows, 1):
+                print(
+                    f"| {op} (round {n}) | {result.requests_per_s:,.0f} | {result.p50_ms:.1f} ms"
+                    f" | {result.p99_ms:.1f} ms | {result.non_2xx} | {around:,.0f}"
+                    f" | {result.requests_per_s / around:.2f} |"
+                )
+    finally:
+        if daemon is not None:
+            daemon.proc.terminate()
+            code = daemon.proc.wait(60)
+            print(f"\nescrowd run exited {code}")
+        engine.dispose()
+    try:
+        code, out = _ledger_check(url, data_dir)
+        print(f"escrowd ledger check: exit {code}: {out[-500:]}")
+        with psycopg.connect(
+            f"postgresql://postgres@127.0.0.1:5432/{name}", autocommit=True
+        ) as conn:
+            row = conn.execute("SELECT count(*) FROM escrows").fetchone()
+            print(f"escrows in the database: {row[0] if row else 0}")
+    finally:
+        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
