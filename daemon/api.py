@@ -48,6 +48,7 @@ from escrowd.daemon.api_deps import (
     mutate,
     state_of,
 )
+from escrowd.daemon.api_fast import FastFront, balances_out
 from escrowd.daemon.api_schemas import (
     CONFIGURED,
     AgentCreate,
@@ -55,7 +56,6 @@ from escrowd.daemon.api_schemas import (
     AuditPage,
     AuditRowOut,
     AuditVerifyOut,
-    BalanceOut,
     BalancesOut,
     DeliveryOut,
     DeliveryPage,
@@ -310,24 +310,10 @@ def _agents_routes(router: APIRouter) -> None:
 
     @router.get("/agents/{agent_id}/balances", response_model=BalancesOut, tags=["agents"])
     def get_balances(request: Request, agent_id: AgentIdPath, _: ReadKey) -> BalancesOut:
+        # On PostgreSQL the fast front (api_fast) answers this route before FastAPI does.
         def work(s: Session) -> BalancesOut:
             agent = service.get_agent(s, agent_id)
-            rows = [
-                BalanceOut(
-                    asset=b.asset,
-                    decimals=b.decimals,
-                    available=format_amount(b.available, b.decimals),
-                    available_base_units=str(b.available),
-                    escrowed_as_buyer=format_amount(b.escrowed_as_buyer, b.decimals),
-                    escrowed_as_buyer_base_units=str(b.escrowed_as_buyer),
-                    incoming=format_amount(b.incoming, b.decimals),
-                    incoming_base_units=str(b.incoming),
-                    pending_withdrawals=format_amount(b.pending_withdrawals, b.decimals),
-                    pending_withdrawals_base_units=str(b.pending_withdrawals),
-                )
-                for b in service.balances(s, agent)
-            ]
-            return BalancesOut(agent_id=agent.external_id, balances=rows)
+            return balances_out(agent.external_id, service.balances(s, agent))
 
         result: BalancesOut = state_of(request).read(work)
         return result
@@ -896,12 +882,14 @@ def create_app(
     deriver: AddressDeriver | Mapping[str, AddressDeriver] | None = None,
     webhook_cipher: SecretCipher | None = None,
     platform: PlatformAddresses | None = None,
+    fast_front: bool = True,
 ) -> FastAPI:
     """The API app. `deriver`: the deposit address deriver(s) of the unlocked keystore,
     one AddressDeriver or a mapping chain family -> deriver; None answers the deposit
     address POST with 503. `webhook_cipher` defaults to the key file from settings.
     `platform`: the keystore's own wallets, never a withdrawal destination; None answers
-    the withdrawal POST with 503."""
+    the withdrawal POST with 503. `fast_front`: on PostgreSQL, answer the hot routes in
+    api_fast ahead of FastAPI (off only to compare the two)."""
     if deriver is None:
         derivers: Mapping[str, AddressDeriver] = {}
     elif isinstance(deriver, Mapping):
@@ -932,6 +920,8 @@ def create_app(
     document_webhooks(app)
     _extend_openapi(app, state)
     _install_error_handlers(app)
+    if fast_front and engine.dialect.name == "postgresql":
+        app.add_middleware(FastFront, state=state)
     return app
 
 
