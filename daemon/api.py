@@ -921,7 +921,7 @@ def create_app(
     _extend_openapi(app, state)
     _install_error_handlers(app)
     if fast_front and engine.dialect.name == "postgresql":
-        app.add_middleware(FastFront, state=state)
+        app.add_middleware(FastFront, state=state, render_escrow=_escrow_out)
     return app
 
 

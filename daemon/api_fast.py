@@ -2,36 +2,51 @@
 
 A balances read spent about a third of its time in FastAPI's routing, dependency injection
 and validation, and a sixth handing the request to a thread and back, around one database
-statement. For GET /v1/agents/{id}/balances this front checks the same things (path,
-API key and scope) and makes the one statement itself, on the event loop: the statement is
-a fraction of a millisecond, and the API runs as several processes.
+statement. For GET /v1/agents/{id}/balances, POST /v1/escrows and POST
+/v1/escrows/{job}/release this front checks the same things (path, API key and scope,
+Idempotency-Key, body) and makes the database calls itself, on the event loop: they are
+a fraction of a millisecond each, and the API runs as several processes. Balances are one
+autocommit statement; fund and release are two round trips (BEGIN with the idempotency
+claim and escrow operation of migration 0012, then the stored response with COMMIT).
 
 What the front answers is byte for byte what FastAPI would (tests/test_api_fast.py
 compares them): the same response models, the same error types and bodies. Anything it is
-not sure of (a malformed path parameter, another method or route, SQLite) it passes to
-FastAPI untouched, which also keeps these routes in /openapi.json.
+not sure of it passes to FastAPI untouched, the body it read replayed: a malformed
+parameter, header or body (FastAPI words the 400), a request that fails before the
+escrow call (unknown agent or asset, bad amount: the idempotency record decides between
+that error and a replay), a database error (FastAPI's path retries), another route,
+SQLite. Those routes stay in /openapi.json as FastAPI describes them.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+import psycopg
 from fastapi.security.utils import get_authorization_scheme_param
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
 from starlette.responses import JSONResponse, Response
 
 from escrowd.config.errors import EscrowdError
-from escrowd.daemon.api_deps import ApiState
+from escrowd.daemon.api_deps import REPLAY_HEADER, ApiState, in_future
 from escrowd.daemon.api_schemas import (
     EXTERNAL_ID_PATTERN,
     MAX_EXTERNAL_ID_LENGTH,
     BalanceOut,
     BalancesOut,
+    EscrowCreate,
+    EscrowOut,
 )
-from escrowd.escrow import service
-from escrowd.escrow.money import format_amount
-from escrowd.models import ApiScope
+from escrowd.escrow import apikeys, idempotency, service
+from escrowd.escrow.agent_cache import AgentCache
+from escrowd.escrow.audit import canonical_json
+from escrowd.escrow.money import format_amount, parse_amount
+from escrowd.models import ApiScope, Escrow
+from escrowd.models.db import pipelined_transaction
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -39,8 +54,18 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+# api._escrow_out: the escrow as the escrow routes answer it.
+RenderEscrow = Callable[[Session, Escrow, AgentCache], EscrowOut]
+
 _EXTERNAL_ID = re.compile(EXTERNAL_ID_PATTERN)
 _BALANCES_PATH = re.compile(r"/v1/agents/([^/]+)/balances")
+_RELEASE_PATH = re.compile(r"/v1/escrows/([^/]+)/release")
+# api_deps.IdempotencyKeyHeader's constraints.
+_IDEMPOTENCY_KEY = re.compile(rf"[!-~]{{1,{idempotency.MAX_KEY_LENGTH}}}")
+
+
+class _Unsure(Exception):
+    """Something FastAPI words its own way: hand the request to it."""
 
 
 def balances_out(agent_id: str, balances: list[service.AssetBalance]) -> BalancesOut:
@@ -75,34 +100,113 @@ def _external_id(text: str) -> bool:
     return 0 < len(text) <= MAX_EXTERNAL_ID_LENGTH and _EXTERNAL_ID.fullmatch(text) is not None
 
 
+def _header(scope: Scope, name: bytes) -> str | None:
+    """The first header `name` (lower case), as Starlette's Headers.get reads it."""
+    for key, value in scope["headers"]:
+        if key == name:
+            text: str = value.decode("latin-1")
+            return text
+    return None
+
+
 def _bearer_token(scope: Scope) -> str | None:
     """What FastAPI's HTTPBearer(auto_error=False) hands the route: the credentials of
     the first Authorization header when its scheme is Bearer, else None."""
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            authorization = value.decode("latin-1")
-            scheme, credentials = get_authorization_scheme_param(authorization)
-            if not (authorization and scheme and credentials) or scheme.lower() != "bearer":
-                return None
-            return credentials
-    return None
+    authorization = _header(scope, b"authorization")
+    if authorization is None:
+        return None
+    scheme, credentials = get_authorization_scheme_param(authorization)
+    if not (authorization and scheme and credentials) or scheme.lower() != "bearer":
+        return None
+    return credentials
+
+
+def _idempotency_key(scope: Scope) -> str:
+    key = _header(scope, b"idempotency-key")
+    if key is None or _IDEMPOTENCY_KEY.fullmatch(key) is None:
+        raise _Unsure
+    return key
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            # The client went away: FastAPI meets the same disconnect on replay.
+            raise _Unsure
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """`receive` for FastAPI after the front read the body: the body again, then the
+    client's own messages."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _json_body(scope: Scope, body: bytes) -> Any:
+    content_type = _header(scope, b"content-type")
+    if content_type is None or content_type.split(";")[0].strip().lower() != "application/json":
+        raise _Unsure
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise _Unsure from None
+
+
+def _replayed(stored: idempotency.StoredResponse) -> Response:
+    return Response(
+        content=stored.body,
+        status_code=stored.status,
+        media_type="application/json",
+        headers={REPLAY_HEADER: "true"},
+    )
 
 
 class FastFront:
     """ASGI middleware: answers the hot routes itself, passes everything else on."""
 
-    def __init__(self, app: AsgiApp, state: ApiState) -> None:
+    def __init__(self, app: AsgiApp, state: ApiState, render_escrow: RenderEscrow) -> None:
         self.app = app
         self.state = state
+        self.render_escrow = render_escrow
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET":
-            found = _BALANCES_PATH.fullmatch(scope["path"])
-            if found is not None and _external_id(found.group(1)):
-                response = self._balances(scope, found.group(1))
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        response: Response | None = None
+        try:
+            if method == "GET":
+                found = _BALANCES_PATH.fullmatch(path)
+                if found is not None and _external_id(found.group(1)):
+                    response = self._balances(scope, found.group(1))
+            elif method == "POST" and path == "/v1/escrows":
+                body = await _read_body(receive)
+                receive = _replaying(body, receive)
+                response = self._fund(scope, body)
+            elif method == "POST":
+                found = _RELEASE_PATH.fullmatch(path)
+                if found is not None and _external_id(found.group(1)):
+                    response = self._release(scope, found.group(1))
+        except _Unsure:
+            response = None
+        if response is None:
+            await self.app(scope, receive, send)
+        else:
+            await response(scope, receive, send)
 
     def _balances(self, scope: Scope, agent_id: str) -> Response:
         try:
@@ -112,3 +216,114 @@ class FastFront:
             return error_response(exc)
         body = balances_out(agent_id, rows).model_dump_json(by_alias=True)
         return Response(body, media_type="application/json")
+
+    def _writer(self, scope: Scope) -> apikeys.Principal:
+        """The caller's principal, which must hold the write scope."""
+        principal = self.state.authenticate(_bearer_token(scope))
+        principal.require(ApiScope.WRITE)
+        return principal
+
+    def _fund(self, scope: Scope, raw: bytes) -> Response:
+        """POST /v1/escrows as api.create_escrow and api_deps.mutate answer it."""
+        parsed = _json_body(scope, raw)
+        try:
+            principal = self._writer(scope)
+        except EscrowdError as exc:
+            return error_response(exc)
+        key = _idempotency_key(scope)
+        try:
+            body = EscrowCreate.model_validate(parsed)
+        except ValidationError:
+            raise _Unsure from None
+        state = self.state
+        try:
+            with state.readers() as session:
+                decimals = service.asset_decimals(session, body.asset)
+            fee_bps = body.fee_bps
+            request = service.checked_funding(
+                job_id=body.job_id,
+                buyer=state.agent(body.buyer),
+                worker=state.agent(body.worker),
+                asset=body.asset,
+                amount=parse_amount(body.amount, decimals),
+                fee_bps=state.settings.escrow.default_fee_bps if fee_bps is None else fee_bps,
+                expires_at=in_future(body.expires_at, "expires_at"),
+                actor=f"apikey:{principal.prefix}",
+            )
+        except EscrowdError:
+            # Before the claim: a stored answer for this key would win over the error.
+            raise _Unsure from None
+        canonical = canonical_json(body.model_dump(mode="json"))
+        claim = self._claim(principal.prefix, key, scope["path"], canonical)
+        params = service.claimed_fund_params(claim, request)
+        return self._claimed(
+            service.PG_CLAIM_FUND, params, claim, 201, lambda r: service.funded_escrow(request, r)
+        )
+
+    def _release(self, scope: Scope, job_id: str) -> Response:
+        """POST /v1/escrows/{job_id}/release as api.release_escrow answers it."""
+        try:
+            principal = self._writer(scope)
+        except EscrowdError as exc:
+            return error_response(exc)
+        key = _idempotency_key(scope)
+        claim = self._claim(principal.prefix, key, scope["path"], "")
+        params = service.claimed_release_params(claim, job_id, f"apikey:{principal.prefix}")
+        return self._claimed(
+            service.PG_CLAIM_SETTLE,
+            params,
+            claim,
+            200,
+            lambda r: service.released_escrow(job_id, r),
+        )
+
+    @staticmethod
+    def _claim(principal: str, key: str, path: str, canonical: str) -> tuple[str, ...]:
+        digest = idempotency.request_hash("POST", path, canonical)
+        return (principal, key, "POST", path, digest)
+
+    def _claimed(
+        self,
+        sql: str,
+        params: tuple[Any, ...],
+        claim: tuple[str, ...],
+        status: int,
+        outcome: Callable[[tuple[str, Any, Any]], Escrow],
+    ) -> Response:
+        try:
+            with pipelined_transaction(self.state.engine) as transaction:
+                row = transaction.first(sql, params)
+                claim_id, result = row[0], (row[1], row[2], row[3])
+                if claim_id is None:
+                    transaction.rollback()
+                    return self._stored(claim, row)
+                try:
+                    escrow = outcome(result)
+                except EscrowdError as exc:
+                    transaction.rollback()
+                    return error_response(exc)
+                with self.state.readers() as session:
+                    rendered = self.render_escrow(session, escrow, self.state.agents)
+                text = json.dumps(rendered.model_dump(mode="json"), separators=(",", ":"))
+                transaction.commit_after(idempotency.PG_FINISH, (status, text, claim_id))
+        except psycopg.Error:
+            # FastAPI's path runs it again with its retries; the key makes that safe.
+            raise _Unsure from None
+        return Response(content=text, status_code=status, media_type="application/json")
+
+    @staticmethod
+    def _stored(claim: tuple[str, ...], row: tuple[Any, ...]) -> Response:
+        _, key, _, _, digest = claim
+        try:
+            stored = idempotency.stored_response(
+                key=key,
+                method=row[7],
+                path=row[8],
+                request_hash=row[4],
+                status=row[5],
+                body=row[6],
+                digest=digest,
+            )
+        except EscrowdError as exc:
+            return error_response(exc)
+        return _replayed(stored)

@@ -652,6 +652,63 @@ def _call_alone(engine: Engine, sql: str, *args: Any) -> tuple[str, Any, Any]:
     return outcome, detail, row
 
 
+# --- PostgreSQL: an idempotency claim and the escrow operation in one call (0012) ---------
+
+_CLAIM_RESULT = (
+    "SELECT claim_id, outcome, detail, escrow, stored_hash, stored_status, stored_body, "
+    "stored_method, stored_path FROM "
+)
+_CLAIM_ARGS = "%s::text, %s::text, %s::text, %s::text, %s::text, "
+PG_CLAIM_FUND = (
+    _CLAIM_RESULT + "escrowd_claim_fund_escrow(" + _CLAIM_ARGS + "%s::text, %s::bigint, "
+    "%s::bigint, %s::text, %s::bigint, %s::int, %s::timestamptz, %s::text, %s::text, "
+    "%s::timestamptz, %s::text, %s::text)"
+)
+PG_CLAIM_SETTLE = (
+    _CLAIM_RESULT + "escrowd_claim_settle_escrow(" + _CLAIM_ARGS + "%s::text, %s::text, "
+    "%s::text[], %s::bigint, %s::text, %s::text, %s::timestamptz, %s::text, %s::text)"
+)
+
+
+def checked_funding(
+    *,
+    job_id: str,
+    buyer: Agent,
+    worker: Agent,
+    asset: str,
+    amount: int,
+    fee_bps: int,
+    expires_at: datetime | None,
+    actor: str,
+) -> _Funding:
+    """A fund_escrow request whose arguments passed fund_escrow's checks."""
+    request = _Funding(job_id, buyer, worker, asset, amount, fee_bps, expires_at, actor)
+    request.check()
+    return request
+
+
+def claimed_fund_params(claim: tuple[str, ...], request: _Funding) -> tuple[Any, ...]:
+    """PG_CLAIM_FUND's arguments: the claim (principal, key, method, path, request hash)
+    and the escrowd_fund_escrow call."""
+    return (*claim, *_function_params(*request.call()[1:]))
+
+
+def funded_escrow(request: _Funding, result: tuple[str, Any, Any]) -> Escrow:
+    """The new escrow of a claimed fund call, detached, or its refusal raised."""
+    return _escrow_of(request.funded(result))
+
+
+def claimed_release_params(claim: tuple[str, ...], job_id: str, actor: str) -> tuple[Any, ...]:
+    return (*claim, *_function_params(*_settle_call(job_id, RELEASE, None, actor)[1:]))
+
+
+def released_escrow(job_id: str, result: tuple[str, Any, Any]) -> Escrow:
+    """The escrow a claimed release call settled, detached, or its refusal raised."""
+    escrow = _escrow_of(_settled_row(result, job_id, RELEASE, None))
+    _log_settled(escrow)
+    return escrow
+
+
 def fund_escrow_alone(
     engine: Engine,
     *,

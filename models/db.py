@@ -291,3 +291,62 @@ def prepared_rows(session: Session, sql: str, params: tuple[Any, ...]) -> list[t
     with driver_cursor(session) as cursor:
         rows: list[tuple[Any, ...]] = cursor.execute(sql, params, prepare=True).fetchall()
     return rows
+
+
+class PipelinedTransaction:
+    """A transaction on a pooled PostgreSQL connection in pipeline mode: BEGIN goes out
+    with the first statement, and the last statement with COMMIT, one round trip each.
+
+    For a request that is one database call plus a write that depends on its answer (the
+    API's idempotent escrow calls). Driver errors come out as psycopg's; the connection is
+    then discarded, since its state is unknown."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._raw = engine.raw_connection()
+        driver = self._raw.driver_connection
+        assert isinstance(driver, psycopg.Connection), "PostgreSQL through psycopg"
+        self._connection: psycopg.Connection[Any] = driver
+
+    def first(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...]:
+        """BEGIN and `sql`; its first row (the statement must return one)."""
+        try:
+            with self._connection.pipeline():
+                cursor = self._connection.execute(sql, params, prepare=True)
+            row: tuple[Any, ...] | None = cursor.fetchone()
+        except psycopg.Error:
+            self._discard()
+            raise
+        assert row is not None, "the statement returns a row"
+        return row
+
+    def commit_after(self, sql: str, params: tuple[Any, ...]) -> None:
+        try:
+            with self._connection.pipeline():
+                self._connection.execute(sql, params, prepare=True)
+                self._connection.commit()
+        except psycopg.Error:
+            self._discard()
+            raise
+
+    def rollback(self) -> None:
+        try:
+            self._connection.rollback()
+        except psycopg.Error:
+            self._discard()
+            raise
+
+    def close(self) -> None:
+        """Back to the pool (rolled back if neither committed nor rolled back)."""
+        self._raw.close()
+
+    def _discard(self) -> None:
+        self._raw.invalidate()
+
+
+@contextmanager
+def pipelined_transaction(engine: Engine) -> Iterator[PipelinedTransaction]:
+    transaction = PipelinedTransaction(engine)
+    try:
+        yield transaction
+    finally:
+        transaction.close()

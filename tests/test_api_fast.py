@@ -6,7 +6,10 @@ FastAPI); status, body bytes and headers must match."""
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -16,12 +19,22 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from escrowd.daemon.api import create_app
 from escrowd.daemon.api_fast import FastFront
-from escrowd.escrow import service
+from escrowd.escrow import apikeys, service
 from escrowd.escrow.webhooks import SecretCipher
-from escrowd.models import AccountKind, ApiScope, Asset, Deposit, DepositAddress, PayoutReason
-from escrowd.models.db import make_session_factory
+from escrowd.models import (
+    AccountKind,
+    ApiKey,
+    ApiScope,
+    Asset,
+    Deposit,
+    DepositAddress,
+    Escrow,
+    PayoutReason,
+)
+from escrowd.models.db import make_engine, make_session_factory
 from escrowd.models.escrow import OPEN_ESCROW_STATES
-from tests.escrow_fixtures import make_key, make_settings, seed_agents
+from tests.conftest import PG_URL_BASE, _admin
+from tests.escrow_fixtures import ledger_clean, make_key, make_settings, seed_agents
 
 pytestmark = pytest.mark.postgres
 
@@ -137,3 +150,133 @@ def test_balances_statement_spells_the_states_of_the_session_path() -> None:
     assert f"p.status NOT IN ({listed(service.PAYOUT_FINAL_STATES)})" in statement
     assert f"p.reason <> '{PayoutReason.SWEEP}'" in statement
     assert f"la.kind = '{AccountKind.AGENT_AVAILABLE}'" in statement
+
+
+# Instants in a body: the two databases record their own.
+_INSTANT = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
+
+
+@pytest.fixture
+def twin_engine(pg_template: str) -> Iterator[Engine]:
+    """A second database made like pg_url's, for the app without the front."""
+    name = f"escrowd_test_{uuid.uuid4().hex[:12]}"
+    _admin(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
+    engine = make_engine(f"{PG_URL_BASE}/{name}")
+    yield engine
+    engine.dispose()
+    _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _seed_twins(engines: tuple[Engine, Engine]) -> dict[str, str]:
+    """The same agents, balances and API keys (same secrets) in both databases."""
+    keys: dict[str, str] = {}
+    rows: list[ApiKey] = []
+    for number, engine in enumerate(engines):
+        sessions = make_session_factory(engine)
+        seed_agents(sessions, "alice", "bob", balance=10_000_000)
+        seed_agents(sessions, "poor", balance=1)
+        with sessions() as s, s.begin():
+            if number == 0:
+                for scope in (ApiScope.WRITE, ApiScope.READ):
+                    row, keys[scope.value] = apikeys.create_key(s, name=scope.value, scope=scope)
+                    rows.append(row)
+                    s.flush()
+                    s.expunge(row)
+            else:
+                for row in rows:
+                    s.add(
+                        ApiKey(
+                            name=row.name, prefix=row.prefix, key_hash=row.key_hash, scope=row.scope
+                        )
+                    )
+    return keys
+
+
+def test_fund_and_release_answers_match(
+    pg_engine: Engine, twin_engine: Engine, tmp_path: Path
+) -> None:
+    keys = _seed_twins((pg_engine, twin_engine))
+    fast, plain = (
+        TestClient(
+            create_app(
+                make_settings(tmp_path),
+                engine,
+                webhook_cipher=SecretCipher(bytes(range(32))),
+                fast_front=front,
+            ),
+            raise_server_exceptions=False,
+        )
+        for engine, front in ((pg_engine, True), (twin_engine, False))
+    )
+    write = {"Authorization": f"Bearer {keys['write']}"}
+    read = {"Authorization": f"Bearer {keys['read']}"}
+
+    def same(path: str, headers: dict[str, str], body: bytes | None = None) -> int:
+        answers = [
+            client.post(path, content=body, headers={"Content-Type": "application/json", **headers})
+            for client in (fast, plain)
+        ]
+        first, second = answers
+        assert first.status_code == second.status_code, (path, first.text, second.text)
+        assert _INSTANT.sub(b"<t>", first.content) == _INSTANT.sub(b"<t>", second.content)
+        assert {k: v for k, v in first.headers.items() if k not in {"date", "content-length"}} == {
+            k: v for k, v in second.headers.items() if k not in {"date", "content-length"}
+        }
+        return first.status_code
+
+    def fund(key: str, body: str, auth: dict[str, str] = write, **extra: str) -> int:
+        headers = {**auth, "Idempotency-Key": key, **extra}
+        return same("/v1/escrows", headers, body.encode())
+
+    job = '{{"job_id": "{}", "buyer": "{}", "worker": "bob", "asset": "USDC", "amount": "{}"}}'
+    later = (datetime.now(UTC) + timedelta(days=3)).isoformat()
+    assert fund("k1", job.format("j1", "alice", "1.5")) == 201
+    assert fund("k1", job.format("j1", "alice", "1.5")) == 201  # replayed
+    assert fund("k1", job.format("j1", "alice", "2")) == 409  # key used for another body
+    assert fund("k2", job.format("j1", "alice", "2")) == 409  # job already funded
+    assert fund("k3", job.format("j3", "poor", "1")) == 422  # insufficient funds
+    assert fund("k3", job.format("j3", "alice", "1")) == 201  # refusals store nothing
+    with_fee = '{"job_id": "j4", "buyer": "alice", "worker": "bob", "asset": "USDC", '
+    assert (
+        fund("k4", with_fee + f'"amount": "0.25", "fee_bps": 250, "expires_at": "{later}"}}') == 201
+    )
+    # Handed to FastAPI: unknown agents and assets, bad amounts, malformed requests.
+    assert fund("k5", job.format("j5", "nobody", "1")) == 404
+    assert fund("k1", job.format("j1", "nobody", "1")) == 409  # the record decides first
+    assert fund("k6", job.format("j6", "alice", "1.0000001")) == 400
+    assert fund("k6", job.format("j6", "alice", "-1")) == 400
+    assert fund("k6", job.replace("USDC", "XYZ").format("j6", "alice", "1")) in (400, 404)
+    assert fund("k6", '{"job_id": "j6"') == 400
+    assert fund("k6", "[]") == 400
+    assert fund("k6", job.format("j6", "alice", "1"), **{"Content-Type": "text/plain"}) == 400
+    assert fund("", job.format("j6", "alice", "1")) == 400
+    assert fund("k 6", job.format("j6", "alice", "1")) == 400
+    assert fund("k6", job.format("j/6", "alice", "1")) == 400
+    # Keys: missing, wrong, read scope (checked before the body, as FastAPI does).
+    assert fund("k7", job.format("j7", "alice", "1"), auth={}) == 401
+    assert fund("k7", job.format("j7", "alice", "1"), auth=read) == 403
+    assert fund("k7", "{", auth={}) == 400
+
+    def release(job_id: str, key: str | None, auth: dict[str, str] = write) -> int:
+        headers = {**auth, **({"Idempotency-Key": key} if key is not None else {})}
+        return same(f"/v1/escrows/{job_id}/release", headers)
+
+    assert release("j1", "r1") == 200
+    assert release("j1", "r1") == 200  # replayed
+    assert release("j1", "r2") == 409  # released already
+    assert release("j3", "r1") == 409  # key used for another job
+    assert release("nothing", "r3") == 404
+    assert release("j3", None) == 400
+    assert release("j%20x", "r4") == 400
+    assert release("j3", "r5", auth=read) == 403
+    assert release("j3", "r5", auth={}) == 401
+    assert release("j4", "r6") == 200
+
+    for engine in (pg_engine, twin_engine):
+        sessions = make_session_factory(engine)
+        with sessions() as s:
+            states = {
+                job: status for job, status in s.execute(select(Escrow.job_id, Escrow.status))
+            }
+        assert states == {"j1": "released", "j3": "funded", "j4": "released"}
+        assert ledger_clean(sessions)
