@@ -295,6 +295,14 @@ def main() -> None:
             daemon.proc.terminate()
             code = daemon.proc.wait(60)
             print(f"\nescrowd run exited {code}")
+            loud = [
+                line
+                for line in daemon.log_path.read_text(errors="replace").splitlines()
+                if '"level": "error"' in line or '"level": "warning"' in line
+            ]
+            print(f"daemon warnings and errors: {len(loud)}")
+            for line in loud[:5]:
+                print(f"  {line[:300]}")
         engine.dispose()
     try:
         code, out = _ledger_check(url, data_dir)
