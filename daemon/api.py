@@ -48,7 +48,7 @@ from escrowd.daemon.api_deps import (
     mutate,
     state_of,
 )
-from escrowd.daemon.api_fast import FastFront, balances_out
+from escrowd.daemon.api_fast import FastFront, balances_out, deposit_family
 from escrowd.daemon.api_schemas import (
     CONFIGURED,
     AgentCreate,
@@ -326,15 +326,6 @@ def _external_ids(s: Session, agent_ids: set[int | None]) -> dict[int, str]:
     return dict(s.execute(select(Agent.id, Agent.external_id).where(Agent.id.in_(wanted))).all())
 
 
-def _family(state: ApiState, network: str) -> Literal["evm", "solana"]:
-    """A stored network's chain family; a network no longer configured is told by its
-    address format (EVM networks are the ones that are not Solana)."""
-    known = state.networks.get(network)
-    if known is not None:
-        return "solana" if known == "solana" else "evm"
-    return "solana" if network == "solana" else "evm"
-
-
 def _deposit_routes(router: APIRouter, page_max: int) -> None:
     @router.get("/deposits", response_model=DepositPage, tags=["deposits"])
     def list_deposits(
@@ -366,7 +357,7 @@ def _deposit_routes(router: APIRouter, page_max: int) -> None:
                         agent_id=names[row.agent_id],
                         network=row.chain,
                         chain=row.chain,
-                        chain_family=_family(state, row.chain),
+                        chain_family=deposit_family(state, row.chain),
                         asset=asset.symbol,
                         amount=format_amount(row.amount, asset.decimals),
                         amount_base_units=str(row.amount),
@@ -477,7 +468,7 @@ def _withdrawal_out(
 ) -> WithdrawalOut:
     asset = s.get_one(Asset, payout.asset_id)
     decimals = service.asset_decimals(s, asset.symbol)
-    family = _family(state, payout.chain)
+    family = deposit_family(state, payout.chain)
     head = scanned.get(payout.chain)
     confirmations = None
     if family == "evm" and payout.block_number is not None and head is not None:
@@ -507,7 +498,7 @@ def _withdrawal_out(
 
 def _withdrawals_out(state: ApiState, s: Session, payouts: Sequence[Payout]) -> list[WithdrawalOut]:
     names = _external_ids(s, {payout.agent_id for payout in payouts})
-    evm = sorted({p.chain for p in payouts if _family(state, p.chain) == "evm"})
+    evm = sorted({p.chain for p in payouts if deposit_family(state, p.chain) == "evm"})
     scanned = service.scanned_blocks(s, evm)
     return [
         _withdrawal_out(state, s, payout, names.get(payout.agent_id or 0, ""), scanned)

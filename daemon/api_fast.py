@@ -5,7 +5,8 @@ and validation, and a sixth handing the request to a thread and back, around one
 statement. For GET /v1/agents/{id}/balances, POST /v1/escrows and POST
 /v1/escrows/{job}/release this front checks the same things (path, API key and scope,
 Idempotency-Key, body) and makes the database calls itself. Balances are one autocommit
-statement, made on the event loop (a fraction of a millisecond, and the API runs as
+statement, and so is the first page of GET /v1/deposits (plain columns, no ORM objects),
+made on the event loop (a fraction of a millisecond, and the API runs as
 several processes); fund and release are two round trips (BEGIN with the idempotency
 claim and escrow operation of migration 0012, then the stored response with COMMIT), on
 a thread, since a COMMIT waits for the disk.
@@ -24,7 +25,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from datetime import UTC
+from typing import Any, Literal
+from urllib.parse import parse_qsl
 
 import psycopg
 from anyio import to_thread
@@ -40,6 +43,8 @@ from escrowd.daemon.api_schemas import (
     MAX_EXTERNAL_ID_LENGTH,
     BalanceOut,
     BalancesOut,
+    DepositOut,
+    DepositPage,
     EscrowCreate,
     EscrowOut,
 )
@@ -47,8 +52,8 @@ from escrowd.escrow import apikeys, idempotency, service
 from escrowd.escrow.agent_cache import AgentCache
 from escrowd.escrow.audit import canonical_json
 from escrowd.escrow.money import format_amount, parse_amount
-from escrowd.models import ApiScope, Escrow
-from escrowd.models.db import pipelined_transaction
+from escrowd.models import ApiScope, DepositCreditState, Escrow
+from escrowd.models.db import pipelined_transaction, statement_rows
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -64,6 +69,29 @@ _BALANCES_PATH = re.compile(r"/v1/agents/([^/]+)/balances")
 _RELEASE_PATH = re.compile(r"/v1/escrows/([^/]+)/release")
 # api_deps.IdempotencyKeyHeader's constraints.
 _IDEMPOTENCY_KEY = re.compile(rf"[!-~]{{1,{idempotency.MAX_KEY_LENGTH}}}")
+
+
+_DEPOSIT_COLUMNS = (
+    "SELECT d.id, ag.external_id, d.chain, s.symbol, s.decimals, d.amount, d.tx_hash, "
+    "d.log_index, d.block_number, d.status, d.credited, d.credit_state, "
+    "d.credited_base_units, d.dust_base_units, d.credit_note, d.created_at "
+    "FROM deposits d JOIN agents ag ON ag.id = d.agent_id JOIN assets s ON s.id = d.asset_id "
+)
+# service.list_deposits' order and filters, for the parameters the front takes.
+_DEPOSITS = _DEPOSIT_COLUMNS + "WHERE d.id > %s ORDER BY d.id LIMIT %s"
+_AGENT_DEPOSITS = _DEPOSIT_COLUMNS + "WHERE d.agent_id = %s AND d.id > %s ORDER BY d.id LIMIT %s"
+# What FastAPI's int query parameters take from these without a doubt.
+_POSITIVE = re.compile(r"[1-9][0-9]{0,17}")
+ROW_ID_MAX = 2**62
+
+
+def deposit_family(state: ApiState, network: str) -> Literal["evm", "solana"]:
+    """A stored network's (a deposit's, a payout's) chain family; a network no longer
+    configured is told by its address format (EVM networks are those not Solana)."""
+    known = state.networks.get(network)
+    if known is not None:
+        return "solana" if known == "solana" else "evm"
+    return "solana" if network == "solana" else "evm"
 
 
 class _Unsure(Exception):
@@ -167,6 +195,12 @@ def _json_body(scope: Scope, body: bytes) -> Any:
         raise _Unsure from None
 
 
+def _number(text: str, maximum: int) -> int:
+    if _POSITIVE.fullmatch(text) is None or int(text) > maximum:
+        raise _Unsure
+    return int(text)
+
+
 def _replayed(stored: idempotency.StoredResponse) -> Response:
     return Response(
         content=stored.body,
@@ -191,7 +225,9 @@ class FastFront:
         method, path = scope["method"], scope["path"]
         response: Response | None = None
         try:
-            if method == "GET":
+            if method == "GET" and path == "/v1/deposits":
+                response = self._deposits(scope)
+            elif method == "GET":
                 found = _BALANCES_PATH.fullmatch(path)
                 if found is not None and _external_id(found.group(1)):
                     response = self._balances(scope, found.group(1))
@@ -220,6 +256,63 @@ class FastFront:
             return error_response(exc)
         body = balances_out(agent_id, rows).model_dump_json(by_alias=True)
         return Response(body, media_type="application/json")
+
+    def _deposits(self, scope: Scope) -> Response:
+        """GET /v1/deposits as api.list_deposits answers it, for the parameters limit,
+        cursor and agent; other filters go to FastAPI."""
+        params = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+        given = dict(params)
+        if len(given) != len(params) or not set(given) <= {"limit", "cursor", "agent"}:
+            raise _Unsure
+        page_max = self.state.settings.api.page_size_max
+        limit = _number(given.get("limit", "50"), page_max)
+        after = _number(given["cursor"], ROW_ID_MAX) if "cursor" in given else 0
+        agent = given.get("agent")
+        if agent is not None and not _external_id(agent):
+            raise _Unsure
+        try:
+            self.state.authenticate(_bearer_token(scope)).require(ApiScope.READ)
+            if agent is None:
+                rows = statement_rows(self.state.engine, _DEPOSITS, (after, limit))
+            else:
+                owner = self.state.agent(agent).id
+                rows = statement_rows(self.state.engine, _AGENT_DEPOSITS, (owner, after, limit))
+        except EscrowdError as exc:
+            return error_response(exc)
+        page = DepositPage(
+            data=[self._deposit_out(row) for row in rows],
+            next_cursor=rows[-1][0] if len(rows) == limit else None,
+        )
+        return Response(page.model_dump_json(by_alias=True), media_type="application/json")
+
+    def _deposit_out(self, row: tuple[Any, ...]) -> DepositOut:
+        (id_, agent_id, chain, symbol, decimals, amount, tx_hash, log_index, block_number) = row[:9]
+        status, credited, credit_state, credited_units, dust, note, created_at = row[9:]
+        amount = int(amount)
+        return DepositOut(
+            id=id_,
+            agent_id=agent_id,
+            network=chain,
+            chain=chain,
+            chain_family=deposit_family(self.state, chain),
+            asset=symbol,
+            amount=format_amount(amount, decimals),
+            amount_base_units=str(amount),
+            tx_hash=tx_hash,
+            log_index=log_index,
+            block_number=block_number,
+            status=status,
+            credited=credited,
+            credit_state=credit_state,
+            credited_base_units=str(credited_units),
+            # credit_view: a reversal short by what of its credit still stands.
+            reversal_shortfall_base_units=str(
+                credited_units if credit_state == DepositCreditState.REVERSAL_SHORT else 0
+            ),
+            dust_base_units=str(int(dust)),
+            credit_note=note,
+            created_at=created_at.astimezone(UTC),
+        )
 
     def _writer(self, scope: Scope) -> apikeys.Principal:
         """The caller's principal, which must hold the write scope."""

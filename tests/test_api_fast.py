@@ -140,6 +140,50 @@ def test_balances_answers_match(
         _same(fast, plain, "GET", path, auth)
     assert _same(fast, plain, "POST", "/v1/agents/alice/balances", auth) == 405
 
+    # The deposit page, with the parameters the front takes and ones it hands on.
+    with pg_sessions() as s, s.begin():
+        for n in range(2, 7):
+            s.add(
+                Deposit(
+                    chain="solana" if n % 2 else "base",
+                    tx_hash=f"0x{n:064x}",
+                    log_index=n,
+                    asset_id=usdc_id,
+                    agent_id=ids["alice" if n < 5 else "bob"],
+                    deposit_address_id=address.id,
+                    amount=10**30 + n,
+                    block_number=7 + n,
+                    block_hash="0x" + "02" * 32,
+                    status="confirmed" if n == 3 else "pending",
+                    credit_state="reversal_short" if n == 3 else "none",
+                    credited_base_units=5 if n == 3 else 0,
+                    credit_note="short" if n == 3 else None,
+                )
+            )
+    for query in (
+        "",
+        "?limit=2",
+        "?limit=2&cursor=2",
+        "?cursor=3",
+        "?agent=bob",
+        "?agent=alice&limit=1&cursor=1",
+        "?agent=nobody",
+        "?limit=0",
+        "?limit=201",
+        "?limit=",
+        "?limit=02",
+        "?limit=1&limit=2",
+        "?cursor=-1",
+        "?agent=a%20b",
+        "?status=pending",
+        "?network=base",
+        "?chain=base&agent=alice",
+    ):
+        _same(fast, plain, "GET", f"/v1/deposits{query}", auth)
+    page = fast.get("/v1/deposits?limit=2", headers=auth).json()
+    assert [row["id"] for row in page["data"]] == [1, 2] and page["next_cursor"] == 2
+    assert _same(fast, plain, "GET", "/v1/deposits", {}) == 401
+
 
 def test_balances_statement_spells_the_states_of_the_session_path() -> None:
     def listed(states: Iterable[str]) -> str:
