@@ -4,7 +4,7 @@
 --   balances  GET /v1/agents/{buyer}/balances, buyers in turn
 --   deposits  GET /v1/deposits?limit=50 (one page)
 -- BENCH_KEY is the API key, BENCH_RUN makes job ids unique per run, BENCH_BUYERS is the
--- number of buyer agents (buyer-0 ..), BENCH_THREADS wrk's -t.
+-- number of buyer and of worker agents (buyer-0 .., worker-0 ..), BENCH_THREADS wrk's -t.
 local op = os.getenv("BENCH_OP")
 local key = os.getenv("BENCH_KEY")
 local run = os.getenv("BENCH_RUN")
@@ -41,8 +41,11 @@ function request()
     local job = run .. "-" .. tid .. "-" .. n
     headers["Content-Type"] = "application/json"
     headers["Idempotency-Key"] = "fund-" .. job
+    -- Workers in another order than buyers: a release credits its worker's account row,
+    -- and one worker for every job would make all releases queue on that row.
     local body = '{"job_id":"' .. job .. '","buyer":"buyer-' .. (n % buyers)
-      .. '","worker":"worker","asset":"USDC","amount":"0.01"}'
+      .. '","worker":"worker-' .. ((n * 7 + tid) % buyers)
+      .. '","asset":"USDC","amount":"0.01"}'
     return wrk.format("POST", "/v1/escrows", headers, body)
   elseif op == "release" then
     -- Past the end of the list a thread replays its releases: counted by the bench.

@@ -5,13 +5,13 @@ Usage: python -m bench.http [--seconds 15] [--rounds 2] [--connections 16] [--wo
 Needs wrk (Debian: `apt-get install wrk`) and pgbench (`apt-get install postgresql-client`
 or the server package), and PostgreSQL on 127.0.0.1:5432 as user postgres.
 
-On a fresh PostgreSQL database: migrate, create the buyers (each with a large balance), a
-worker and a page of deposits, create the API key (`bench_api_key`, the one place that
+On a fresh PostgreSQL database: migrate, create the buyers (each with a large balance), as
+many workers, and a page of deposits, create the API key (`bench_api_key`, the one place that
 decides what key the bench uses), then start `escrowd run` (`--workers` API processes
 and the jobs process: expiry, webhooks, audit checkpoint, subscriptions; no chain is
 configured, so no poller runs). Each round runs pgbench tpcb-like (-c connections, scale
 >= connections), then wrk (-c connections, keep-alive, `--seconds` each) on
-  fund      POST /v1/escrows, unique job ids and Idempotency-Keys, buyers in turn
+  fund      POST /v1/escrows, unique job ids and Idempotency-Keys, buyers and workers in turn
   release   POST /v1/escrows/{job}/release of the jobs funded so far, each once
   balances  GET /v1/agents/{id}/balances
   deposits  GET /v1/deposits?limit=50
@@ -72,7 +72,8 @@ def _seed(engine: Engine) -> str:
         usdc = ensure_asset(
             s, chain="base", symbol="USDC", decimals=6, token_address="0x" + "ab" * 20
         )
-        service.register_agent(s, "worker")
+        for n in range(BUYERS):
+            service.register_agent(s, f"worker-{n}")
         custody = accounts.custody(s, "base", "USDC").id
         for n in range(BUYERS):
             buyer = service.register_agent(s, f"buyer-{n}")
