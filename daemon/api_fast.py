@@ -53,7 +53,7 @@ from escrowd.escrow.agent_cache import AgentCache
 from escrowd.escrow.audit import canonical_json
 from escrowd.escrow.money import format_amount, parse_amount
 from escrowd.models import ApiScope, DepositCreditState, Escrow
-from escrowd.models.db import pipelined_transaction, statement_rows
+from escrowd.models.db import pipelined_transaction, statement_rows, statements_rows
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -248,13 +248,28 @@ class FastFront:
         else:
             await response(scope, receive, send)
 
+    def _read(self, scope: Scope, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """The rows of `sql`, read in the round trip that reads the caller's API key; they
+        are used only once the key is verified (and holds the read scope)."""
+        found: list[list[tuple[Any, ...]]] = []
+
+        def lookup(prefix: str) -> apikeys.KeyRow | None:
+            key_rows, rows = statements_rows(
+                self.state.engine, [(apikeys.PG_KEY_LOOKUP, (prefix,)), (sql, params)]
+            )
+            found.append(rows)
+            return apikeys.KeyRow(*key_rows[0]) if key_rows else None
+
+        apikeys.verify(_bearer_token(scope), lookup).require(ApiScope.READ)
+        return found[0]
+
     def _balances(self, scope: Scope, agent_id: str) -> Response:
         try:
-            self.state.authenticate(_bearer_token(scope)).require(ApiScope.READ)
-            rows = service.balances_by_statement(self.state.engine, agent_id)
+            rows = self._read(scope, service.PG_BALANCES, (agent_id,))
+            balances = service.balances_of_rows(agent_id, rows)
         except EscrowdError as exc:
             return error_response(exc)
-        body = balances_out(agent_id, rows).model_dump_json(by_alias=True)
+        body = balances_out(agent_id, balances).model_dump_json(by_alias=True)
         return Response(body, media_type="application/json")
 
     def _deposits(self, scope: Scope) -> Response:
@@ -271,10 +286,11 @@ class FastFront:
         if agent is not None and not _external_id(agent):
             raise _Unsure
         try:
-            self.state.authenticate(_bearer_token(scope)).require(ApiScope.READ)
             if agent is None:
-                rows = statement_rows(self.state.engine, _DEPOSITS, (after, limit))
+                rows = self._read(scope, _DEPOSITS, (after, limit))
             else:
+                # The agent is looked up after the key, as FastAPI's route does.
+                self.state.authenticate(_bearer_token(scope)).require(ApiScope.READ)
                 owner = self.state.agent(agent).id
                 rows = statement_rows(self.state.engine, _AGENT_DEPOSITS, (owner, after, limit))
         except EscrowdError as exc:

@@ -230,7 +230,7 @@ def _assemble_balances(
 # and open payout sum. Agent accounts are no-overdraft ones, whose row holds the balance.
 # The states are those of `balances` (OPEN_ESCROW_STATES, PAYOUT_FINAL_STATES, SWEEP);
 # tests/test_api_fast.py compares both paths.
-_PG_BALANCES = """
+PG_BALANCES = """
 WITH a AS (SELECT id FROM agents WHERE external_id = %s)
 SELECT 'agent', NULL::text, NULL::int, a.id::numeric FROM a
 UNION ALL
@@ -253,10 +253,10 @@ GROUP BY s.symbol
 """
 
 
-def balances_by_statement(engine: Engine, external_id: str) -> list[AssetBalance]:
-    """`balances` of the agent `external_id` in one autocommit statement on PostgreSQL:
-    a read needs no transaction, and one round trip where the session path takes six."""
-    rows = statement_rows(engine, _PG_BALANCES, (external_id,))
+def balances_of_rows(external_id: str, rows: Sequence[Sequence[Any]]) -> list[AssetBalance]:
+    """`balances` from the rows of PG_BALANCES (its parameter: the external id), a read
+    with no transaction on PostgreSQL: one autocommit statement where the session path
+    takes six."""
     if not rows or rows[0][0] != "agent":
         raise AgentNotFound(f"no agent {external_id!r}; register it with POST /v1/agents first")
     parts: dict[str, dict[str, int]] = {"available": {}, "escrowed": {}, "outgoing": {}}

@@ -189,7 +189,7 @@ def test_balances_statement_spells_the_states_of_the_session_path() -> None:
     def listed(states: Iterable[str]) -> str:
         return ", ".join(f"'{state}'" for state in states)
 
-    statement = service._PG_BALANCES
+    statement = service.PG_BALANCES
     assert f"e.status IN ({listed(OPEN_ESCROW_STATES)})" in statement
     assert f"p.status NOT IN ({listed(service.PAYOUT_FINAL_STATES)})" in statement
     assert f"p.reason <> '{PayoutReason.SWEEP}'" in statement
