@@ -124,21 +124,32 @@ class Daemon:
     port: int
 
 
-def _start_daemon(url: str, data_dir: Path, workers: int) -> Daemon:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ESCROWD_")}
+def _env(data_dir: Path, url: str, src: Path | None) -> dict[str, str]:
+    """The environment of an escrowd command on `url`; `src`: the baseline's source tree,
+    imported instead of this one."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ESCROWD_", "PYTHONPATH"))}
+    env.update(ESCROWD_DATA_DIR=str(data_dir), ESCROWD_DATABASE_URL=url)
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
+    return env
+
+
+def _start_daemon(url: str, data_dir: Path, workers: int, src: Path | None) -> Daemon:
+    env = _env(data_dir, url, src)
     env.update(
-        ESCROWD_DATA_DIR=str(data_dir),
-        ESCROWD_DATABASE_URL=url,
         ESCROWD_API__PORT="0",
         ESCROWD_WORKER__PORT="0",
         ESCROWD_LOG__LEVEL="info",
         ESCROWD_LOG__FORMAT="json",
     )
+    # A baseline without the process model runs one process, with no --workers option.
+    args = ["run"] if src is not None else ["run", "--workers", str(workers)]
     log_path = data_dir / "daemon.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-c", ENTRY, "run", "--workers", str(workers)],
+            [sys.executable, "-c", ENTRY, *args],
             env=env,
+            cwd=data_dir,
             stdout=subprocess.DEVNULL,
             stderr=log_file,
         )
@@ -155,6 +166,80 @@ def _start_daemon(url: str, data_dir: Path, workers: int) -> Daemon:
         time.sleep(0.1)
     proc.kill()
     raise SystemExit(f"escrowd run did not start:\n{log_path.read_text()[-3000:]}")
+
+
+# Seeds a database with the code of the tree on PYTHONPATH (the baseline's schema and
+# models), through this file's _seed; prints the API key.
+_SEED_ELSEWHERE = """
+import runpy, sys
+from escrowd.models.db import make_engine
+bench = runpy.run_path(sys.argv[1], run_name="bench_http_seed")
+engine = make_engine(sys.argv[2])
+print(bench["_seed"](engine))
+engine.dispose()
+"""
+
+
+class Target:
+    """One escrowd under test: its database, daemon, API key and funded jobs."""
+
+    def __init__(self, label: str, workers: int, src: Path | None) -> None:
+        self.label = label
+        self.src = src
+        self.name = f"bench_http_{uuid.uuid4().hex[:8]}"
+        self.url = f"{URL_BASE}/{self.name}"
+        self.data_dir = Path(tempfile.mkdtemp(prefix="bench-http-"))
+        self.jobs = self.data_dir / "jobs.txt"
+        self.jobs.write_text("")
+        admin(f'CREATE DATABASE "{self.name}"')
+        self.engine = make_engine(self.url)
+        try:
+            self._start(workers)
+        except BaseException:
+            self.drop()
+            raise
+
+    def _start(self, workers: int) -> None:
+        src = self.src
+        if src is None:
+            self.key = _seed(self.engine)
+        else:
+            seeded = subprocess.run(
+                [sys.executable, "-c", _SEED_ELSEWHERE, str(Path(__file__).resolve()), self.url],
+                env=_env(self.data_dir, self.url, src),
+                cwd=self.data_dir,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            self.key = seeded.stdout.strip().splitlines()[-1]
+        self.daemon = _start_daemon(self.url, self.data_dir, workers, src)
+
+    def stop(self) -> None:
+        self.daemon.proc.terminate()
+        code = self.daemon.proc.wait(60)
+        print(f"\n{self.label}: escrowd run exited {code}")
+        loud = [
+            line
+            for line in self.daemon.log_path.read_text(errors="replace").splitlines()
+            if '"level": "error"' in line or '"level": "warning"' in line
+        ]
+        print(f"{self.label}: daemon warnings and errors: {len(loud)}")
+        for line in loud[:5]:
+            print(f"  {line[:300]}")
+        self.engine.dispose()
+        code, out = _ledger_check(self.url, self.data_dir, self.src)
+        print(f"{self.label}: escrowd ledger check: exit {code}: {out[-300:]}")
+        with psycopg.connect(
+            f"postgresql://postgres@127.0.0.1:5432/{self.name}", autocommit=True
+        ) as conn:
+            row = conn.execute("SELECT count(*) FROM escrows").fetchone()
+            print(f"{self.label}: escrows in the database: {row[0] if row else 0}")
+
+    def drop(self) -> None:
+        self.engine.dispose()
+        admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -211,12 +296,11 @@ def _funded_jobs(engine: Engine, path: Path) -> int:
     return len(jobs)
 
 
-def _ledger_check(url: str, data_dir: Path) -> tuple[int, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ESCROWD_")}
-    env.update(ESCROWD_DATA_DIR=str(data_dir), ESCROWD_DATABASE_URL=url)
+def _ledger_check(url: str, data_dir: Path, src: Path | None) -> tuple[int, str]:
     done = subprocess.run(
         [sys.executable, "-c", ENTRY, "ledger", "check"],
-        env=env,
+        env=_env(data_dir, url, src),
+        cwd=data_dir,
         capture_output=True,
         text=True,
         check=False,
@@ -235,87 +319,78 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2, help="API worker processes")
+    parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="a source tree of another escrowd (e.g. `git archive main`), measured the same "
+        "way after this one in every round, with its own database",
+    )
     args = parser.parse_args()
     for tool in ("wrk", "pgbench"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed: apt-get install {tool}")
 
     configure_logging(fmt="console", level="warning")
-    name = f"bench_http_{uuid.uuid4().hex[:8]}"
-    url = f"{URL_BASE}/{name}"
-    admin(f'CREATE DATABASE "{name}"')
-    engine = make_engine(url)
-    data_dir = Path(tempfile.mkdtemp(prefix="bench-http-"))
-    daemon: Daemon | None = None
+    targets: list[Target] = []
     try:
-        key = _seed(engine)
-        daemon = _start_daemon(url, data_dir, args.workers)
-        jobs = data_dir / "jobs.txt"
-        jobs.write_text("")
+        targets.append(Target("branch", args.workers, None))
+        if args.baseline_src is not None:
+            targets.append(Target("baseline", args.workers, args.baseline_src.resolve()))
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         print(
             f"# {platform.node()} {os.cpu_count()} cores, {started}, escrowd run --workers "
             f"{args.workers}, wrk -c {args.connections} -d {args.seconds}s"
         )
-        results: dict[str, list[tuple[WrkResult, float]]] = {op: [] for op in OPERATIONS}
+        results: dict[tuple[str, str], list[tuple[WrkResult, float]]] = {}
         with PgBench(args.connections) as pgbench:
             baseline = [pgbench.tps(args.seconds)]
             print(f"pgbench {baseline[-1]:8.1f} tps  ({_server_load()})", flush=True)
             for round_ in range(1, args.rounds + 1):
                 measured = []
-                for op in OPERATIONS:
-                    if op == "release":
-                        _funded_jobs(engine, jobs)
-                    result = _wrk(op, daemon.port, key, args.seconds, args.connections, jobs)
-                    measured.append(result)
-                    print(
-                        f"round {round_} {op:9s} {result.requests_per_s:8.1f} req/s  "
-                        f"p50 {result.p50_ms:6.1f} ms  p99 {result.p99_ms:6.1f} ms  "
-                        f"non-2xx {result.non_2xx}  socket errors {result.socket_errors}"
-                        + (f"  replays {result.replays}" if result.replays else "")
-                        + f"  ({_server_load()})",
-                        flush=True,
-                    )
+                for target in targets:
+                    for op in OPERATIONS:
+                        if op == "release":
+                            _funded_jobs(target.engine, target.jobs)
+                        result = _wrk(
+                            op,
+                            target.daemon.port,
+                            target.key,
+                            args.seconds,
+                            args.connections,
+                            target.jobs,
+                        )
+                        measured.append((target.label, result))
+                        print(
+                            f"round {round_} {target.label:8s} {op:9s} "
+                            f"{result.requests_per_s:8.1f} req/s  "
+                            f"p50 {result.p50_ms:6.1f} ms  p99 {result.p99_ms:6.1f} ms  "
+                            f"non-2xx {result.non_2xx}  socket errors {result.socket_errors}"
+                            + (f"  replays {result.replays}" if result.replays else "")
+                            + f"  ({_server_load()})",
+                            flush=True,
+                        )
                 baseline.append(pgbench.tps(args.seconds))
                 print(f"pgbench {baseline[-1]:8.1f} tps  ({_server_load()})", flush=True)
                 around = statistics.mean(baseline[-2:])
-                for result in measured:
-                    results[result.op].append((result, around))
+                for label, result in measured:
+                    results.setdefault((label, result.op), []).append((result, around))
         print()
-        print("| request | requests/s | p50 | p99 | non-2xx | pgbench tps (around) | ratio |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        for op, rows in results.items():
+        print("| escrowd | request | requests/s | p50 | p99 | non-2xx | pgbench tps | ratio |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for (label, op), rows in sorted(results.items(), key=lambda item: item[0][1]):
             for n, (result, around) in enumerate(rows, 1):
                 print(
-                    f"| {op} (round {n}) | {result.requests_per_s:,.0f} | {result.p50_ms:.1f} ms"
-                    f" | {result.p99_ms:.1f} ms | {result.non_2xx} | {around:,.0f}"
-                    f" | {result.requests_per_s / around:.2f} |"
+                    f"| {label} | {op} (round {n}) | {result.requests_per_s:,.0f}"
+                    f" | {result.p50_ms:.1f} ms | {result.p99_ms:.1f} ms | {result.non_2xx}"
+                    f" | {around:,.0f} | {result.requests_per_s / around:.2f} |"
                 )
+        for target in targets:
+            target.stop()
     finally:
-        if daemon is not None:
-            daemon.proc.terminate()
-            code = daemon.proc.wait(60)
-            print(f"\nescrowd run exited {code}")
-            loud = [
-                line
-                for line in daemon.log_path.read_text(errors="replace").splitlines()
-                if '"level": "error"' in line or '"level": "warning"' in line
-            ]
-            print(f"daemon warnings and errors: {len(loud)}")
-            for line in loud[:5]:
-                print(f"  {line[:300]}")
-        engine.dispose()
-    try:
-        code, out = _ledger_check(url, data_dir)
-        print(f"escrowd ledger check: exit {code}: {out[-500:]}")
-        with psycopg.connect(
-            f"postgresql://postgres@127.0.0.1:5432/{name}", autocommit=True
-        ) as conn:
-            row = conn.execute("SELECT count(*) FROM escrows").fetchone()
-            print(f"escrows in the database: {row[0] if row else 0}")
-    finally:
-        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        shutil.rmtree(data_dir, ignore_errors=True)
+        for target in targets:
+            if target.daemon.proc.poll() is None:
+                target.daemon.proc.kill()
+            target.drop()
 
 
 if __name__ == "__main__":
