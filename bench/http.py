@@ -6,18 +6,20 @@ Needs wrk (Debian: `apt-get install wrk`) and pgbench (`apt-get install postgres
 or the server package), and PostgreSQL on 127.0.0.1:5432 as user postgres.
 
 On a fresh PostgreSQL database: migrate, create the buyers (each with a large balance), as
-many workers, and a page of deposits, create the API key (`bench_api_key`, the one place that
-decides what key the bench uses), then start `escrowd run` (`--workers` API processes
-and the jobs process: expiry, webhooks, audit checkpoint, subscriptions; no chain is
-configured, so no poller runs). Each round runs pgbench tpcb-like (-c connections, scale
->= connections), then wrk (-c connections, keep-alive, `--seconds` each) on
+many workers, a page of deposits and 20,000 funded escrows (for the releases), and the API
+key (`bench_api_key`, the one place that decides what key the bench uses), then start
+`escrowd run` (`--workers` API processes and the jobs process: expiry, webhooks, audit
+checkpoint, subscriptions; no chain is configured, so no poller runs). Each round runs
+pgbench tpcb-like (-c connections, scale >= connections), then wrk (-c connections,
+keep-alive, `--seconds` each) on
   fund      POST /v1/escrows, unique job ids and Idempotency-Keys, buyers and workers in turn
-  release   POST /v1/escrows/{job}/release of the jobs funded so far, each once
+  release   POST /v1/escrows/{job}/release of the funded escrows, each once
   balances  GET /v1/agents/{id}/balances
   deposits  GET /v1/deposits?limit=50
-and a last pgbench closes the run. Each wrk figure is compared with the mean of the
-pgbench runs before and after its round. Prints requests/s, p50/p99, non-2xx and the
-ratio, then runs `escrowd ledger check` on the database.
+for this tree, then the same for `--baseline-src` if given; a last pgbench closes the
+run. Each wrk figure is compared with the mean of the pgbench runs before and after its
+round. Prints requests/s, p50/p99, non-2xx and the ratio, then runs `escrowd ledger check`
+on each database.
 Targets (issue #19): fund and release >= 0.35 of pgbench tps, balances >= 1.0, p99 <= 50
 ms, 0 non-2xx, ledger check clean.
 """
@@ -54,6 +56,7 @@ LUA = Path(__file__).resolve().parent / "http.lua"
 ENTRY = "from escrowd.daemon.cli import main; main()"
 BUYERS = 64
 DEPOSITS = 200
+PREFUNDED = 20_000
 OPERATIONS = ("fund", "release", "balances", "deposits")
 START_TIMEOUT_S = 60.0
 
@@ -114,7 +117,24 @@ def _seed(engine: Engine) -> str:
             )
             for n in range(DEPOSITS)
         )
-        return bench_api_key(s)
+        key = bench_api_key(s)
+    # Escrows for the release runs to settle each once: more than the fund runs make.
+    for first in range(0, PREFUNDED, 2_000):
+        with sessions() as s, s.begin():
+            buyers = [service.get_agent(s, f"buyer-{n}") for n in range(BUYERS)]
+            workers = [service.get_agent(s, f"worker-{n}") for n in range(BUYERS)]
+            for n in range(first, first + 2_000):
+                service.fund_escrow(
+                    s,
+                    job_id=f"pre-{n}",
+                    buyer=buyers[n % BUYERS],
+                    worker=workers[(n * 7 + 1) % BUYERS],
+                    asset="USDC",
+                    amount=10_000,
+                    fee_bps=100,
+                    actor="bench",
+                )
+    return key
 
 
 @dataclass
