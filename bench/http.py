@@ -328,6 +328,18 @@ def _ledger_check(url: str, data_dir: Path, src: Path | None) -> tuple[int, str]
     return done.returncode, (done.stdout + done.stderr).strip()
 
 
+def _pgbench(pgbench: PgBench, seconds: int) -> float:
+    """pgbench's tps; tried again when it could not connect (a server shared with other
+    benchmarks may be at max_connections for a moment)."""
+    for attempt in range(3):
+        try:
+            return pgbench.tps(seconds)
+        except subprocess.CalledProcessError as exc:
+            print(f"pgbench failed (attempt {attempt + 1}): {str(exc.stderr)[-300:]}", flush=True)
+            time.sleep(5)
+    return pgbench.tps(seconds)
+
+
 def _server_load() -> str:
     one, five, _ = os.getloadavg()
     return f"load {one:.1f}/{five:.1f}"
@@ -363,7 +375,7 @@ def main() -> None:
         )
         results: dict[tuple[str, str], list[tuple[WrkResult, float]]] = {}
         with PgBench(args.connections) as pgbench:
-            baseline = [pgbench.tps(args.seconds)]
+            baseline = [_pgbench(pgbench, args.seconds)]
             print(f"pgbench {baseline[-1]:8.1f} tps  ({_server_load()})", flush=True)
             for round_ in range(1, args.rounds + 1):
                 measured = []
@@ -389,7 +401,7 @@ def main() -> None:
                             + f"  ({_server_load()})",
                             flush=True,
                         )
-                baseline.append(pgbench.tps(args.seconds))
+                baseline.append(_pgbench(pgbench, args.seconds))
                 print(f"pgbench {baseline[-1]:8.1f} tps  ({_server_load()})", flush=True)
                 around = statistics.mean(baseline[-2:])
                 for label, result in measured:
