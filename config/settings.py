@@ -87,6 +87,18 @@ class ApiSettings(_Section):
             raise ValueError(exc.message) from None
         return value
 
+    # Processes serving the API on one shared socket (`escrowd run`); 0: one per core.
+    # SQLite serves from one process whatever this says.
+    workers: Annotated[int, Field(ge=0, le=256)] = 0
+
+
+class WorkerSettings(_Section):
+    """Where the jobs process (`--role worker` or `all`) serves /healthz, /readyz and
+    /metrics, so Prometheus scrapes its job series beside the API's."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8726
+
 
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -230,6 +242,7 @@ class Settings(_Section):
     database_url: str | None = None
     keystore: KeystoreSettings = KeystoreSettings()
     api: ApiSettings = ApiSettings()
+    worker: WorkerSettings = WorkerSettings()
     log: LogSettings = LogSettings()
     escrow: EscrowSettings = EscrowSettings()
     subscriptions: SubscriptionSettings = SubscriptionSettings()

@@ -48,6 +48,7 @@ from escrowd.daemon.api_deps import (
     mutate,
     state_of,
 )
+from escrowd.daemon.api_fast import FastFront, balances_out, deposit_family
 from escrowd.daemon.api_schemas import (
     CONFIGURED,
     AgentCreate,
@@ -55,7 +56,6 @@ from escrowd.daemon.api_schemas import (
     AuditPage,
     AuditRowOut,
     AuditVerifyOut,
-    BalanceOut,
     BalancesOut,
     DeliveryOut,
     DeliveryPage,
@@ -311,24 +311,10 @@ def _agents_routes(router: APIRouter) -> None:
 
     @router.get("/agents/{agent_id}/balances", response_model=BalancesOut, tags=["agents"])
     def get_balances(request: Request, agent_id: AgentIdPath, _: ReadKey) -> BalancesOut:
+        # On PostgreSQL the fast front (api_fast) answers this route before FastAPI does.
         def work(s: Session) -> BalancesOut:
             agent = service.get_agent(s, agent_id)
-            rows = [
-                BalanceOut(
-                    asset=b.asset,
-                    decimals=b.decimals,
-                    available=format_amount(b.available, b.decimals),
-                    available_base_units=str(b.available),
-                    escrowed_as_buyer=format_amount(b.escrowed_as_buyer, b.decimals),
-                    escrowed_as_buyer_base_units=str(b.escrowed_as_buyer),
-                    incoming=format_amount(b.incoming, b.decimals),
-                    incoming_base_units=str(b.incoming),
-                    pending_withdrawals=format_amount(b.pending_withdrawals, b.decimals),
-                    pending_withdrawals_base_units=str(b.pending_withdrawals),
-                )
-                for b in service.balances(s, agent)
-            ]
-            return BalancesOut(agent_id=agent.external_id, balances=rows)
+            return balances_out(agent.external_id, service.balances(s, agent))
 
         result: BalancesOut = state_of(request).read(work)
         return result
@@ -339,15 +325,6 @@ def _external_ids(s: Session, agent_ids: set[int | None]) -> dict[int, str]:
     if not wanted:
         return {}
     return dict(s.execute(select(Agent.id, Agent.external_id).where(Agent.id.in_(wanted))).all())
-
-
-def _family(state: ApiState, network: str) -> Literal["evm", "solana"]:
-    """A stored network's chain family; a network no longer configured is told by its
-    address format (EVM networks are the ones that are not Solana)."""
-    known = state.networks.get(network)
-    if known is not None:
-        return "solana" if known == "solana" else "evm"
-    return "solana" if network == "solana" else "evm"
 
 
 def _deposit_routes(router: APIRouter, page_max: int) -> None:
@@ -381,7 +358,7 @@ def _deposit_routes(router: APIRouter, page_max: int) -> None:
                         agent_id=names[row.agent_id],
                         network=row.chain,
                         chain=row.chain,
-                        chain_family=_family(state, row.chain),
+                        chain_family=deposit_family(state, row.chain),
                         asset=asset.symbol,
                         amount=format_amount(row.amount, asset.decimals),
                         amount_base_units=str(row.amount),
@@ -492,7 +469,7 @@ def _withdrawal_out(
 ) -> WithdrawalOut:
     asset = s.get_one(Asset, payout.asset_id)
     decimals = service.asset_decimals(s, asset.symbol)
-    family = _family(state, payout.chain)
+    family = deposit_family(state, payout.chain)
     head = scanned.get(payout.chain)
     confirmations = None
     if family == "evm" and payout.block_number is not None and head is not None:
@@ -522,7 +499,7 @@ def _withdrawal_out(
 
 def _withdrawals_out(state: ApiState, s: Session, payouts: Sequence[Payout]) -> list[WithdrawalOut]:
     names = _external_ids(s, {payout.agent_id for payout in payouts})
-    evm = sorted({p.chain for p in payouts if _family(state, p.chain) == "evm"})
+    evm = sorted({p.chain for p in payouts if deposit_family(state, p.chain) == "evm"})
     scanned = service.scanned_blocks(s, evm)
     return [
         _withdrawal_out(state, s, payout, names.get(payout.agent_id or 0, ""), scanned)
@@ -898,12 +875,14 @@ def create_app(
     deriver: AddressDeriver | Mapping[str, AddressDeriver] | None = None,
     webhook_cipher: SecretCipher | None = None,
     platform: PlatformAddresses | None = None,
+    fast_front: bool = True,
 ) -> FastAPI:
     """The API app. `deriver`: the deposit address deriver(s) of the unlocked keystore,
     one AddressDeriver or a mapping chain family -> deriver; None answers the deposit
     address POST with 503. `webhook_cipher` defaults to the key file from settings.
     `platform`: the keystore's own wallets, never a withdrawal destination; None answers
-    the withdrawal POST with 503."""
+    the withdrawal POST with 503. `fast_front`: on PostgreSQL, answer the hot routes in
+    api_fast ahead of FastAPI (off only to compare the two)."""
     if deriver is None:
         derivers: Mapping[str, AddressDeriver] = {}
     elif isinstance(deriver, Mapping):
@@ -934,6 +913,9 @@ def create_app(
     document_webhooks(app)
     _extend_openapi(app, state)
     _install_error_handlers(app)
+    if fast_front and engine.dialect.name == "postgresql":
+        app.add_middleware(FastFront, state=state, render_escrow=_escrow_out)
+    # Added last, so outermost: it writes the quota of the fast front's answers too.
     app.add_middleware(api_ratelimit.RateLimitHeaders)
     return app
 

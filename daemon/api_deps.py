@@ -5,7 +5,7 @@ idempotent mutations. Parameter checks live in the types here, not in handlers."
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any, Literal, NoReturn
@@ -98,17 +98,13 @@ class ApiState:
         and counted together (escrow/ratelimit.py): on PostgreSQL by one statement in
         autocommit on a statement connection, one round trip; on SQLite by one write
         transaction. Unauthorized (nothing counted) for a missing, wrong or revoked key."""
+        if self.engine.dialect.name == "postgresql":
+            candidate, params = self.pg_admission(token)
+            return self.pg_admitted(
+                statement_rows(self.engine, ratelimit.PG_ADMIT, params), candidate
+            )
         prefix, candidate = apikeys.parse(token)
         default = self.rate_limit
-        if self.engine.dialect.name == "postgresql":
-            params = (default.requests, default.window_s, prefix, candidate)
-            rows = statement_rows(self.engine, ratelimit.PG_ADMIT, params)
-            row = rows[0] if rows else None
-            principal = apikeys.check(apikeys.KeyRow(*row[:5]) if row else None, candidate)
-            # check() passed: the hash matched an active key, so the statement counted.
-            assert row is not None and row[9] is not None
-            limit, window_s, now_s, start, count = row[5:]
-            return principal, ratelimit.quota(limit, window_s, start, count, now_s)
         admission = in_transaction(
             self.writers, lambda s: ratelimit.admit_sqlite(s, prefix, candidate, default)
         )
@@ -116,6 +112,43 @@ class ApiState:
         principal = apikeys.check(key, candidate)
         assert admission.quota is not None
         return principal, admission.quota
+
+    def pg_admission(self, token: str | None) -> tuple[str, tuple[Any, ...]]:
+        """The hash the presented secret must match and ratelimit.PG_ADMIT's parameters, for
+        callers that send the statement in a round trip of their own (the fast front)."""
+        prefix, candidate = apikeys.parse(token)
+        default = self.rate_limit
+        return candidate, (default.requests, default.window_s, prefix, candidate)
+
+    @staticmethod
+    def pg_admitted(
+        rows: list[tuple[Any, ...]], candidate: str
+    ) -> tuple[apikeys.Principal, ratelimit.Quota]:
+        """The principal and quota PG_ADMIT's answer gives (Unauthorized if none)."""
+        row = rows[0] if rows else None
+        principal = apikeys.check(apikeys.KeyRow(*row[:5]) if row else None, candidate)
+        # check() passed: the hash matched an active key, so the statement counted.
+        assert row is not None and row[9] is not None
+        limit, window_s, now_s, start, count = row[5:]
+        return principal, ratelimit.quota(limit, window_s, start, count, now_s)
+
+    def admit(
+        self,
+        principal: apikeys.Principal,
+        quota: ratelimit.Quota,
+        scope: MutableMapping[str, Any],
+        required: ApiScope,
+    ) -> apikeys.Principal:
+        """Let an authenticated request through: its quota left in the ASGI scope's state
+        for the RateLimit-* headers, 429 past the limit, 403 without the scope needed."""
+        values = scope.setdefault("state", {})
+        values[STATE_ATTR] = quota
+        if quota.refused:
+            self.refuse(principal, quota)
+        principal.require(required)
+        # A request the fast front hands on to FastAPI is not counted a second time.
+        values[_ADMITTED] = (principal, quota)
+        return principal
 
     def refuse(self, principal: apikeys.Principal, quota: ratelimit.Quota) -> NoReturn:
         """Answer a request over its key's limit: counted in the metric, and the window's
@@ -178,6 +211,9 @@ def state_of(request: Request) -> ApiState:
     return state
 
 
+# The ASGI scope's state key of a request's admitted (principal, quota).
+_ADMITTED = "escrowd_admitted"
+
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Bearer esk_<prefix>_<secret>`")
 
 
@@ -186,12 +222,9 @@ def _authenticate(
 ) -> apikeys.Principal:
     token = credentials.credentials if credentials is not None else None
     state = state_of(request)
-    principal, quota = state.authenticate(token)
-    setattr(request.state, STATE_ATTR, quota)
-    if quota.refused:
-        state.refuse(principal, quota)
-    principal.require(scope)
-    return principal
+    admitted = request.scope.get("state", {}).get(_ADMITTED)
+    principal, quota = admitted if admitted is not None else state.authenticate(token)
+    return state.admit(principal, quota, request.scope, scope)
 
 
 def _read_key(

@@ -33,6 +33,8 @@ CONFIG_FILE_NAME = "escrowd.toml"
 # command function; the help is what `escrowd --help` shows without importing the module.
 LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("escrowd.daemon.cli_run", "run", "Run the daemon: pollers, payouts, webhooks, API."),
+    "api": ("escrowd.daemon.cli_run", "api", "Serve only the HTTP API (run --role api)."),
+    "worker": ("escrowd.daemon.cli_run", "worker", "Run only the jobs (run --role worker)."),
     "dev": ("escrowd.daemon.cli_run", "dev", "Everything on one machine: SQLite, EVM, Solana."),
     "devnet": ("escrowd.daemon.cli_devnet", "devnet_app", "Local chain simulators."),
     "keys": ("escrowd.daemon.cli_keys", "keys_app", "The encrypted keystore."),

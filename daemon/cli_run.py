@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 
 from escrowd.config.settings import Settings
 from escrowd.daemon.logs import configure_logging
-from escrowd.daemon.runner import Daemon, DaemonParts, run_daemon
+from escrowd.daemon.runner import Daemon, DaemonParts, Role, run_daemon
 from escrowd.migrations.runner import upgrade_to_head
 from escrowd.wallets.keystore import UnlockedKeystore, load_passphrase, unlock_keystore
 
@@ -67,8 +67,43 @@ def run(
     migrate: Annotated[
         bool, typer.Option("--migrate", help="Upgrade the schema to head before starting.")
     ] = False,
+    role: Annotated[
+        Role,
+        typer.Option(
+            help="all: API workers and the jobs; api: only the API (N instances behind a load"
+            " balancer); worker: only the jobs (pollers, payouts, webhooks, expiry)."
+        ),
+    ] = Role.ALL,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=0, help="API worker processes (0: [api] workers, whose 0 is one per core)."
+        ),
+    ] = 0,
 ) -> None:
     """Run the daemon: pollers, payouts, expiry, webhooks, the HTTP API, /metrics."""
+    _run(ctx, role=role, workers=workers, migrate=migrate)
+
+
+def api(
+    ctx: typer.Context,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=0, help="API worker processes (0: [api] workers, whose 0 is one per core)."
+        ),
+    ] = 0,
+) -> None:
+    """Serve only the HTTP API (`escrowd run --role api`)."""
+    _run(ctx, role=Role.API, workers=workers, migrate=False)
+
+
+def worker(ctx: typer.Context) -> None:
+    """Run only the jobs: pollers, payouts, expiry, webhooks (`escrowd run --role worker`)."""
+    _run(ctx, role=Role.WORKER, workers=0, migrate=False)
+
+
+def _run(ctx: typer.Context, *, role: Role, workers: int, migrate: bool) -> None:
     state = _state(ctx)
     settings = state.settings
     configure_logging(
@@ -77,7 +112,13 @@ def run(
     )
     if migrate:
         upgrade_to_head(state.engine)
-    daemon = Daemon(settings, state.engine, parts=DaemonParts(keystore=_unlock(settings)))
+    daemon = Daemon(
+        settings,
+        state.engine,
+        parts=DaemonParts(keystore=_unlock(settings)),
+        role=role,
+        api_workers=workers,
+    )
     _exit(run_daemon(daemon))
 
 

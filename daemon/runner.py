@@ -1,19 +1,28 @@
-"""`escrowd run`: the scheduler, the HTTP API and the systemd protocol in one process.
+"""`escrowd run`: the scheduler's jobs, the HTTP API and the systemd protocol.
 
-Start-up: check the schema is at head, build the jobs, schedule them, serve the API,
-then tell systemd READY=1. While running, ping the watchdog only while the daemon itself
-works: the scheduler keeps starting ticks, no tick hangs, and the API answers. A job that
+Roles (`escrowd run --role`): `all` forks the API worker processes (api_workers.py) and
+runs the jobs in the supervising process itself, so a poll never holds a request's GIL;
+`api` only supervises API workers, for N instances behind a load balancer; `worker` only
+runs the jobs. A process with jobs serves /healthz, /readyz and /metrics on `[worker]`
+host/port. `escrowd dev` (role None) keeps the API on a thread of the one process: its
+simulators live in that process's memory.
+
+Start-up: check the schema is at head, fork the API workers (before any thread starts),
+build the jobs, schedule them, then tell systemd READY=1. While running, ping the
+watchdog only while the daemon itself works: the scheduler keeps starting ticks, no tick
+hangs, and the API answers (an API worker that dies stops the daemon, exit 1). A job that
 fails (one chain's node down) is the instance's readiness problem, not a reason for
 systemd to restart everything: /readyz, the metrics and a `chain_unavailable` /
 `job_failing` event report it while the other chains and the API keep serving. On
-SIGTERM/SIGINT: stop accepting requests and scheduling ticks, let
-the ticks in flight finish (each is one or more committed transactions), and exit 0; if
-they do not finish within `daemon.shutdown_timeout_s`, exit 1 and let the database roll
-back whatever was still open.
+SIGTERM/SIGINT: stop accepting requests (SIGTERM to each API worker) and scheduling
+ticks, let the requests and ticks in flight finish, and exit 0; if they do not finish
+within `daemon.shutdown_timeout_s`, exit 1 and let the database roll back whatever was
+still open.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import signal
 import threading
@@ -35,7 +44,8 @@ from sqlalchemy import Engine
 from escrowd.config.errors import Unavailable
 from escrowd.config.settings import Settings
 from escrowd.daemon.api import create_app
-from escrowd.daemon.health import ReadinessProbe, mount_health
+from escrowd.daemon.api_workers import ApiStartFailed, ApiWorkerPool, default_worker_count
+from escrowd.daemon.health import ReadinessProbe, create_health_app, mount_health
 from escrowd.daemon.jobs import Job, JobContext, JobRunner, build_jobs, locks_for
 from escrowd.daemon.notify import Notifier
 from escrowd.daemon.progress import JobProgress, LagTracker
@@ -51,6 +61,8 @@ log = structlog.get_logger(__name__)
 
 EXIT_OK = 0
 EXIT_SHUTDOWN_TIMEOUT = 1
+# An API worker process died: exit non-zero so systemd (Restart=on-failure) starts afresh.
+EXIT_API_WORKER_EXITED = 1
 API_START_TIMEOUT_S = 15.0
 # Without a systemd watchdog the loop still wakes up to refresh STATUS and the log.
 IDLE_LOOP_S = 1.0
@@ -63,8 +75,10 @@ class SchemaNotAtHead(Unavailable):
     type = "schema_not_at_head"
 
 
-class ApiStartFailed(Unavailable):
-    type = "api_start_failed"
+class Role(enum.StrEnum):
+    ALL = "all"
+    API = "api"
+    WORKER = "worker"
 
 
 @dataclass
@@ -102,8 +116,12 @@ class Daemon:
         parts: DaemonParts | None = None,
         notifier: Notifier | None = None,
         serve_api: bool = True,
+        role: Role | None = None,
+        api_workers: int = 0,
     ) -> None:
         self.settings = settings
+        self.role = role
+        self.api_workers = api_workers
         self.engine = engine
         self.parts = parts or DaemonParts()
         self.notifier = notifier or Notifier()
@@ -121,6 +139,11 @@ class Daemon:
         self._scheduler: BackgroundScheduler | None = None
         self._server: uvicorn.Server | None = None
         self._server_thread: threading.Thread | None = None
+        self._pool: ApiWorkerPool | None = None
+        self._health_server: uvicorn.Server | None = None
+        self._health_thread: threading.Thread | None = None
+        self.worker_port: int | None = None
+        self._exit_code = EXIT_OK
         self._closers: list[Callable[[], None]] = []
         self._status = ""
         self._running_status = ""
@@ -161,6 +184,18 @@ class Daemon:
                 "sqlite_single_instance",
                 detail="SQLite has no advisory locks: run exactly one daemon on this database",
             )
+        if self.role in (Role.ALL, Role.API):
+            self._start_api_workers()
+        if self.role is Role.API:
+            self._start_api_check()
+            self._running_status = (
+                f"serving the API on {self.settings.api.host}:{self.api_port} "
+                f"({self._pool.count if self._pool else 0} workers)"
+            )
+            self._status = self._running_status
+            self.notifier.ready(self._running_status)
+            log.info("daemon_ready", role=self.role.value, jobs=[], api_port=self.api_port)
+            return
         ctx = JobContext(
             settings=self.settings,
             engine=self.engine,
@@ -176,14 +211,77 @@ class Daemon:
         locks = locks_for(self.engine, max_holders=max(1, len(self.jobs)))
         self._closers.append(locks.close)
         self.runner = JobRunner(locks, self.progress, self.lags)
-        if self.serve_api:
+        if self.role is not None:
+            self._start_worker_http()
+        elif self.serve_api:
             self._start_api()
+        if self._pool is not None:
+            self._start_api_check()
         self._start_scheduler()
-        where = f"; API on {self.settings.api.host}:{self.api_port}" if self.serve_api else ""
+        where = ""
+        if self.api_port is not None:
+            where = f"; API on {self.settings.api.host}:{self.api_port}"
+            if self._pool is not None:
+                where += f" ({self._pool.count} workers)"
         self._running_status = f"running {len(self.jobs)} jobs{where}"
         self._status = self._running_status
         self.notifier.ready(self._running_status)
-        log.info("daemon_ready", jobs=[job.name for job in self.jobs], api_port=self.api_port)
+        log.info(
+            "daemon_ready",
+            role=self.role.value if self.role else "dev",
+            jobs=[job.name for job in self.jobs],
+            api_port=self.api_port,
+            worker_port=self.worker_port,
+        )
+
+    def api_worker_count(self) -> int:
+        if self.engine.dialect.name == "sqlite":
+            # One writer at a time anyway, and a second process only adds lock waits.
+            return 1
+        return self.api_workers or self.settings.api.workers or default_worker_count()
+
+    def _start_api_workers(self) -> None:
+        # Forked children must not share the parent's database sockets.
+        self.engine.dispose()
+        pool = ApiWorkerPool(
+            self.app,
+            host=self.settings.api.host,
+            port=self.settings.api.port,
+            count=self.api_worker_count(),
+            graceful_timeout_s=self.settings.daemon.shutdown_timeout_s,
+        )
+        self._pool = pool
+        pool.start(API_START_TIMEOUT_S)
+        self.api_port = pool.port
+        log.info(
+            "api_listening", host=self.settings.api.host, port=self.api_port, workers=pool.count
+        )
+
+    def _start_worker_http(self) -> None:
+        host, port = self.settings.worker.host, self.settings.worker.port
+        server, thread = self._serve_in_thread(create_health_app(self.probe()), host, port, "jobs")
+        self._health_server, self._health_thread = server, thread
+        self.worker_port = int(server.servers[0].sockets[0].getsockname()[1])
+        log.info("worker_listening", host=host, port=self.worker_port)
+
+    def _serve_in_thread(
+        self, app: FastAPI, host: str, port: int, what: str
+    ) -> tuple[uvicorn.Server, threading.Thread]:
+        config = uvicorn.Config(
+            app, host=host, port=port, log_config=None, access_log=False, lifespan="off"
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, name=what, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + API_START_TIMEOUT_S
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise ApiStartFailed(
+                    f"the {what} HTTP server did not start on {host}:{port}: "
+                    "is the port in use? (see the log above)"
+                )
+            time.sleep(0.02)
+        return server, thread
 
     def _start_scheduler(self) -> None:
         runner = self.runner
@@ -211,30 +309,16 @@ class Daemon:
         self._scheduler = scheduler
 
     def _start_api(self) -> None:
-        config = uvicorn.Config(
-            self.app(),
-            host=self.settings.api.host,
-            port=self.settings.api.port,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-        )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, name="api", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + API_START_TIMEOUT_S
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise ApiStartFailed(
-                    f"the HTTP API did not start on {self.settings.api.host}:"
-                    f"{self.settings.api.port}: is the port in use? (see the log above)"
-                )
-            time.sleep(0.02)
+        host, port = self.settings.api.host, self.settings.api.port
+        server, thread = self._serve_in_thread(self.app(), host, port, "api")
         self.api_port = int(server.servers[0].sockets[0].getsockname()[1])
         self._server, self._server_thread = server, thread
+        self._start_api_check()
+        log.info("api_listening", host=host, port=self.api_port)
+
+    def _start_api_check(self) -> None:
         self._api_answered = time.monotonic()
         threading.Thread(target=self._check_api, name="api-check", daemon=True).start()
-        log.info("api_listening", host=self.settings.api.host, port=self.api_port)
 
     # ---- running ------------------------------------------------------------------------
 
@@ -253,6 +337,10 @@ class Daemon:
         stale_after_s = self.settings.daemon.watchdog_stale_s
         withheld: list[str] = []
         while not self.stop_event.wait(min(interval_s, IDLE_LOOP_S)):
+            if self._pool is not None and (exited := self._pool.exited()):
+                log.error("api_worker_exited", workers=exited)
+                self._exit_code = EXIT_API_WORKER_EXITED
+                return
             wedged = self.wedged(stale_after_s)
             # Evaluated every loop so their alert events are logged when they start.
             unready = sorted(self.lags.problems()) + [
@@ -275,13 +363,18 @@ class Daemon:
         """What keeps the daemon from working: jobs stuck in a tick or no longer started
         (the scheduler stopped), and the API when it has not answered for as long."""
         wedged = self.progress.wedged(stale_after_s)
-        if self._server is not None and not self._api_alive(stale_after_s):
+        if (self._server is not None or self._pool is not None) and not self._api_alive(
+            stale_after_s
+        ):
             wedged.append("api")
         return wedged
 
     def _api_alive(self, stale_after_s: float) -> bool:
-        thread = self._server_thread
-        if thread is None or not thread.is_alive():
+        if self._pool is None:
+            thread = self._server_thread
+            if thread is None or not thread.is_alive():
+                return False
+        elif self._pool.exited():
             return False
         return time.monotonic() - self._api_answered <= stale_after_s
 
@@ -314,8 +407,11 @@ class Daemon:
         deadline = time.monotonic() + timeout_s
         self.notifier.stopping("stopping: finishing jobs in flight")
         log.info("daemon_stopping", timeout_s=timeout_s)
-        if self._server is not None:
-            self._server.should_exit = True
+        for server in (self._server, self._health_server):
+            if server is not None:
+                server.should_exit = True
+        if self._pool is not None:
+            self._pool.terminate()
         stopper: threading.Thread | None = None
         if self._scheduler is not None:
             scheduler = self._scheduler
@@ -325,11 +421,13 @@ class Daemon:
             )
             stopper.start()
             stopper.join(max(0.0, deadline - time.monotonic()))
-        if self._server_thread is not None:
-            self._server_thread.join(max(0.0, deadline - time.monotonic()))
-        unfinished = [
-            thread.name for thread in (stopper, self._server_thread) if thread and thread.is_alive()
-        ]
+        threads = (stopper, self._server_thread, self._health_thread)
+        for thread in threads:
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        unfinished = [thread.name for thread in threads if thread and thread.is_alive()]
+        if self._pool is not None:
+            unfinished += self._pool.join(deadline)
         if unfinished:
             log.error(
                 "shutdown_timeout",
@@ -341,7 +439,7 @@ class Daemon:
         for close in self._closers:
             close()
         log.info("daemon_stopped")
-        return EXIT_OK
+        return self._exit_code
 
 
 def run_daemon(daemon: Daemon) -> int:

@@ -48,13 +48,33 @@ def check_key(key: str | None) -> str:
 
 
 def _stored(row: IdempotencyKey, digest: str) -> StoredResponse:
-    if row.request_hash != digest:
+    return stored_response(
+        key=row.key,
+        method=row.method,
+        path=row.path,
+        request_hash=row.request_hash,
+        status=row.response_status,
+        body=row.response_body,
+        digest=digest,
+    )
+
+
+def stored_response(
+    *, key: str, method: str, path: str, request_hash: str, status: int, body: str, digest: str
+) -> StoredResponse:
+    """The response stored for an earlier request with this key, if that request was the
+    same as this one (`digest`); IdempotencyConflict if it was another."""
+    if request_hash != digest:
         raise IdempotencyConflict(
-            f"Idempotency-Key {row.key!r} was already used for a different request "
-            f"({row.method} {row.path}); use a new key for a new operation"
+            f"Idempotency-Key {key!r} was already used for a different request "
+            f"({method} {path}); use a new key for a new operation"
         )
-    assert row.response_status != PENDING_STATUS, "a pending claim is never visible"
-    return StoredResponse(status=row.response_status, body=row.response_body)
+    assert status != PENDING_STATUS, "a pending claim is never visible"
+    return StoredResponse(status=status, body=body)
+
+
+# Storing the response of a claim made by the claim functions of migration 0012.
+PG_FINISH = "UPDATE idempotency_keys SET response_status = %s, response_body = %s WHERE id = %s"
 
 
 def begin(

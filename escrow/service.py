@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -178,15 +178,11 @@ def balances(session: Session, agent: Agent) -> list[AssetBalance]:
             .group_by(Escrow.asset)
         )
     }
-    incoming: dict[str, int] = {}
-    # Summed here, not in SQL: amounts can exceed 64 bits and SQLite stores them as text.
-    for symbol, token_decimals, amount in session.execute(
+    pending = session.execute(
         select(Asset.symbol, Asset.decimals, Deposit.amount)
         .join(Asset, Asset.id == Deposit.asset_id)
         .where(Deposit.agent_id == agent.id, Deposit.status == DepositStatus.PENDING.value)
-    ):
-        units, _ = to_ledger_units(int(amount), token_decimals, asset_decimals(session, symbol))
-        incoming[symbol] = incoming.get(symbol, 0) + units
+    )
     outgoing = {
         symbol: int(total)
         for symbol, total in session.execute(
@@ -200,6 +196,22 @@ def balances(session: Session, agent: Agent) -> list[AssetBalance]:
             .group_by(Asset.symbol)
         )
     }
+    return _assemble_balances(session, available, escrowed, pending, outgoing)
+
+
+def _assemble_balances(
+    session: Session | None,
+    available: Mapping[str, int],
+    escrowed: Mapping[str, int],
+    pending: Iterable[Sequence[Any]],
+    outgoing: Mapping[str, int],
+) -> list[AssetBalance]:
+    incoming: dict[str, int] = {}
+    # Summed here, not in SQL: amounts can exceed 64 bits and SQLite stores them as text.
+    for symbol, token_decimals, amount in pending:
+        decimals = ledger_decimals(symbol) if session is None else asset_decimals(session, symbol)
+        units, _ = to_ledger_units(int(amount), token_decimals, decimals)
+        incoming[symbol] = incoming.get(symbol, 0) + units
     return [
         AssetBalance(
             asset=symbol,
@@ -211,6 +223,52 @@ def balances(session: Session, agent: Agent) -> list[AssetBalance]:
         )
         for symbol in sorted(set(available) | set(escrowed) | set(incoming) | set(outgoing))
     ]
+
+
+# `balances` of an agent named by its external id, as one statement (PostgreSQL): the
+# agent's marker row, then one row per available account, open escrow sum, pending deposit
+# and open payout sum. Agent accounts are no-overdraft ones, whose row holds the balance.
+# The states are those of `balances` (OPEN_ESCROW_STATES, PAYOUT_FINAL_STATES, SWEEP);
+# tests/test_api_fast.py compares both paths.
+PG_BALANCES = """
+WITH a AS (SELECT id FROM agents WHERE external_id = %s)
+SELECT 'agent', NULL::text, NULL::int, a.id::numeric FROM a
+UNION ALL
+SELECT 'available', la.asset, NULL, (la.credits_posted - la.debits_posted)::numeric
+FROM ledger_accounts la JOIN a ON la.owner = a.id::text
+WHERE la.kind = 'agent_available' AND la.no_overdraft
+UNION ALL
+SELECT 'escrowed', e.asset, NULL, sum(e.amount)::numeric
+FROM escrows e JOIN a ON e.buyer_agent_id = a.id
+WHERE e.status IN ('funded', 'expired') GROUP BY e.asset
+UNION ALL
+SELECT 'incoming', s.symbol, s.decimals, d.amount::numeric
+FROM deposits d JOIN a ON d.agent_id = a.id JOIN assets s ON s.id = d.asset_id
+WHERE d.status = 'pending'
+UNION ALL
+SELECT 'outgoing', s.symbol, NULL, sum(p.amount)::numeric
+FROM payouts p JOIN a ON p.agent_id = a.id JOIN assets s ON s.id = p.asset_id
+WHERE p.reason <> 'sweep' AND p.status NOT IN ('confirmed', 'failed', 'cancelled')
+GROUP BY s.symbol
+"""
+
+
+def balances_of_rows(external_id: str, rows: Sequence[Sequence[Any]]) -> list[AssetBalance]:
+    """`balances` from the rows of PG_BALANCES (its parameter: the external id), a read
+    with no transaction on PostgreSQL: one autocommit statement where the session path
+    takes six."""
+    if not rows or rows[0][0] != "agent":
+        raise AgentNotFound(f"no agent {external_id!r}; register it with POST /v1/agents first")
+    parts: dict[str, dict[str, int]] = {"available": {}, "escrowed": {}, "outgoing": {}}
+    pending = []
+    for kind, symbol, token_decimals, amount in rows[1:]:
+        if kind == "incoming":
+            pending.append((symbol, token_decimals, amount))
+        else:
+            parts[kind][symbol] = int(amount)
+    return _assemble_balances(
+        None, parts["available"], parts["escrowed"], pending, parts["outgoing"]
+    )
 
 
 def _check_limit(limit: int) -> None:
@@ -592,6 +650,63 @@ def _call_alone(engine: Engine, sql: str, *args: Any) -> tuple[str, Any, Any]:
     params = _function_params(*args)
     outcome, detail, row = with_retries(lambda: statement_rows(engine, sql, params)[0])
     return outcome, detail, row
+
+
+# --- PostgreSQL: an idempotency claim and the escrow operation in one call (0012) ---------
+
+_CLAIM_RESULT = (
+    "SELECT claim_id, outcome, detail, escrow, stored_hash, stored_status, stored_body, "
+    "stored_method, stored_path FROM "
+)
+_CLAIM_ARGS = "%s::text, %s::text, %s::text, %s::text, %s::text, "
+PG_CLAIM_FUND = (
+    _CLAIM_RESULT + "escrowd_claim_fund_escrow(" + _CLAIM_ARGS + "%s::text, %s::bigint, "
+    "%s::bigint, %s::text, %s::bigint, %s::int, %s::timestamptz, %s::text, %s::text, "
+    "%s::timestamptz, %s::text, %s::text)"
+)
+PG_CLAIM_SETTLE = (
+    _CLAIM_RESULT + "escrowd_claim_settle_escrow(" + _CLAIM_ARGS + "%s::text, %s::text, "
+    "%s::text[], %s::bigint, %s::text, %s::text, %s::timestamptz, %s::text, %s::text)"
+)
+
+
+def checked_funding(
+    *,
+    job_id: str,
+    buyer: Agent,
+    worker: Agent,
+    asset: str,
+    amount: int,
+    fee_bps: int,
+    expires_at: datetime | None,
+    actor: str,
+) -> _Funding:
+    """A fund_escrow request whose arguments passed fund_escrow's checks."""
+    request = _Funding(job_id, buyer, worker, asset, amount, fee_bps, expires_at, actor)
+    request.check()
+    return request
+
+
+def claimed_fund_params(claim: tuple[str, ...], request: _Funding) -> tuple[Any, ...]:
+    """PG_CLAIM_FUND's arguments: the claim (principal, key, method, path, request hash)
+    and the escrowd_fund_escrow call."""
+    return (*claim, *_function_params(*request.call()[1:]))
+
+
+def funded_escrow(request: _Funding, result: tuple[str, Any, Any]) -> Escrow:
+    """The new escrow of a claimed fund call, detached, or its refusal raised."""
+    return _escrow_of(request.funded(result))
+
+
+def claimed_release_params(claim: tuple[str, ...], job_id: str, actor: str) -> tuple[Any, ...]:
+    return (*claim, *_function_params(*_settle_call(job_id, RELEASE, None, actor)[1:]))
+
+
+def released_escrow(job_id: str, result: tuple[str, Any, Any]) -> Escrow:
+    """The escrow a claimed release call settled, detached, or its refusal raised."""
+    escrow = _escrow_of(_settled_row(result, job_id, RELEASE, None))
+    _log_settled(escrow)
+    return escrow
 
 
 def fund_escrow_alone(

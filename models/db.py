@@ -136,6 +136,19 @@ def statement_rows(engine: Engine, sql: str, params: tuple[Any, ...]) -> list[tu
     return connections.rows(sql, params)
 
 
+def statements_rows(
+    engine: Engine, statements: list[tuple[str, tuple[Any, ...]]]
+) -> list[list[tuple[Any, ...]]]:
+    """`statement_rows` for several statements in one round trip (libpq pipeline mode):
+    each statement's rows. They run in one implicit transaction, so a failure of one
+    rolls back all; for reads that belong together (an API key and the data it reads)."""
+    connections = _statement_connections.get(engine)
+    if connections is None:
+        with _registry_lock:
+            connections = _statement_connections.setdefault(engine, _StatementConnections(engine))
+    return connections.rows_many(statements)
+
+
 class _Held(NamedTuple):
     connection: psycopg.Connection[Any]
     # Dumps parameters and loads rows with the connection's adapters, as its cursors do.
@@ -201,22 +214,71 @@ class _StatementConnections:
         self._give_back(held)
         return rows
 
+    def rows_many(
+        self, statements: list[tuple[str, tuple[Any, ...]]]
+    ) -> list[list[tuple[Any, ...]]]:
+        held = self._take()
+        try:
+            found = self._run_many(held, statements)
+        except BaseException as exc:
+            # The pipeline may have been left midway: the connection goes, not back.
+            held.connection.close()
+            if isinstance(exc, psycopg.Error):
+                raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
+            raise
+        self._give_back(held)
+        return found
+
     @staticmethod
-    def _run(held: _Held, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        connection, transformer = held.connection, held.transformer
-        pgconn = connection.pgconn
+    def _prepared(held: _Held, sql: str) -> bytes:
         name = held.prepared.get(sql)
         if name is None:
             name = f"escrowd_{len(held.prepared)}".encode()
             # No parameter types: the server takes them from the statement's casts.
-            _checked(pgconn.prepare(name, _numbered(sql)), connection)
+            _checked(held.connection.pgconn.prepare(name, _numbered(sql)), held.connection)
             held.prepared[sql] = name
+        return name
+
+    @staticmethod
+    def _values(held: _Held, params: tuple[Any, ...]) -> Any:
         # Text parameters, as psycopg sends them when the server is to pick the types.
-        values = transformer.dump_sequence(params, [PyFormat.TEXT] * len(params))
         # None is NULL here as in exec_params, whose declared type says so; this one's omits it.
-        result = _checked(pgconn.exec_prepared(name, cast(Any, values)), connection)
-        transformer.set_pgresult(result)
-        return transformer.load_rows(0, result.ntuples, tuple)
+        return cast(Any, held.transformer.dump_sequence(params, [PyFormat.TEXT] * len(params)))
+
+    @classmethod
+    def _run(cls, held: _Held, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        name = cls._prepared(held, sql)
+        pgconn = held.connection.pgconn
+        result = _checked(pgconn.exec_prepared(name, cls._values(held, params)), held.connection)
+        held.transformer.set_pgresult(result)
+        return held.transformer.load_rows(0, result.ntuples, tuple)
+
+    @classmethod
+    def _run_many(
+        cls, held: _Held, statements: list[tuple[str, tuple[Any, ...]]]
+    ) -> list[list[tuple[Any, ...]]]:
+        names = [cls._prepared(held, sql) for sql, _ in statements]
+        connection, pgconn = held.connection, held.connection.pgconn
+        pgconn.enter_pipeline_mode()
+        for name, (_, params) in zip(names, statements, strict=True):
+            pgconn.send_query_prepared(name, cls._values(held, params))
+        # Sends the queries with a sync point; the results come back in order.
+        pgconn.pipeline_sync()
+        results = []
+        for _ in statements:
+            result = pgconn.get_result()
+            assert result is not None, "one result per query"
+            results.append(result)
+            assert pgconn.get_result() is None, "one result set per query"
+        sync = pgconn.get_result()
+        assert sync is not None and sync.status == ExecStatus.PIPELINE_SYNC
+        pgconn.exit_pipeline_mode()
+        found = []
+        for result in results:
+            _checked(result, connection)
+            held.transformer.set_pgresult(result)
+            found.append(held.transformer.load_rows(0, result.ntuples, tuple))
+        return found
 
     def _take(self) -> _Held:
         while True:
@@ -291,3 +353,62 @@ def prepared_rows(session: Session, sql: str, params: tuple[Any, ...]) -> list[t
     with driver_cursor(session) as cursor:
         rows: list[tuple[Any, ...]] = cursor.execute(sql, params, prepare=True).fetchall()
     return rows
+
+
+class PipelinedTransaction:
+    """A transaction on a pooled PostgreSQL connection in pipeline mode: BEGIN goes out
+    with the first statement, and the last statement with COMMIT, one round trip each.
+
+    For a request that is one database call plus a write that depends on its answer (the
+    API's idempotent escrow calls). Driver errors come out as psycopg's; the connection is
+    then discarded, since its state is unknown."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._raw = engine.raw_connection()
+        driver = self._raw.driver_connection
+        assert isinstance(driver, psycopg.Connection), "PostgreSQL through psycopg"
+        self._connection: psycopg.Connection[Any] = driver
+
+    def first(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...]:
+        """BEGIN and `sql`; its first row (the statement must return one)."""
+        try:
+            with self._connection.pipeline():
+                cursor = self._connection.execute(sql, params, prepare=True)
+            row: tuple[Any, ...] | None = cursor.fetchone()
+        except psycopg.Error:
+            self._discard()
+            raise
+        assert row is not None, "the statement returns a row"
+        return row
+
+    def commit_after(self, sql: str, params: tuple[Any, ...]) -> None:
+        try:
+            with self._connection.pipeline():
+                self._connection.execute(sql, params, prepare=True)
+                self._connection.commit()
+        except psycopg.Error:
+            self._discard()
+            raise
+
+    def rollback(self) -> None:
+        try:
+            self._connection.rollback()
+        except psycopg.Error:
+            self._discard()
+            raise
+
+    def close(self) -> None:
+        """Back to the pool (rolled back if neither committed nor rolled back)."""
+        self._raw.close()
+
+    def _discard(self) -> None:
+        self._raw.invalidate()
+
+
+@contextmanager
+def pipelined_transaction(engine: Engine) -> Iterator[PipelinedTransaction]:
+    transaction = PipelinedTransaction(engine)
+    try:
+        yield transaction
+    finally:
+        transaction.close()

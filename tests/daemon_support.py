@@ -76,6 +76,7 @@ def daemon_env(data_dir: Path, database_url: str, **extra: str) -> dict[str, str
         "ESCROWD_DATA_DIR": str(data_dir),
         "ESCROWD_DATABASE_URL": database_url,
         "ESCROWD_API__PORT": "0",
+        "ESCROWD_WORKER__PORT": "0",
         "ESCROWD_LOG__LEVEL": "info",
         "ESCROWD_ESCROW__EXPIRY_INTERVAL_S": "0.3",
         "ESCROWD_WEBHOOKS__INTERVAL_S": "0.3",

@@ -78,7 +78,7 @@ def test_a_fresh_daemon_logs_no_warning_or_error(
     daemon = DaemonProcess(["--config", str(config), "run"], env, tmp_path / "daemon.log")
     try:
         ready = daemon.wait_for("daemon_ready", timeout_s=30)
-        port = daemon.wait_for("api_listening")["port"]
+        port = daemon.wait_for("worker_listening")["port"]
         time.sleep(RUN_S)
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         assert daemon.terminate(timeout_s=30) == 0

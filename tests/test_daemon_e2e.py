@@ -173,9 +173,10 @@ def test_daemon_end_to_end_over_the_api(
         _wait("payout confirmed", lambda: payout_status() == "confirmed")
         assert anvil_chain.token.balance_of(destination) == 117 * USDC
         # Both pollers are live and within their lag thresholds.
-        readyz = httpx.get(f"http://127.0.0.1:{port}/readyz")
+        jobs_port = daemon.wait_for("worker_listening")["port"]
+        readyz = httpx.get(f"http://127.0.0.1:{jobs_port}/readyz")
         assert readyz.status_code == 200, readyz.text
-        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        metrics = httpx.get(f"http://127.0.0.1:{jobs_port}/metrics").text
         lags = {
             sample.labels["chain"]: sample.value
             for family in text_string_to_metric_families(metrics)

@@ -98,7 +98,8 @@ def test_one_chain_down_is_reported_while_the_daemon_and_the_other_chain_keep_wo
     try:
         assert daemon.wait_for("unknown_environment_variable")["variable"] == "ESCROWD_SRC"
         port = daemon.wait_for("api_listening")["port"]
-        base = f"http://127.0.0.1:{port}"
+        # Poller readiness and the job series are the jobs process's, on its own port.
+        base = f"http://127.0.0.1:{daemon.wait_for('worker_listening')['port']}"
         unavailable = daemon.wait_for("chain_unavailable", timeout_s=20)
         assert unavailable["chain"] == "down"
         assert unavailable["level"] == "error"
@@ -115,6 +116,7 @@ def test_one_chain_down_is_reported_while_the_daemon_and_the_other_chain_keep_wo
         assert not any(e["event"] == "watchdog_withheld" for e in daemon.events())
 
         assert httpx.get(f"{base}/healthz").json() == {"status": "alive"}
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
         ready = httpx.get(f"{base}/readyz")
         assert ready.status_code == 503
         problems = ready.json()["problems"]

@@ -73,7 +73,9 @@ def test_ready_status_and_periodic_watchdog(
         # WATCHDOG_USEC=0.4 s -> a ping every 0.2 s.
         assert pings >= 4
         daemon.wait_for("sqlite_single_instance")
-        _check_http_endpoints(daemon.wait_for("api_listening")["port"])
+        _check_http_endpoints(
+            daemon.wait_for("api_listening")["port"], daemon.wait_for("worker_listening")["port"]
+        )
         assert daemon.terminate() == 0
         assert any(line.startswith("STOPPING=1") for line in _lines(_collect(sock, 0.5)))
     finally:
@@ -137,11 +139,13 @@ def test_sigterm_exits_zero_after_the_tick_in_flight(tmp_path: Path, sqlite_url:
     assert all(started < stop_requested + 0.1 for started, _ in rows)
 
 
-def _check_http_endpoints(port: int) -> None:
-    base = f"http://127.0.0.1:{port}"
-    assert httpx.get(f"{base}/healthz").json() == {"status": "alive"}
-    ready = httpx.get(f"{base}/readyz")
-    assert ready.status_code == 200, ready.text
+def _check_http_endpoints(api_port: int, jobs_port: int) -> None:
+    for port in (api_port, jobs_port):
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").json() == {"status": "alive"}
+        ready = httpx.get(f"http://127.0.0.1:{port}/readyz")
+        assert ready.status_code == 200, ready.text
+    # The job series live in the jobs process: Prometheus scrapes both ports.
+    base = f"http://127.0.0.1:{jobs_port}"
     families = {
         family.name: family
         for family in text_string_to_metric_families(httpx.get(f"{base}/metrics").text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import Engine, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from escrowd.models import db as models_db
 from escrowd.models.db import make_engine
@@ -50,3 +50,20 @@ def test_recently_used_connection_fails_once_then_the_pool_recovers(
         assert _backend_pid(engine) != dropped
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_statements_in_one_round_trip_fail_together_and_the_connection_recovers(
+    pg_engine: Engine,
+) -> None:
+    first, second = models_db.statements_rows(
+        pg_engine, [("SELECT %s::int + 1", (1,)), ("SELECT %s::text || 'b'", ("a",))]
+    )
+    assert (first, second) == ([(2,)], [("ab",)])
+    with pytest.raises(DBAPIError, match="division by zero"):
+        models_db.statements_rows(
+            pg_engine, [("SELECT 1 / %s::int", (0,)), ("SELECT %s::int", (5,))]
+        )
+    # The next call (on the same idle list) works, with statements prepared before.
+    assert models_db.statements_rows(pg_engine, [("SELECT %s::int + 1", (41,))]) == [[(42,)]]
+    assert models_db.statement_rows(pg_engine, "SELECT %s::int + 1", (1,)) == [(2,)]

@@ -1,0 +1,439 @@
+"""A thin ASGI front for the hot routes on PostgreSQL, ahead of FastAPI's routing.
+
+A balances read spent about a third of its time in FastAPI's routing, dependency injection
+and validation, and a sixth handing the request to a thread and back, around one database
+statement. For GET /v1/agents/{id}/balances, POST /v1/escrows and POST
+/v1/escrows/{job}/release this front checks the same things (path, API key and scope,
+Idempotency-Key, body) and makes the database calls itself. Balances are one autocommit
+statement, and so is the first page of GET /v1/deposits (plain columns, no ORM objects),
+made on the event loop (a fraction of a millisecond, and the API runs as
+several processes); fund and release are two round trips (BEGIN with the idempotency
+claim and escrow operation of migration 0012, then the stored response with COMMIT), on
+a thread, since a COMMIT waits for the disk.
+
+What the front answers is byte for byte what FastAPI would (tests/test_api_fast.py
+compares them): the same response models, the same error types and bodies. Anything it is
+not sure of it passes to FastAPI untouched, the body it read replayed: a malformed
+parameter, header or body (FastAPI words the 400), a request that fails before the
+escrow call (unknown agent or asset, bad amount: the idempotency record decides between
+that error and a replay), a database error (FastAPI's path retries), another route,
+SQLite. Those routes stay in /openapi.json as FastAPI describes them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
+from datetime import UTC
+from typing import Any, Literal
+from urllib.parse import parse_qsl
+
+import psycopg
+from anyio import to_thread
+from fastapi.security.utils import get_authorization_scheme_param
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+from starlette.responses import JSONResponse, Response
+
+from escrowd.config.errors import EscrowdError
+from escrowd.daemon.api_deps import REPLAY_HEADER, ApiState, in_future
+from escrowd.daemon.api_schemas import (
+    EXTERNAL_ID_PATTERN,
+    MAX_EXTERNAL_ID_LENGTH,
+    BalanceOut,
+    BalancesOut,
+    DepositOut,
+    DepositPage,
+    EscrowCreate,
+    EscrowOut,
+)
+from escrowd.escrow import apikeys, idempotency, ratelimit, service
+from escrowd.escrow.agent_cache import AgentCache
+from escrowd.escrow.audit import canonical_json
+from escrowd.escrow.money import format_amount, parse_amount
+from escrowd.models import ApiScope, DepositCreditState, Escrow
+from escrowd.models.db import pipelined_transaction, statement_rows, statements_rows
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# api._escrow_out: the escrow as the escrow routes answer it.
+RenderEscrow = Callable[[Session, Escrow, AgentCache], EscrowOut]
+
+_EXTERNAL_ID = re.compile(EXTERNAL_ID_PATTERN)
+_BALANCES_PATH = re.compile(r"/v1/agents/([^/]+)/balances")
+_RELEASE_PATH = re.compile(r"/v1/escrows/([^/]+)/release")
+# api_deps.IdempotencyKeyHeader's constraints.
+_IDEMPOTENCY_KEY = re.compile(rf"[!-~]{{1,{idempotency.MAX_KEY_LENGTH}}}")
+
+
+_DEPOSIT_COLUMNS = (
+    "SELECT d.id, ag.external_id, d.chain, s.symbol, s.decimals, d.amount, d.tx_hash, "
+    "d.log_index, d.block_number, d.status, d.credited, d.credit_state, "
+    "d.credited_base_units, d.dust_base_units, d.credit_note, d.created_at "
+    "FROM deposits d JOIN agents ag ON ag.id = d.agent_id JOIN assets s ON s.id = d.asset_id "
+)
+# service.list_deposits' order and filters, for the parameters the front takes.
+_DEPOSITS = _DEPOSIT_COLUMNS + "WHERE d.id > %s ORDER BY d.id LIMIT %s"
+_AGENT_DEPOSITS = _DEPOSIT_COLUMNS + "WHERE d.agent_id = %s AND d.id > %s ORDER BY d.id LIMIT %s"
+# What FastAPI's int query parameters take from these without a doubt.
+_POSITIVE = re.compile(r"[1-9][0-9]{0,17}")
+ROW_ID_MAX = 2**62
+
+
+def deposit_family(state: ApiState, network: str) -> Literal["evm", "solana"]:
+    """A stored network's (a deposit's, a payout's) chain family; a network no longer
+    configured is told by its address format (EVM networks are those not Solana)."""
+    known = state.networks.get(network)
+    if known is not None:
+        return "solana" if known == "solana" else "evm"
+    return "solana" if network == "solana" else "evm"
+
+
+class _Unsure(Exception):
+    """Something FastAPI words its own way: hand the request to it."""
+
+
+def balances_out(agent_id: str, balances: list[service.AssetBalance]) -> BalancesOut:
+    return BalancesOut(
+        agent_id=agent_id,
+        balances=[
+            BalanceOut(
+                asset=b.asset,
+                decimals=b.decimals,
+                available=format_amount(b.available, b.decimals),
+                available_base_units=str(b.available),
+                escrowed_as_buyer=format_amount(b.escrowed_as_buyer, b.decimals),
+                escrowed_as_buyer_base_units=str(b.escrowed_as_buyer),
+                incoming=format_amount(b.incoming, b.decimals),
+                incoming_base_units=str(b.incoming),
+                pending_withdrawals=format_amount(b.pending_withdrawals, b.decimals),
+                pending_withdrawals_base_units=str(b.pending_withdrawals),
+            )
+            for b in balances
+        ],
+    )
+
+
+def error_response(exc: EscrowdError) -> JSONResponse:
+    """The body and status the API's EscrowdError handler answers with."""
+    return JSONResponse(
+        {"error": {"type": exc.type, "message": exc.message}}, status_code=exc.http_status
+    )
+
+
+def _external_id(text: str) -> bool:
+    return 0 < len(text) <= MAX_EXTERNAL_ID_LENGTH and _EXTERNAL_ID.fullmatch(text) is not None
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    """The first header `name` (lower case), as Starlette's Headers.get reads it."""
+    for key, value in scope["headers"]:
+        if key == name:
+            text: str = value.decode("latin-1")
+            return text
+    return None
+
+
+def _bearer_token(scope: Scope) -> str | None:
+    """What FastAPI's HTTPBearer(auto_error=False) hands the route: the credentials of
+    the first Authorization header when its scheme is Bearer, else None."""
+    authorization = _header(scope, b"authorization")
+    if authorization is None:
+        return None
+    scheme, credentials = get_authorization_scheme_param(authorization)
+    if not (authorization and scheme and credentials) or scheme.lower() != "bearer":
+        return None
+    return credentials
+
+
+def _idempotency_key(scope: Scope) -> str:
+    key = _header(scope, b"idempotency-key")
+    if key is None or _IDEMPOTENCY_KEY.fullmatch(key) is None:
+        raise _Unsure
+    return key
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            # The client went away: FastAPI meets the same disconnect on replay.
+            raise _Unsure
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """`receive` for FastAPI after the front read the body: the body again, then the
+    client's own messages."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _json_body(scope: Scope, body: bytes) -> Any:
+    content_type = _header(scope, b"content-type")
+    if content_type is None or content_type.split(";")[0].strip().lower() != "application/json":
+        raise _Unsure
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise _Unsure from None
+
+
+def _number(text: str, maximum: int) -> int:
+    if _POSITIVE.fullmatch(text) is None or int(text) > maximum:
+        raise _Unsure
+    return int(text)
+
+
+def _replayed(stored: idempotency.StoredResponse) -> Response:
+    return Response(
+        content=stored.body,
+        status_code=stored.status,
+        media_type="application/json",
+        headers={REPLAY_HEADER: "true"},
+    )
+
+
+class FastFront:
+    """ASGI middleware: answers the hot routes itself, passes everything else on."""
+
+    def __init__(self, app: AsgiApp, state: ApiState, render_escrow: RenderEscrow) -> None:
+        self.app = app
+        self.state = state
+        self.render_escrow = render_escrow
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        response: Response | None = None
+        try:
+            if method == "GET" and path == "/v1/deposits":
+                response = self._deposits(scope)
+            elif method == "GET":
+                found = _BALANCES_PATH.fullmatch(path)
+                if found is not None and _external_id(found.group(1)):
+                    response = self._balances(scope, found.group(1))
+            elif method == "POST" and path == "/v1/escrows":
+                body = await _read_body(receive)
+                receive = _replaying(body, receive)
+                # A write waits for its COMMIT to reach the disk: on a thread, so that the
+                # process keeps other requests going and their commits share a flush.
+                response = await to_thread.run_sync(self._fund, scope, body)
+            elif method == "POST":
+                found = _RELEASE_PATH.fullmatch(path)
+                if found is not None and _external_id(found.group(1)):
+                    response = await to_thread.run_sync(self._release, scope, found.group(1))
+        except _Unsure:
+            response = None
+        if response is None:
+            await self.app(scope, receive, send)
+        else:
+            await response(scope, receive, send)
+
+    def _read(self, scope: Scope, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """The rows of `sql`, read in the round trip that reads and counts the caller's API
+        key; they are used only once the key is verified, within its rate limit and holding
+        the read scope."""
+        candidate, admit_params = self.state.pg_admission(_bearer_token(scope))
+        key_rows, rows = statements_rows(
+            self.state.engine, [(ratelimit.PG_ADMIT, admit_params), (sql, params)]
+        )
+        principal, quota = self.state.pg_admitted(key_rows, candidate)
+        self.state.admit(principal, quota, scope, ApiScope.READ)
+        return rows
+
+    def _caller(self, scope: Scope, required: ApiScope) -> apikeys.Principal:
+        """The caller's principal, counted against its key's rate limit, which must hold
+        `required`."""
+        principal, quota = self.state.authenticate(_bearer_token(scope))
+        return self.state.admit(principal, quota, scope, required)
+
+    def _balances(self, scope: Scope, agent_id: str) -> Response:
+        try:
+            rows = self._read(scope, service.PG_BALANCES, (agent_id,))
+            balances = service.balances_of_rows(agent_id, rows)
+        except EscrowdError as exc:
+            return error_response(exc)
+        body = balances_out(agent_id, balances).model_dump_json(by_alias=True)
+        return Response(body, media_type="application/json")
+
+    def _deposits(self, scope: Scope) -> Response:
+        """GET /v1/deposits as api.list_deposits answers it, for the parameters limit,
+        cursor and agent; other filters go to FastAPI."""
+        params = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+        given = dict(params)
+        if len(given) != len(params) or not set(given) <= {"limit", "cursor", "agent"}:
+            raise _Unsure
+        page_max = self.state.settings.api.page_size_max
+        limit = _number(given.get("limit", "50"), page_max)
+        after = _number(given["cursor"], ROW_ID_MAX) if "cursor" in given else 0
+        agent = given.get("agent")
+        if agent is not None and not _external_id(agent):
+            raise _Unsure
+        try:
+            if agent is None:
+                rows = self._read(scope, _DEPOSITS, (after, limit))
+            else:
+                # The agent is looked up after the key, as FastAPI's route does.
+                self._caller(scope, ApiScope.READ)
+                owner = self.state.agent(agent).id
+                rows = statement_rows(self.state.engine, _AGENT_DEPOSITS, (owner, after, limit))
+        except EscrowdError as exc:
+            return error_response(exc)
+        page = DepositPage(
+            data=[self._deposit_out(row) for row in rows],
+            next_cursor=rows[-1][0] if len(rows) == limit else None,
+        )
+        return Response(page.model_dump_json(by_alias=True), media_type="application/json")
+
+    def _deposit_out(self, row: tuple[Any, ...]) -> DepositOut:
+        (id_, agent_id, chain, symbol, decimals, amount, tx_hash, log_index, block_number) = row[:9]
+        status, credited, credit_state, credited_units, dust, note, created_at = row[9:]
+        amount = int(amount)
+        return DepositOut(
+            id=id_,
+            agent_id=agent_id,
+            network=chain,
+            chain=chain,
+            chain_family=deposit_family(self.state, chain),
+            asset=symbol,
+            amount=format_amount(amount, decimals),
+            amount_base_units=str(amount),
+            tx_hash=tx_hash,
+            log_index=log_index,
+            block_number=block_number,
+            status=status,
+            credited=credited,
+            credit_state=credit_state,
+            credited_base_units=str(credited_units),
+            # credit_view: a reversal short by what of its credit still stands.
+            reversal_shortfall_base_units=str(
+                credited_units if credit_state == DepositCreditState.REVERSAL_SHORT else 0
+            ),
+            dust_base_units=str(int(dust)),
+            credit_note=note,
+            created_at=created_at.astimezone(UTC),
+        )
+
+    def _fund(self, scope: Scope, raw: bytes) -> Response:
+        """POST /v1/escrows as api.create_escrow and api_deps.mutate answer it."""
+        parsed = _json_body(scope, raw)
+        try:
+            principal = self._caller(scope, ApiScope.WRITE)
+        except EscrowdError as exc:
+            return error_response(exc)
+        key = _idempotency_key(scope)
+        try:
+            body = EscrowCreate.model_validate(parsed)
+        except ValidationError:
+            raise _Unsure from None
+        state = self.state
+        try:
+            with state.readers() as session:
+                decimals = service.asset_decimals(session, body.asset)
+            fee_bps = body.fee_bps
+            request = service.checked_funding(
+                job_id=body.job_id,
+                buyer=state.agent(body.buyer),
+                worker=state.agent(body.worker),
+                asset=body.asset,
+                amount=parse_amount(body.amount, decimals),
+                fee_bps=state.settings.escrow.default_fee_bps if fee_bps is None else fee_bps,
+                expires_at=in_future(body.expires_at, "expires_at"),
+                actor=f"apikey:{principal.prefix}",
+            )
+        except EscrowdError:
+            # Before the claim: a stored answer for this key would win over the error.
+            raise _Unsure from None
+        canonical = canonical_json(body.model_dump(mode="json"))
+        claim = self._claim(principal.prefix, key, scope["path"], canonical)
+        params = service.claimed_fund_params(claim, request)
+        return self._claimed(
+            service.PG_CLAIM_FUND, params, claim, 201, lambda r: service.funded_escrow(request, r)
+        )
+
+    def _release(self, scope: Scope, job_id: str) -> Response:
+        """POST /v1/escrows/{job_id}/release as api.release_escrow answers it."""
+        try:
+            principal = self._caller(scope, ApiScope.WRITE)
+        except EscrowdError as exc:
+            return error_response(exc)
+        key = _idempotency_key(scope)
+        claim = self._claim(principal.prefix, key, scope["path"], "")
+        params = service.claimed_release_params(claim, job_id, f"apikey:{principal.prefix}")
+        return self._claimed(
+            service.PG_CLAIM_SETTLE,
+            params,
+            claim,
+            200,
+            lambda r: service.released_escrow(job_id, r),
+        )
+
+    @staticmethod
+    def _claim(principal: str, key: str, path: str, canonical: str) -> tuple[str, ...]:
+        digest = idempotency.request_hash("POST", path, canonical)
+        return (principal, key, "POST", path, digest)
+
+    def _claimed(
+        self,
+        sql: str,
+        params: tuple[Any, ...],
+        claim: tuple[str, ...],
+        status: int,
+        outcome: Callable[[tuple[str, Any, Any]], Escrow],
+    ) -> Response:
+        try:
+            with pipelined_transaction(self.state.engine) as transaction:
+                row = transaction.first(sql, params)
+                claim_id, result = row[0], (row[1], row[2], row[3])
+                if claim_id is None:
+                    transaction.rollback()
+                    return self._stored(claim, row)
+                try:
+                    escrow = outcome(result)
+                except EscrowdError as exc:
+                    transaction.rollback()
+                    return error_response(exc)
+                with self.state.readers() as session:
+                    rendered = self.render_escrow(session, escrow, self.state.agents)
+                text = json.dumps(rendered.model_dump(mode="json"), separators=(",", ":"))
+                transaction.commit_after(idempotency.PG_FINISH, (status, text, claim_id))
+        except psycopg.Error:
+            # FastAPI's path runs it again with its retries; the key makes that safe.
+            raise _Unsure from None
+        return Response(content=text, status_code=status, media_type="application/json")
+
+    @staticmethod
+    def _stored(claim: tuple[str, ...], row: tuple[Any, ...]) -> Response:
+        _, key, _, _, digest = claim
+        try:
+            stored = idempotency.stored_response(
+                key=key,
+                method=row[7],
+                path=row[8],
+                request_hash=row[4],
+                status=row[5],
+                body=row[6],
+                digest=digest,
+            )
+        except EscrowdError as exc:
+            return error_response(exc)
+        return _replayed(stored)
