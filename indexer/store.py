@@ -3,13 +3,14 @@ recording deposits exactly once."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from escrowd.indexer.sink import DepositSink, StoredDeposit
+from escrowd.indexer.sink import DepositSink, Finalized, StoredDeposit
 from escrowd.models import (
     ChainCursor,
     Deposit,
@@ -188,10 +189,20 @@ def record_deposit(session: Session, chain: str, found: FoundDeposit, sink: Depo
 
 
 def record_deposits(
-    session: Session, chain: str, found: list[FoundDeposit], sink: DepositSink
+    session: Session,
+    chain: str,
+    found: list[FoundDeposit],
+    sink: DepositSink,
+    *,
+    final_hashes: Mapping[int, str] | None = None,
 ) -> int:
     """Store many deposits as pending in a few set-based statements; returns how many are
     new (or revived).
+
+    ``final_hashes`` (block number -> the chain's hash of a block already at confirmation
+    depth, read after the logs) credits the new deposits in those blocks at once, in this
+    transaction, through the sink's set-based path: the same rows, audit entries and
+    events as recording them pending and confirming them in a later pass.
 
     Keys not stored yet are inserted together (a key stored meanwhile by someone else is
     skipped by the unique constraint, never doubled) and reported to the sink in one
@@ -239,25 +250,32 @@ def record_deposits(
         )
     }
     if inserted:
-        sink.recorded_many(
-            session,
-            [
-                StoredDeposit(
-                    inserted[key],
-                    chain,
-                    item.tx_hash,
-                    item.log_index,
-                    item.asset_id,
-                    item.watched.agent_id,
-                    item.amount,
-                    item.block_number,
-                    item.block_hash,
-                    DepositStatus.PENDING.value,
-                )
-                for key, item in unique.items()
-                if key in inserted
-            ],
-        )
+        stored_new = [
+            StoredDeposit(
+                inserted[key],
+                chain,
+                item.tx_hash,
+                item.log_index,
+                item.asset_id,
+                item.watched.agent_id,
+                item.amount,
+                item.block_number,
+                item.block_hash,
+                DepositStatus.PENDING.value,
+            )
+            for key, item in unique.items()
+            if key in inserted
+        ]
+        sink.recorded_many(session, stored_new)
+        if final_hashes:
+            sink.confirmed_many(
+                session,
+                [
+                    Finalized(d.id, d.block_hash)
+                    for d in stored_new
+                    if final_hashes.get(d.block_number) == d.block_hash
+                ],
+            )
     stored = [item for key, item in unique.items() if key not in inserted]
     return len(moved) + len(inserted) + _revive_orphaned(session, chain, stored, sink)
 
