@@ -5,6 +5,7 @@ watched addresses.
 
     python -m bench.evm_backfill [--part backfill|poll] [--transfers 50000] [--blocks 250]
                                  [--rounds 3] [--etl /tmp/etl-venv39]
+                                 [--baseline /path/to/main/.venv/bin/escrowd]
 
 Backfill part: anvil gets `--transfers` USDC Transfer logs over `--blocks` blocks, half of
 them to 1,000 deposit addresses (1,000 agents, written straight into the database), and 12
@@ -14,8 +15,14 @@ fresh PostgreSQL database: scan, record, then credit every deposit), ethereum-et
 its own virtual environment (`--etl`; it does not start on Python 3.11: make one with
 Python 3.9, never a project dependency), and a raw `eth_getLogs` + filter with no database.
 After each escrowd run every agent's ledger balance must equal what the chain sent its
-address, and `escrowd ledger check` and `escrowd audit verify` must pass. "Crediting" is
-the process's own timing of its confirmation step (25,000 deposits credited).
+address, and `escrowd ledger check` and `escrowd audit verify` must pass. `--baseline`
+times another checkout's escrowd (main's, installed in its own venv) in the same rounds.
+
+Where the time goes, per escrowd run: start-up + exit (process wall outside the command's
+own scan and confirmation timings), the scan (which credits final deposits in-window when
+the escrowd has that), the final confirmation pass, the process's CPU, and the CPU of the
+PostgreSQL backends serving it (sampled from /proc); then the fetch + decode + filter of
+the same windows alone, in the benchmark's process.
 
 Needs anvil (`npm ci`) and PostgreSQL (ESCROWD_TEST_PG_URL / ESCROWD_TEST_PG_DSN as in the
 tests). Run it as a module: bench/escrow.py would shadow the escrow package as a script.
@@ -26,8 +33,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -157,9 +166,57 @@ class EscrowdRun:
     scan_s: float
     credit_s: float
     credited: int
+    # CPU of the escrowd process, and of the PostgreSQL backends serving it.
+    client_cpu_s: float
+    pg_cpu_s: float
+
+    @property
+    def outside_s(self) -> float:
+        """Process start-up and exit: the wall time outside the scan and the final pass."""
+        return self.wall_s - self.scan_s - self.credit_s
 
 
-def escrowd_backfill(url: str, history: History, template: str, workdir: Path) -> EscrowdRun:
+class BackendCpu:
+    """CPU time of the PostgreSQL backends connected to one database, sampled from /proc
+    while a command runs (PostgreSQL is local; a backend's last few milliseconds before it
+    exits can be missed)."""
+
+    def __init__(self, database: str) -> None:
+        self.database = database
+        self._ticks: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> BackendCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            while not self._stop.wait(0.02):
+                pids = conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = %s", [self.database]
+                ).fetchall()
+                for (pid,) in pids:
+                    try:
+                        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    except OSError:
+                        continue
+                    # utime and stime, fields 14 and 15 of proc(5)
+                    self._ticks[pid] = int(fields[11]) + int(fields[12])
+
+    @property
+    def seconds(self) -> float:
+        return sum(self._ticks.values()) / os.sysconf("SC_CLK_TCK")
+
+
+def escrowd_backfill(
+    url: str, history: History, template: str, workdir: Path, escrowd: Path = ESCROWD
+) -> EscrowdRun:
     name = f"bench_{uuid.uuid4().hex[:10]}"
     admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
     database_url = f"{PG_URL_BASE}/{name}"
@@ -183,11 +240,17 @@ def escrowd_backfill(url: str, history: History, template: str, workdir: Path) -
         )
     )
     try:
-        command = [str(ESCROWD), "--config", str(config), "backfill", "evm", "--chain", CHAIN]
+        command = [str(escrowd), "--config", str(config), "backfill", "evm", "--chain", CHAIN]
         command += ["--from", str(history.first), "--to", str(history.last)]
-        started = time.perf_counter()
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
-        wall_s = time.perf_counter() - started
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        with BackendCpu(name) as backends:
+            started = time.perf_counter()
+            proc = subprocess.run(
+                command, capture_output=True, text=True, timeout=1800, check=False
+            )
+            wall_s = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        client_cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
         assert proc.returncode == 0, proc.stderr[-2000:]
         match = re.search(r"confirmed (\d+), orphaned 0 in ([0-9.]+)s", proc.stderr)
         assert match is not None, proc.stderr[-2000:]
@@ -195,7 +258,9 @@ def escrowd_backfill(url: str, history: History, template: str, workdir: Path) -
         scanned = re.search(r"new deposits in ([0-9.]+)s", proc.stderr)
         assert scanned is not None, proc.stderr[-2000:]
         check_books(config, database_url, history)
-        return EscrowdRun(wall_s, float(scanned.group(1)), credit_s, credited)
+        return EscrowdRun(
+            wall_s, float(scanned.group(1)), credit_s, credited, client_cpu_s, backends.seconds
+        )
     finally:
         admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -333,7 +398,38 @@ def poll_cost(url: str, token: str, watched_count: int) -> tuple[float, float, f
         admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def run_backfill(url: str, history: History, rounds: int, etl_venv: Path) -> None:
+def fetch_decode(url: str, history: History) -> float:
+    """What escrowd's scan does before storing, in this process: its JSON-RPC source reads
+    the range's Transfer logs in windows sized as the poller sizes them, decodes them and
+    picks the watched ones."""
+    from escrowd.indexer.evm_poller import AdaptiveWindow
+
+    watched = {a.lower() for a in history.watched}
+    window = AdaptiveWindow(2_000)
+    found = 0
+    started = time.perf_counter()
+    with JsonRpcEvmSource([url], chain=CHAIN) as source:
+        block = history.first
+        while block <= history.last:
+            to_block = min(history.last, block + window.size - 1)
+            logs, _ = source.logs_with_end_header(history.token, block, to_block)
+            window.succeeded(to_block - block + 1, len(logs))
+            found += sum(1 for entry in logs if entry.to_addr.lower() in watched)
+            block = to_block + 1
+    elapsed_s = time.perf_counter() - started
+    assert found == history.transfers // 2, found
+    return elapsed_s
+
+
+def _escrowd_cell(run: EscrowdRun, n: int) -> str:
+    return f"{run.wall_s:.2f} s, {n / run.wall_s:,.0f}/s"
+
+
+def run_backfill(
+    url: str, history: History, rounds: int, etl_venv: Path, baseline: Path | None
+) -> None:
+    """Each round: this escrowd, `baseline` (another checkout's escrowd, e.g. main's),
+    ethereum-etl and the raw scan, in an order reversed every other round."""
     template = make_template()
     try:
         seed_addresses(template, history.watched)
@@ -341,48 +437,91 @@ def run_backfill(url: str, history: History, rounds: int, etl_venv: Path) -> Non
         workdir.mkdir()
         n = history.transfers
         print(
-            "| round | escrowd backfill + credit, process wall | of it: scan + record | "
-            "crediting alone | ethereum-etl | raw eth_getLogs | escrowd / etl | "
-            "escrowd / raw |\n|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "| round | escrowd backfill + credit, process wall | baseline escrowd | "
+            "ethereum-etl | raw eth_getLogs | escrowd / etl | escrowd / raw | "
+            "escrowd / baseline |\n|---:|---:|---:|---:|---:|---:|---:|---:|"
         )
-        totals = {"escrowd": 0.0, "etl": 0.0, "raw": 0.0}
+        # One untimed run of each escrowd first: the first backfill after the chain was built
+        # ran slower than the next one whichever escrowd it was (anvil and PostgreSQL
+        # caches warming up).
+        escrowd_backfill(url, history, template, workdir)
+        if baseline is not None:
+            escrowd_backfill(url, history, template, workdir, baseline)
+        walls: dict[str, list[float]] = {"escrowd": [], "baseline": [], "etl": [], "raw": []}
+        splits: list[tuple[str, EscrowdRun]] = []
         for number in range(1, rounds + 1):
-            order = ["escrowd", "etl", "raw"]
+            order = ["escrowd", "baseline", "etl", "raw"]
             if number % 2 == 0:
                 order.reverse()
-            got: dict[str, object] = {}
+            got: dict[str, EscrowdRun | float | str] = {}
             for step in order:
                 if step == "escrowd":
-                    got[step] = escrowd_backfill(url, history, template, workdir)
+                    ours = escrowd_backfill(url, history, template, workdir)
+                    splits.append(("escrowd", ours))
+                    got[step] = ours
+                elif step == "baseline":
+                    if baseline is None:
+                        got[step] = "no --baseline"
+                        continue
+                    theirs = escrowd_backfill(url, history, template, workdir, baseline)
+                    splits.append(("baseline", theirs))
+                    got[step] = theirs
                 elif step == "etl":
                     got[step] = etl_export(etl_venv, url, history)
                 else:
                     got[step] = raw_get_logs(url, history)
-            run = got["escrowd"]
-            assert isinstance(run, EscrowdRun)
-            etl, raw = got["etl"], got["raw"]
-            assert isinstance(raw, float)
-            totals["escrowd"] += run.wall_s
-            totals["raw"] += raw
-            if isinstance(etl, float):
-                totals["etl"] += etl
-                etl_cell = f"{etl:.2f} s, {n / etl:,.0f}/s"
-                ratio = f"{etl / run.wall_s:.2f}x"
+            run, base, etl, raw = got["escrowd"], got["baseline"], got["etl"], got["raw"]
+            assert isinstance(run, EscrowdRun) and isinstance(raw, float)
+            walls["escrowd"].append(run.wall_s)
+            walls["raw"].append(raw)
+            cells = [f"| {number} | {_escrowd_cell(run, n)}"]
+            if isinstance(base, EscrowdRun):
+                walls["baseline"].append(base.wall_s)
+                cells.append(_escrowd_cell(base, n))
             else:
-                etl_cell, ratio = f"not run: {etl}", "-"
-            print(
-                f"| {number} | {run.wall_s:.2f} s, {n / run.wall_s:,.0f} transfers/s | "
-                f"{run.scan_s:.2f} s | {run.credited:,} in {run.credit_s:.2f} s, "
-                f"{run.credited / run.credit_s:,.0f} deposits/s | {etl_cell} | "
-                f"{raw:.2f} s, {n / raw:,.0f}/s | {ratio} | {raw / run.wall_s:.0%} |"
+                cells.append(f"not run: {base}")
+            if isinstance(etl, float):
+                walls["etl"].append(etl)
+                cells.append(f"{etl:.2f} s, {n / etl:,.0f}/s")
+            else:
+                cells.append(f"not run: {etl}")
+            cells.append(f"{raw:.2f} s, {n / raw:,.0f}/s")
+            cells.append(f"{etl / run.wall_s:.2f}x" if isinstance(etl, float) else "-")
+            cells.append(f"{raw / run.wall_s:.0%}")
+            cells.append(
+                f"{base.wall_s / run.wall_s:.2f}x faster" if isinstance(base, EscrowdRun) else "-"
             )
-        etl_total = totals["etl"] or float("nan")
+            print(" | ".join(cells) + " |", flush=True)
         print(
-            f"\nOver the {rounds} rounds: escrowd {n * rounds / totals['escrowd']:,.0f} "
-            f"transfers/s = {etl_total / totals['escrowd']:.2f}x ethereum-etl and "
-            f"{totals['raw'] / totals['escrowd']:.0%} of raw eth_getLogs; every run credited "
-            f"{n // 2:,} deposits, balances equal the chain's, ledger check and audit verify "
-            "clean."
+            "\n| run | process wall | start-up + exit | scan + record (+ credit in-window) | "
+            "final confirmation pass | escrowd CPU | PostgreSQL backends' CPU |\n"
+            "|---|---:|---:|---:|---:|---:|---:|"
+        )
+        for label, split in splits:
+            print(
+                f"| {label} | {split.wall_s:.2f} s | {split.outside_s:.2f} s | "
+                f"{split.scan_s:.2f} s | {split.credit_s:.2f} s ({split.credited:,} deposits) | "
+                f"{split.client_cpu_s:.2f} s | {split.pg_cpu_s:.2f} s |"
+            )
+        fetch_s = [fetch_decode(url, history) for _ in range(rounds)]
+        print(
+            f"\nfetch + decode + filter alone, in one process (escrowd's source and windows): "
+            f"{min(fetch_s):.2f}-{max(fetch_s):.2f} s"
+        )
+
+        def ratio(a: str, b: str) -> str:
+            if not walls[a] or not walls[b]:
+                return "n/a"
+            values = sorted(x / y for x, y in zip(walls[a], walls[b], strict=True))
+            return f"{values[0]:.2f}-{values[-1]:.2f} (total {sum(walls[a]) / sum(walls[b]):.2f})"
+
+        total = sum(walls["escrowd"])
+        print(
+            f"\nOver the {rounds} rounds: escrowd {n * rounds / total:,.0f} transfers/s; "
+            f"etl wall / escrowd wall {ratio('etl', 'escrowd')}; raw / escrowd "
+            f"{ratio('raw', 'escrowd')}; baseline / escrowd {ratio('baseline', 'escrowd')}. "
+            f"Every escrowd run credited {n // 2:,} deposits, balances equal the chain's, "
+            "ledger check and audit verify clean."
         )
     finally:
         admin(f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
@@ -396,6 +535,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--etl", type=Path, default=Path("/tmp/etl-venv39"))
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="another checkout's escrowd executable (e.g. main's) timed in the same rounds",
+    )
+    parser.add_argument(
         "--watched", type=int, default=1_000_000, help="with --part poll: watched addresses"
     )
     args = parser.parse_args()
@@ -407,7 +552,7 @@ def main() -> None:
                 f"chain built: {history.transfers} transfers in blocks "
                 f"[{history.first}, {history.last}] in {time.perf_counter() - started:.1f}s"
             )
-            run_backfill(anvil.url, history, args.rounds, args.etl)
+            run_backfill(anvil.url, history, args.rounds, args.etl, args.baseline)
         else:
             token = build_chain(anvil.url, 0, 1).token
             refresh_s, poll_s, rss = poll_cost(anvil.url, token, args.watched)

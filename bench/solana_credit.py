@@ -143,8 +143,10 @@ def run(
     engine = make_engine(f"{URL_BASE}/{name}")
     sessions: sessionmaker[Session] = make_session_factory(engine)
     try:
+        # From slot 0: a first start otherwise begins at the current finalized slot, past
+        # the burst, and finds nothing to credit.
         settings = SolanaSettings(
-            name="solana", rpc_urls=[sim.url], usdc_mint=str(Keypair().pubkey())
+            name="solana", rpc_urls=[sim.url], usdc_mint=str(Keypair().pubkey()), start_slot=0
         )
         with SolanaRpcSource([sim.url], timeout_s=60) as source:
             poller = SolanaPoller(settings, source, sessions, sink, max_slots_per_poll=100_000)

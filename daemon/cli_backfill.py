@@ -7,9 +7,11 @@ Mount in daemon/cli.py:
     app.add_typer(backfill_app, name="backfill")
 
 The range's cursor is committed with each window's deposits, so an interrupted backfill
-(Ctrl-C, crash) resumes where it stopped when the same command is run again. Deposits it
-finds are recorded pending and credited by the confirmation step at the end (and by the
-daemon's confirmation job in any case).
+(Ctrl-C, crash) resumes where it stopped when the same command is run again. Deposits in
+blocks already at confirmation depth are credited in their window's transaction (their
+block hashes checked against the chain first); the rest, and any the daemon recorded
+meanwhile, are credited by the confirmation step at the end (and by the daemon's
+confirmation job in any case). `--no-confirm` only records them pending.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ def backfill_evm(
             start_block=from_block,
             stop_block=last,
             track_reorgs=False,
+            credit_final=confirm,
         )
         # Everything alive now (modules, settings, engine) lasts as long as the command. A
         # backfill allocates millions of short-lived objects, and every full collection

@@ -5,7 +5,10 @@ transactions: `recorded_many` when they store new deposits, `confirmed_many` wit
 confirmation pass once the chain has made deposits final, `orphaned` when a deposit's block
 leaves the chain. `confirmed` credits a single deposit through `ledger.post`; the batch path
 writes the same rows, hashes and payloads in a few set-based statements whatever the
-number of deposits (tests/test_crediting_paths.py compares them on both databases).
+number of deposits (tests/test_crediting_paths.py compares them on both databases). A
+backfill window stores deposits already final confirmed (`final_columns`) and credits them
+with `credited_new`: the batch path without reading back and claiming rows nobody else
+can see yet.
 
 Amounts: a deposit's `amount` is in its chain token's base units (uint256, the token's own
 decimals); the ledger keeps the asset at one scale (`registry.ledger_decimals`). Crediting
@@ -443,8 +446,66 @@ class LedgerDepositSink:
         ]
         if not kept:
             return 0
-        rows = [row for row, _ in kept]
-        credits = [credit for _, credit in kept]
+        return self._credit(
+            session, [row for row, _ in kept], [credit for _, credit in kept], assets
+        )
+
+    # --- crediting new deposits stored confirmed ------------------------------------------
+
+    def final_columns(
+        self, session: Session, deposits: Sequence[tuple[int, int]]
+    ) -> list[dict[str, Any]]:
+        """The columns `confirmed_many` would set on new deposits ((asset id, amount) each)
+        that are final already, so a backfill window can store them confirmed."""
+        assets = self._assets(session, {asset_id for asset_id, _ in deposits})
+        return [
+            _confirmed_columns(
+                plan_credit(amount, assets[asset_id].decimals, assets[asset_id].symbol, 0)
+            )
+            for asset_id, amount in deposits
+        ]
+
+    def credited_new(self, session: Session, deposits: Sequence[StoredDeposit]) -> int:
+        """Credit deposits this transaction has just inserted confirmed with `final_columns`
+        (no other transaction can see them yet, so there is nothing to claim): the ledger
+        transfers, audit rows and events `confirmed_many` writes. Returns how many."""
+        if not deposits:
+            return 0
+        assets = self._assets(session, {d.asset_id for d in deposits})
+        rows = [
+            _Row(
+                d.id,
+                d.chain,
+                d.tx_hash,
+                d.log_index,
+                d.asset_id,
+                d.agent_id,
+                d.amount,
+                d.block_number,
+                d.block_hash,
+                DepositStatus.PENDING.value,
+                DepositCreditState.NONE.value,
+                0,
+                0,
+                None,
+            )
+            for d in deposits
+        ]
+        credits = [
+            plan_credit(row.amount, assets[row.asset_id].decimals, assets[row.asset_id].symbol, 0)
+            for row in rows
+        ]
+        return self._credit(session, rows, credits, assets)
+
+    def _credit(
+        self,
+        session: Session,
+        rows: Sequence[_Row],
+        credits: Sequence[Credit],
+        assets: dict[int, Asset],
+    ) -> int:
+        """Everything of a confirmation but the deposit rows' own columns, for `rows` (as
+        read while pending) now confirmed with `credits`."""
         agents = self._agents(session, {row.agent_id for row in rows})
         conversions: dict[str, list[audit.Entry]] = {}
         for row, credit in zip(rows, credits, strict=True):

@@ -146,6 +146,9 @@ class _Window:
     logs: list[TransferLog]
     end: BlockHeader
     deposits: list[FoundDeposit]
+    # With ``credit_final``: the chain's hashes of the deposits' blocks already at
+    # confirmation depth, read after the logs.
+    final_hashes: dict[int, str]
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,10 @@ class EvmPoller:
     """Scans one EVM chain for USDC deposits into watched addresses.
 
     ``cursor_key`` "" is the live cursor; a backfill uses its own key, ``start_block`` and
-    ``stop_block`` and skips reorg tracking (history far below the head)."""
+    ``stop_block`` and skips reorg tracking (history far below the head). ``credit_final``
+    (a backfill's) credits the deposits of blocks already at confirmation depth in their
+    window's transaction, once their block hashes are checked against the chain, instead
+    of leaving them pending for a confirmation pass."""
 
     def __init__(
         self,
@@ -213,6 +219,7 @@ class EvmPoller:
         start_block: int | None = None,
         stop_block: int | None = None,
         track_reorgs: bool | None = None,
+        credit_final: bool = False,
     ) -> None:
         self.settings = settings
         self.chain = settings.name
@@ -223,6 +230,7 @@ class EvmPoller:
         self.start_block = settings.start_block if start_block is None else start_block
         self.stop_block = stop_block
         self.track_reorgs = cursor_key == "" if track_reorgs is None else track_reorgs
+        self.credit_final = credit_final
         self.contract = settings.usdc_address.lower()
         self.window = AdaptiveWindow(
             settings.max_block_window, max_logs=settings.max_logs_per_window
@@ -469,6 +477,7 @@ class EvmPoller:
                     deposits=deposits,
                     again=again,
                     head=head,
+                    final_hashes=window.final_hashes,
                 )
                 found += new
                 late += new_late
@@ -522,7 +531,13 @@ class EvmPoller:
         # The watched set only changes at the start of a poll, so the prefetch thread can
         # pick the deposits out too.
         to_block, logs, end = self._fetch(from_block, head)
-        return _Window(to_block, logs, end, self._deposits(logs, asset_id))
+        deposits = self._deposits(logs, asset_id)
+        final_hashes: dict[int, str] = {}
+        if self.credit_final:
+            deep = head - self.settings.confirmations
+            numbers = sorted({d.block_number for d in deposits if d.block_number <= deep})
+            final_hashes = {h.number: h.hash for h in reorg.headers_of(self.source, numbers)}
+        return _Window(to_block, logs, end, deposits, final_hashes)
 
     def _deposits(self, logs: list[TransferLog], asset_id: int) -> list[FoundDeposit]:
         out: list[FoundDeposit] = []
@@ -560,6 +575,7 @@ class EvmPoller:
         deposits: list[FoundDeposit],
         again: list[FoundDeposit],
         head: int,
+        final_hashes: dict[int, str],
     ) -> tuple[int, int]:
         """Record the window's deposits and new block hashes and advance the cursor (when
         ``cursor`` is given), together. ``again`` are the deposits in blocks read before;
@@ -571,8 +587,14 @@ class EvmPoller:
                     f"{self.chain}: cursor {self.cursor_key!r} moved to {row.block_number} "
                     f"while this poller scanned from {expected_cursor}; retrying next poll"
                 )
-            new = record_deposits(session, self.chain, deposits, self.sink)
-            late = record_deposits(session, self.chain, again, self.sink) if again else 0
+            new = record_deposits(
+                session, self.chain, deposits, self.sink, final_hashes=final_hashes
+            )
+            late = (
+                record_deposits(session, self.chain, again, self.sink, final_hashes=final_hashes)
+                if again
+                else 0
+            )
             if self.track_reorgs and headers:
                 self._store_blocks(session, headers, head)
             if cursor is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
 
@@ -68,6 +68,17 @@ class DepositSink(Protocol):
         """These deposits are final: credit each that is still pending at the given block
         hash exactly once, together, in the caller's transaction (the sink locks them);
         leave the others alone. Returns how many were credited."""
+
+    def final_columns(
+        self, session: Session, deposits: Sequence[tuple[int, int]]
+    ) -> list[dict[str, Any]]:
+        """The columns (status, credit state and amounts) new deposits, given as (asset id,
+        amount), are stored with when they are final already."""
+
+    def credited_new(self, session: Session, deposits: Sequence[StoredDeposit]) -> int:
+        """Deposits this transaction has just stored with `final_columns`: credit them as
+        `confirmed_many` would have (nothing to claim: nobody else sees them yet). Returns
+        how many."""
 
     def orphaned(self, session: Session, deposit: Deposit) -> None:
         """`deposit`'s block left the canonical chain; reverse the credit if it had one."""

@@ -3,7 +3,9 @@ recording deposits exactly once."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -187,11 +189,35 @@ def record_deposit(session: Session, chain: str, found: FoundDeposit, sink: Depo
     return True
 
 
+# A new deposit's credit columns before it is final (the model's defaults).
+_PENDING_COLUMNS: dict[str, Any] = {
+    "status": DepositStatus.PENDING.value,
+    "credit_state": DepositCreditState.NONE.value,
+    "credited_base_units": 0,
+    "dust_base_units": 0,
+    "credit_note": None,
+    "credited": False,
+    "reversed": False,
+}
+
+
 def record_deposits(
-    session: Session, chain: str, found: list[FoundDeposit], sink: DepositSink
+    session: Session,
+    chain: str,
+    found: list[FoundDeposit],
+    sink: DepositSink,
+    *,
+    final_hashes: Mapping[int, str] | None = None,
 ) -> int:
     """Store many deposits as pending in a few set-based statements; returns how many are
     new (or revived).
+
+    ``final_hashes`` (block number -> the chain's hash of a block already at confirmation
+    depth, read after the logs) credits the new deposits in those blocks at once, in this
+    transaction: they are stored confirmed with the sink's `final_columns` and credited by
+    its `credited_new`, the same rows, audit entries and events as recording them pending
+    and confirming them in a later pass. A key stored meanwhile by someone else is left to
+    that one's confirmation.
 
     Keys not stored yet are inserted together (a key stored meanwhile by someone else is
     skipped by the unique constraint, never doubled) and reported to the sink in one
@@ -209,55 +235,72 @@ def record_deposits(
     if not unique:
         return len(moved)
     now = utcnow()
+    rows = [
+        {
+            "chain": chain,
+            "tx_hash": item.tx_hash,
+            "log_index": item.log_index,
+            "asset_id": item.asset_id,
+            "agent_id": item.watched.agent_id,
+            "deposit_address_id": item.watched.deposit_address_id,
+            "from_address": item.from_address,
+            "amount": item.amount,
+            "block_number": item.block_number,
+            "block_hash": item.block_hash,
+            "status": DepositStatus.PENDING.value,
+            "credited": False,
+            "reversed": False,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for item in unique.values()
+    ]
+    final_keys: set[tuple[str, int]] = set()
+    if final_hashes:
+        final_keys = {
+            key
+            for key, item in unique.items()
+            if final_hashes.get(item.block_number) == item.block_hash
+        }
+        # Stored confirmed at once: no pending row to read back and update, which cost the
+        # database more than the insert itself.
+        final_items = [(key, item) for key, item in unique.items() if key in final_keys]
+        columns = iter(
+            sink.final_columns(session, [(item.asset_id, item.amount) for _, item in final_items])
+        )
+        for key, row in zip(unique, rows, strict=True):
+            row.update(next(columns) if key in final_keys else _PENDING_COLUMNS)
     inserted = {
         (tx_hash, log_index): deposit_id
         for deposit_id, tx_hash, log_index in bulk.insert_rows(
             session,
             Deposit.metadata.tables[Deposit.__tablename__],
-            [
-                {
-                    "chain": chain,
-                    "tx_hash": item.tx_hash,
-                    "log_index": item.log_index,
-                    "asset_id": item.asset_id,
-                    "agent_id": item.watched.agent_id,
-                    "deposit_address_id": item.watched.deposit_address_id,
-                    "from_address": item.from_address,
-                    "amount": item.amount,
-                    "block_number": item.block_number,
-                    "block_hash": item.block_hash,
-                    "status": DepositStatus.PENDING.value,
-                    "credited": False,
-                    "reversed": False,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for item in unique.values()
-            ],
+            rows,
             skip_conflicts_on=("chain", "tx_hash", "log_index"),
             returning=("id", "tx_hash", "log_index"),
         )
     }
     if inserted:
-        sink.recorded_many(
-            session,
-            [
-                StoredDeposit(
-                    inserted[key],
-                    chain,
-                    item.tx_hash,
-                    item.log_index,
-                    item.asset_id,
-                    item.watched.agent_id,
-                    item.amount,
-                    item.block_number,
-                    item.block_hash,
-                    DepositStatus.PENDING.value,
-                )
-                for key, item in unique.items()
-                if key in inserted
-            ],
-        )
+        stored_new = {
+            key: StoredDeposit(
+                inserted[key],
+                chain,
+                item.tx_hash,
+                item.log_index,
+                item.asset_id,
+                item.watched.agent_id,
+                item.amount,
+                item.block_number,
+                item.block_hash,
+                DepositStatus.PENDING.value,
+            )
+            for key, item in unique.items()
+            if key in inserted
+        }
+        # Seen first, then credited: the audit rows and events of a pending deposit
+        # confirmed later.
+        sink.recorded_many(session, list(stored_new.values()))
+        sink.credited_new(session, [d for key, d in stored_new.items() if key in final_keys])
     stored = [item for key, item in unique.items() if key not in inserted]
     return len(moved) + len(inserted) + _revive_orphaned(session, chain, stored, sink)
 

@@ -329,3 +329,86 @@ def test_a_dust_deposit_taken_by_a_reorg_holds_nothing_any_more(sqlite_url: str)
         )
         assert ledger.check(s) == []
     engine.dispose()
+
+
+def test_a_backfill_window_credits_final_deposits_as_a_later_pass_would(
+    twin_urls: tuple[str, str], fixed_clock: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`escrowd backfill evm` credits deposits already at confirmation depth in the window
+    that finds them (`final_hashes`); a window recorded pending and then confirmed by a
+    pass writes the same rows, hashes and events. A deposit whose block the chain
+    answers with another hash stays pending on both paths."""
+    dumps = []
+    for path, url in zip(("pass", "window"), twin_urls, strict=True):
+        engine = make_engine(url)
+        sessions = make_session_factory(engine)
+        sink = LedgerDepositSink()
+        _reset_uuids(monkeypatch)
+        with sessions() as s, s.begin():
+            base_id = ensure_asset(
+                s, chain="base", symbol="USDC", decimals=6, token_address="0x" + "01" * 20
+            ).id
+            bsc_id = ensure_asset(
+                s, chain="bsc", symbol="USDC", decimals=18, token_address="0x" + "02" * 20
+            ).id
+            watched = []
+            for i in range(AGENTS):
+                agent = Agent(external_id=f"market-agent-{i}")
+                s.add(agent)
+                s.flush()
+                address = DepositAddress(
+                    agent_id=agent.id,
+                    chain=Chain.EVM,
+                    address=f"0x{i + 1:040x}",
+                    derivation_index=i,
+                )
+                s.add(address)
+                s.flush()
+                watched.append(Watched(address.id, agent.id, address.address, None))
+        windows = [
+            (
+                "base",
+                [
+                    _found(watched[0], base_id, 10, 1_000_000, 20),
+                    _found(watched[0], base_id, 11, 7, 20),
+                    _found(watched[2], base_id, 12, 123_456_789, 21),
+                    # Its block is not the chain's any more: not credited.
+                    _found(watched[3], base_id, 13, 5_000_000, 22),
+                ],
+                {20: f"0x{20:064x}", 21: f"0x{21:064x}", 22: "0x" + "ee" * 32},
+            ),
+            (
+                "bsc",
+                [
+                    _found(watched[2], bsc_id, 20, 10 * USDC_18, 30),
+                    _found(watched[3], bsc_id, 21, USDC_18 + 1, 30),
+                    _found(watched[4], bsc_id, 22, 10**11, 31),
+                    _found(watched[3], bsc_id, 23, 2**255, 31),
+                ],
+                {30: f"0x{30:064x}", 31: f"0x{31:064x}"},
+            ),
+        ]
+        for chain, found, final_hashes in windows:
+            with sessions() as s, s.begin():
+                if path == "window":
+                    assert record_deposits(s, chain, found, sink, final_hashes=final_hashes) == 4
+                else:
+                    assert record_deposits(s, chain, found, sink) == 4
+            if path == "pass":
+                with sessions() as s, s.begin():
+                    final = [f for f in _pending(sessions) if f.block_hash in final_hashes.values()]
+                    assert sink.confirmed_many(s, final) == len(final)
+        with sessions() as s:
+            assert ledger.check(s) == []
+            report = audit.verify(s)
+            assert report.ok, report.first_problem
+        dumps.append(_dump(engine))
+        engine.dispose()
+    by_pass, in_window = dumps
+    for table in by_pass:
+        assert by_pass[table] == in_window[table], f"{table} differs between the two paths"
+    states = {row["tx_hash"][-2:]: row["status"] for row in in_window["deposits"]}
+    assert states["0d"] == "pending"
+    assert [s for k, s in states.items() if k != "0d"] == ["confirmed"] * 7
+    types = [e["type"] for e in in_window["events"]]
+    assert types.count("deposit.pending") == 8 and types.count("deposit.confirmed") == 7
