@@ -343,6 +343,12 @@ def _ledger_check(url: str, data_dir: Path, src: Path | None) -> tuple[int, str]
 def _pgbench(pgbench: PgBench, seconds: int) -> float:
     """pgbench's tps; tried again when it could not connect (a server shared with other
     benchmarks may be at max_connections for a moment)."""
+    # The daemons' idle pooled connections (each API process keeps its own) would leave
+    # pgbench short of PostgreSQL's max_connections; the daemons reconnect on next use.
+    admin(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname LIKE 'bench_http_%' AND state = 'idle'"
+    )
     for attempt in range(3):
         try:
             return pgbench.tps(seconds)

@@ -140,8 +140,10 @@ def statements_rows(
     engine: Engine, statements: list[tuple[str, tuple[Any, ...]]]
 ) -> list[list[tuple[Any, ...]]]:
     """`statement_rows` for several statements in one round trip (libpq pipeline mode):
-    each statement's rows. They run in one implicit transaction, so a failure of one
-    rolls back all; for reads that belong together (an API key and the data it reads)."""
+    each statement's rows, the first failure raised. Each runs in its own implicit
+    transaction (a sync point after each), so a row lock one takes (the API key's
+    rate-limit count) is released before the next runs instead of being held through it:
+    requests of one key would otherwise queue behind each other's reads."""
     connections = _statement_connections.get(engine)
     if connections is None:
         with _registry_lock:
@@ -262,16 +264,16 @@ class _StatementConnections:
         pgconn.enter_pipeline_mode()
         for name, (_, params) in zip(names, statements, strict=True):
             pgconn.send_query_prepared(name, cls._values(held, params))
-        # Sends the queries with a sync point; the results come back in order.
-        pgconn.pipeline_sync()
+            pgconn.pipeline_sync()
+        # The last sync point flushes them all; the results come back in order.
         results = []
         for _ in statements:
             result = pgconn.get_result()
             assert result is not None, "one result per query"
             results.append(result)
             assert pgconn.get_result() is None, "one result set per query"
-        sync = pgconn.get_result()
-        assert sync is not None and sync.status == ExecStatus.PIPELINE_SYNC
+            sync = pgconn.get_result()
+            assert sync is not None and sync.status == ExecStatus.PIPELINE_SYNC
         pgconn.exit_pipeline_mode()
         found = []
         for result in results:

@@ -53,13 +53,16 @@ def test_recently_used_connection_fails_once_then_the_pool_recovers(
 
 
 @pytest.mark.postgres
-def test_statements_in_one_round_trip_fail_together_and_the_connection_recovers(
+def test_statements_in_one_round_trip_each_in_its_own_transaction_and_failures_raise(
     pg_engine: Engine,
 ) -> None:
     first, second = models_db.statements_rows(
         pg_engine, [("SELECT %s::int + 1", (1,)), ("SELECT %s::text || 'b'", ("a",))]
     )
     assert (first, second) == ([(2,)], [("ab",)])
+    # A lock the first takes is not held through the second.
+    one, two = models_db.statements_rows(pg_engine, [("SELECT txid_current() + %s::int", (0,))] * 2)
+    assert one != two
     with pytest.raises(DBAPIError, match="division by zero"):
         models_db.statements_rows(
             pg_engine, [("SELECT 1 / %s::int", (0,)), ("SELECT %s::int", (5,))]
