@@ -25,15 +25,9 @@ down_revision: str | None = "0012"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-FUNCTIONS = """
--- escrowd_fund_escrow behind an idempotency claim. claim_id NULL: the key was used before,
--- stored_* is its record and nothing was written.
-CREATE FUNCTION escrowd_claim_fund_escrow(
-    p_principal text, p_key text, p_method text, p_path text, p_request_hash text,
-    p_job_id text, p_buyer_id bigint, p_worker_id bigint, p_asset text, p_amount bigint,
-    p_fee_bps int, p_expires_at timestamptz, p_actor text, p_batch_id text,
-    p_now timestamptz, p_now_text text, p_api_version text
-) RETURNS TABLE (
+# Both functions return the same columns and start with the same claim: the key's row
+# inserted, or, when it exists, that record returned and nothing else done.
+_CLAIMED = """RETURNS TABLE (
     claim_id bigint, outcome text, detail text, escrow json, stored_hash text,
     stored_status int, stored_body text, stored_method text, stored_path text
 )
@@ -54,7 +48,17 @@ BEGIN
             FROM idempotency_keys k WHERE k.principal = p_principal AND k.key = p_key;
         RETURN;
     END IF;
-    RETURN QUERY
+"""
+
+FUNCTIONS = """
+-- escrowd_fund_escrow behind an idempotency claim. claim_id NULL: the key was used before,
+-- stored_* is its record and nothing was written.
+CREATE FUNCTION escrowd_claim_fund_escrow(
+    p_principal text, p_key text, p_method text, p_path text, p_request_hash text,
+    p_job_id text, p_buyer_id bigint, p_worker_id bigint, p_asset text, p_amount bigint,
+    p_fee_bps int, p_expires_at timestamptz, p_actor text, p_batch_id text,
+    p_now timestamptz, p_now_text text, p_api_version text
+) {claimed}    RETURN QUERY
         SELECT v_claim, f.outcome, f.detail, f.escrow, NULL::text, NULL::int, NULL::text,
                NULL::text, NULL::text
         FROM escrowd_fund_escrow(
@@ -68,28 +72,7 @@ CREATE FUNCTION escrowd_claim_settle_escrow(
     p_principal text, p_key text, p_method text, p_path text, p_request_hash text,
     p_job_id text, p_new_status text, p_allowed text[], p_worker_gross bigint, p_actor text,
     p_batch_id text, p_now timestamptz, p_now_text text, p_api_version text
-) RETURNS TABLE (
-    claim_id bigint, outcome text, detail text, escrow json, stored_hash text,
-    stored_status int, stored_body text, stored_method text, stored_path text
-)
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_claim bigint;
-BEGIN
-    INSERT INTO idempotency_keys
-        (principal, key, method, path, request_hash, response_status, response_body, created_at)
-    VALUES (p_principal, p_key, p_method, left(p_path, 500), p_request_hash, 0, '', p_now)
-    ON CONFLICT (principal, key) DO NOTHING
-    RETURNING id INTO v_claim;
-    IF v_claim IS NULL THEN
-        RETURN QUERY
-            SELECT NULL::bigint, NULL::text, NULL::text, NULL::json,
-                   k.request_hash::text, k.response_status, k.response_body, k.method::text,
-                   k.path::text
-            FROM idempotency_keys k WHERE k.principal = p_principal AND k.key = p_key;
-        RETURN;
-    END IF;
-    RETURN QUERY
+) {claimed}    RETURN QUERY
         SELECT v_claim, f.outcome, f.detail, f.escrow, NULL::text, NULL::int, NULL::text,
                NULL::text, NULL::text
         FROM escrowd_settle_escrow(
@@ -97,7 +80,7 @@ BEGIN
             p_now_text, p_api_version) f;
 END;
 $$;
-"""
+""".replace("{claimed}", _CLAIMED)
 
 _SIGNATURES = (
     "escrowd_claim_fund_escrow(text, text, text, text, text, text, bigint, bigint, text,"
