@@ -62,6 +62,13 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
+# `--workers`, shared by `escrowd run` and `escrowd api`.
+WorkersOption = Annotated[
+    int,
+    typer.Option(min=0, help="API worker processes (0: [api] workers, whose 0 is one per core)."),
+]
+
+
 def run(
     ctx: typer.Context,
     migrate: Annotated[
@@ -74,12 +81,7 @@ def run(
             " balancer); worker: only the jobs (pollers, payouts, webhooks, expiry)."
         ),
     ] = Role.ALL,
-    workers: Annotated[
-        int,
-        typer.Option(
-            min=0, help="API worker processes (0: [api] workers, whose 0 is one per core)."
-        ),
-    ] = 0,
+    workers: WorkersOption = 0,
 ) -> None:
     """Run the daemon: pollers, payouts, expiry, webhooks, the HTTP API, /metrics."""
     _run(ctx, role=role, workers=workers, migrate=migrate)
@@ -87,12 +89,7 @@ def run(
 
 def api(
     ctx: typer.Context,
-    workers: Annotated[
-        int,
-        typer.Option(
-            min=0, help="API worker processes (0: [api] workers, whose 0 is one per core)."
-        ),
-    ] = 0,
+    workers: WorkersOption = 0,
 ) -> None:
     """Serve only the HTTP API (`escrowd run --role api`)."""
     _run(ctx, role=Role.API, workers=workers, migrate=False)
