@@ -71,12 +71,9 @@ def create_key(
     prefix = secrets.token_hex(PREFIX_HEX_CHARS // 2)
     secret = secrets.token_urlsafe(SECRET_BYTES)
     row = ApiKey(name=name, prefix=prefix, key_hash=_hash(secret), scope=scope.value)
-    if rate_limit is not None:
-        row.rate_limit_requests = rate_limit.requests
-        row.rate_limit_window_s = rate_limit.window_s
+    limit = _set_limit(row, rate_limit)
     session.add(row)
     session.flush()
-    limit = str(rate_limit) if rate_limit is not None else "default"
     audit.append(
         session,
         stream=_stream(prefix),
@@ -86,6 +83,13 @@ def create_key(
     )
     log.info("api_key_created", key_id=row.id, prefix=prefix, scope=scope.value)
     return row, f"{KEY_TAG}_{prefix}_{secret}"
+
+
+def _set_limit(row: ApiKey, rate_limit: RateLimit | None) -> str:
+    """Store the key's own limit (None: follow the default); its text for the audit row."""
+    row.rate_limit_requests = rate_limit.requests if rate_limit is not None else None
+    row.rate_limit_window_s = rate_limit.window_s if rate_limit is not None else None
+    return str(rate_limit) if rate_limit is not None else "default"
 
 
 def key_limit(row: ApiKey) -> RateLimit | None:
@@ -105,10 +109,8 @@ def _find(session: Session, prefix: str) -> ApiKey:
 def set_rate_limit(session: Session, prefix: str, rate_limit: RateLimit | None) -> ApiKey:
     """Give a key its own limit (None: the default again); applies from its next request."""
     row = _find(session, prefix)
-    row.rate_limit_requests = rate_limit.requests if rate_limit is not None else None
-    row.rate_limit_window_s = rate_limit.window_s if rate_limit is not None else None
+    limit = _set_limit(row, rate_limit)
     session.flush()
-    limit = str(rate_limit) if rate_limit is not None else "default"
     audit.append(
         session,
         stream=_stream(prefix),
