@@ -222,6 +222,22 @@ def _dump(engine: Engine) -> dict[str, Any]:
     return out
 
 
+def _clean_dump(sessions: sessionmaker[Session], engine: Engine) -> dict[str, Any]:
+    """The tables' rows once the ledger check and the audit chain pass; the engine is done."""
+    with sessions() as s:
+        assert ledger.check(s) == []
+        report = audit.verify(s)
+        assert report.ok, report.first_problem
+    dump = _dump(engine)
+    engine.dispose()
+    return dump
+
+
+def _assert_same_rows(first: dict[str, Any], second: dict[str, Any]) -> None:
+    for table, rows in first.items():
+        assert rows == second[table], f"{table} differs between the two paths"
+
+
 def test_one_by_one_and_set_based_crediting_write_the_same_rows(
     twin_urls: tuple[str, str], fixed_clock: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -242,15 +258,9 @@ def test_one_by_one_and_set_based_crediting_write_the_same_rows(
                     sink.confirmed(s, deposit)
             else:
                 assert sink.confirmed_many(s, pending) == 11
-        with sessions() as s:
-            assert ledger.check(s) == []
-            report = audit.verify(s)
-            assert report.ok, report.first_problem
-        dumps.append(_dump(engine))
-        engine.dispose()
+        dumps.append(_clean_dump(sessions, engine))
     one, batch = dumps
-    for table in one:
-        assert one[table] == batch[table], f"{table} differs between the two paths"
+    _assert_same_rows(one, batch)
 
     deposits = {row["tx_hash"][-2:]: row for row in one["deposits"]}
     # The 18-decimal 10 USDC deposit: stored whole, credited as 10 USDC at the ledger scale.
@@ -398,15 +408,9 @@ def test_a_backfill_window_credits_final_deposits_as_a_later_pass_would(
                 with sessions() as s, s.begin():
                     final = [f for f in _pending(sessions) if f.block_hash in final_hashes.values()]
                     assert sink.confirmed_many(s, final) == len(final)
-        with sessions() as s:
-            assert ledger.check(s) == []
-            report = audit.verify(s)
-            assert report.ok, report.first_problem
-        dumps.append(_dump(engine))
-        engine.dispose()
+        dumps.append(_clean_dump(sessions, engine))
     by_pass, in_window = dumps
-    for table in by_pass:
-        assert by_pass[table] == in_window[table], f"{table} differs between the two paths"
+    _assert_same_rows(by_pass, in_window)
     states = {row["tx_hash"][-2:]: row["status"] for row in in_window["deposits"]}
     assert states["0d"] == "pending"
     assert [s for k, s in states.items() if k != "0d"] == ["confirmed"] * 7
