@@ -5,12 +5,14 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import typer
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from escrowd.config.settings import EvmChainSettings, Settings
 from escrowd.daemon.api import create_app
+from escrowd.daemon.cli_api import apikey_app
 from escrowd.escrow import accounts, apikeys, audit, ledger, service
 from escrowd.escrow.payouts import PlatformAddresses
 from escrowd.escrow.webhooks import SecretCipher
@@ -149,3 +151,19 @@ def derivers() -> dict[str, AddressDeriver]:
     seed = mnemonic_to_seed(Secret("abandon " * 11 + "about"))
     xpub = ExtendedPrivateKey.from_seed(seed).derive(EVM_ACCOUNT_PATH).public().serialize()
     return {"evm": EvmXpubDeriver(xpub), "solana": SolanaSeedDeriver(seed)}
+
+
+def apikey_cli(engine: Engine) -> typer.Typer:
+    """`escrowd apikey ...` on `engine`, for CliRunner (the root state holds the engine)."""
+    app = typer.Typer()
+    app.add_typer(apikey_app, name="apikey")
+
+    class State:
+        def __init__(self) -> None:
+            self.engine = engine
+
+    @app.callback()
+    def root(ctx: typer.Context) -> None:
+        ctx.obj = State()
+
+    return app

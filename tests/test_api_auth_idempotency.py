@@ -6,16 +6,14 @@ import threading
 from pathlib import Path
 
 import pytest
-import typer
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
-from escrowd.daemon.cli_api import apikey_app
 from escrowd.escrow import apikeys
 from escrowd.models import ApiKey, ApiScope, Escrow, IdempotencyKey
 from escrowd.models.db import make_session_factory
-from tests.escrow_fixtures import available, make_client, make_key, seed_agents
+from tests.escrow_fixtures import apikey_cli, available, make_client, make_key, seed_agents
 
 ESCROW = {"job_id": "job-1", "buyer": "alice", "worker": "bob", "asset": "USDC", "amount": "1"}
 
@@ -72,17 +70,7 @@ def test_missing_bad_revoked_and_wrong_scope_keys(
 def test_cli_creates_lists_and_revokes_keys(
     engine: Engine, sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
-    app = typer.Typer()
-    app.add_typer(apikey_app, name="apikey")
-
-    class State:
-        def __init__(self) -> None:
-            self.engine = engine
-
-    @app.callback()
-    def root(ctx: typer.Context) -> None:
-        ctx.obj = State()
-
+    app = apikey_cli(engine)
     runner = CliRunner()
     created = runner.invoke(app, ["apikey", "create", "--name", "market", "--scope", "write"])
     assert created.exit_code == 0, created.output

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import typer
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 from sqlalchemy import Engine, select
@@ -22,13 +21,12 @@ from typer.testing import CliRunner
 from escrowd.config.rate_limit import RateLimit
 from escrowd.config.settings import ApiSettings, SettingsError, load_settings
 from escrowd.daemon.api import create_app
-from escrowd.daemon.cli_api import apikey_app
 from escrowd.escrow import apikeys, audit
 from escrowd.escrow.webhooks import SecretCipher
 from escrowd.models import ApiScope, AuditLog
 from escrowd.models.db import make_session_factory
 from tests.daemon_support import DaemonProcess, daemon_env
-from tests.escrow_fixtures import make_settings
+from tests.escrow_fixtures import apikey_cli, make_settings
 
 
 def _client(engine: Engine, data_dir: Path, default: str = "6000/60s") -> TestClient:
@@ -101,17 +99,7 @@ def test_default_limit_per_key_limits_and_the_cli(
     engine: Engine, sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     client = _client(engine, tmp_path, default="2/60s")
-    app = typer.Typer()
-    app.add_typer(apikey_app, name="apikey")
-
-    class State:
-        def __init__(self) -> None:
-            self.engine = engine
-
-    @app.callback()
-    def root(ctx: typer.Context) -> None:
-        ctx.obj = State()
-
+    app = apikey_cli(engine)
     runner = CliRunner()
     made = runner.invoke(
         app, ["apikey", "create", "--name", "m", "--scope", "read", "--rate-limit", "4/1m"]
