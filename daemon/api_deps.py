@@ -68,12 +68,14 @@ class ApiState:
     agents: AgentCache = field(init=False)
     networks: dict[str, str] = field(init=False)
     rate_limit: RateLimit = field(init=False)
+    leases: ratelimit.Leases = field(init=False)
 
     def __post_init__(self) -> None:
         self.rate_limit = parse_limit(self.settings.api.rate_limit)
         self.writers = make_session_factory(self.engine)
         self.readers = make_session_factory(self.engine, read_only=True)
         self.agents = AgentCache()
+        self.leases = ratelimit.Leases()
         self.networks = configured_networks(self.settings)
 
     def family(self, network: str) -> str:
@@ -94,43 +96,41 @@ class ApiState:
         return [name for name, of in self.networks.items() if of == family]
 
     def authenticate(self, token: str | None) -> tuple[apikeys.Principal, ratelimit.Quota]:
-        """The caller's key and this request's place in the key's rate-limit window, read
-        and counted together (escrow/ratelimit.py): on PostgreSQL by one statement in
-        autocommit on a statement connection, one round trip; on SQLite by one write
-        transaction. Unauthorized (nothing counted) for a missing, wrong or revoked key."""
+        """The caller's key and this request's place in the key's rate-limit window
+        (escrow/ratelimit.py): on PostgreSQL one statement in autocommit on a statement
+        connection, one round trip, that reads the key and claims requests when this
+        process holds none of its window; on SQLite a transaction, a write one only for a
+        claim. Unauthorized (nothing counted) for a missing, wrong or revoked key."""
+        return self._answered(self.key_read(token))
+
+    def _answered(self, read: ratelimit.KeyRead) -> tuple[apikeys.Principal, ratelimit.Quota]:
         if self.engine.dialect.name == "postgresql":
-            candidate, params = self.pg_admission(token)
-            return self.pg_admitted(
-                statement_rows(self.engine, ratelimit.PG_ADMIT, params), candidate
-            )
-        prefix, candidate = apikeys.parse(token)
+            return self.admitted(read, statement_rows(self.engine, read.sql, read.params))
         default = self.rate_limit
-        admission = in_transaction(
-            self.writers, lambda s: ratelimit.admit_sqlite(s, prefix, candidate, default)
-        )
-        key = apikeys.KeyRow(*admission.key) if admission.key is not None else None
-        principal = apikeys.check(key, candidate)
-        assert admission.quota is not None
-        return principal, admission.quota
+        sessions = self.readers if read.leased is not None else self.writers
+        rows = in_transaction(sessions, lambda s: ratelimit.admit_sqlite(s, read, default))
+        return self.admitted(read, rows)
 
-    def pg_admission(self, token: str | None) -> tuple[str, tuple[Any, ...]]:
-        """The hash the presented secret must match and ratelimit.PG_ADMIT's parameters, for
-        callers that send the statement in a round trip of their own (the fast front)."""
-        prefix, candidate = apikeys.parse(token)
-        default = self.rate_limit
-        return candidate, (default.requests, default.window_s, prefix, candidate)
+    def key_read(self, token: str | None) -> ratelimit.KeyRead:
+        """What reads the presented key and counts the request, for callers that send the
+        statement in a round trip of their own (the fast front); Unauthorized for a
+        malformed key."""
+        return self.key_read_of(*apikeys.parse(token))
 
-    @staticmethod
-    def pg_admitted(
-        rows: list[tuple[Any, ...]], candidate: str
+    def key_read_of(self, prefix: str, candidate: str) -> ratelimit.KeyRead:
+        return self.leases.key_read(prefix, candidate, self.rate_limit)
+
+    def admitted(
+        self, read: ratelimit.KeyRead, rows: list[tuple[Any, ...]]
     ) -> tuple[apikeys.Principal, ratelimit.Quota]:
-        """The principal and quota PG_ADMIT's answer gives (Unauthorized if none)."""
-        row = rows[0] if rows else None
-        principal = apikeys.check(apikeys.KeyRow(*row[:5]) if row else None, candidate)
-        # check() passed: the hash matched an active key, so the statement counted.
-        assert row is not None and row[9] is not None
-        limit, window_s, now_s, start, count = row[5:]
-        return principal, ratelimit.quota(limit, window_s, start, count, now_s)
+        """The principal and quota the answer to `read` gives (Unauthorized if none)."""
+        key, quota = self.leases.admitted(read, rows)
+        principal = apikeys.check(apikeys.KeyRow(*key) if key is not None else None, read.candidate)
+        if quota is None:
+            # An active key whose limit changed since this process claimed requests under
+            # the old one: claim under the new one now.
+            return self._answered(self.key_read_of(read.prefix, read.candidate))
+        return principal, quota
 
     def admit(
         self,

@@ -252,11 +252,11 @@ class FastFront:
         """The rows of `sql`, read in the round trip that reads and counts the caller's API
         key; they are used only once the key is verified, within its rate limit and holding
         the read scope."""
-        candidate, admit_params = self.state.pg_admission(_bearer_token(scope))
+        read = self.state.key_read(_bearer_token(scope))
         key_rows, rows = statements_rows(
-            self.state.engine, [(ratelimit.PG_ADMIT, admit_params), (sql, params)]
+            self.state.engine, [(read.sql, read.params), (sql, params)]
         )
-        principal, quota = self.state.pg_admitted(key_rows, candidate)
+        principal, quota = self.state.admitted(read, key_rows)
         self.state.admit(principal, quota, scope, ApiScope.READ)
         return rows
 
@@ -333,20 +333,42 @@ class FastFront:
             created_at=created_at.astimezone(UTC),
         )
 
+    def _writer(self, scope: Scope) -> ratelimit.KeyRead | apikeys.Principal:
+        """The caller of a write: its principal, checked and counted here when this
+        process must claim requests of the key's window (a write of its own, kept out of
+        the escrow transaction); else how to read its key, sent with the escrow call (a
+        read, one round trip fewer)."""
+        read = self.state.key_read(_bearer_token(scope))
+        if read.leased is None:
+            principal, quota = self.state.admitted(read, self._key_rows(read))
+            return self.state.admit(principal, quota, scope, ApiScope.WRITE)
+        return read
+
+    def _key_rows(self, read: ratelimit.KeyRead) -> list[tuple[Any, ...]]:
+        return statement_rows(self.state.engine, read.sql, read.params)
+
+    def _hand_on(self, scope: Scope, caller: ratelimit.KeyRead | apikeys.Principal) -> None:
+        """Before passing a write to FastAPI: a caller whose key was not read yet is read
+        and counted now, so FastAPI does not count the request again."""
+        if isinstance(caller, ratelimit.KeyRead):
+            principal, quota = self.state.admitted(caller, self._key_rows(caller))
+            self.state.admit(principal, quota, scope, ApiScope.WRITE)
+
     def _fund(self, scope: Scope, raw: bytes) -> Response:
         """POST /v1/escrows as api.create_escrow and api_deps.mutate answer it."""
         parsed = _json_body(scope, raw)
         try:
-            principal = self._caller(scope, ApiScope.WRITE)
+            caller = self._writer(scope)
         except EscrowdError as exc:
             return error_response(exc)
-        key = _idempotency_key(scope)
-        try:
-            body = EscrowCreate.model_validate(parsed)
-        except ValidationError:
-            raise _Unsure from None
+        prefix = caller.prefix
         state = self.state
         try:
+            key = _idempotency_key(scope)
+            try:
+                body = EscrowCreate.model_validate(parsed)
+            except ValidationError:
+                raise _Unsure from None
             with state.readers() as session:
                 decimals = service.asset_decimals(session, body.asset)
             fee_bps = body.fee_bps
@@ -358,33 +380,51 @@ class FastFront:
                 amount=parse_amount(body.amount, decimals),
                 fee_bps=state.settings.escrow.default_fee_bps if fee_bps is None else fee_bps,
                 expires_at=in_future(body.expires_at, "expires_at"),
-                actor=f"apikey:{principal.prefix}",
+                actor=f"apikey:{prefix}",
             )
-        except EscrowdError:
-            # Before the claim: a stored answer for this key would win over the error.
+        except (_Unsure, EscrowdError):
+            # FastAPI words it; before the claim, a stored answer for this key would win
+            # over an error.
+            try:
+                self._hand_on(scope, caller)
+            except EscrowdError as exc:
+                return error_response(exc)
             raise _Unsure from None
         canonical = canonical_json(body.model_dump(mode="json"))
-        claim = self._claim(principal.prefix, key, scope["path"], canonical)
+        claim = self._claim(prefix, key, scope["path"], canonical)
         params = service.claimed_fund_params(claim, request)
         return self._claimed(
-            service.PG_CLAIM_FUND, params, claim, 201, lambda r: service.funded_escrow(request, r)
+            scope,
+            caller,
+            (service.PG_CLAIM_FUND, params),
+            claim=claim,
+            status=201,
+            outcome=lambda r: service.funded_escrow(request, r),
         )
 
     def _release(self, scope: Scope, job_id: str) -> Response:
         """POST /v1/escrows/{job_id}/release as api.release_escrow answers it."""
         try:
-            principal = self._caller(scope, ApiScope.WRITE)
+            caller = self._writer(scope)
         except EscrowdError as exc:
             return error_response(exc)
-        key = _idempotency_key(scope)
-        claim = self._claim(principal.prefix, key, scope["path"], "")
-        params = service.claimed_release_params(claim, job_id, f"apikey:{principal.prefix}")
+        try:
+            key = _idempotency_key(scope)
+        except _Unsure:
+            try:
+                self._hand_on(scope, caller)
+            except EscrowdError as exc:
+                return error_response(exc)
+            raise
+        claim = self._claim(caller.prefix, key, scope["path"], "")
+        params = service.claimed_release_params(claim, job_id, f"apikey:{caller.prefix}")
         return self._claimed(
-            service.PG_CLAIM_SETTLE,
-            params,
-            claim,
-            200,
-            lambda r: service.released_escrow(job_id, r),
+            scope,
+            caller,
+            (service.PG_CLAIM_SETTLE, params),
+            claim=claim,
+            status=200,
+            outcome=lambda r: service.released_escrow(job_id, r),
         )
 
     @staticmethod
@@ -394,15 +434,30 @@ class FastFront:
 
     def _claimed(
         self,
-        sql: str,
-        params: tuple[Any, ...],
+        scope: Scope,
+        caller: ratelimit.KeyRead | apikeys.Principal,
+        call: tuple[str, tuple[Any, ...]],
+        *,
         claim: tuple[str, ...],
         status: int,
         outcome: Callable[[tuple[str, Any, Any]], Escrow],
     ) -> Response:
+        """The idempotent escrow call in two round trips: BEGIN, the caller's key (when not
+        read yet) and the claim-and-call; then the stored response with COMMIT. Nothing is
+        kept when the key turns out invalid, over its limit or without the write scope."""
         try:
             with pipelined_transaction(self.state.engine) as transaction:
-                row = transaction.first(sql, params)
+                if isinstance(caller, ratelimit.KeyRead):
+                    key_rows, rows = transaction.rows([(caller.sql, caller.params), call])
+                    try:
+                        principal, quota = self.state.admitted(caller, key_rows)
+                        self.state.admit(principal, quota, scope, ApiScope.WRITE)
+                    except EscrowdError as exc:
+                        transaction.rollback()
+                        return error_response(exc)
+                else:
+                    [rows] = transaction.rows([call])
+                row = rows[0]
                 claim_id, result = row[0], (row[1], row[2], row[3])
                 if claim_id is None:
                     transaction.rollback()
@@ -414,8 +469,8 @@ class FastFront:
                     return error_response(exc)
                 with self.state.readers() as session:
                     rendered = self.render_escrow(session, escrow, self.state.agents)
-                text = json.dumps(rendered.model_dump(mode="json"), separators=(",", ":"))
-                transaction.commit_after(idempotency.PG_FINISH, (status, text, claim_id))
+                text = rendered.model_dump_json()
+                transaction.rows([(idempotency.PG_FINISH, (status, text, claim_id))], commit=True)
         except psycopg.Error:
             # FastAPI's path runs it again with its retries; the key makes that safe.
             raise _Unsure from None

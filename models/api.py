@@ -57,7 +57,10 @@ class ApiRateWindow(Base):
     api_key_id: Mapped[int] = mapped_column(BigIntPK, ForeignKey("api_keys.id"), primary_key=True)
     # Unix time (seconds) the window began, a multiple of its length.
     window_start: Mapped[int] = mapped_column(BigInteger)
+    # Requests granted in the window, plus one per refused claim past the limit.
     request_count: Mapped[int] = mapped_column(BigInteger)
+    # What the last claim was granted (0: refused); see escrow/ratelimit.
+    granted: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
 class IdempotencyKey(Base):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
 import weakref
@@ -170,6 +171,19 @@ def _numbered(sql: str) -> bytes:
     return ("".join(numbered) + parts[-1]).encode()
 
 
+def _next_result(pgconn: psycopg.pq.abc.PGconn) -> PGresult | None:
+    """PQgetResult, waiting for the server's answer with the interpreter lock released:
+    psycopg holds it through a blocking PQgetResult, so a statement that waits for a lock
+    another thread of this process holds (a racing idempotency claim) would stop every
+    thread, the holder's too."""
+    wait = select.poll()
+    wait.register(pgconn.socket, select.POLLIN)
+    while pgconn.is_busy():
+        wait.poll()
+        pgconn.consume_input()
+    return pgconn.get_result()
+
+
 def _checked(result: PGresult, connection: psycopg.Connection[Any]) -> PGresult:
     """The result, or its error raised as psycopg's exception for its SQLSTATE."""
     if result.status not in (ExecStatus.TUPLES_OK, ExecStatus.COMMAND_OK):
@@ -268,11 +282,11 @@ class _StatementConnections:
         # The last sync point flushes them all; the results come back in order.
         results = []
         for _ in statements:
-            result = pgconn.get_result()
+            result = _next_result(pgconn)
             assert result is not None, "one result per query"
             results.append(result)
-            assert pgconn.get_result() is None, "one result set per query"
-            sync = pgconn.get_result()
+            assert _next_result(pgconn) is None, "one result set per query"
+            sync = _next_result(pgconn)
             assert sync is not None and sync.status == ExecStatus.PIPELINE_SYNC
         pgconn.exit_pipeline_mode()
         found = []
@@ -358,59 +372,77 @@ def prepared_rows(session: Session, sql: str, params: tuple[Any, ...]) -> list[t
 
 
 class PipelinedTransaction:
-    """A transaction on a pooled PostgreSQL connection in pipeline mode: BEGIN goes out
-    with the first statement, and the last statement with COMMIT, one round trip each.
+    """A transaction on a statement connection (see `statement_rows`) in libpq pipeline
+    mode: BEGIN goes out with the first statements, and the last ones with COMMIT, one
+    round trip each.
 
     For a request that is one database call plus a write that depends on its answer (the
-    API's idempotent escrow calls). Driver errors come out as psycopg's; the connection is
-    then discarded, since its state is unknown."""
+    API's idempotent escrow calls). Sent through libpq directly, as statement_rows does:
+    psycopg's own pipeline cost more client CPU than the two round trips' statements cost
+    the server. Driver errors come out as psycopg's."""
 
-    def __init__(self, engine: Engine) -> None:
-        self._raw = engine.raw_connection()
-        driver = self._raw.driver_connection
-        assert isinstance(driver, psycopg.Connection), "PostgreSQL through psycopg"
-        self._connection: psycopg.Connection[Any] = driver
+    def __init__(self, held: _Held) -> None:
+        self._held = held
+        self._begun = False
 
-    def first(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...]:
-        """BEGIN and `sql`; its first row (the statement must return one)."""
-        try:
-            with self._connection.pipeline():
-                cursor = self._connection.execute(sql, params, prepare=True)
-            row: tuple[Any, ...] | None = cursor.fetchone()
-        except psycopg.Error:
-            self._discard()
-            raise
-        assert row is not None, "the statement returns a row"
-        return row
-
-    def commit_after(self, sql: str, params: tuple[Any, ...]) -> None:
-        try:
-            with self._connection.pipeline():
-                self._connection.execute(sql, params, prepare=True)
-                self._connection.commit()
-        except psycopg.Error:
-            self._discard()
-            raise
+    def rows(
+        self, statements: list[tuple[str, tuple[Any, ...]]], *, commit: bool = False
+    ) -> list[list[tuple[Any, ...]]]:
+        """Each statement's rows, in one round trip with BEGIN before them when the
+        transaction has not begun and COMMIT after them when `commit`; the first failure
+        raised (the transaction is then rolled back on close)."""
+        held = self._held
+        names = [_StatementConnections._prepared(held, sql) for sql, _ in statements]
+        pgconn = held.connection.pgconn
+        pgconn.enter_pipeline_mode()
+        sent = 0
+        if not self._begun:
+            pgconn.send_query_params(b"BEGIN", None)
+            self._begun, sent = True, sent + 1
+        for name, (_, params) in zip(names, statements, strict=True):
+            pgconn.send_query_prepared(name, _StatementConnections._values(held, params))
+        sent += len(statements)
+        if commit:
+            pgconn.send_query_params(b"COMMIT", None)
+            sent += 1
+        pgconn.pipeline_sync()
+        results = []
+        for _ in range(sent):
+            results.append(_next_result(pgconn))
+            _next_result(pgconn)
+        sync = _next_result(pgconn)
+        pgconn.exit_pipeline_mode()
+        if sync is None or sync.status != ExecStatus.PIPELINE_SYNC:
+            raise psycopg.OperationalError("pipeline ended without its sync point")
+        found = []
+        for result in results:
+            if result is None:
+                raise psycopg.OperationalError("pipeline ended early")
+            _checked(result, held.connection)
+            held.transformer.set_pgresult(result)
+            found.append(held.transformer.load_rows(0, result.ntuples, tuple))
+        # BEGIN's and COMMIT's empty results are not the caller's.
+        return found[sent - len(statements) - int(commit) : sent - int(commit)]
 
     def rollback(self) -> None:
-        try:
-            self._connection.rollback()
-        except psycopg.Error:
-            self._discard()
-            raise
-
-    def close(self) -> None:
-        """Back to the pool (rolled back if neither committed nor rolled back)."""
-        self._raw.close()
-
-    def _discard(self) -> None:
-        self._raw.invalidate()
+        _checked(self._held.connection.pgconn.exec_(b"ROLLBACK"), self._held.connection)
 
 
 @contextmanager
 def pipelined_transaction(engine: Engine) -> Iterator[PipelinedTransaction]:
-    transaction = PipelinedTransaction(engine)
+    """A PipelinedTransaction on one of `engine`'s statement connections; rolled back when
+    it ends neither committed nor rolled back, and the connection closed, not kept, when a
+    driver error leaves its state in doubt."""
+    connections = _statement_connections.get(engine)
+    if connections is None:
+        with _registry_lock:
+            connections = _statement_connections.setdefault(engine, _StatementConnections(engine))
+    held = connections._take()
     try:
-        yield transaction
-    finally:
-        transaction.close()
+        yield PipelinedTransaction(held)
+        if held.connection.info.transaction_status != TransactionStatus.IDLE:
+            _checked(held.connection.pgconn.exec_(b"ROLLBACK"), held.connection)
+    except BaseException:
+        held.connection.close()
+        raise
+    connections._give_back(held)

@@ -33,6 +33,7 @@ from escrowd.models import (
     Deposit,
     DepositAddress,
     Escrow,
+    IdempotencyKey,
     PayoutReason,
 )
 from escrowd.models.db import make_engine, make_session_factory
@@ -370,3 +371,52 @@ def test_the_front_counts_each_request_once_against_the_keys_rate_limit(
         assert refused.headers["Retry-After"] == refused.headers["RateLimit-Reset"]
     with pg_sessions() as s:
         assert s.scalars(select(Escrow.job_id)).all() == ["j1"]
+
+
+def test_writes_from_a_processs_claimed_requests_check_the_key_in_the_escrow_call(
+    clients: tuple[TestClient, TestClient], pg_sessions: sessionmaker[Session]
+) -> None:
+    # A high limit: after the first request the process hands out requests it claimed,
+    # and fund and release read the key in the escrow call's own round trip.
+    fast, _ = clients
+    seed_agents(pg_sessions, "alice", "bob", balance=5_000_000)
+    with pg_sessions() as s, s.begin():
+        limit = RateLimit(requests=6400, window_s=3600)
+        _, key = apikeys.create_key(s, name="w", scope=ApiScope.WRITE, rate_limit=limit)
+        _, read_key = apikeys.create_key(s, name="r", scope=ApiScope.READ, rate_limit=limit)
+    left = 3600 - time.time() % 3600
+    if left < 30:
+        time.sleep(left + 0.1)
+    auth = {"Authorization": f"Bearer {key}"}
+    reader = {"Authorization": f"Bearer {read_key}"}
+
+    def fund(job: str, buyer: str, headers: dict[str, str] = auth) -> Response:
+        body = {"job_id": job, "buyer": buyer, "worker": "bob", "asset": "USDC", "amount": "1"}
+        return fast.post("/v1/escrows", json=body, headers={**headers, "Idempotency-Key": job})
+
+    answers = [
+        fast.get("/v1/agents/alice/balances", headers=auth),
+        fund("j1", "alice"),
+        fund("j2", "nobody"),  # handed on to FastAPI: counted once
+        fast.post("/v1/escrows/j1/release", headers={**auth, "Idempotency-Key": "r1"}),
+        fast.post("/v1/escrows/j1/release", headers=auth),  # no key: FastAPI's 400
+        fund("j3", "alice"),
+    ]
+    assert [a.status_code for a in answers] == [200, 201, 404, 200, 400, 201]
+    remaining = [int(a.headers["RateLimit-Remaining"]) for a in answers]
+    assert remaining == list(range(6399, 6393, -1))
+
+    fast.get("/v1/agents/alice/balances", headers=reader)
+    refused = fund("j4", "alice", reader)
+    assert (refused.status_code, refused.json()["error"]["type"]) == (403, "forbidden")
+    with pg_sessions() as s, s.begin():
+        apikeys.revoke_key(s, apikeys.parse(key)[0])
+    assert fund("j5", "alice").status_code == 401
+    revoked = fast.post("/v1/escrows/j3/release", headers={**auth, "Idempotency-Key": "r2"})
+    assert revoked.status_code == 401
+    with pg_sessions() as s:
+        states = {job: status for job, status in s.execute(select(Escrow.job_id, Escrow.status))}
+        assert states == {"j1": "released", "j3": "funded"}
+        stored = s.scalars(select(IdempotencyKey.key).order_by(IdempotencyKey.key)).all()
+        assert stored == ["j1", "j3", "r1"]
+    assert ledger_clean(pg_sessions)

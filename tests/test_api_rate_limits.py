@@ -1,6 +1,7 @@
 """Rate limits per API key: 429 with Retry-After and RateLimit-* headers, windows that
 reset, the default and per-key limits (CLI), revoked and forged keys, audit rows,
-the metric, and the limit held exactly by two `escrowd run` processes on one PostgreSQL."""
+the metric, the limit held exactly by two `escrowd run` processes on one PostgreSQL, and
+high limits counted in claims a process hands out itself (never past the limit)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ from typer.testing import CliRunner
 from escrowd.config.rate_limit import RateLimit
 from escrowd.config.settings import ApiSettings, SettingsError, load_settings
 from escrowd.daemon.api import create_app
-from escrowd.escrow import apikeys, audit
+from escrowd.escrow import apikeys, audit, ratelimit
 from escrowd.escrow.webhooks import SecretCipher
-from escrowd.models import ApiScope, AuditLog
-from escrowd.models.db import make_session_factory
+from escrowd.models import ApiRateWindow, ApiScope, AuditLog
+from escrowd.models.db import make_session_factory, statement_rows
 from tests.daemon_support import DaemonProcess, daemon_env
 from tests.escrow_fixtures import apikey_cli, make_settings
 
@@ -169,6 +170,61 @@ def test_forged_and_revoked_keys_count_nothing_and_every_authenticated_answer_ha
     assert _actions(sessions, _prefix(key)) == ["api_key_created", "api_key_revoked"]
 
 
+def test_claims_in_sql_follow_the_rule_in_python(pg_engine: Engine) -> None:
+    # PG_ADMIT (PostgreSQL) and `claimed` (SQLite) must grant alike, for limits with a lease
+    # of one request and with leases up to LEASE_MAX.
+    sessions = make_session_factory(pg_engine)
+    _fresh_window(3600, 30)
+    for limit in (1, 7, 60, 127, 128, 1000, 6400, 1_000_000):
+        key = _key(sessions, limit=RateLimit(requests=limit, window_s=3600))
+        prefix, candidate = apikeys.parse(key)
+        seen, expected = [], []
+        stored: tuple[int, int] | None = None
+        for _ in range(40):
+            [row] = statement_rows(pg_engine, ratelimit.PG_ADMIT, (1, 1, prefix, candidate))
+            seen.append((row[9], row[10]))
+            start, count, granted = ratelimit.claimed(limit, stored, row[8])
+            expected.append((count, granted))
+            stored = (start, count)
+        assert seen == expected, limit
+        assert max(granted for _, granted in seen) == min(
+            ratelimit.lease_size(limit), max(1, limit // 8)
+        )
+        assert all(count <= limit for count, granted in seen if granted > 0)
+
+
+def test_a_process_hands_out_a_high_limits_claims_and_still_holds_revocation_and_changes(
+    engine: Engine, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    client = _client(engine, tmp_path)
+    key = _key(sessions, limit=RateLimit(requests=6400, window_s=3600))
+    prefix = _prefix(key)
+    _fresh_window(3600, 30)
+    answers = [client.get("/v1/networks", headers=_auth(key)) for _ in range(150)]
+    assert {a.status_code for a in answers} == {200}
+    remaining = [int(a.headers["RateLimit-Remaining"]) for a in answers]
+    assert remaining == list(range(6399, 6249, -1))
+    # 150 requests, two claims of the lease size (100) written to the key's window.
+    with sessions() as s:
+        assert s.scalar(select(ApiRateWindow.request_count)) == 200
+
+    # A lower limit holds from the next request, though this process holds requests of
+    # the window it claimed under the old one.
+    with sessions() as s, s.begin():
+        apikeys.set_rate_limit(s, prefix, RateLimit(requests=100, window_s=3600))
+    lowered = client.get("/v1/networks", headers=_auth(key))
+    assert (lowered.status_code, lowered.headers["RateLimit-Limit"]) == (429, "100")
+    with sessions() as s, s.begin():
+        apikeys.set_rate_limit(s, prefix, RateLimit(requests=6400, window_s=3600))
+    assert client.get("/v1/networks", headers=_auth(key)).status_code == 200
+    # A forged secret cannot take the held requests; revocation holds at once.
+    forged = f"esk_{prefix}_{'A' * 43}"
+    assert client.get("/v1/networks", headers=_auth(forged)).status_code == 401
+    with sessions() as s, s.begin():
+        apikeys.revoke_key(s, prefix)
+    assert client.get("/v1/networks", headers=_auth(key)).status_code == 401
+
+
 def test_a_flood_writes_one_audit_row_per_window_and_counts_every_refusal(
     engine: Engine, sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
@@ -204,6 +260,28 @@ def test_openapi_documents_429_and_the_headers(engine: Engine, tmp_path: Path) -
         )
 
 
+def _sixteen_clients(ports: list[int], key: str, each: int) -> Counter[int]:
+    """The answers' status codes when 16 clients, half on each port, send `each` requests."""
+    codes: Counter[int] = Counter()
+    lock = threading.Lock()
+    start = threading.Barrier(16)
+
+    def client(n: int) -> None:
+        url = f"http://127.0.0.1:{ports[n % 2]}/v1/networks"
+        with httpx.Client(headers=_auth(key), timeout=30) as http:
+            start.wait()
+            seen = [http.get(url).status_code for _ in range(each)]
+        with lock:
+            codes.update(seen)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return codes
+
+
 @pytest.mark.postgres
 def test_two_daemons_share_one_limit_under_16_clients(
     tmp_path: Path, pg_url: str, pg_engine: Engine
@@ -216,26 +294,17 @@ def test_two_daemons_share_one_limit_under_16_clients(
     ]
     try:
         ports = [daemon.wait_for("daemon_ready")["api_port"] for daemon in daemons]
-        _fresh_window(3600, 30)
-        codes: Counter[int] = Counter()
-        lock = threading.Lock()
-        start = threading.Barrier(16)
-
-        def client(n: int) -> None:
-            url = f"http://127.0.0.1:{ports[n % 2]}/v1/networks"
-            with httpx.Client(headers=_auth(key), timeout=30) as http:
-                start.wait()
-                seen = [http.get(url).status_code for _ in range(8)]
-            with lock:
-                codes.update(seen)
-
-        threads = [threading.Thread(target=client, args=(n,)) for n in range(16)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _fresh_window(3600, 60)
+        # Every request counted in the database (the lease of a limit under 128 is one).
+        codes = _sixteen_clients(ports, key, 8)
         assert codes == {200: 60, 429: 68}
         assert _actions(sessions, _prefix(key)) == ["api_key_created", "rate_limit_exceeded"]
+        # Claims of 20: the two processes never pass the limit together, and hold back at
+        # most what their last claims left unused when their clients finished first.
+        high = _key(sessions, limit=RateLimit(requests=1280, window_s=3600))
+        codes = _sixteen_clients(ports, high, 100)
+        assert codes[200] + codes[429] == 1600
+        assert 1280 - 2 * ratelimit.lease_size(1280) <= codes[200] <= 1280
         for daemon in daemons:
             assert daemon.terminate() == 0
     finally:
