@@ -4,12 +4,13 @@ A balances read spent about a third of its time in FastAPI's routing, dependency
 and validation, and a sixth handing the request to a thread and back, around one database
 statement. For GET /v1/agents/{id}/balances, POST /v1/escrows and POST
 /v1/escrows/{job}/release this front checks the same things (path, API key and scope,
-Idempotency-Key, body) and makes the database calls itself. Balances are one autocommit
-statement, and so is the first page of GET /v1/deposits (plain columns, no ORM objects),
-made on the event loop (a fraction of a millisecond, and the API runs as
-several processes); fund and release are two round trips (BEGIN with the idempotency
-claim and escrow operation of migration 0012, then the stored response with COMMIT), on
-a thread, since a COMMIT waits for the disk.
+Idempotency-Key, body) and makes the database calls itself. Balances and the first page
+of GET /v1/deposits are one round trip (the caller's key and the read, plain columns, no
+ORM objects); fund and release are two (BEGIN, the key when this process hands out a
+request it claimed before, and the idempotency claim with the escrow operation of
+migration 0013; then the stored response with COMMIT). Every wait for PostgreSQL is
+awaited on the event loop (models.db), so one process keeps many requests in flight
+without threads, and their commits share a disk flush.
 
 What the front answers is byte for byte what FastAPI would (tests/test_api_fast.py
 compares them): the same response models, the same error types and bodies. Anything it is
@@ -30,9 +31,9 @@ from typing import Any, Literal
 from urllib.parse import parse_qsl
 
 import psycopg
-from anyio import to_thread
 from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from starlette.responses import JSONResponse, Response
 
@@ -53,7 +54,7 @@ from escrowd.escrow.agent_cache import AgentCache
 from escrowd.escrow.audit import canonical_json
 from escrowd.escrow.money import format_amount, parse_amount
 from escrowd.models import ApiScope, DepositCreditState, Escrow
-from escrowd.models.db import pipelined_transaction, statement_rows, statements_rows
+from escrowd.models.db import pipelined_transaction, statements_rows_async
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -226,56 +227,56 @@ class FastFront:
         response: Response | None = None
         try:
             if method == "GET" and path == "/v1/deposits":
-                response = self._deposits(scope)
+                response = await self._deposits(scope)
             elif method == "GET":
                 found = _BALANCES_PATH.fullmatch(path)
                 if found is not None and _external_id(found.group(1)):
-                    response = self._balances(scope, found.group(1))
+                    response = await self._balances(scope, found.group(1))
             elif method == "POST" and path == "/v1/escrows":
                 body = await _read_body(receive)
                 receive = _replaying(body, receive)
-                # A write waits for its COMMIT to reach the disk: on a thread, so that the
-                # process keeps other requests going and their commits share a flush.
-                response = await to_thread.run_sync(self._fund, scope, body)
+                response = await self._fund(scope, body)
             elif method == "POST":
                 found = _RELEASE_PATH.fullmatch(path)
                 if found is not None and _external_id(found.group(1)):
-                    response = await to_thread.run_sync(self._release, scope, found.group(1))
-        except _Unsure:
+                    response = await self._release(scope, found.group(1))
+        except (_Unsure, DBAPIError):
+            # A database error too: FastAPI's path retries what can be retried.
             response = None
         if response is None:
             await self.app(scope, receive, send)
         else:
             await response(scope, receive, send)
 
-    def _read(self, scope: Scope, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    async def _read(self, scope: Scope, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """The rows of `sql`, read in the round trip that reads and counts the caller's API
         key; they are used only once the key is verified, within its rate limit and holding
         the read scope."""
         read = self.state.key_read(_bearer_token(scope))
-        key_rows, rows = statements_rows(
+        key_rows, rows = await statements_rows_async(
             self.state.engine, [(read.sql, read.params), (sql, params)]
         )
         principal, quota = self.state.admitted(read, key_rows)
         self.state.admit(principal, quota, scope, ApiScope.READ)
         return rows
 
-    def _caller(self, scope: Scope, required: ApiScope) -> apikeys.Principal:
+    async def _caller(self, scope: Scope, required: ApiScope) -> apikeys.Principal:
         """The caller's principal, counted against its key's rate limit, which must hold
         `required`."""
-        principal, quota = self.state.authenticate(_bearer_token(scope))
+        read = self.state.key_read(_bearer_token(scope))
+        principal, quota = self.state.admitted(read, await self._key_rows(read))
         return self.state.admit(principal, quota, scope, required)
 
-    def _balances(self, scope: Scope, agent_id: str) -> Response:
+    async def _balances(self, scope: Scope, agent_id: str) -> Response:
         try:
-            rows = self._read(scope, service.PG_BALANCES, (agent_id,))
+            rows = await self._read(scope, service.PG_BALANCES, (agent_id,))
             balances = service.balances_of_rows(agent_id, rows)
         except EscrowdError as exc:
             return error_response(exc)
         body = balances_out(agent_id, balances).model_dump_json(by_alias=True)
         return Response(body, media_type="application/json")
 
-    def _deposits(self, scope: Scope) -> Response:
+    async def _deposits(self, scope: Scope) -> Response:
         """GET /v1/deposits as api.list_deposits answers it, for the parameters limit,
         cursor and agent; other filters go to FastAPI."""
         params = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
@@ -290,12 +291,14 @@ class FastFront:
             raise _Unsure
         try:
             if agent is None:
-                rows = self._read(scope, _DEPOSITS, (after, limit))
+                rows = await self._read(scope, _DEPOSITS, (after, limit))
             else:
                 # The agent is looked up after the key, as FastAPI's route does.
-                self._caller(scope, ApiScope.READ)
+                await self._caller(scope, ApiScope.READ)
                 owner = self.state.agent(agent).id
-                rows = statement_rows(self.state.engine, _AGENT_DEPOSITS, (owner, after, limit))
+                [rows] = await statements_rows_async(
+                    self.state.engine, [(_AGENT_DEPOSITS, (owner, after, limit))]
+                )
         except EscrowdError as exc:
             return error_response(exc)
         page = DepositPage(
@@ -333,32 +336,33 @@ class FastFront:
             created_at=created_at.astimezone(UTC),
         )
 
-    def _writer(self, scope: Scope) -> ratelimit.KeyRead | apikeys.Principal:
+    async def _writer(self, scope: Scope) -> ratelimit.KeyRead | apikeys.Principal:
         """The caller of a write: its principal, checked and counted here when this
         process must claim requests of the key's window (a write of its own, kept out of
         the escrow transaction); else how to read its key, sent with the escrow call (a
         read, one round trip fewer)."""
         read = self.state.key_read(_bearer_token(scope))
         if read.leased is None:
-            principal, quota = self.state.admitted(read, self._key_rows(read))
+            principal, quota = self.state.admitted(read, await self._key_rows(read))
             return self.state.admit(principal, quota, scope, ApiScope.WRITE)
         return read
 
-    def _key_rows(self, read: ratelimit.KeyRead) -> list[tuple[Any, ...]]:
-        return statement_rows(self.state.engine, read.sql, read.params)
+    async def _key_rows(self, read: ratelimit.KeyRead) -> list[tuple[Any, ...]]:
+        [rows] = await statements_rows_async(self.state.engine, [(read.sql, read.params)])
+        return rows
 
-    def _hand_on(self, scope: Scope, caller: ratelimit.KeyRead | apikeys.Principal) -> None:
+    async def _hand_on(self, scope: Scope, caller: ratelimit.KeyRead | apikeys.Principal) -> None:
         """Before passing a write to FastAPI: a caller whose key was not read yet is read
         and counted now, so FastAPI does not count the request again."""
         if isinstance(caller, ratelimit.KeyRead):
-            principal, quota = self.state.admitted(caller, self._key_rows(caller))
+            principal, quota = self.state.admitted(caller, await self._key_rows(caller))
             self.state.admit(principal, quota, scope, ApiScope.WRITE)
 
-    def _fund(self, scope: Scope, raw: bytes) -> Response:
+    async def _fund(self, scope: Scope, raw: bytes) -> Response:
         """POST /v1/escrows as api.create_escrow and api_deps.mutate answer it."""
         parsed = _json_body(scope, raw)
         try:
-            caller = self._writer(scope)
+            caller = await self._writer(scope)
         except EscrowdError as exc:
             return error_response(exc)
         prefix = caller.prefix
@@ -386,14 +390,14 @@ class FastFront:
             # FastAPI words it; before the claim, a stored answer for this key would win
             # over an error.
             try:
-                self._hand_on(scope, caller)
+                await self._hand_on(scope, caller)
             except EscrowdError as exc:
                 return error_response(exc)
             raise _Unsure from None
         canonical = canonical_json(body.model_dump(mode="json"))
         claim = self._claim(prefix, key, scope["path"], canonical)
         params = service.claimed_fund_params(claim, request)
-        return self._claimed(
+        return await self._claimed(
             scope,
             caller,
             (service.PG_CLAIM_FUND, params),
@@ -402,23 +406,23 @@ class FastFront:
             outcome=lambda r: service.funded_escrow(request, r),
         )
 
-    def _release(self, scope: Scope, job_id: str) -> Response:
+    async def _release(self, scope: Scope, job_id: str) -> Response:
         """POST /v1/escrows/{job_id}/release as api.release_escrow answers it."""
         try:
-            caller = self._writer(scope)
+            caller = await self._writer(scope)
         except EscrowdError as exc:
             return error_response(exc)
         try:
             key = _idempotency_key(scope)
         except _Unsure:
             try:
-                self._hand_on(scope, caller)
+                await self._hand_on(scope, caller)
             except EscrowdError as exc:
                 return error_response(exc)
             raise
         claim = self._claim(caller.prefix, key, scope["path"], "")
         params = service.claimed_release_params(claim, job_id, f"apikey:{caller.prefix}")
-        return self._claimed(
+        return await self._claimed(
             scope,
             caller,
             (service.PG_CLAIM_SETTLE, params),
@@ -432,7 +436,7 @@ class FastFront:
         digest = idempotency.request_hash("POST", path, canonical)
         return (principal, key, "POST", path, digest)
 
-    def _claimed(
+    async def _claimed(
         self,
         scope: Scope,
         caller: ratelimit.KeyRead | apikeys.Principal,
@@ -446,31 +450,33 @@ class FastFront:
         read yet) and the claim-and-call; then the stored response with COMMIT. Nothing is
         kept when the key turns out invalid, over its limit or without the write scope."""
         try:
-            with pipelined_transaction(self.state.engine) as transaction:
+            async with pipelined_transaction(self.state.engine) as transaction:
                 if isinstance(caller, ratelimit.KeyRead):
-                    key_rows, rows = transaction.rows([(caller.sql, caller.params), call])
+                    key_rows, rows = await transaction.rows([(caller.sql, caller.params), call])
                     try:
                         principal, quota = self.state.admitted(caller, key_rows)
                         self.state.admit(principal, quota, scope, ApiScope.WRITE)
                     except EscrowdError as exc:
-                        transaction.rollback()
+                        await transaction.rollback()
                         return error_response(exc)
                 else:
-                    [rows] = transaction.rows([call])
+                    [rows] = await transaction.rows([call])
                 row = rows[0]
                 claim_id, result = row[0], (row[1], row[2], row[3])
                 if claim_id is None:
-                    transaction.rollback()
+                    await transaction.rollback()
                     return self._stored(claim, row)
                 try:
                     escrow = outcome(result)
                 except EscrowdError as exc:
-                    transaction.rollback()
+                    await transaction.rollback()
                     return error_response(exc)
                 with self.state.readers() as session:
                     rendered = self.render_escrow(session, escrow, self.state.agents)
                 text = rendered.model_dump_json()
-                transaction.rows([(idempotency.PG_FINISH, (status, text, claim_id))], commit=True)
+                await transaction.rows(
+                    [(idempotency.PG_FINISH, (status, text, claim_id))], commit=True
+                )
         except psycopg.Error:
             # FastAPI's path runs it again with its retries; the key makes that safe.
             raise _Unsure from None

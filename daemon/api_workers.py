@@ -9,11 +9,13 @@ builds its own app and its own connections (the parent's pool is disposed of bef
 fork, so no database socket is shared), and sets an event once it accepts connections.
 
 SIGTERM to a worker is uvicorn's graceful shutdown: stop accepting, finish the requests in
-flight, close keep-alive connections, exit 0.
+flight, close keep-alive connections, exit 0. A worker whose supervisor was killed outright
+(SIGKILL, the OOM killer) shuts itself down the same way within a second.
 """
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import signal
@@ -60,14 +62,30 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+# How often a worker checks that its supervisor is still there.
+PARENT_CHECK_S = 1.0
+
+
 class _ReadyServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, ready: Event) -> None:
         super().__init__(config)
         self._ready = ready
+        self._parent = os.getppid()
+        self._watch: asyncio.Task[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
+        self._watch = asyncio.create_task(self._watch_parent())
         self._ready.set()
+
+    async def _watch_parent(self) -> None:
+        """Shut down gracefully when the supervisor is gone (killed outright, it could not
+        stop us): an orphaned worker would keep the port and serve with no one watching."""
+        while not self.should_exit:
+            await asyncio.sleep(PARENT_CHECK_S)
+            if os.getppid() != self._parent:
+                log.warning("api_worker_orphaned", pid=os.getpid(), supervisor=self._parent)
+                self.should_exit = True
 
 
 def uvicorn_config(app: FastAPI, *, graceful_timeout_s: float) -> uvicorn.Config:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import threading
 import time
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Generator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
@@ -130,11 +131,7 @@ def statement_rows(engine: Engine, sql: str, params: tuple[Any, ...]) -> list[tu
     In autocommit the server commits the statement when it completes, or rolls all of it
     back when it fails: one round trip where BEGIN, the statement and COMMIT take three.
     For operations that are one database function call from start to end."""
-    connections = _statement_connections.get(engine)
-    if connections is None:
-        with _registry_lock:
-            connections = _statement_connections.setdefault(engine, _StatementConnections(engine))
-    return connections.rows(sql, params)
+    return _connections_of(engine).rows(sql, params)
 
 
 def statements_rows(
@@ -145,11 +142,23 @@ def statements_rows(
     transaction (a sync point after each), so a row lock one takes (the API key's
     rate-limit count) is released before the next runs instead of being held through it:
     requests of one key would otherwise queue behind each other's reads."""
+    return _connections_of(engine).rows_many(statements)
+
+
+async def statements_rows_async(
+    engine: Engine, statements: list[tuple[str, tuple[Any, ...]]]
+) -> list[list[tuple[Any, ...]]]:
+    """`statements_rows` on the running event loop: it waits for the answers there, so the
+    loop serves other requests meanwhile."""
+    return await _connections_of(engine).rows_many_async(statements)
+
+
+def _connections_of(engine: Engine) -> _StatementConnections:
     connections = _statement_connections.get(engine)
     if connections is None:
         with _registry_lock:
             connections = _statement_connections.setdefault(engine, _StatementConnections(engine))
-    return connections.rows_many(statements)
+    return connections
 
 
 class _Held(NamedTuple):
@@ -171,17 +180,92 @@ def _numbered(sql: str) -> bytes:
     return ("".join(numbered) + parts[-1]).encode()
 
 
-def _next_result(pgconn: psycopg.pq.abc.PGconn) -> PGresult | None:
-    """PQgetResult, waiting for the server's answer with the interpreter lock released:
-    psycopg holds it through a blocking PQgetResult, so a statement that waits for a lock
-    another thread of this process holds (a racing idempotency claim) would stop every
-    thread, the holder's too."""
-    wait = select.poll()
-    wait.register(pgconn.socket, select.POLLIN)
+# A step of a pipeline: a prepared statement's name and parameter values, or a command.
+_Step = tuple[bytes, Any] | bytes
+# What an exchange waits for when it yields: True to write, False to read.
+_Exchange = Generator[bool, None, list[PGresult]]
+
+
+def _send(pgconn: psycopg.pq.abc.PGconn, steps: list[_Step], *, sync_each: bool) -> None:
+    """The steps into libpq's pipeline, with a sync point after each or after the last."""
+    pgconn.enter_pipeline_mode()
+    for step in steps:
+        if isinstance(step, bytes):
+            pgconn.send_query_params(step, None)
+        else:
+            pgconn.send_query_prepared(*step)
+        if sync_each:
+            pgconn.pipeline_sync()
+    if not sync_each:
+        pgconn.pipeline_sync()
+
+
+def _result(pgconn: psycopg.pq.abc.PGconn) -> Generator[bool, None, PGresult | None]:
     while pgconn.is_busy():
-        wait.poll()
+        yield False
         pgconn.consume_input()
     return pgconn.get_result()
+
+
+def _exchange(pgconn: psycopg.pq.abc.PGconn, count: int, *, sync_each: bool) -> _Exchange:
+    """The results of `count` sent steps, in order, the pipeline left. It yields instead of
+    blocking in libpq, for its driver to wait for the socket: a blocking PQgetResult holds
+    the interpreter lock, so a statement that waits for a lock another thread of this
+    process holds (a racing idempotency claim) would stop every thread, the holder's too;
+    the async driver lets the event loop go on meanwhile."""
+    # psycopg's connections are non-blocking: what libpq could not send yet goes first.
+    while pgconn.flush():
+        yield True
+    results = []
+    for n in range(count):
+        result = yield from _result(pgconn)
+        if result is None:
+            raise psycopg.OperationalError("the pipeline ended before all its results")
+        results.append(result)
+        # The end of this step's results.
+        yield from _result(pgconn)
+        if sync_each or n == count - 1:
+            sync = yield from _result(pgconn)
+            if sync is None or sync.status != ExecStatus.PIPELINE_SYNC:
+                raise psycopg.OperationalError("the pipeline ended without its sync point")
+    pgconn.exit_pipeline_mode()
+    return results
+
+
+def _waited(pgconn: psycopg.pq.abc.PGconn, exchange: _Exchange) -> list[PGresult]:
+    """Drive an exchange on this thread, waiting with the interpreter lock released."""
+    try:
+        while True:
+            write = exchange.send(None)
+            wait = select.poll()
+            wait.register(pgconn.socket, select.POLLOUT if write else select.POLLIN)
+            wait.poll()
+    except StopIteration as done:
+        results: list[PGresult] = done.value
+        return results
+
+
+async def _awaited(pgconn: psycopg.pq.abc.PGconn, exchange: _Exchange) -> list[PGresult]:
+    """Drive an exchange on the running event loop."""
+    loop = asyncio.get_running_loop()
+    fd = pgconn.socket
+    try:
+        while True:
+            write = exchange.send(None)
+            ready: asyncio.Future[None] = loop.create_future()
+
+            def wake(ready: asyncio.Future[None] = ready) -> None:
+                if not ready.done():
+                    ready.set_result(None)
+
+            (loop.add_writer if write else loop.add_reader)(fd, wake)
+            try:
+                await ready
+            finally:
+                (loop.remove_writer if write else loop.remove_reader)(fd)
+    except StopIteration as done:
+        results: list[PGresult] = done.value
+        return results
 
 
 def _checked(result: PGresult, connection: psycopg.Connection[Any]) -> PGresult:
@@ -270,30 +354,44 @@ class _StatementConnections:
         return held.transformer.load_rows(0, result.ntuples, tuple)
 
     @classmethod
+    def _steps(cls, held: _Held, statements: list[tuple[str, tuple[Any, ...]]]) -> list[_Step]:
+        return [(cls._prepared(held, sql), cls._values(held, params)) for sql, params in statements]
+
+    @staticmethod
+    def _loaded(held: _Held, results: list[PGresult]) -> list[list[tuple[Any, ...]]]:
+        """Each result's rows; the first failure raised."""
+        found = []
+        for result in results:
+            _checked(result, held.connection)
+            held.transformer.set_pgresult(result)
+            found.append(held.transformer.load_rows(0, result.ntuples, tuple))
+        return found
+
+    @classmethod
     def _run_many(
         cls, held: _Held, statements: list[tuple[str, tuple[Any, ...]]]
     ) -> list[list[tuple[Any, ...]]]:
-        names = [cls._prepared(held, sql) for sql, _ in statements]
-        connection, pgconn = held.connection, held.connection.pgconn
-        pgconn.enter_pipeline_mode()
-        for name, (_, params) in zip(names, statements, strict=True):
-            pgconn.send_query_prepared(name, cls._values(held, params))
-            pgconn.pipeline_sync()
-        # The last sync point flushes them all; the results come back in order.
-        results = []
-        for _ in statements:
-            result = _next_result(pgconn)
-            assert result is not None, "one result per query"
-            results.append(result)
-            assert _next_result(pgconn) is None, "one result set per query"
-            sync = _next_result(pgconn)
-            assert sync is not None and sync.status == ExecStatus.PIPELINE_SYNC
-        pgconn.exit_pipeline_mode()
-        found = []
-        for result in results:
-            _checked(result, connection)
-            held.transformer.set_pgresult(result)
-            found.append(held.transformer.load_rows(0, result.ntuples, tuple))
+        pgconn = held.connection.pgconn
+        _send(pgconn, cls._steps(held, statements), sync_each=True)
+        return cls._loaded(
+            held, _waited(pgconn, _exchange(pgconn, len(statements), sync_each=True))
+        )
+
+    async def rows_many_async(
+        self, statements: list[tuple[str, tuple[Any, ...]]]
+    ) -> list[list[tuple[Any, ...]]]:
+        held = self._take()
+        pgconn = held.connection.pgconn
+        try:
+            _send(pgconn, self._steps(held, statements), sync_each=True)
+            exchange = _exchange(pgconn, len(statements), sync_each=True)
+            found = self._loaded(held, await _awaited(pgconn, exchange))
+        except BaseException as exc:
+            held.connection.close()
+            if isinstance(exc, psycopg.Error):
+                raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
+            raise
+        self._give_back(held)
         return found
 
     def _take(self) -> _Held:
@@ -374,7 +472,7 @@ def prepared_rows(session: Session, sql: str, params: tuple[Any, ...]) -> list[t
 class PipelinedTransaction:
     """A transaction on a statement connection (see `statement_rows`) in libpq pipeline
     mode: BEGIN goes out with the first statements, and the last ones with COMMIT, one
-    round trip each.
+    round trip each; waited for on the event loop.
 
     For a request that is one database call plus a write that depends on its answer (the
     API's idempotent escrow calls). Sent through libpq directly, as statement_rows does:
@@ -385,63 +483,44 @@ class PipelinedTransaction:
         self._held = held
         self._begun = False
 
-    def rows(
+    async def rows(
         self, statements: list[tuple[str, tuple[Any, ...]]], *, commit: bool = False
     ) -> list[list[tuple[Any, ...]]]:
         """Each statement's rows, in one round trip with BEGIN before them when the
         transaction has not begun and COMMIT after them when `commit`; the first failure
-        raised (the transaction is then rolled back on close)."""
+        raised (the transaction is then rolled back when it ends)."""
         held = self._held
-        names = [_StatementConnections._prepared(held, sql) for sql, _ in statements]
+        steps = _StatementConnections._steps(held, statements)
+        begin: list[_Step] = [] if self._begun else [b"BEGIN"]
+        end: list[_Step] = [b"COMMIT"] if commit else []
+        self._begun = True
         pgconn = held.connection.pgconn
-        pgconn.enter_pipeline_mode()
-        sent = 0
-        if not self._begun:
-            pgconn.send_query_params(b"BEGIN", None)
-            self._begun, sent = True, sent + 1
-        for name, (_, params) in zip(names, statements, strict=True):
-            pgconn.send_query_prepared(name, _StatementConnections._values(held, params))
-        sent += len(statements)
-        if commit:
-            pgconn.send_query_params(b"COMMIT", None)
-            sent += 1
-        pgconn.pipeline_sync()
-        results = []
-        for _ in range(sent):
-            results.append(_next_result(pgconn))
-            _next_result(pgconn)
-        sync = _next_result(pgconn)
-        pgconn.exit_pipeline_mode()
-        if sync is None or sync.status != ExecStatus.PIPELINE_SYNC:
-            raise psycopg.OperationalError("pipeline ended without its sync point")
-        found = []
-        for result in results:
-            if result is None:
-                raise psycopg.OperationalError("pipeline ended early")
-            _checked(result, held.connection)
-            held.transformer.set_pgresult(result)
-            found.append(held.transformer.load_rows(0, result.ntuples, tuple))
+        _send(pgconn, [*begin, *steps, *end], sync_each=False)
+        count = len(begin) + len(steps) + len(end)
+        results = await _awaited(pgconn, _exchange(pgconn, count, sync_each=False))
+        found = _StatementConnections._loaded(held, results)
         # BEGIN's and COMMIT's empty results are not the caller's.
-        return found[sent - len(statements) - int(commit) : sent - int(commit)]
+        return found[len(begin) : len(begin) + len(steps)]
 
-    def rollback(self) -> None:
-        _checked(self._held.connection.pgconn.exec_(b"ROLLBACK"), self._held.connection)
+    async def rollback(self) -> None:
+        pgconn = self._held.connection.pgconn
+        _send(pgconn, [b"ROLLBACK"], sync_each=False)
+        results = await _awaited(pgconn, _exchange(pgconn, 1, sync_each=False))
+        _StatementConnections._loaded(self._held, results)
 
 
-@contextmanager
-def pipelined_transaction(engine: Engine) -> Iterator[PipelinedTransaction]:
+@asynccontextmanager
+async def pipelined_transaction(engine: Engine) -> AsyncIterator[PipelinedTransaction]:
     """A PipelinedTransaction on one of `engine`'s statement connections; rolled back when
-    it ends neither committed nor rolled back, and the connection closed, not kept, when a
-    driver error leaves its state in doubt."""
-    connections = _statement_connections.get(engine)
-    if connections is None:
-        with _registry_lock:
-            connections = _statement_connections.setdefault(engine, _StatementConnections(engine))
+    it ends neither committed nor rolled back, and the connection closed, not kept, when an
+    error or a cancellation leaves its state in doubt."""
+    connections = _connections_of(engine)
     held = connections._take()
     try:
-        yield PipelinedTransaction(held)
+        transaction = PipelinedTransaction(held)
+        yield transaction
         if held.connection.info.transaction_status != TransactionStatus.IDLE:
-            _checked(held.connection.pgconn.exec_(b"ROLLBACK"), held.connection)
+            await transaction.rollback()
     except BaseException:
         held.connection.close()
         raise

@@ -179,6 +179,33 @@ def test_a_dead_api_worker_stops_the_daemon_with_exit_1(tmp_path: Path, pg_url: 
         daemon.close()
 
 
+@pytest.mark.postgres
+def test_api_workers_of_a_killed_supervisor_shut_down_and_free_the_port(
+    tmp_path: Path, pg_url: str
+) -> None:
+    daemon = DaemonProcess(
+        ["run", "--role", "api", "--workers", "2"],
+        daemon_env(tmp_path / "data", pg_url),
+        tmp_path / "daemon.log",
+    )
+    try:
+        pids = daemon.wait_for("api_workers_started", timeout_s=30)["pids"]
+        port = daemon.wait_for("api_listening")["port"]
+        daemon.wait_for("daemon_ready")
+        daemon.proc.kill()
+        daemon.proc.wait(5)
+        deadline = time.monotonic() + 10
+        while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(_gone(pid) for pid in pids)
+        assert len(daemon.wait_for("api_worker_orphaned")) > 0
+        with socket.socket() as again:
+            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            again.bind(("127.0.0.1", port))
+    finally:
+        daemon.close()
+
+
 def test_sqlite_is_served_by_one_api_process(tmp_path: Path, sqlite_url: str) -> None:
     daemon = DaemonProcess(
         ["run", "--workers", "3"],
