@@ -6,14 +6,17 @@ Usage: python -m bench.ratelimit [--calls 2000] [--rounds 4] [--record]
 1. `ApiState.authenticate` alone, microseconds per call, on PostgreSQL (a fresh database on
    127.0.0.1) and SQLite (a file). Baseline in the same run: authentication as main did it,
    the key read by prefix and checked, nothing counted (PostgreSQL: one SELECT in
-   autocommit on the statement connection; SQLite: a read transaction). Candidate: the
-   branch's `authenticate`, which also upserts the key's window row (PostgreSQL: one CTE
-   statement; SQLite: a write transaction). Rounds alternate the order (ABBA).
+   autocommit on the statement connection; SQLite: a read transaction). Candidate:
+   `authenticate` with counting, whose key (a limit far above the rate) gets claims of
+   LEASE_MAX requests: one call in LEASE_MAX upserts the key's window row (PostgreSQL: one
+   CTE statement; SQLite: a write transaction), the others read the key as the baseline
+   does and take a request the process claimed. Rounds alternate the order (ABBA).
 2. With --http-baseline-src (a `git archive` copy of main): GET /v1/networks through a real
    `escrowd run` per code tree, each on its own PostgreSQL database, driven by
    `wrk -t2 -c16`; the runs alternate baseline, branch, branch, baseline... The key's limit
-   is raised by ESCROWD_API__RATE_LIMIT (main ignores the unknown variable), so the
-   branch counts every request and refuses none.
+   is raised by ESCROWD_API__RATE_LIMIT (a tree without rate limits ignores the unknown
+   variable, e.g. `git archive d35bb3a`, the API before them), so the branch counts every
+   request and refuses none.
 """
 
 from __future__ import annotations
