@@ -42,10 +42,13 @@ class Escrow(Base):
         CheckConstraint(check_in("status", EscrowStatus), name="status_valid"),
         CheckConstraint("buyer_agent_id <> worker_agent_id", name="distinct_parties"),
         # Open escrows only (migration 0005): balances by buyer, the expiry job by due time.
+        # On PostgreSQL it holds the amount too (migration 0015): a buyer's escrowed sum is
+        # read from the index alone.
         Index(
             "ix_escrows_open_by_buyer",
             "buyer_agent_id",
             "asset",
+            postgresql_include=["amount"],
             postgresql_where=text(OPEN_ESCROW_SQL),
             sqlite_where=text(OPEN_ESCROW_SQL),
         ),

@@ -9,11 +9,13 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from escrowd.escrow import service
 from escrowd.models import Agent
+from escrowd.models.db import make_session_factory, statement_rows
 from tests.escrow_fixtures import seed_agents
 
 
@@ -102,3 +104,26 @@ def test_balances_and_due_escrows_read_the_open_escrow_indexes(
 
     with sessions() as s, s.begin():
         assert service.expire_due_escrows(s, soon + timedelta(seconds=1)) == ["due"]
+
+
+@pytest.mark.postgres
+def test_the_fast_fronts_balances_sum_open_escrows_from_the_index_alone(
+    pg_engine: Engine,
+) -> None:
+    sessions = make_session_factory(pg_engine)
+    ids = seed_agents(sessions, "buyer", "worker", balance=10_000)
+    with sessions() as s, s.begin():
+        buyer, worker = s.get_one(Agent, ids["buyer"]), s.get_one(Agent, ids["worker"])
+        for n in range(20):
+            service.fund_escrow(
+                s, job_id=f"j{n}", buyer=buyer, worker=worker, asset="USDC", amount=100, fee_bps=0
+            )
+    with pg_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.exec_driver_sql("VACUUM ANALYZE escrows")
+        # Few rows: the planner would scan the table; what matters is that the index covers.
+        connection.exec_driver_sql("SET enable_seqscan = off")
+        sql = service.PG_BALANCES.replace("%s", "'buyer'")
+        plan = "\n".join(row[0] for row in connection.exec_driver_sql("EXPLAIN " + sql))
+    assert "Index Only Scan using ix_escrows_open_by_buyer" in plan, plan
+    rows = statement_rows(pg_engine, service.PG_BALANCES, ("buyer",))
+    assert {kind: amount for kind, _, _, amount in rows}["escrowed"] == 2_000
