@@ -269,8 +269,12 @@ class FastFront:
         key; they are used only once the key is verified, within its rate limit and holding
         the read scope."""
         read = self.state.key_read(_bearer_token(scope))
+        # A claim writes the key's window row: its own transaction, so that its row lock is
+        # not held through the read; a request the process hands out only reads its key.
         key_rows, rows = await statements_rows_async(
-            self.state.engine, [(read.sql, read.params), (sql, params)]
+            self.state.engine,
+            [(read.sql, read.params), (sql, params)],
+            reads=read.leased is not None,
         )
         principal, quota = self.state.admitted(read, key_rows)
         self.state.admit(principal, quota, scope, ApiScope.READ)

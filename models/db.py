@@ -146,11 +146,12 @@ def statements_rows(
 
 
 async def statements_rows_async(
-    engine: Engine, statements: list[tuple[str, tuple[Any, ...]]]
+    engine: Engine, statements: list[tuple[str, tuple[Any, ...]]], *, reads: bool = False
 ) -> list[list[tuple[Any, ...]]]:
     """`statements_rows` on the running event loop: it waits for the answers there, so the
-    loop serves other requests meanwhile."""
-    return await _connections_of(engine).rows_many_async(statements)
+    loop serves other requests meanwhile. `reads`: the statements only read, and run in
+    one implicit transaction (one sync point) instead of one each."""
+    return await _connections_of(engine).rows_many_async(statements, sync_each=not reads)
 
 
 def _connections_of(engine: Engine) -> _StatementConnections:
@@ -378,13 +379,13 @@ class _StatementConnections:
         )
 
     async def rows_many_async(
-        self, statements: list[tuple[str, tuple[Any, ...]]]
+        self, statements: list[tuple[str, tuple[Any, ...]]], *, sync_each: bool
     ) -> list[list[tuple[Any, ...]]]:
         held = self._take()
         pgconn = held.connection.pgconn
         try:
-            _send(pgconn, self._steps(held, statements), sync_each=True)
-            exchange = _exchange(pgconn, len(statements), sync_each=True)
+            _send(pgconn, self._steps(held, statements), sync_each=sync_each)
+            exchange = _exchange(pgconn, len(statements), sync_each=sync_each)
             found = self._loaded(held, await _awaited(pgconn, exchange))
         except BaseException as exc:
             held.connection.close()
