@@ -371,12 +371,19 @@ class FastFront:
         [rows] = await statements_rows_async(self.state.engine, [(read.sql, read.params)])
         return rows
 
-    async def _hand_on(self, scope: Scope, caller: ratelimit.KeyRead | apikeys.Principal) -> None:
-        """Before passing a write to FastAPI: a caller whose key was not read yet is read
-        and counted now, so FastAPI does not count the request again."""
+    async def _handed_on(
+        self, scope: Scope, caller: ratelimit.KeyRead | apikeys.Principal
+    ) -> Response:
+        """Pass a write to FastAPI (raises _Unsure); a caller whose key was not read yet is
+        read and counted first, so FastAPI does not count the request again, and answered
+        here when that check fails."""
         if isinstance(caller, ratelimit.KeyRead):
-            principal, quota = self.state.admitted(caller, await self._key_rows(caller))
-            self.state.admit(principal, quota, scope, ApiScope.WRITE)
+            try:
+                principal, quota = self.state.admitted(caller, await self._key_rows(caller))
+                self.state.admit(principal, quota, scope, ApiScope.WRITE)
+            except EscrowdError as exc:
+                return error_response(exc)
+        raise _Unsure
 
     async def _fund(self, scope: Scope, raw: bytes) -> Response:
         """POST /v1/escrows as api.create_escrow and api_deps.mutate answer it."""
@@ -409,11 +416,7 @@ class FastFront:
         except (_Unsure, EscrowdError):
             # FastAPI words it; before the claim, a stored answer for this key would win
             # over an error.
-            try:
-                await self._hand_on(scope, caller)
-            except EscrowdError as exc:
-                return error_response(exc)
-            raise _Unsure from None
+            return await self._handed_on(scope, caller)
         canonical = canonical_json(body.model_dump(mode="json"))
         claim = self._claim(prefix, key, scope["path"], canonical)
         params = service.claimed_fund_params(claim, request)
@@ -435,11 +438,7 @@ class FastFront:
         try:
             key = _idempotency_key(scope)
         except _Unsure:
-            try:
-                await self._hand_on(scope, caller)
-            except EscrowdError as exc:
-                return error_response(exc)
-            raise
+            return await self._handed_on(scope, caller)
         claim = self._claim(caller.prefix, key, scope["path"], "")
         params = service.claimed_release_params(claim, job_id, f"apikey:{caller.prefix}")
         return await self._claimed(

@@ -315,20 +315,25 @@ class _StatementConnections:
         self._give_back(held)
         return rows
 
-    def rows_many(
-        self, statements: list[tuple[str, tuple[Any, ...]]]
-    ) -> list[list[tuple[Any, ...]]]:
+    @contextmanager
+    def _pipelining(self) -> Iterator[_Held]:
+        """A connection for one pipeline exchange; closed, not kept, when the exchange
+        failed or was interrupted (it may have been left midway)."""
         held = self._take()
         try:
-            found = self._run_many(held, statements)
+            yield held
         except BaseException as exc:
-            # The pipeline may have been left midway: the connection goes, not back.
             held.connection.close()
             if isinstance(exc, psycopg.Error):
                 raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
             raise
         self._give_back(held)
-        return found
+
+    def rows_many(
+        self, statements: list[tuple[str, tuple[Any, ...]]]
+    ) -> list[list[tuple[Any, ...]]]:
+        with self._pipelining() as held:
+            return self._run_many(held, statements)
 
     @staticmethod
     def _prepared(held: _Held, sql: str) -> bytes:
@@ -381,19 +386,11 @@ class _StatementConnections:
     async def rows_many_async(
         self, statements: list[tuple[str, tuple[Any, ...]]], *, sync_each: bool
     ) -> list[list[tuple[Any, ...]]]:
-        held = self._take()
-        pgconn = held.connection.pgconn
-        try:
+        with self._pipelining() as held:
+            pgconn = held.connection.pgconn
             _send(pgconn, self._steps(held, statements), sync_each=sync_each)
             exchange = _exchange(pgconn, len(statements), sync_each=sync_each)
-            found = self._loaded(held, await _awaited(pgconn, exchange))
-        except BaseException as exc:
-            held.connection.close()
-            if isinstance(exc, psycopg.Error):
-                raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
-            raise
-        self._give_back(held)
-        return found
+            return self._loaded(held, await _awaited(pgconn, exchange))
 
     def _take(self) -> _Held:
         while True:
