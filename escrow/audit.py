@@ -14,9 +14,10 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, text
 from sqlalchemy import insert as insert_rows
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -37,6 +38,12 @@ _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_asci
 
 def canonical_json(value: Mapping[str, Any]) -> str:
     return _CANONICAL.encode(value)
+
+
+# A str in JSON form, escaped as canonical_json escapes it (the C function the encoder
+# calls): hot paths that write the same keys for every row (a backfill's audit details
+# and event payloads) format them from a template with it, ~4x faster than the encoder.
+json_string = encode_basestring_ascii
 
 
 def timestamp_text(value: datetime) -> str:
@@ -86,7 +93,8 @@ class Entry:
 
     actor: str
     action: str
-    details: Mapping[str, Any]
+    # A str is the details already in canonical JSON (written from a template).
+    details: Mapping[str, Any] | str
     asset: str | None = None
     amount: int | None = None
 
@@ -121,7 +129,8 @@ def _chained_rows(
     for entry in entries:
         seq += 1
         created_at = utcnow()
-        details_json = canonical_json(entry.details)
+        details = entry.details
+        details_json = details if isinstance(details, str) else canonical_json(details)
         row_hash = row_digest(
             stream=stream,
             seq=seq,
@@ -152,11 +161,12 @@ def _chained_rows(
 
 
 def _move_head(session: Session, stream: str, rows: list[dict[str, Any]]) -> None:
-    heads_table = AuditHead.metadata.tables[AuditHead.__tablename__]
-    session.connection().execute(
-        update(heads_table)
-        .where(heads_table.c.stream == stream)
-        .values(seq=rows[-1]["seq"], row_hash=rows[-1]["row_hash"])
+    # Through update_rows: a write without results, deferred like the rows' COPY.
+    bulk.update_rows(
+        session,
+        AuditHead.metadata.tables[AuditHead.__tablename__],
+        [{"stream": stream, "seq": rows[-1]["seq"], "row_hash": rows[-1]["row_hash"]}],
+        key="stream",
     )
 
 
@@ -188,7 +198,12 @@ def append_bulk(session: Session, stream: str, entries: Sequence[Entry]) -> None
     _move_head(session, stream, rows)
 
 
-def append_streams(session: Session, entries: Mapping[str, Sequence[Entry]]) -> None:
+def append_streams(
+    session: Session,
+    entries: Mapping[str, Sequence[Entry]],
+    *,
+    heads: Mapping[str, tuple[int, str]] | None = None,
+) -> None:
     """Append rows to many streams at once (a confirmation pass's deposits, each its own
     stream), in the caller's transaction: the rows and hashes `append_many` would write
     stream by stream, in a few set-based statements whatever the number of streams.
@@ -196,11 +211,15 @@ def append_streams(session: Session, entries: Mapping[str, Sequence[Entry]]) -> 
     Existing heads are locked in stream order (code points, as `append_many` callers and
     the posting functions take them); new ones are inserted with their final values, so a
     stream created by a concurrent writer meanwhile fails this transaction rather than
-    forking its chain."""
+    forking its chain.
+
+    `heads`: what `lock_heads` returned for these streams earlier in the transaction (a
+    caller that reads them before queuing deferred writes, which a read would wait for)."""
     streams = sorted(entries)
     if not streams:
         return
-    heads = _lock_heads(session, streams)
+    if heads is None:
+        heads = lock_heads(session, streams)
     rows: list[dict[str, Any]] = []
     new_heads: list[dict[str, Any]] = []
     moved_heads: list[dict[str, Any]] = []
@@ -217,7 +236,7 @@ def append_streams(session: Session, entries: Mapping[str, Sequence[Entry]]) -> 
     bulk.update_rows(session, heads_table, moved_heads, key="stream")
 
 
-def _lock_heads(session: Session, streams: Sequence[str]) -> dict[str, tuple[int, str]]:
+def lock_heads(session: Session, streams: Sequence[str]) -> dict[str, tuple[int, str]]:
     """(seq, hash) of the streams that have a head, each locked until the transaction ends."""
     if session.get_bind().dialect.name == "postgresql":
         with driver_cursor(session) as cursor:
