@@ -21,6 +21,7 @@ from escrowd.models import (
     bulk,
     utcnow,
 )
+from escrowd.models.db import deferred_writes
 
 
 @dataclass(frozen=True)
@@ -298,9 +299,10 @@ def record_deposits(
             if key in inserted
         }
         # Seen first, then credited: the audit rows and events of a pending deposit
-        # confirmed later.
-        sink.recorded_many(session, list(stored_new.values()))
-        sink.credited_new(session, [d for key, d in stored_new.items() if key in final_keys])
+        # confirmed later. Their appends go out while the next ones are built.
+        with deferred_writes(session):
+            sink.recorded_many(session, list(stored_new.values()))
+            sink.credited_new(session, [d for key, d in stored_new.items() if key in final_keys])
     stored = [item for key, item in unique.items() if key not in inserted]
     return len(moved) + len(inserted) + _revive_orphaned(session, chain, stored, sink)
 
