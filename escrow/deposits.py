@@ -76,6 +76,10 @@ _AGENT_NAMES_KEPT = 100_000
 # Deposit ids per IN list on SQLite.
 _IN_BATCH = 500
 _STANDING = (DepositCreditState.CREDITED.value, DepositCreditState.REVERSAL_SHORT.value)
+# Plain strings of the states a pass writes for every deposit (an enum's .value is a
+# property call each time).
+_PENDING, _CONFIRMED = DepositStatus.PENDING.value, DepositStatus.CONFIRMED.value
+_STATE_TEXT = {state: state.value for state in DepositCreditState}
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +162,13 @@ def credit_view(deposit: Deposit) -> CreditView:
     )
 
 
+class _AssetUnit(NamedTuple):
+    """What crediting needs of an asset."""
+
+    symbol: str
+    decimals: int
+
+
 class _Row(NamedTuple):
     """The deposit columns crediting reads and reports, without an ORM object (a named
     tuple: a pass builds two per deposit)."""
@@ -197,7 +208,7 @@ class _Row(NamedTuple):
         )
 
 
-def _event_data(row: _Row | StoredDeposit, asset: Asset, agent: str) -> str:
+def _event_data(row: _Row | StoredDeposit, asset: Asset | _AssetUnit, agent: str) -> str:
     """A deposit.* event's data in canonical JSON; `agent` is the marketplace's id of the
     agent. Written from a template (keys sorted): a backfill window emits two per deposit,
     and the generic encoder cost ~4x as much."""
@@ -210,7 +221,7 @@ def _event_data(row: _Row | StoredDeposit, asset: Asset, agent: str) -> str:
             row.credit_note,
         )
     else:
-        state, credited, dust, note = DepositCreditState.NONE.value, 0, 0, None
+        state, credited, dust, note = _STATE_TEXT[DepositCreditState.NONE], 0, 0, None
     short = credited if state == DepositCreditState.REVERSAL_SHORT else 0
     return (
         f'{{"agent":{json_string(agent)},"amount_base_units":"{int(row.amount)}",'
@@ -264,7 +275,7 @@ def _generations(session: Session, deposit_ids: Sequence[int]) -> dict[int, int]
     return counts
 
 
-def _conversion_entry(row: _Row, asset: Asset, credit: Credit) -> audit.Entry | None:
+def _conversion_entry(row: _Row, asset: Asset | _AssetUnit, credit: Credit) -> audit.Entry | None:
     """The audit row saying why (part of) a final deposit was not credited."""
     if credit.state == DepositCreditState.REFUSED:
         action = "deposit_refused"
@@ -292,6 +303,7 @@ class LedgerDepositSink:
 
     def __init__(self) -> None:
         self._agent_names: dict[int, str] = {}
+        self._asset_units: dict[int, _AssetUnit] = {}
 
     # --- lookups ----------------------------------------------------------------------
 
@@ -311,12 +323,18 @@ class LedgerDepositSink:
                 )
         return {agent_id: self._agent_names[agent_id] for agent_id in agent_ids}
 
-    @staticmethod
-    def _assets(session: Session, asset_ids: Collection[int]) -> dict[int, Asset]:
-        return {
-            asset.id: asset
-            for asset in session.scalars(select(Asset).where(Asset.id.in_(set(asset_ids))))
-        }
+    def _assets(self, session: Session, asset_ids: Collection[int]) -> dict[int, _AssetUnit]:
+        """Symbol and decimals of `asset_ids`, remembered: an asset's never change once
+        registered (models.registry refuses it) and an id is never reused."""
+        missing = {a for a in asset_ids if a not in self._asset_units}
+        if missing:
+            self._asset_units.update(
+                (row.id, _AssetUnit(row.symbol, row.decimals))
+                for row in session.execute(
+                    select(Asset.id, Asset.symbol, Asset.decimals).where(Asset.id.in_(missing))
+                )
+            )
+        return {asset_id: self._asset_units[asset_id] for asset_id in asset_ids}
 
     # --- first sightings --------------------------------------------------------------
 
@@ -479,8 +497,8 @@ class LedgerDepositSink:
                 d.amount,
                 d.block_number,
                 d.block_hash,
-                DepositStatus.PENDING.value,
-                DepositCreditState.NONE.value,
+                _PENDING,
+                _STATE_TEXT[DepositCreditState.NONE],
                 0,
                 0,
                 None,
@@ -498,7 +516,7 @@ class LedgerDepositSink:
         session: Session,
         rows: Sequence[_Row],
         credits: Sequence[Credit],
-        assets: dict[int, Asset],
+        assets: dict[int, _AssetUnit],
     ) -> int:
         """Everything of a confirmation but the deposit rows' own columns, for `rows` (as
         read while pending) now confirmed with `credits`."""
@@ -529,8 +547,8 @@ class LedgerDepositSink:
                 row.amount,
                 row.block_number,
                 row.block_hash,
-                DepositStatus.CONFIRMED.value,
-                credit.state.value,
+                _CONFIRMED,
+                _STATE_TEXT[credit.state],
                 credit.ledger_units,
                 credit.dust_units,
                 credit.note,
@@ -562,7 +580,10 @@ class LedgerDepositSink:
 
     @staticmethod
     def _post(
-        session: Session, rows: Sequence[_Row], credits: Sequence[Credit], assets: dict[int, Asset]
+        session: Session,
+        rows: Sequence[_Row],
+        credits: Sequence[Credit],
+        assets: dict[int, _AssetUnit],
     ) -> None:
         """One ledger transfer per deposit with something to post, custody -> agent."""
         to_post = [
@@ -722,8 +743,8 @@ def _confirmed_columns(credit: Credit) -> dict[str, Any]:
     """A deposit's columns once confirmed with `credit`."""
     credited = credit.state == DepositCreditState.CREDITED
     return {
-        "status": DepositStatus.CONFIRMED.value,
-        "credit_state": credit.state.value,
+        "status": _CONFIRMED,
+        "credit_state": _STATE_TEXT[credit.state],
         "credited_base_units": credit.ledger_units,
         "dust_base_units": credit.dust_units,
         "credit_note": credit.note,

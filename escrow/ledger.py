@@ -579,6 +579,7 @@ def post_credits(
     heads = audit.lock_heads(session, sorted(set(audit_streams)))
     now = utcnow()
     batch_ids = [str(uuid.uuid4()) for _ in specs]
+    codes = [spec.code.value for spec in specs]
     transfers = LedgerTransfer.metadata.tables[LedgerTransfer.__tablename__]
     rows = [
         {
@@ -587,13 +588,13 @@ def post_credits(
             "credit_account_id": spec.credit_account_id,
             "asset": asset,
             "amount": spec.amount,
-            "code": spec.code.value,
+            "code": code,
             "ref_type": spec.ref_type,
             "ref_id": spec.ref_id,
             "batch_id": batch_id,
             "created_at": now,
         }
-        for spec, asset, batch_id in zip(specs, assets, batch_ids, strict=True)
+        for spec, asset, batch_id, code in zip(specs, assets, batch_ids, codes, strict=True)
     ]
     if transfer_ids:
         for row, transfer_id in zip(rows, transfer_ids, strict=True):
@@ -609,13 +610,13 @@ def post_credits(
             .scalars()
         )
     entries: dict[str, list[audit.Entry]] = defaultdict(list)
-    for spec, asset, batch_id, transfer_id, stream in zip(
-        specs, assets, batch_ids, transfer_ids, audit_streams, strict=True
+    for spec, asset, batch_id, code, transfer_id, stream in zip(
+        specs, assets, batch_ids, codes, transfer_ids, audit_streams, strict=True
     ):
         entries[stream].append(
             audit.Entry(
                 actor=actor,
-                action=f"ledger_{spec.code.value}",
+                action=f"ledger_{code}",
                 asset=asset,
                 amount=spec.amount,
                 details=_audit_details(spec, transfer_id, batch_id),

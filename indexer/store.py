@@ -236,6 +236,7 @@ def record_deposits(
     if not unique:
         return len(moved)
     now = utcnow()
+    pending = DepositStatus.PENDING.value
     rows = [
         {
             "chain": chain,
@@ -248,7 +249,7 @@ def record_deposits(
             "amount": item.amount,
             "block_number": item.block_number,
             "block_hash": item.block_hash,
-            "status": DepositStatus.PENDING.value,
+            "status": pending,
             "credited": False,
             "reversed": False,
             "created_at": now,
@@ -293,7 +294,7 @@ def record_deposits(
                 item.amount,
                 item.block_number,
                 item.block_hash,
-                DepositStatus.PENDING.value,
+                pending,
             )
             for key, item in unique.items()
             if key in inserted
