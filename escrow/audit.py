@@ -9,6 +9,7 @@ no writer is in flight, which exposes a stream deleted whole or cut short.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,8 +47,10 @@ def canonical_json(value: Mapping[str, Any]) -> str:
 json_string = encode_basestring_ascii
 
 
+@functools.lru_cache(maxsize=16)
 def timestamp_text(value: datetime) -> str:
-    """The form of `created_at` that row hashes cover."""
+    """The form of `created_at` that row hashes cover (remembered: a pass's many streams
+    share one timestamp)."""
     return value.isoformat(timespec="microseconds")
 
 

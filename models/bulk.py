@@ -76,7 +76,7 @@ def _copy_rows(
     for start in range(0, len(rows), _COPY_BLOCK_ROWS):
         block = rows[start : start + _COPY_BLOCK_ROWS]
         columns = [_copy_text(table.c[name].type, [row[name] for row in block]) for name in names]
-        blocks.append("".join(f"{line}\n" for line in map("\t".join, zip(*columns, strict=True))))
+        blocks.append("\n".join(map("\t".join, zip(*columns, strict=True))) + "\n")
 
     def send(connection: psycopg.Connection[Any]) -> None:
         with connection.cursor() as cursor, cursor.copy(statement) as copy:
