@@ -1,9 +1,12 @@
 """The audit details and event payloads a crediting pass writes per deposit are formatted
 from templates; they must be byte for byte what `canonical_json` makes of the same fields
-(stored hashes cover them, webhooks sign them)."""
+(stored hashes cover them, webhooks sign them). The row digest's shortcut for ASCII rows
+must hash what the field-by-field form hashes."""
 
 from __future__ import annotations
 
+import hashlib
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from escrowd.escrow import events, ledger
-from escrowd.escrow.audit import canonical_json
+from escrowd.escrow.audit import canonical_json, row_digest, timestamp_text
 from escrowd.escrow.deposits import _event_data, _Row, _seen_details
 from escrowd.indexer.sink import StoredDeposit
 from escrowd.models import TransferCode
@@ -153,4 +156,51 @@ def test_transfer_audit_details_are_canonical_json(
             "batch_id": batch_id,
             "ref": f"{ref_type}:{ref_id}",
         }
+    )
+
+
+@given(
+    stream=texts,
+    seq=st.integers(min_value=1, max_value=2**62),
+    actor=texts,
+    action=texts,
+    asset=st.none() | texts,
+    amount=st.none() | st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    details=texts,
+    prev_hash=texts,
+)
+def test_row_digest_counts_utf8_bytes(
+    stream: str,
+    seq: int,
+    actor: str,
+    action: str,
+    asset: str | None,
+    amount: int | None,
+    details: str,
+    prev_hash: str,
+) -> None:
+    """The digest's ASCII shortcut and its field-by-field form hash the same material:
+    each field length-prefixed by its UTF-8 byte count, "~" for NULL."""
+    created_at = datetime(2026, 12, 4, 12, 0, 0, 1, tzinfo=UTC)
+
+    def netstring(value: str | int | None) -> str:
+        if value is None:
+            return "~"
+        return f"{len(str(value).encode())}:{value}"
+
+    fields = (stream, seq, actor, action, asset, amount, details, timestamp_text(created_at))
+    material = "".join(netstring(field) for field in (*fields, prev_hash))
+    assert (
+        row_digest(
+            stream=stream,
+            seq=seq,
+            actor=actor,
+            action=action,
+            asset=asset,
+            amount=amount,
+            details=details,
+            created_at=created_at,
+            prev_hash=prev_hash,
+        )
+        == hashlib.sha256(material.encode()).hexdigest()
     )
