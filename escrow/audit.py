@@ -9,14 +9,13 @@ no writer is in flight, which exposes a stream deleted whole or cut short.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from json.encoder import encode_basestring_ascii
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import func, select, text
 from sqlalchemy import insert as insert_rows
@@ -47,10 +46,8 @@ def canonical_json(value: Mapping[str, Any]) -> str:
 json_string = encode_basestring_ascii
 
 
-@functools.lru_cache(maxsize=16)
 def timestamp_text(value: datetime) -> str:
-    """The form of `created_at` that row hashes cover (remembered: a pass's many streams
-    share one timestamp)."""
+    """The form of `created_at` that row hashes cover."""
     return value.isoformat(timespec="microseconds")
 
 
@@ -161,13 +158,24 @@ def _lock_head(session: Session, stream: str) -> tuple[int, str]:
     return int(row.seq), str(row.row_hash)
 
 
+class _Now(NamedTuple):
+    """The timestamp rows appended together share (as a batch's events do), with its text:
+    formatting one per row was a tenth of a backfill window's audit work."""
+
+    at: datetime
+    text: str
+
+    @classmethod
+    def take(cls) -> _Now:
+        at = utcnow()
+        return cls(at, timestamp_text(at))
+
+
 def _chained_rows(
-    stream: str, seq: int, prev_hash: str, entries: Sequence[Entry], created_at: datetime
+    stream: str, seq: int, prev_hash: str, entries: Sequence[Entry], now: _Now
 ) -> list[dict[str, Any]]:
-    """The rows following head (seq, prev_hash), each hash covering the one before. Rows
-    appended together share their timestamp, as a batch's events do: formatting one per
-    row was a tenth of a backfill window's audit work."""
-    created_text = timestamp_text(created_at)
+    """The rows following head (seq, prev_hash), each hash covering the one before."""
+    created_at, created_text = now
     rows: list[dict[str, Any]] = []
     for entry in entries:
         seq += 1
@@ -216,7 +224,7 @@ def append_many(session: Session, stream: str, entries: Sequence[Entry]) -> list
     """Append rows to `stream` in the caller's transaction; returns their ids in order."""
     assert stream, "audit stream must be named"
     assert entries, "nothing to append"
-    rows = _chained_rows(stream, *_lock_head(session, stream), entries, utcnow())
+    rows = _chained_rows(stream, *_lock_head(session, stream), entries, _Now.take())
     audit_table = AuditLog.metadata.tables[AuditLog.__tablename__]
     ids = list(
         session.connection()
@@ -235,7 +243,7 @@ def append_bulk(session: Session, stream: str, entries: Sequence[Entry]) -> None
     sightings): the same rows and hashes, written with `models.bulk.insert_rows`."""
     assert stream, "audit stream must be named"
     assert entries, "nothing to append"
-    rows = _chained_rows(stream, *_lock_head(session, stream), entries, utcnow())
+    rows = _chained_rows(stream, *_lock_head(session, stream), entries, _Now.take())
     bulk.insert_rows(session, AuditLog.metadata.tables[AuditLog.__tablename__], rows)
     _move_head(session, stream, rows)
 
@@ -262,7 +270,7 @@ def append_streams(
         return
     if heads is None:
         heads = lock_heads(session, streams)
-    now = utcnow()
+    now = _Now.take()
     rows: list[dict[str, Any]] = []
     new_heads: list[dict[str, Any]] = []
     moved_heads: list[dict[str, Any]] = []
