@@ -19,11 +19,12 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from escrowd.escrow.audit import canonical_json
+from escrowd.escrow.audit import canonical_json, json_string
 from escrowd.models import WebhookEvent, bulk, utcnow
 
 # Bumped only when a field is removed or changes meaning; adding fields keeps the version.
 API_VERSION = "2026-12-03"
+_API_VERSION_JSON = json_string(API_VERSION)
 
 EVENT_TYPES = frozenset(
     {
@@ -56,11 +57,16 @@ EVENT_TYPES = frozenset(
 )
 
 
-def _payload(event_type: str, data: Mapping[str, Any]) -> str:
-    return canonical_json({"type": event_type, "api_version": API_VERSION, "data": data})
+def _payload(event_type: str, data: Mapping[str, Any] | str) -> str:
+    """canonical_json of {"type", "api_version", "data"}; `data` as a str is its canonical
+    JSON already. The keys sort as api_version, data, type."""
+    data_json = data if isinstance(data, str) else canonical_json(data)
+    return (
+        f'{{"api_version":{_API_VERSION_JSON},"data":{data_json},"type":{json_string(event_type)}}}'
+    )
 
 
-def emit(session: Session, event_type: str, data: Mapping[str, Any]) -> WebhookEvent:
+def emit(session: Session, event_type: str, data: Mapping[str, Any] | str) -> WebhookEvent:
     assert event_type in EVENT_TYPES, f"unknown event type {event_type}"
     event = WebhookEvent(
         type=event_type, api_version=API_VERSION, payload=_payload(event_type, data)
@@ -70,8 +76,9 @@ def emit(session: Session, event_type: str, data: Mapping[str, Any]) -> WebhookE
     return event
 
 
-def emit_many(session: Session, items: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
-    """Several events in a few set-based statements, ids in the given order."""
+def emit_many(session: Session, items: Sequence[tuple[str, Mapping[str, Any] | str]]) -> None:
+    """Several events in a few set-based statements, ids in the given order; a str `data`
+    is its canonical JSON already."""
     created_at = utcnow()
     rows = []
     for event_type, data in items:

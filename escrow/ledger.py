@@ -14,7 +14,6 @@ outcomes, rows and audit hashes.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import uuid
 from collections import defaultdict
@@ -236,17 +235,17 @@ def post(
         return originals
 
 
-def _audit_details(
-    transfer: TransferSpec | Posted, transfer_id: int, batch_id: str
-) -> dict[str, object]:
-    return {
-        "transfer_id": transfer_id,
-        "debit_account_id": transfer.debit_account_id,
-        "credit_account_id": transfer.credit_account_id,
-        "idempotency_key": transfer.idempotency_key,
-        "batch_id": batch_id,
-        "ref": f"{transfer.ref_type}:{transfer.ref_id}",
-    }
+def _audit_details(transfer: TransferSpec | Posted, transfer_id: int, batch_id: str) -> str:
+    """A transfer's audit details in canonical JSON (keys sorted), from a template: a
+    crediting pass writes one per deposit."""
+    return (
+        f'{{"batch_id":{audit.json_string(batch_id)},'
+        f'"credit_account_id":{int(transfer.credit_account_id)},'
+        f'"debit_account_id":{int(transfer.debit_account_id)},'
+        f'"idempotency_key":{audit.json_string(transfer.idempotency_key)},'
+        f'"ref":{audit.json_string(f"{transfer.ref_type}:{transfer.ref_id}")},'
+        f'"transfer_id":{int(transfer_id)}}}'
+    )
 
 
 def _post_new(
@@ -377,7 +376,7 @@ def _details_head(spec: TransferSpec, batch_id: str) -> str:
 
     "transfer_id" sorts last among the keys, so the canonical JSON ends with it and the
     function appends the id and the closing brace."""
-    full = audit.canonical_json(_audit_details(spec, 0, batch_id))
+    full = _audit_details(spec, 0, batch_id)
     assert full.endswith(_ID_SENTINEL)
     return full[: -len("0}")]
 
@@ -504,6 +503,16 @@ def account_ids(
 def _ids_by_owner(
     session: Session, kind: AccountKind, asset: str, owners: Sequence[str]
 ) -> dict[str, int]:
+    if session.get_bind().dialect.name == "postgresql":
+        # One array parameter, not an IN list of a window's thousand owners (see
+        # _accounts_by_id).
+        with driver_cursor(session) as cursor:
+            cursor.execute(
+                "SELECT owner, id FROM ledger_accounts "
+                "WHERE kind = %b AND asset = %b AND owner = ANY(%b::text[])",
+                [kind.value, asset, list(owners)],
+            )
+            return {str(owner): int(account_id) for owner, account_id in cursor}
     found: dict[str, int] = {}
     for start in range(0, len(owners), _IN_BATCH):
         found.update(
@@ -520,7 +529,7 @@ def _ids_by_owner(
 
 def post_credits(
     session: Session, specs: Sequence[TransferSpec], *, actor: str, audit_streams: Sequence[str]
-) -> list[Posted]:
+) -> None:
     """Post many unlinked transfers at once, each as `post` would post it alone (a batch
     id of its own, its audit row in its stream, `audit_streams[i]` for `specs[i]`), in a
     few set-based statements: one insert of the transfers, each protected account's
@@ -532,100 +541,110 @@ def post_credits(
     credits (a deposit row lock), so a key used already fails the transaction."""
     assert len(specs) == len(audit_streams)
     if not specs:
-        return []
+        return
     for spec in specs:
         _validate([spec])
     session.flush()
-    ids = sorted(
-        {spec.debit_account_id for spec in specs} | {spec.credit_account_id for spec in specs}
+    accounts = _accounts_by_id(
+        session,
+        sorted(
+            {spec.debit_account_id for spec in specs} | {spec.credit_account_id for spec in specs}
+        ),
     )
-    accounts = {}
-    for start in range(0, len(ids), _IN_BATCH):
-        for row in session.execute(
-            select(LedgerAccount.id, LedgerAccount.asset, LedgerAccount.no_overdraft).where(
-                LedgerAccount.id.in_(ids[start : start + _IN_BATCH])
-            )
-        ):
-            accounts[row.id] = row
     credits: dict[int, int] = defaultdict(int)
+    assets = []
     for spec in specs:
         debit = accounts.get(spec.debit_account_id)
         credit = accounts.get(spec.credit_account_id)
         if debit is None or credit is None:
             missing = spec.debit_account_id if debit is None else spec.credit_account_id
             raise UnknownAccount(f"no ledger account with id {missing}")
-        if debit.asset != credit.asset:
+        if debit[0] != credit[0]:
             raise AssetMismatch(
-                f"cannot move {debit.asset} from account {debit.id} into {credit.asset} "
-                f"account {credit.id}: both sides of a transfer must hold the same asset"
+                f"cannot move {debit[0]} from account {spec.debit_account_id} into "
+                f"{credit[0]} account {spec.credit_account_id}: both sides of a transfer must "
+                "hold the same asset"
             )
-        if debit.no_overdraft:
+        if debit[1]:
             raise InvalidAmount(
-                f"account {debit.id} may not be overdrawn: debit it with ledger.post, which "
-                "checks its balance"
+                f"account {spec.debit_account_id} may not be overdrawn: debit it with "
+                "ledger.post, which checks its balance"
             )
-        if credit.no_overdraft:
-            credits[credit.id] += spec.amount
+        if credit[1]:
+            credits[spec.credit_account_id] += spec.amount
+        assets.append(debit[0])
     _add_credits(session, credits)
     transfer_ids = _reserve_transfer_ids(session, len(specs))
+    # Read (and locked) before the transfers' append is queued, which a read would wait for.
+    heads = audit.lock_heads(session, sorted(set(audit_streams)))
     now = utcnow()
-    posted = [
-        Posted(
-            id=transfer_id,
-            idempotency_key=spec.idempotency_key,
-            debit_account_id=spec.debit_account_id,
-            credit_account_id=spec.credit_account_id,
-            asset=accounts[spec.debit_account_id].asset,
-            amount=spec.amount,
-            code=spec.code.value,
-            ref_type=spec.ref_type,
-            ref_id=spec.ref_id,
-            batch_id=str(uuid.uuid4()),
-        )
-        for spec, transfer_id in zip(specs, transfer_ids or [0] * len(specs), strict=True)
-    ]
+    batch_ids = [str(uuid.uuid4()) for _ in specs]
+    codes = [spec.code.value for spec in specs]
     transfers = LedgerTransfer.metadata.tables[LedgerTransfer.__tablename__]
     rows = [
         {
-            "id": p.id,
-            "idempotency_key": p.idempotency_key,
-            "debit_account_id": p.debit_account_id,
-            "credit_account_id": p.credit_account_id,
-            "asset": p.asset,
-            "amount": p.amount,
-            "code": p.code,
-            "ref_type": p.ref_type,
-            "ref_id": p.ref_id,
-            "batch_id": p.batch_id,
+            "idempotency_key": spec.idempotency_key,
+            "debit_account_id": spec.debit_account_id,
+            "credit_account_id": spec.credit_account_id,
+            "asset": asset,
+            "amount": spec.amount,
+            "code": code,
+            "ref_type": spec.ref_type,
+            "ref_id": spec.ref_id,
+            "batch_id": batch_id,
             "created_at": now,
         }
-        for p in posted
+        for spec, asset, batch_id, code in zip(specs, assets, batch_ids, codes, strict=True)
     ]
     if transfer_ids:
+        for row, transfer_id in zip(rows, transfer_ids, strict=True):
+            row["id"] = transfer_id
         bulk.insert_rows(session, transfers, rows)
     else:
         # SQLite numbers the rows as it inserts them, in the order given.
-        inserted = session.connection().execute(
-            insert(transfers).returning(transfers.c.id, sort_by_parameter_order=True),
-            [{k: v for k, v in row.items() if k != "id"} for row in rows],
+        transfer_ids = list(
+            session.connection()
+            .execute(
+                insert(transfers).returning(transfers.c.id, sort_by_parameter_order=True), rows
+            )
+            .scalars()
         )
-        posted = [
-            dataclasses.replace(p, id=transfer_id)
-            for p, transfer_id in zip(posted, inserted.scalars(), strict=True)
-        ]
     entries: dict[str, list[audit.Entry]] = defaultdict(list)
-    for transfer, stream in zip(posted, audit_streams, strict=True):
+    for spec, asset, batch_id, code, transfer_id, stream in zip(
+        specs, assets, batch_ids, codes, transfer_ids, audit_streams, strict=True
+    ):
         entries[stream].append(
             audit.Entry(
                 actor=actor,
-                action=f"ledger_{transfer.code}",
-                asset=transfer.asset,
-                amount=transfer.amount,
-                details=_audit_details(transfer, transfer.id, transfer.batch_id),
+                action=f"ledger_{code}",
+                asset=asset,
+                amount=spec.amount,
+                details=_audit_details(spec, transfer_id, batch_id),
             )
         )
-    audit.append_streams(session, entries)
-    return posted
+    audit.append_streams(session, entries, heads=heads)
+
+
+def _accounts_by_id(session: Session, ids: Sequence[int]) -> dict[int, tuple[str, bool]]:
+    """(asset, no_overdraft) of the accounts `ids`. PostgreSQL gets them as one array
+    parameter: an IN list of a window's thousand accounts is SQL text that SQLAlchemy
+    renders and psycopg parses again on every call."""
+    if session.get_bind().dialect.name == "postgresql":
+        with driver_cursor(session) as cursor:
+            cursor.execute(
+                "SELECT id, asset, no_overdraft FROM ledger_accounts WHERE id = ANY(%b::bigint[])",
+                [list(ids)],
+            )
+            return {int(i): (str(asset), bool(flag)) for i, asset, flag in cursor}
+    found: dict[int, tuple[str, bool]] = {}
+    for start in range(0, len(ids), _IN_BATCH):
+        for row in session.execute(
+            select(LedgerAccount.id, LedgerAccount.asset, LedgerAccount.no_overdraft).where(
+                LedgerAccount.id.in_(ids[start : start + _IN_BATCH])
+            )
+        ):
+            found[row.id] = (row.asset, row.no_overdraft)
+    return found
 
 
 def _add_credits(session: Session, credits: dict[int, int]) -> None:

@@ -21,6 +21,7 @@ from escrowd.models import (
     bulk,
     utcnow,
 )
+from escrowd.models.db import deferred_writes
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,7 @@ def record_deposits(
     if not unique:
         return len(moved)
     now = utcnow()
+    pending = DepositStatus.PENDING.value
     rows = [
         {
             "chain": chain,
@@ -247,7 +249,7 @@ def record_deposits(
             "amount": item.amount,
             "block_number": item.block_number,
             "block_hash": item.block_hash,
-            "status": DepositStatus.PENDING.value,
+            "status": pending,
             "credited": False,
             "reversed": False,
             "created_at": now,
@@ -292,15 +294,16 @@ def record_deposits(
                 item.amount,
                 item.block_number,
                 item.block_hash,
-                DepositStatus.PENDING.value,
+                pending,
             )
             for key, item in unique.items()
             if key in inserted
         }
         # Seen first, then credited: the audit rows and events of a pending deposit
-        # confirmed later.
-        sink.recorded_many(session, list(stored_new.values()))
-        sink.credited_new(session, [d for key, d in stored_new.items() if key in final_keys])
+        # confirmed later. Their appends go out while the next ones are built.
+        with deferred_writes(session):
+            sink.recorded_many(session, list(stored_new.values()))
+            sink.credited_new(session, [d for key, d in stored_new.items() if key in final_keys])
     stored = [item for key, item in unique.items() if key not in inserted]
     return len(moved) + len(inserted) + _revive_orphaned(session, chain, stored, sink)
 

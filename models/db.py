@@ -8,8 +8,9 @@ import select
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Generator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
@@ -115,11 +116,110 @@ def driver_cursor(session: Session) -> Iterator[psycopg.Cursor[Any]]:
     statement (the one-round-trip database functions, bulk appends). Driver errors come
     out as SQLAlchemy's exception types, like those of every other statement, so callers
     and the retries of escrow.uow.in_transaction see one error model."""
-    driver = session.connection().connection.driver_connection
+    connection = session.connection()
+    _wait_for_writes(connection.info)
+    driver = connection.connection.driver_connection
     assert driver is not None, "the session's connection is open"
     try:
         with driver.cursor() as cursor:
             yield cursor
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
+
+
+# The connection info key of the writes a `deferred_writes` block has queued.
+_DEFERRED = "escrowd_deferred_writes"
+
+
+class _DeferredWrites:
+    """Statements without results, run in the order given by one thread of their own."""
+
+    def __init__(self, driver: psycopg.Connection[Any]) -> None:
+        self._driver = driver
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="db-writes")
+        self._pending: list[Future[None]] = []
+
+    def submit(self, write: Callable[[psycopg.Connection[Any]], None]) -> None:
+        self._pending.append(self._thread.submit(write, self._driver))
+
+    def wait(self) -> None:
+        """Wait for every queued write; then raise the first failure, if any."""
+        pending, self._pending = self._pending, []
+        error: BaseException | None = None
+        for future in pending:
+            try:
+                future.result()
+            except BaseException as exc:  # every write is waited for before raising
+                error = error or exc
+        if isinstance(error, psycopg.Error):
+            raise DBAPIError.instance(None, None, error, psycopg.Error) from error
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
+
+def _wait_for_writes(info: dict[Any, Any]) -> None:
+    writes = info.get(_DEFERRED)
+    if writes is not None:
+        writes.wait()
+
+
+@event.listens_for(Engine, "before_cursor_execute")
+def _writes_before_statement(connection: Any, *_args: Any) -> None:
+    # Any statement through SQLAlchemy runs after the writes queued before it.
+    _wait_for_writes(connection.info)
+
+
+@event.listens_for(Engine, "commit")
+def _writes_before_commit(connection: Any) -> None:
+    _wait_for_writes(connection.info)
+
+
+@contextmanager
+def deferred_writes(session: Session) -> Iterator[None]:
+    """Within the block, `defer_write` queues statements whose results nobody reads (the
+    COPY appends of a crediting pass) for a thread that sends them on the session's
+    PostgreSQL connection, in order, while the caller builds the next rows: the server's
+    work on one table's rows overlaps the client's on the next (libpq waits without
+    the GIL). Every other statement on the connection (through SQLAlchemy or
+    `driver_cursor`), a commit, and the end of the block wait for the queued writes
+    first, so statements run in the order issued and a failed write fails the
+    transaction as it would have failed synchronously. SQLite: nothing is deferred."""
+    connection = session.connection()
+    driver = connection.connection.driver_connection
+    if not isinstance(driver, psycopg.Connection) or _DEFERRED in connection.info:
+        yield
+        return
+    writes = _DeferredWrites(driver)
+    connection.info[_DEFERRED] = writes
+    try:
+        yield
+        writes.wait()
+    except BaseException:
+        # The block's error is the one to report; the queued writes still finish first,
+        # so nothing of this transaction runs after the caller rolls it back.
+        with suppress(Exception):
+            writes.wait()
+        raise
+    finally:
+        del connection.info[_DEFERRED]
+        writes.close()
+
+
+def defer_write(session: Session, write: Callable[[psycopg.Connection[Any]], None]) -> None:
+    """Queue `write` (given the psycopg connection) in the session's `deferred_writes`
+    block, or run it now outside one."""
+    connection = session.connection()
+    writes = connection.info.get(_DEFERRED)
+    if writes is not None:
+        writes.submit(write)
+        return
+    driver = connection.connection.driver_connection
+    assert isinstance(driver, psycopg.Connection), "deferred writes are for PostgreSQL"
+    try:
+        write(driver)
     except psycopg.Error as exc:
         raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
 

@@ -1,15 +1,19 @@
 """COPY appends (models.bulk on PostgreSQL) store every value exactly as given: text with
-the characters COPY's text format escapes, non-ASCII, NULL, booleans and timestamps."""
+the characters COPY's text format escapes, non-ASCII, NULL, booleans and timestamps; and
+inside `deferred_writes`, sent by a thread, in order, failing the transaction as they
+would have failed at once."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from escrowd.models import AuditLog, WebhookEvent, bulk
+from escrowd.models import AuditHead, AuditLog, WebhookEvent, bulk
+from escrowd.models.db import deferred_writes
 
 pytestmark = pytest.mark.postgres
 
@@ -68,3 +72,71 @@ def test_copy_appends_store_each_value_as_given(pg_engine: Engine) -> None:
         ).all()
     assert [tuple(row) for row in stored_audit] == [tuple(r.values()) for r in audit_rows]
     assert [tuple(row) for row in stored_events] == [tuple(r.values()) for r in event_rows]
+
+
+def _audit_rows(count: int, details: list[str], at: datetime) -> list[dict[str, object]]:
+    return [
+        {
+            "stream": "deferred",
+            "seq": n + 1,
+            "actor": "test",
+            "action": "copy_test",
+            "asset": "USDC",
+            "amount": n,
+            "details": details[n % len(details)],
+            "created_at": at,
+            "prev_hash": "0" * 64,
+            "row_hash": f"{n:064x}",
+        }
+        for n in range(count)
+    ]
+
+
+def test_whole_column_fast_paths_store_each_value_as_given(pg_engine: Engine) -> None:
+    """One timestamp shared by every row, text with nothing to escape but in one row, no
+    NULL: the columns formatted in one go store what the row-by-row form stores."""
+    audit = AuditLog.metadata.tables[AuditLog.__tablename__]
+    rows = _audit_rows(5, ['{"a":1}', '{"b":"x"}', "last\tone\\"], MOMENTS[1])
+    with Session(pg_engine) as session, session.begin():
+        bulk.insert_rows(session, audit, rows)
+    with Session(pg_engine) as session:
+        stored = session.execute(
+            select(*(audit.c[name] for name in rows[0])).order_by(audit.c.id)
+        ).all()
+    assert [tuple(row) for row in stored] == [tuple(r.values()) for r in rows]
+
+
+def test_deferred_writes_run_in_order_before_the_next_statement(pg_engine: Engine) -> None:
+    audit = AuditLog.metadata.tables[AuditLog.__tablename__]
+    heads = AuditHead.metadata.tables[AuditHead.__tablename__]
+    with Session(pg_engine) as session, session.begin(), deferred_writes(session):
+        bulk.insert_rows(session, audit, _audit_rows(3, ["{}"], MOMENTS[0]))
+        bulk.insert_rows(session, heads, [{"stream": "deferred", "seq": 3, "row_hash": "0" * 64}])
+        bulk.update_rows(
+            session, heads, [{"stream": "deferred", "seq": 3, "row_hash": "f" * 64}], key="stream"
+        )
+        # A read waits for the writes queued before it.
+        assert session.scalar(select(func.count()).select_from(audit)) == 3
+        bulk.insert_rows(session, audit, _audit_rows(4, ["{}"], MOMENTS[0])[3:])
+    with Session(pg_engine) as session:
+        assert session.scalar(select(func.count()).select_from(audit)) == 4
+        assert session.scalar(select(heads.c.row_hash)) == "f" * 64
+
+
+@pytest.mark.parametrize("then_read", [True, False])
+def test_a_failed_deferred_write_fails_the_transaction(pg_engine: Engine, then_read: bool) -> None:
+    """The write's error comes out of the next statement, or of the block's end, as the
+    statement's own error would have; nothing of the transaction is stored."""
+    audit = AuditLog.metadata.tables[AuditLog.__tablename__]
+    session = Session(pg_engine)
+    queued = False
+    with pytest.raises(IntegrityError), session, session.begin(), deferred_writes(session):
+        bulk.insert_rows(session, audit, _audit_rows(2, ["{}"], MOMENTS[0]))
+        # The same (stream, seq) again: a unique violation, seen only by the writer.
+        bulk.insert_rows(session, audit, _audit_rows(1, ["{}"], MOMENTS[0]))
+        queued = True
+        if then_read:
+            session.scalar(select(func.count()).select_from(audit))
+    assert queued
+    with Session(pg_engine) as session:
+        assert session.scalar(select(func.count()).select_from(audit)) == 0
