@@ -235,23 +235,24 @@ def statement_rows(engine: Engine, sql: str, params: tuple[Any, ...]) -> list[tu
 
 
 def statements_rows(
-    engine: Engine, statements: list[tuple[str, tuple[Any, ...]]]
+    engine: Engine, statements: list[tuple[str, tuple[Any, ...]]], *, reads: bool = False
 ) -> list[list[tuple[Any, ...]]]:
     """`statement_rows` for several statements in one round trip (libpq pipeline mode):
     each statement's rows, the first failure raised. Each runs in its own implicit
     transaction (a sync point after each), so a row lock one takes (the API key's
     rate-limit count) is released before the next runs instead of being held through it:
-    requests of one key would otherwise queue behind each other's reads."""
-    return _connections_of(engine).rows_many(statements)
+    requests of one key would otherwise queue behind each other's reads. `reads`: the
+    statements only read, and run in one implicit transaction (one sync point)."""
+    return _connections_of(engine).rows_many(statements, sync_each=not reads)
 
 
 async def statements_rows_async(
-    engine: Engine, statements: list[tuple[str, tuple[Any, ...]]], *, reads: bool = False
+    engine: Engine, statements: list[tuple[str, tuple[Any, ...]]]
 ) -> list[list[tuple[Any, ...]]]:
     """`statements_rows` on the running event loop: it waits for the answers there, so the
-    loop serves other requests meanwhile. `reads`: the statements only read, and run in
-    one implicit transaction (one sync point) instead of one each."""
-    return await _connections_of(engine).rows_many_async(statements, sync_each=not reads)
+    loop serves other requests meanwhile (the API's writes, whose commits wait for the
+    disk)."""
+    return await _connections_of(engine).rows_many_async(statements, sync_each=True)
 
 
 def _connections_of(engine: Engine) -> _StatementConnections:
@@ -423,17 +424,17 @@ class _StatementConnections:
         try:
             yield held
         except BaseException as exc:
-            held.connection.close()
+            self._discard(held)
             if isinstance(exc, psycopg.Error):
                 raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
             raise
         self._give_back(held)
 
     def rows_many(
-        self, statements: list[tuple[str, tuple[Any, ...]]]
+        self, statements: list[tuple[str, tuple[Any, ...]]], *, sync_each: bool = True
     ) -> list[list[tuple[Any, ...]]]:
         with self._pipelining() as held:
-            return self._run_many(held, statements)
+            return self._run_many(held, statements, sync_each=sync_each)
 
     @staticmethod
     def _prepared(held: _Held, sql: str) -> bytes:
@@ -475,13 +476,12 @@ class _StatementConnections:
 
     @classmethod
     def _run_many(
-        cls, held: _Held, statements: list[tuple[str, tuple[Any, ...]]]
+        cls, held: _Held, statements: list[tuple[str, tuple[Any, ...]]], *, sync_each: bool
     ) -> list[list[tuple[Any, ...]]]:
         pgconn = held.connection.pgconn
-        _send(pgconn, cls._steps(held, statements), sync_each=True)
-        return cls._loaded(
-            held, _waited(pgconn, _exchange(pgconn, len(statements), sync_each=True))
-        )
+        _send(pgconn, cls._steps(held, statements), sync_each=sync_each)
+        exchange = _exchange(pgconn, len(statements), sync_each=sync_each)
+        return cls._loaded(held, _waited(pgconn, exchange))
 
     async def rows_many_async(
         self, statements: list[tuple[str, tuple[Any, ...]]], *, sync_each: bool
@@ -542,6 +542,13 @@ class _StatementConnections:
                 self._idle.append(held._replace(idle_since=time.monotonic()))
         if not keep:
             connection.close()
+
+    def _discard(self, held: _Held) -> None:
+        """Close a connection whose state is in doubt; when the server dropped it, the idle
+        ones go too (most likely dropped with it: a restart, a proxy's idle timeout)."""
+        if held.connection.broken:
+            self._close_idle()
+        held.connection.close()
 
     def _close_idle(self, *_args: Any) -> None:
         with self._lock:
@@ -620,6 +627,6 @@ async def pipelined_transaction(engine: Engine) -> AsyncIterator[PipelinedTransa
         if held.connection.info.transaction_status != TransactionStatus.IDLE:
             await transaction.rollback()
     except BaseException:
-        held.connection.close()
+        connections._discard(held)
         raise
     connections._give_back(held)

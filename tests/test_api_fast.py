@@ -420,3 +420,23 @@ def test_writes_from_a_processs_claimed_requests_check_the_key_in_the_escrow_cal
         stored = s.scalars(select(IdempotencyKey.key).order_by(IdempotencyKey.key)).all()
         assert stored == ["j1", "j3", "r1"]
     assert ledger_clean(pg_sessions)
+
+
+def test_connections_the_server_dropped_cost_no_request(
+    clients: tuple[TestClient, TestClient], pg_engine: Engine, pg_sessions: sessionmaker[Session]
+) -> None:
+    # A PostgreSQL restart or a proxy's idle timeout drops the process's idle connections;
+    # the next requests must not fail on them (fund goes to a pooled connection of its own).
+    fast, _ = clients
+    seed_agents(pg_sessions, "alice", "bob", balance=5_000_000)
+    auth = {"Authorization": f"Bearer {make_key(pg_sessions, ApiScope.WRITE)}"}
+    for _ in range(3):
+        assert fast.get("/v1/agents/alice/balances", headers=auth).status_code == 200
+    _admin(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE datname = '{pg_engine.url.database}' AND pid <> pg_backend_pid()"
+    )
+    answers = [fast.get("/v1/agents/alice/balances", headers=auth) for _ in range(3)]
+    body = {"job_id": "j1", "buyer": "alice", "worker": "bob", "asset": "USDC", "amount": "1"}
+    answers.append(fast.post("/v1/escrows", json=body, headers={**auth, "Idempotency-Key": "k"}))
+    assert [a.status_code for a in answers] == [200, 200, 200, 201]
