@@ -8,9 +8,10 @@ Idempotency-Key, body) and makes the database calls itself. Balances and the fir
 of GET /v1/deposits are one round trip (the caller's key and the read, plain columns, no
 ORM objects); fund and release are two (BEGIN, the key when this process hands out a
 request it claimed before, and the idempotency claim with the escrow operation of
-migration 0013; then the stored response with COMMIT). Every wait for PostgreSQL is
-awaited on the event loop (models.db), so one process keeps many requests in flight
-without threads, and their commits share a disk flush.
+migration 0013; then the stored response with COMMIT). The writes' waits for
+PostgreSQL are awaited on the event loop (models.db), so one process keeps many in flight
+without threads and their commits share a disk flush; a read waits on the loop (see
+`_read`).
 
 What the front answers is byte for byte what FastAPI would (tests/test_api_fast.py
 compares them): the same response models, the same error types and bodies. Anything it is
