@@ -18,7 +18,8 @@ keep-alive, `--seconds` each) on
   deposits  GET /v1/deposits?limit=50
 for this tree, then the same for `--baseline-src` if given; a last pgbench closes the
 run. Before the first round each request runs 3 s unmeasured against each daemon, so that
-its API processes have their connections, prepared statements and caches. Each wrk
+its API processes have their connections, prepared statements and caches, and 1 s before
+each round (the pgbench run before it closed the daemons' idle connections). Each wrk
 figure is compared with the mean of the pgbench runs before and after its round. Prints
 requests/s, p50/p99, non-2xx and the ratio, then runs `escrowd ledger check` on each
 database.
@@ -63,6 +64,7 @@ PREFUNDED = 20_000
 OPERATIONS = ("fund", "release", "balances", "deposits")
 START_TIMEOUT_S = 60.0
 WARM_UP_S = 3
+ROUND_WARM_UP_S = 1
 
 
 def bench_api_key(session: Session) -> str:
@@ -324,6 +326,15 @@ def _wrk(op: str, port: int, key: str, seconds: int, connections: int, jobs: Pat
     )
 
 
+def _warm_up(target: Target, seconds: int, connections: int) -> None:
+    """Each request for `seconds`, not measured: a server that has run a while, whose API
+    processes have their connections open, statements prepared and caches filled."""
+    for op in OPERATIONS:
+        if op == "release":
+            _funded_jobs(target.engine, target.jobs)
+        _wrk(op, target.daemon.port, target.key, seconds, connections, target.jobs)
+
+
 def _funded_jobs(engine: Engine, path: Path) -> int:
     with make_session_factory(engine, read_only=True)() as s:
         jobs = list(s.scalars(select(Escrow.job_id).where(Escrow.status == "funded")))
@@ -395,19 +406,16 @@ def main() -> None:
             f"{args.workers}, wrk -c {args.connections} -d {args.seconds}s"
         )
         results: dict[tuple[str, str], list[tuple[WrkResult, float]]] = {}
-        # A server that has run a while: every API process has its connections open, their
-        # statements prepared and its caches filled, as in production (not measured).
         for target in targets:
-            for op in OPERATIONS:
-                if op == "release":
-                    _funded_jobs(target.engine, target.jobs)
-                _wrk(op, target.daemon.port, target.key, WARM_UP_S, args.connections, target.jobs)
+            _warm_up(target, WARM_UP_S, args.connections)
         with PgBench(args.connections) as pgbench:
             baseline = [_pgbench(pgbench, args.seconds)]
             print(f"pgbench {baseline[-1]:8.1f} tps  ({_server_load()})", flush=True)
             for round_ in range(1, args.rounds + 1):
                 measured = []
                 for target in targets:
+                    # pgbench needed the daemons' idle connections closed (see _pgbench).
+                    _warm_up(target, ROUND_WARM_UP_S, args.connections)
                     for op in OPERATIONS:
                         if op == "release":
                             _funded_jobs(target.engine, target.jobs)
