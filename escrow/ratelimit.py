@@ -302,7 +302,3 @@ class Leases:
                 left=granted - 1,
                 ends_at=ends_at,
             )
-
-    def drop(self, prefix: str) -> None:
-        with self._lock:
-            self._held.pop(prefix, None)
