@@ -252,7 +252,7 @@ async def statements_rows_async(
     """`statements_rows` on the running event loop: it waits for the answers there, so the
     loop serves other requests meanwhile (the API's writes, whose commits wait for the
     disk)."""
-    return await _connections_of(engine).rows_many_async(statements, sync_each=True)
+    return await _connections_of(engine).rows_many_async(statements)
 
 
 def _connections_of(engine: Engine) -> _StatementConnections:
@@ -484,12 +484,13 @@ class _StatementConnections:
         return cls._loaded(held, _waited(pgconn, exchange))
 
     async def rows_many_async(
-        self, statements: list[tuple[str, tuple[Any, ...]]], *, sync_each: bool
+        self, statements: list[tuple[str, tuple[Any, ...]]]
     ) -> list[list[tuple[Any, ...]]]:
+        """`rows_many` on the running event loop, a sync point after each statement."""
         with self._pipelining() as held:
             pgconn = held.connection.pgconn
-            _send(pgconn, self._steps(held, statements), sync_each=sync_each)
-            exchange = _exchange(pgconn, len(statements), sync_each=sync_each)
+            _send(pgconn, self._steps(held, statements), sync_each=True)
+            exchange = _exchange(pgconn, len(statements), sync_each=True)
             return self._loaded(held, await _awaited(pgconn, exchange))
 
     def _take(self) -> _Held:
