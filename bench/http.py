@@ -34,6 +34,7 @@ import inspect
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -48,7 +49,7 @@ import psycopg
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from bench.pg import URL_BASE, PgBench, admin
+from bench.pg import ADMIN_DSN, URL_BASE, PgBench, admin
 from escrowd.daemon.logs import configure_logging
 from escrowd.escrow import accounts, apikeys, ledger, service
 from escrowd.migrations.runner import upgrade_to_head
@@ -159,6 +160,14 @@ class Daemon:
     proc: subprocess.Popen[bytes]
     log_path: Path
     port: int
+
+    def workers(self) -> list[int]:
+        """The API worker processes' pids, from their start-up events in the log."""
+        pids: list[int] = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{") and '"api_workers_started"' in line:
+                pids = [int(pid) for pid in json.loads(line).get("pids", [])]
+        return pids
 
 
 def _env(data_dir: Path, url: str, src: Path | None) -> dict[str, str]:
@@ -288,10 +297,78 @@ class WrkResult:
     non_2xx: int
     socket_errors: int
     replays: int
+    # CPU microseconds per request, by who spent them (see CpuMeter).
+    cpu_us: dict[str, float]
 
 
-def _wrk(op: str, port: int, key: str, seconds: int, connections: int, jobs: Path) -> WrkResult:
+_TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
+
+
+def _ticks(pid: int) -> int:
+    """User + system CPU clock ticks of process `pid` so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+class CpuMeter:
+    """Where a run's CPU went, from /proc: the API worker processes, escrowd's jobs process
+    (with the supervisor), the PostgreSQL processes serving the bench's database and the
+    server's own (WAL writer, checkpointer...), and wrk; per request once divided."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.start = self._sample()
+        self.wrk_start = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    def _groups(self) -> dict[str, list[int]]:
+        supervisor = self.target.daemon.proc.pid
+        workers = self.target.daemon.workers()
+        jobs = [supervisor, *(p for p in _children(supervisor) if p not in workers)]
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+            server = [
+                int(pid)
+                for (pid,) in conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND "
+                    "(datname = %s OR datname IS NULL)",
+                    (self.target.name,),
+                )
+            ]
+        return {"api": workers, "jobs": jobs, "postgres": server}
+
+    def _sample(self) -> dict[str, dict[int, int]]:
+        return {group: {pid: _ticks(pid) for pid in pids} for group, pids in self._groups().items()}
+
+    def per_request(self, requests: int) -> dict[str, float]:
+        end = self._sample()
+        wrk_end = resource.getrusage(resource.RUSAGE_CHILDREN)
+        spent = {
+            # A process that started during the run counts from zero, one that ended is lost.
+            group: sum(ticks - self.start[group].get(pid, 0) for pid, ticks in pids.items())
+            * _TICK_US
+            for group, pids in end.items()
+        }
+        spent["wrk"] = (
+            wrk_end.ru_utime + wrk_end.ru_stime - self.wrk_start.ru_utime - self.wrk_start.ru_stime
+        ) * 1e6
+        return {group: us / max(requests, 1) for group, us in spent.items()}
+
+
+def _wrk(target: Target, op: str, seconds: int, connections: int) -> WrkResult:
     threads = 2
+    port, key, jobs = target.daemon.port, target.key, target.jobs
     env = {
         **os.environ,
         "BENCH_OP": op,
@@ -301,6 +378,7 @@ def _wrk(op: str, port: int, key: str, seconds: int, connections: int, jobs: Pat
         "BENCH_THREADS": str(threads),
         "BENCH_JOBS": str(jobs),
     }
+    meter = CpuMeter(target)
     out = subprocess.run(
         [
             *("wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s"),
@@ -323,6 +401,7 @@ def _wrk(op: str, port: int, key: str, seconds: int, connections: int, jobs: Pat
         non_2xx=int(figures["non_2xx"]),
         socket_errors=int(figures["socket_errors"]),
         replays=max(0, requests - listed),
+        cpu_us=meter.per_request(requests),
     )
 
 
@@ -332,7 +411,7 @@ def _warm_up(target: Target, seconds: int, connections: int) -> None:
     for op in OPERATIONS:
         if op == "release":
             _funded_jobs(target.engine, target.jobs)
-        _wrk(op, target.daemon.port, target.key, seconds, connections, target.jobs)
+        _wrk(target, op, seconds, connections)
 
 
 def _funded_jobs(engine: Engine, path: Path) -> int:
@@ -419,14 +498,7 @@ def main() -> None:
                     for op in OPERATIONS:
                         if op == "release":
                             _funded_jobs(target.engine, target.jobs)
-                        result = _wrk(
-                            op,
-                            target.daemon.port,
-                            target.key,
-                            args.seconds,
-                            args.connections,
-                            target.jobs,
-                        )
+                        result = _wrk(target, op, args.seconds, args.connections)
                         measured.append((target.label, result))
                         print(
                             f"round {round_} {target.label:8s} {op:9s} "
@@ -434,7 +506,9 @@ def main() -> None:
                             f"p50 {result.p50_ms:6.1f} ms  p99 {result.p99_ms:6.1f} ms  "
                             f"non-2xx {result.non_2xx}  socket errors {result.socket_errors}"
                             + (f"  replays {result.replays}" if result.replays else "")
-                            + f"  ({_server_load()})",
+                            + f"  ({_server_load()})"
+                            + "\n      CPU per request: "
+                            + ", ".join(f"{k} {v:.0f} us" for k, v in result.cpu_us.items()),
                             flush=True,
                         )
                 baseline.append(_pgbench(pgbench, args.seconds))
