@@ -914,7 +914,7 @@ def create_app(
     _extend_openapi(app, state)
     _install_error_handlers(app)
     if fast_front and engine.dialect.name == "postgresql":
-        app.add_middleware(FastFront, state=state, render_escrow=_escrow_out)
+        app.add_middleware(FastFront, state=state)
     # Added last, so outermost: it writes the quota of the fast front's answers too.
     app.add_middleware(api_ratelimit.RateLimitHeaders)
     return app

@@ -6,12 +6,12 @@ statement. For GET /v1/agents/{id}/balances, POST /v1/escrows and POST
 /v1/escrows/{job}/release this front checks the same things (path, API key and scope,
 Idempotency-Key, body) and makes the database calls itself. Balances and the first page
 of GET /v1/deposits are one round trip (the caller's key and the read, plain columns, no
-ORM objects); fund and release are two (BEGIN, the key when this process hands out a
-request it claimed before, and the idempotency claim with the escrow operation of
-migration 0013; then the stored response with COMMIT). The writes' waits for
-PostgreSQL are awaited on the event loop (models.db), so one process keeps many in flight
-without threads and their commits share a disk flush; a read waits on the loop (see
-`_read`).
+ORM objects); so are fund and release: one statement of migration 0017 (the key check when
+this process counts the key itself, the escrow operation and its idempotency record with
+the response, rendered by PostgreSQL byte for byte as the API renders it), sent with the
+read of the caller's key. The writes' waits for PostgreSQL are awaited on the event loop
+(models.db), so one process keeps many in flight without threads and their commits share
+a disk flush; a read waits on the loop (see `_read`).
 
 What the front answers is byte for byte what FastAPI would (tests/test_api_fast.py
 compares them): the same response models, the same error types and bodies. Anything it is
@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from datetime import UTC
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 
-import psycopg
 from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
@@ -49,15 +49,12 @@ from escrowd.daemon.api_schemas import (
     DepositOut,
     DepositPage,
     EscrowCreate,
-    EscrowOut,
 )
 from escrowd.escrow import apikeys, idempotency, ratelimit, service
-from escrowd.escrow.agent_cache import AgentCache
 from escrowd.escrow.audit import canonical_json
 from escrowd.escrow.money import format_amount, parse_amount
-from escrowd.models import ApiScope, DepositCreditState, Escrow
+from escrowd.models import ApiScope, DepositCreditState
 from escrowd.models.db import (
-    pipelined_transaction,
     statement_rows,
     statements_rows,
     statements_rows_async,
@@ -69,14 +66,13 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# api._escrow_out: the escrow as the escrow routes answer it.
-RenderEscrow = Callable[[Session, Escrow, AgentCache], EscrowOut]
 
 _EXTERNAL_ID = re.compile(EXTERNAL_ID_PATTERN)
 _BALANCES_PATH = re.compile(r"/v1/agents/([^/]+)/balances")
 _RELEASE_PATH = re.compile(r"/v1/escrows/([^/]+)/release")
 # api_deps.IdempotencyKeyHeader's constraints.
 _IDEMPOTENCY_KEY = re.compile(rf"[!-~]{{1,{idempotency.MAX_KEY_LENGTH}}}")
+_WRITE_SCOPES = apikeys.scopes_allowing(ApiScope.WRITE)
 
 
 _DEPOSIT_COLUMNS = (
@@ -221,15 +217,16 @@ def _replayed(stored: idempotency.StoredResponse) -> Response:
 class FastFront:
     """ASGI middleware: answers the hot routes itself, passes everything else on."""
 
-    def __init__(self, app: AsgiApp, state: ApiState, render_escrow: RenderEscrow) -> None:
+    def __init__(self, app: AsgiApp, state: ApiState) -> None:
         self.app = app
         self.state = state
-        self.render_escrow = render_escrow
-        # Lookups that miss the process's caches (an asset's decimals, agents' names, a
-        # funding deposit) read through this one session: the front runs on the event loop
-        # thread, one request at a time between awaits, and a session per request cost a
-        # tenth of a fund's client CPU though it rarely connects.
+        # Lookups that miss the process's caches (an asset's decimals) read through this
+        # one session: the front runs on the event loop thread, one request at a time
+        # between awaits, and a session per request cost a tenth of a fund's client CPU
+        # though it rarely connects. A caller running the app on several threads (a test
+        # client) gets a session of its own while another thread uses this one.
         self._reader = state.readers()
+        self._reader_free = threading.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -264,11 +261,16 @@ class FastFront:
     def _session(self) -> Iterator[Session]:
         """The front's read session; it gives its connection back after a lookup that
         used one."""
+        if not self._reader_free.acquire(blocking=False):
+            with self.state.readers() as session:
+                yield session
+            return
         try:
             yield self._reader
         finally:
             if self._reader.in_transaction():
                 self._reader.close()
+            self._reader_free.release()
 
     def _read(self, scope: Scope, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """The rows of `sql`, read in the round trip that reads and counts the caller's API
@@ -417,19 +419,18 @@ class FastFront:
                 actor=f"apikey:{prefix}",
             )
         except (_Unsure, EscrowdError):
-            # FastAPI words it; before the claim, a stored answer for this key would win
-            # over an error.
+            # FastAPI words it; before the operation, a stored answer for this key would
+            # win over an error.
             return await self._handed_on(scope, caller)
         canonical = canonical_json(body.model_dump(mode="json"))
-        claim = self._claim(prefix, key, scope["path"], canonical)
-        params = service.claimed_fund_params(claim, request)
-        return await self._claimed(
+        record = self._record(prefix, key, scope["path"], canonical, 201)
+        params = service.api_fund_params(self._key_check(caller), record, request)
+        return await self._called(
             scope,
             caller,
-            (service.PG_CLAIM_FUND, params),
-            claim=claim,
-            status=201,
-            outcome=lambda r: service.funded_escrow(request, r),
+            (service.PG_API_FUND, params),
+            record=record,
+            outcome=lambda done, detail, _: service.api_funded(request, done, detail),
         )
 
     async def _release(self, scope: Scope, job_id: str) -> Response:
@@ -442,79 +443,101 @@ class FastFront:
             key = _idempotency_key(scope)
         except _Unsure:
             return await self._handed_on(scope, caller)
-        claim = self._claim(caller.prefix, key, scope["path"], "")
-        params = service.claimed_release_params(claim, job_id, f"apikey:{caller.prefix}")
-        return await self._claimed(
+        record = self._record(caller.prefix, key, scope["path"], "", 200)
+        actor = f"apikey:{caller.prefix}"
+        params = service.api_release_params(self._key_check(caller), record, job_id, actor)
+        return await self._called(
             scope,
             caller,
-            (service.PG_CLAIM_SETTLE, params),
-            claim=claim,
-            status=200,
-            outcome=lambda r: service.released_escrow(job_id, r),
+            (service.PG_API_SETTLE, params),
+            record=record,
+            outcome=lambda done, detail, amounts: service.api_released(
+                job_id, done, detail, amounts
+            ),
         )
 
     @staticmethod
-    def _claim(principal: str, key: str, path: str, canonical: str) -> tuple[str, ...]:
+    def _record(
+        principal: str, key: str, path: str, canonical: str, status: int
+    ) -> tuple[str | int, ...]:
+        """The idempotency record's principal, key, method, path, request hash and the
+        status a done operation answers with."""
         digest = idempotency.request_hash("POST", path, canonical)
-        return (principal, key, "POST", path, digest)
+        return (principal, key, "POST", path, digest, status)
 
-    async def _claimed(
+    def _key_check(self, caller: ratelimit.KeyRead | apikeys.Principal) -> tuple[Any, ...]:
+        """escrowd_api_key_holds' arguments: the key a request of this process's lease
+        presents must still be as the lease found it; one checked before needs nothing."""
+        if isinstance(caller, apikeys.Principal) or caller.leased is None:
+            return (None,) * 7
+        default = self.state.rate_limit
+        return (
+            caller.prefix,
+            caller.candidate,
+            _WRITE_SCOPES,
+            caller.leased.limit,
+            caller.leased_window_s,
+            default.requests,
+            default.window_s,
+        )
+
+    async def _called(
         self,
         scope: Scope,
         caller: ratelimit.KeyRead | apikeys.Principal,
         call: tuple[str, tuple[Any, ...]],
         *,
-        claim: tuple[str, ...],
-        status: int,
-        outcome: Callable[[tuple[str, Any, Any]], Escrow],
+        record: tuple[str | int, ...],
+        outcome: Callable[[str, str | None, tuple[Any, ...]], None],
     ) -> Response:
-        """The idempotent escrow call in two round trips: BEGIN, the caller's key (when not
-        read yet) and the claim-and-call; then the stored response with COMMIT. Nothing is
-        kept when the key turns out invalid, over its limit or without the write scope."""
+        """The idempotent escrow call: one statement (its own transaction), in one round
+        trip with the read of the caller's key when the process counts the key itself.
+        The statement checks that key as `admitted` does and does nothing when it does not
+        hold; the answer is the response it stored, the key's earlier one, or the refusal."""
+        statements = [call]
+        if isinstance(caller, ratelimit.KeyRead):
+            statements.insert(0, (caller.sql, caller.params))
         try:
-            async with pipelined_transaction(self.state.engine) as transaction:
-                if isinstance(caller, ratelimit.KeyRead):
-                    key_rows, rows = await transaction.rows([(caller.sql, caller.params), call])
-                    try:
-                        principal, quota = self.state.admitted(caller, key_rows)
-                        self.state.admit(principal, quota, scope, ApiScope.WRITE)
-                    except EscrowdError as exc:
-                        await transaction.rollback()
-                        return error_response(exc)
-                else:
-                    [rows] = await transaction.rows([call])
-                row = rows[0]
-                claim_id, result = row[0], (row[1], row[2], row[3])
-                if claim_id is None:
-                    await transaction.rollback()
-                    return self._stored(claim, row)
-                try:
-                    escrow = outcome(result)
-                except EscrowdError as exc:
-                    await transaction.rollback()
-                    return error_response(exc)
-                with self._session() as session:
-                    rendered = self.render_escrow(session, escrow, self.state.agents)
-                text = rendered.model_dump_json()
-                await transaction.rows(
-                    [(idempotency.PG_FINISH, (status, text, claim_id))], commit=True
-                )
-        except psycopg.Error:
-            # FastAPI's path runs it again with its retries; the key makes that safe.
-            raise _Unsure from None
-        return Response(content=text, status_code=status, media_type="application/json")
+            results = await statements_rows_async(self.state.engine, statements)
+        except DBAPIError:
+            # FastAPI's path runs it again with its retries; the key makes that safe, and
+            # answers a key claimed meanwhile by another request.
+            return await self._handed_on(scope, caller)
+        row = results[-1][0]
+        done, detail, body = row[0], row[1], row[2]
+        refused: EscrowdError | None = None
+        if isinstance(caller, ratelimit.KeyRead):
+            try:
+                principal, quota = self.state.admitted(caller, results[0])
+                self.state.admit(principal, quota, scope, ApiScope.WRITE)
+            except EscrowdError as exc:
+                refused = exc
+        if done == "key_refused":
+            if refused is None:
+                # The key changed between the two checks (its limit): FastAPI checks it
+                # again; nothing was done.
+                raise _Unsure
+            return error_response(refused)
+        # Otherwise the statement found the key as the process did, and what it did stands.
+        if done == "stored":
+            return self._stored(record, row)
+        try:
+            outcome(done, detail, row[3:6])
+        except EscrowdError as exc:
+            return error_response(exc)
+        return Response(content=body, status_code=int(record[5]), media_type="application/json")
 
     @staticmethod
-    def _stored(claim: tuple[str, ...], row: tuple[Any, ...]) -> Response:
-        _, key, _, _, digest = claim
+    def _stored(record: tuple[str | int, ...], row: tuple[Any, ...]) -> Response:
+        key, digest = str(record[1]), str(record[4])
         try:
             stored = idempotency.stored_response(
                 key=key,
-                method=row[7],
-                path=row[8],
-                request_hash=row[4],
-                status=row[5],
-                body=row[6],
+                method=row[9],
+                path=row[10],
+                request_hash=row[6],
+                status=row[7],
+                body=row[8],
                 digest=digest,
             )
         except EscrowdError as exc:

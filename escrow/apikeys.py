@@ -33,6 +33,11 @@ SECRET_BYTES = 32
 SCOPE_RANK = {ApiScope.READ: 0, ApiScope.WRITE: 1, ApiScope.ADMIN: 2}
 
 
+def scopes_allowing(needed: ApiScope) -> list[str]:
+    """The scopes whose keys may make a call that needs `needed`."""
+    return [scope.value for scope, rank in SCOPE_RANK.items() if rank >= SCOPE_RANK[needed]]
+
+
 class ApiKeyNotFound(NotFound):
     type = "api_key_not_found"
 

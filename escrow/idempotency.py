@@ -73,10 +73,6 @@ def stored_response(
     return StoredResponse(status=status, body=body)
 
 
-# Storing the response of a claim made by the claim functions of migration 0012.
-PG_FINISH = "UPDATE idempotency_keys SET response_status = %s, response_body = %s WHERE id = %s"
-
-
 def begin(
     session: Session, *, principal: str, key: str, method: str, path: str, digest: str
 ) -> StoredResponse | int:

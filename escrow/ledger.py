@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -45,6 +45,7 @@ from escrowd.models import (
     Deposit,
     DepositCreditState,
     DepositStatus,
+    Escrow,
     LedgerAccount,
     LedgerTransfer,
     TransferCode,
@@ -52,6 +53,7 @@ from escrowd.models import (
 )
 from escrowd.models.base import utcnow
 from escrowd.models.db import driver_cursor, make_session_factory, prepared_rows, statement_rows
+from escrowd.models.escrow import OPEN_ESCROW_STATES
 
 # Kinds whose balance must never go below zero.
 NO_OVERDRAFT_KINDS = frozenset({AccountKind.AGENT_AVAILABLE, AccountKind.ESCROW})
@@ -802,7 +804,42 @@ def check(session: Session) -> list[Violation]:
             )
     violations.extend(_asset_scales(session))
     violations.extend(_deposit_credits(session))
+    violations.extend(_escrowed_totals(accounts.values(), session))
     return violations
+
+
+def _escrowed_totals(accounts: Iterable[LedgerAccount], session: Session) -> list[Violation]:
+    """Each agent's available account records what its open escrows as buyer hold of the
+    account's asset (what a balance read shows as escrowed)."""
+    held: dict[tuple[str, str], int] = defaultdict(int)
+    for buyer, asset, total in session.execute(
+        select(Escrow.buyer_agent_id, Escrow.asset, func.sum(Escrow.amount))
+        .where(Escrow.status.in_([status.value for status in OPEN_ESCROW_STATES]))
+        .group_by(Escrow.buyer_agent_id, Escrow.asset)
+    ):
+        held[str(buyer), asset] = int(total)
+    out = []
+    for account in accounts:
+        if account.kind != AccountKind.AGENT_AVAILABLE:
+            continue
+        expected = held.pop((account.owner, account.asset), 0)
+        if account.escrowed != expected:
+            out.append(
+                Violation(
+                    "escrowed_totals",
+                    f"account {account.id} (agent {account.owner} {account.asset}) records "
+                    f"{account.escrowed} in open escrows, but the agent's open escrows as "
+                    f"buyer hold {expected}",
+                )
+            )
+    out.extend(
+        Violation(
+            "escrowed_totals",
+            f"agent {buyer} has {total} {asset} in open escrows and no {asset} account",
+        )
+        for (buyer, asset), total in sorted(held.items())
+    )
+    return out
 
 
 def _asset_scales(session: Session) -> list[Violation]:

@@ -201,6 +201,9 @@ class KeyRead:
     sql: str
     params: tuple[Any, ...]
     leased: Quota | None
+    # The lease's window length (its limit is the quota's): what the key's row must still
+    # say for the request to count under it.
+    leased_window_s: int = 0
 
 
 @dataclass
@@ -226,14 +229,15 @@ class Leases:
     def key_read(self, prefix: str, candidate: str, default: RateLimit) -> KeyRead:
         """A request from the lease when the process holds one of the key's window (only
         for the secret that claimed it), else a claim of the key's lease size."""
-        leased = self._take(prefix, candidate)
-        if leased is not None:
+        taken = self._take(prefix, candidate)
+        if taken is not None:
+            leased, window_s = taken
             params: tuple[Any, ...] = (default.requests, default.window_s, prefix)
-            return KeyRead(prefix, candidate, PG_KEY, params, leased)
+            return KeyRead(prefix, candidate, PG_KEY, params, leased, window_s)
         params = (default.requests, default.window_s, prefix, candidate)
         return KeyRead(prefix, candidate, PG_ADMIT, params, None)
 
-    def _take(self, prefix: str, candidate: str) -> Quota | None:
+    def _take(self, prefix: str, candidate: str) -> tuple[Quota, int] | None:
         now = time.monotonic()
         with self._lock:
             lease = self._held.get(prefix)
@@ -242,11 +246,12 @@ class Leases:
             if not hmac.compare_digest(lease.key_hash, candidate):
                 return None
             lease.left -= 1
-            return Quota(
+            quota = Quota(
                 limit=lease.limit,
                 count=lease.count - lease.left,
                 reset_s=max(1, math.ceil(lease.ends_at - now)),
             )
+            return quota, lease.window_s
 
     def admitted(
         self, read: KeyRead, rows: list[tuple[Any, ...]]

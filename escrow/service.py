@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import structlog
-from sqlalchemy import Engine, and_, func, or_, select, text
+from sqlalchemy import Engine, and_, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, make_transient_to_detached
@@ -57,7 +57,7 @@ from escrowd.models import (
     utcnow,
 )
 from escrowd.models.db import make_session_factory, prepared_rows, statement_rows
-from escrowd.models.escrow import DUE_ESCROW_SQL, OPEN_ESCROW_SQL, OPEN_ESCROW_STATES
+from escrowd.models.escrow import DUE_ESCROW_SQL, OPEN_ESCROW_STATES
 from escrowd.models.registry import ledger_decimals
 
 log = structlog.get_logger(__name__)
@@ -161,23 +161,20 @@ class AssetBalance:
 def balances(session: Session, agent: Agent) -> list[AssetBalance]:
     """Per asset: what the agent can spend, what it has locked in open escrows, what is
     on its way in (pending deposits) and what is on its way out (open payouts)."""
-    available = {
-        account.asset: ledger.balance(session, account)
-        for account in session.scalars(
-            select(LedgerAccount).where(
-                LedgerAccount.kind == AccountKind.AGENT_AVAILABLE.value,
-                LedgerAccount.owner == str(agent.id),
-            )
+    # Agent accounts are no-overdraft ones, whose row holds the balance and what the
+    # agent's open escrows hold.
+    accounts = session.execute(
+        select(
+            LedgerAccount.asset,
+            LedgerAccount.credits_posted - LedgerAccount.debits_posted,
+            LedgerAccount.escrowed,
+        ).where(
+            LedgerAccount.kind == AccountKind.AGENT_AVAILABLE.value,
+            LedgerAccount.owner == str(agent.id),
         )
-    }
-    escrowed = {
-        asset: int(total)
-        for asset, total in session.execute(
-            select(Escrow.asset, func.sum(Escrow.amount))
-            .where(Escrow.buyer_agent_id == agent.id, text(OPEN_ESCROW_SQL))
-            .group_by(Escrow.asset)
-        )
-    }
+    ).all()
+    available = {asset: int(posted) for asset, posted, _ in accounts}
+    escrowed = {asset: int(held) for asset, _, held in accounts if held}
     pending = session.execute(
         select(Asset.symbol, Asset.decimals, Deposit.amount)
         .join(Asset, Asset.id == Deposit.asset_id)
@@ -226,21 +223,17 @@ def _assemble_balances(
 
 
 # `balances` of an agent named by its external id, as one statement (PostgreSQL): the
-# agent's marker row, then one row per available account, open escrow sum, pending deposit
-# and open payout sum. Agent accounts are no-overdraft ones, whose row holds the balance.
-# The states are those of `balances` (OPEN_ESCROW_STATES, PAYOUT_FINAL_STATES, SWEEP);
+# agent's marker row, then one row per available account (with what open escrows hold),
+# pending deposit and open payout sum. Agent accounts are no-overdraft ones, whose row
+# holds the balance. The states are those of `balances` (PAYOUT_FINAL_STATES, SWEEP);
 # tests/test_api_fast.py compares both paths.
 PG_BALANCES = """
 WITH a AS (SELECT id FROM agents WHERE external_id = %s)
-SELECT 'agent', NULL::text, NULL::int, a.id::numeric FROM a
+SELECT 'agent', NULL::text, NULL::bigint, a.id::numeric FROM a
 UNION ALL
-SELECT 'available', la.asset, NULL, (la.credits_posted - la.debits_posted)::numeric
+SELECT 'available', la.asset, la.escrowed, (la.credits_posted - la.debits_posted)::numeric
 FROM ledger_accounts la JOIN a ON la.owner = a.id::text
-WHERE la.kind = 'agent_available' AND la.no_overdraft
-UNION ALL
-SELECT 'escrowed', e.asset, NULL, sum(e.amount)::numeric
-FROM escrows e JOIN a ON e.buyer_agent_id = a.id
-WHERE e.status IN ('funded', 'expired') GROUP BY e.asset
+WHERE la.kind = 'agent_available'
 UNION ALL
 SELECT 'incoming', s.symbol, s.decimals, d.amount::numeric
 FROM deposits d JOIN a ON d.agent_id = a.id JOIN assets s ON s.id = d.asset_id
@@ -261,11 +254,15 @@ def balances_of_rows(external_id: str, rows: Sequence[Sequence[Any]]) -> list[As
         raise AgentNotFound(f"no agent {external_id!r}; register it with POST /v1/agents first")
     parts: dict[str, dict[str, int]] = {"available": {}, "escrowed": {}, "outgoing": {}}
     pending = []
-    for kind, symbol, token_decimals, amount in rows[1:]:
+    for kind, symbol, number, amount in rows[1:]:
         if kind == "incoming":
-            pending.append((symbol, token_decimals, amount))
-        else:
-            parts[kind][symbol] = int(amount)
+            # number: the token's decimals.
+            pending.append((symbol, number, amount))
+            continue
+        parts[kind][symbol] = int(amount)
+        if kind == "available" and number:
+            # number: what the agent's open escrows hold.
+            parts["escrowed"][symbol] = int(number)
     return _assemble_balances(
         None, parts["available"], parts["escrowed"], pending, parts["outgoing"]
     )
@@ -519,6 +516,7 @@ def fund_escrow(
         )
     except InsufficientFunds:
         raise _buyer_short(buyer, amount, asset) from None
+    _hold(session, buyer.id, asset, amount)
     _record(session, escrow, (buyer, worker), "escrow_funded", actor)
     log.info("escrow_funded", job_id=job_id, asset=asset, amount_base_units=amount)
     return escrow
@@ -652,22 +650,30 @@ def _call_alone(engine: Engine, sql: str, *args: Any) -> tuple[str, Any, Any]:
     return outcome, detail, row
 
 
-# --- PostgreSQL: an idempotency claim and the escrow operation in one call (0012) ---------
+# --- PostgreSQL: the HTTP API's idempotent escrow calls, one statement each (0017) -------
 
-_CLAIM_RESULT = (
-    "SELECT claim_id, outcome, detail, escrow, stored_hash, stored_status, stored_body, "
-    "stored_method, stored_path FROM "
+_API_RESULT = (
+    "SELECT outcome, detail, body, worker_amount, fee_amount, refund_amount, stored_hash, "
+    "stored_status, stored_body, stored_method, stored_path FROM "
 )
-_CLAIM_ARGS = "%s::text, %s::text, %s::text, %s::text, %s::text, "
-PG_CLAIM_FUND = (
-    _CLAIM_RESULT + "escrowd_claim_fund_escrow(" + _CLAIM_ARGS + "%s::text, %s::bigint, "
-    "%s::bigint, %s::text, %s::bigint, %s::int, %s::timestamptz, %s::text, %s::text, "
+# The key check (escrowd_api_key_holds), then the idempotency record's columns.
+_API_ARGS = (
+    "%s::text, %s::text, %s::text[], %s::int, %s::int, %s::int, %s::int, "
+    "%s::text, %s::text, %s::text, %s::text, %s::text, %s::int, "
+)
+PG_API_FUND = (
+    _API_RESULT + "escrowd_api_fund_escrow(" + _API_ARGS + "%s::text[], %s::int[], %s::text, "
+    "%s::bigint, %s::bigint, %s::text, %s::bigint, %s::int, %s::timestamptz, %s::text, "
+    "%s::text, "
     "%s::timestamptz, %s::text, %s::text)"
 )
-PG_CLAIM_SETTLE = (
-    _CLAIM_RESULT + "escrowd_claim_settle_escrow(" + _CLAIM_ARGS + "%s::text, %s::text, "
-    "%s::text[], %s::bigint, %s::text, %s::text, %s::timestamptz, %s::text, %s::text)"
+PG_API_SETTLE = (
+    _API_RESULT + "escrowd_api_settle_escrow(" + _API_ARGS + "%s::text[], %s::int[], "
+    "%s::text, %s::text, %s::text[], %s::bigint, %s::text, %s::text, %s::timestamptz, "
+    "%s::text, %s::text)"
 )
+# Each ledger asset's decimals, for the responses PostgreSQL renders.
+_SCALES = ([*LEDGER_DECIMALS], [*LEDGER_DECIMALS.values()])
 
 
 def checked_funding(
@@ -687,26 +693,40 @@ def checked_funding(
     return request
 
 
-def claimed_fund_params(claim: tuple[str, ...], request: _Funding) -> tuple[Any, ...]:
-    """PG_CLAIM_FUND's arguments: the claim (principal, key, method, path, request hash)
-    and the escrowd_fund_escrow call."""
-    return (*claim, *_function_params(*request.call()[1:]))
+def api_fund_params(
+    key_check: tuple[Any, ...], record: tuple[Any, ...], request: _Funding
+) -> tuple[Any, ...]:
+    """PG_API_FUND's arguments: the key check (its 7 values, all None when the caller's
+    key was checked before), the idempotency record (principal, key, method, path, request
+    hash, response status), the ledger's decimals and the escrowd_fund_escrow call."""
+    return (*key_check, *record, *_SCALES, *_function_params(*request.call()[1:]))
 
 
-def funded_escrow(request: _Funding, result: tuple[str, Any, Any]) -> Escrow:
-    """The new escrow of a claimed fund call, detached, or its refusal raised."""
-    return _escrow_of(request.funded(result))
+def api_funded(request: _Funding, outcome: str, detail: str | None) -> None:
+    """A PG_API_FUND outcome: logged when funded, its refusal raised."""
+    request.funded((outcome, detail, None))
 
 
-def claimed_release_params(claim: tuple[str, ...], job_id: str, actor: str) -> tuple[Any, ...]:
-    return (*claim, *_function_params(*_settle_call(job_id, RELEASE, None, actor)[1:]))
+def api_release_params(
+    key_check: tuple[Any, ...], record: tuple[Any, ...], job_id: str, actor: str
+) -> tuple[Any, ...]:
+    """PG_API_SETTLE's arguments for a release, as api_fund_params'."""
+    call = _settle_call(job_id, RELEASE, None, actor)[1:]
+    return (*key_check, *record, *_SCALES, *_function_params(*call))
 
 
-def released_escrow(job_id: str, result: tuple[str, Any, Any]) -> Escrow:
-    """The escrow a claimed release call settled, detached, or its refusal raised."""
-    escrow = _escrow_of(_settled_row(result, job_id, RELEASE, None))
-    _log_settled(escrow)
-    return escrow
+def api_released(job_id: str, outcome: str, detail: str | None, amounts: Sequence[Any]) -> None:
+    """A PG_API_SETTLE outcome of a release: logged when settled (amounts: the worker's,
+    the fee and the refund), its refusal raised."""
+    _settled_row((outcome, detail, None), job_id, RELEASE, None)
+    worker, fee, refund = amounts
+    log.info(
+        f"escrow_{EscrowStatus.RELEASED.value}",
+        job_id=job_id,
+        worker_amount_base_units=worker,
+        fee_amount_base_units=fee,
+        refund_amount_base_units=refund,
+    )
 
 
 def fund_escrow_alone(
@@ -869,6 +889,7 @@ def _settle(
         for name, code, amount, kind, owner in legs
     ]
     ledger.post(session, specs, actor=actor, audit_stream=_stream(job_id))
+    _hold(session, escrow.buyer_agent_id, asset, -escrow.amount)
     escrow.status = new_status.value
     escrow.worker_amount = worker_net
     escrow.fee_amount = fee
@@ -878,6 +899,24 @@ def _settle(
     _record(session, escrow, parties, f"escrow_{new_status.value}", actor)
     _log_settled(escrow)
     return escrow
+
+
+def _hold(session: Session, buyer_id: int, asset: str, change: int) -> None:
+    """`change` to what the buyer's open escrows hold of `asset` (LedgerAccount.escrowed),
+    on the available account the fund debited; escrowd_fund_escrow and
+    escrowd_settle_escrow do the same on PostgreSQL."""
+    held = session.scalars(
+        update(LedgerAccount)
+        .where(
+            LedgerAccount.kind == AccountKind.AGENT_AVAILABLE.value,
+            LedgerAccount.owner == str(buyer_id),
+            LedgerAccount.asset == asset,
+        )
+        .values(escrowed=LedgerAccount.escrowed + change)
+        .returning(LedgerAccount.id)
+    ).all()
+    if len(held) != 1:
+        raise RuntimeError(f"agent {buyer_id} has no {asset} account holding its escrows")
 
 
 def _require(escrow: Escrow, allowed: tuple[EscrowStatus, ...], verb: str) -> None:

@@ -8,9 +8,9 @@ import select
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
@@ -573,61 +573,3 @@ def prepared_rows(session: Session, sql: str, params: tuple[Any, ...]) -> list[t
     with driver_cursor(session) as cursor:
         rows: list[tuple[Any, ...]] = cursor.execute(sql, params, prepare=True).fetchall()
     return rows
-
-
-class PipelinedTransaction:
-    """A transaction on a statement connection (see `statement_rows`) in libpq pipeline
-    mode: BEGIN goes out with the first statements, and the last ones with COMMIT, one
-    round trip each; waited for on the event loop.
-
-    For a request that is one database call plus a write that depends on its answer (the
-    API's idempotent escrow calls). Sent through libpq directly, as statement_rows does:
-    psycopg's own pipeline cost more client CPU than the two round trips' statements cost
-    the server. Driver errors come out as psycopg's."""
-
-    def __init__(self, held: _Held) -> None:
-        self._held = held
-        self._begun = False
-
-    async def rows(
-        self, statements: list[tuple[str, tuple[Any, ...]]], *, commit: bool = False
-    ) -> list[list[tuple[Any, ...]]]:
-        """Each statement's rows, in one round trip with BEGIN before them when the
-        transaction has not begun and COMMIT after them when `commit`; the first failure
-        raised (the transaction is then rolled back when it ends)."""
-        held = self._held
-        steps = _StatementConnections._steps(held, statements)
-        begin: list[_Step] = [] if self._begun else [b"BEGIN"]
-        end: list[_Step] = [b"COMMIT"] if commit else []
-        self._begun = True
-        pgconn = held.connection.pgconn
-        _send(pgconn, [*begin, *steps, *end], sync_each=False)
-        count = len(begin) + len(steps) + len(end)
-        results = await _awaited(pgconn, _exchange(pgconn, count, sync_each=False))
-        found = _StatementConnections._loaded(held, results)
-        # BEGIN's and COMMIT's empty results are not the caller's.
-        return found[len(begin) : len(begin) + len(steps)]
-
-    async def rollback(self) -> None:
-        pgconn = self._held.connection.pgconn
-        _send(pgconn, [b"ROLLBACK"], sync_each=False)
-        results = await _awaited(pgconn, _exchange(pgconn, 1, sync_each=False))
-        _StatementConnections._loaded(self._held, results)
-
-
-@asynccontextmanager
-async def pipelined_transaction(engine: Engine) -> AsyncIterator[PipelinedTransaction]:
-    """A PipelinedTransaction on one of `engine`'s statement connections; rolled back when
-    it ends neither committed nor rolled back, and the connection closed, not kept, when an
-    error or a cancellation leaves its state in doubt."""
-    connections = _connections_of(engine)
-    held = connections._take()
-    try:
-        transaction = PipelinedTransaction(held)
-        yield transaction
-        if held.connection.info.transaction_status != TransactionStatus.IDLE:
-            await transaction.rollback()
-    except BaseException:
-        connections._discard(held)
-        raise
-    connections._give_back(held)

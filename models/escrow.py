@@ -29,7 +29,6 @@ from escrowd.models.base import (
 OPEN_ESCROW_STATES = (EscrowStatus.FUNDED, EscrowStatus.EXPIRED)
 # The partial indexes' conditions; a query meant to use one states them as this SQL (a
 # bound parameter cannot prove an index condition).
-OPEN_ESCROW_SQL = "status IN ({})".format(", ".join(f"'{s}'" for s in OPEN_ESCROW_STATES))
 DUE_ESCROW_SQL = f"status = '{EscrowStatus.FUNDED}' AND expires_at IS NOT NULL"
 FUNDED_BY_DEPOSIT_SQL = "deposit_id IS NOT NULL"
 
@@ -41,17 +40,8 @@ class Escrow(Base):
         CheckConstraint("fee_bps >= 0 AND fee_bps <= 10000", name="fee_bps_range"),
         CheckConstraint(check_in("status", EscrowStatus), name="status_valid"),
         CheckConstraint("buyer_agent_id <> worker_agent_id", name="distinct_parties"),
-        # Open escrows only (migration 0005): balances by buyer, the expiry job by due time.
-        # On PostgreSQL it holds the amount too (migration 0015): a buyer's escrowed sum is
-        # read from the index alone.
-        Index(
-            "ix_escrows_open_by_buyer",
-            "buyer_agent_id",
-            "asset",
-            postgresql_include=["amount"],
-            postgresql_where=text(OPEN_ESCROW_SQL),
-            sqlite_where=text(OPEN_ESCROW_SQL),
-        ),
+        # Funded escrows with an expiry only (migration 0005): the expiry job by due time. A
+        # buyer's open escrows are summed on its account instead (migration 0016).
         Index(
             "ix_escrows_due",
             "expires_at",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import CheckConstraint, Index, String, UniqueConstraint
+from sqlalchemy import CheckConstraint, Index, String, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from escrowd.models.base import AccountKind, Base, BigIntPK, TransferCode, check_in, utcnow
@@ -26,6 +26,7 @@ class LedgerAccount(Base):
         CheckConstraint(
             "NOT no_overdraft OR credits_posted >= debits_posted", name="no_overdraft_holds"
         ),
+        CheckConstraint("escrowed >= 0", name="escrowed_nonnegative"),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
@@ -37,6 +38,10 @@ class LedgerAccount(Base):
     no_overdraft: Mapped[bool]
     debits_posted: Mapped[int] = mapped_column(default=0)
     credits_posted: Mapped[int] = mapped_column(default=0)
+    # An agent's available account only: what its open escrows as buyer (funded, expired)
+    # hold of this asset, kept by every fund and settlement so that a balance read takes it
+    # from this row instead of summing the escrows (migration 0016; `ledger check`).
+    escrowed: Mapped[int] = mapped_column(default=0, server_default=text("0"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
