@@ -72,7 +72,6 @@ _BALANCES_PATH = re.compile(r"/v1/agents/([^/]+)/balances")
 _RELEASE_PATH = re.compile(r"/v1/escrows/([^/]+)/release")
 # api_deps.IdempotencyKeyHeader's constraints.
 _IDEMPOTENCY_KEY = re.compile(rf"[!-~]{{1,{idempotency.MAX_KEY_LENGTH}}}")
-_WRITE_SCOPES = apikeys.scopes_allowing(ApiScope.WRITE)
 
 
 _DEPOSIT_COLUMNS = (
@@ -466,15 +465,15 @@ class FastFront:
         return (principal, key, "POST", path, digest, status)
 
     def _key_check(self, caller: ratelimit.KeyRead | apikeys.Principal) -> tuple[Any, ...]:
-        """escrowd_api_key_holds' arguments: the key a request of this process's lease
-        presents must still be as the lease found it; one checked before needs nothing."""
+        """escrowd_api_key_holds' arguments but the scopes: the key a request of this
+        process's lease presents must still be as the lease found it; one checked before
+        needs nothing."""
         if isinstance(caller, apikeys.Principal) or caller.leased is None:
-            return (None,) * 7
+            return (None,) * 6
         default = self.state.rate_limit
         return (
             caller.prefix,
             caller.candidate,
-            _WRITE_SCOPES,
             caller.leased.limit,
             caller.leased_window_s,
             default.requests,

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, aliased, make_transient_to_detached
 
 from escrowd.config.errors import ValidationFailed
 from escrowd.config.settings import LEDGER_DECIMALS
-from escrowd.escrow import accounts, audit, events, ledger
+from escrowd.escrow import accounts, apikeys, audit, events, ledger
 from escrowd.escrow.errors import (
     AgentNotFound,
     EscrowConflict,
@@ -43,6 +43,7 @@ from escrowd.escrow.uow import with_retries
 from escrowd.models import (
     AccountKind,
     Agent,
+    ApiScope,
     Asset,
     ChainCursor,
     Deposit,
@@ -656,24 +657,29 @@ _API_RESULT = (
     "SELECT outcome, detail, body, worker_amount, fee_amount, refund_amount, stored_hash, "
     "stored_status, stored_body, stored_method, stored_path FROM "
 )
-# The key check (escrowd_api_key_holds), then the idempotency record's columns.
+
+
+def _array(values: Iterable[object]) -> str:
+    return "'{" + ",".join(str(value) for value in values) + "}'"
+
+
+# The key check (escrowd_api_key_holds: the scopes that may write are constants of the
+# statement), the idempotency record's columns, then each ledger asset's decimals for the
+# response PostgreSQL renders, also constants (parameters dumped at every call cost more).
 _API_ARGS = (
-    "%s::text, %s::text, %s::text[], %s::int, %s::int, %s::int, %s::int, "
-    "%s::text, %s::text, %s::text, %s::text, %s::text, %s::int, "
+    f"%s::text, %s::text, {_array(apikeys.scopes_allowing(ApiScope.WRITE))}::text[], "
+    "%s::int, %s::int, %s::int, %s::int, %s::text, %s::text, %s::text, %s::text, %s::text, "
+    f"%s::int, {_array(LEDGER_DECIMALS)}::text[], {_array(LEDGER_DECIMALS.values())}::int[], "
 )
 PG_API_FUND = (
-    _API_RESULT + "escrowd_api_fund_escrow(" + _API_ARGS + "%s::text[], %s::int[], %s::text, "
-    "%s::bigint, %s::bigint, %s::text, %s::bigint, %s::int, %s::timestamptz, %s::text, "
-    "%s::text, "
-    "%s::timestamptz, %s::text, %s::text)"
-)
-PG_API_SETTLE = (
-    _API_RESULT + "escrowd_api_settle_escrow(" + _API_ARGS + "%s::text[], %s::int[], "
-    "%s::text, %s::text, %s::text[], %s::bigint, %s::text, %s::text, %s::timestamptz, "
+    _API_RESULT + "escrowd_api_fund_escrow(" + _API_ARGS + "%s::text, %s::bigint, %s::bigint, "
+    "%s::text, %s::bigint, %s::int, %s::timestamptz, %s::text, %s::text, %s::timestamptz, "
     "%s::text, %s::text)"
 )
-# Each ledger asset's decimals, for the responses PostgreSQL renders.
-_SCALES = ([*LEDGER_DECIMALS], [*LEDGER_DECIMALS.values()])
+PG_API_SETTLE = (
+    _API_RESULT + "escrowd_api_settle_escrow(" + _API_ARGS + "%s::text, %s::text, "
+    "%s::text[], %s::bigint, %s::text, %s::text, %s::timestamptz, %s::text, %s::text)"
+)
 
 
 def checked_funding(
@@ -696,10 +702,10 @@ def checked_funding(
 def api_fund_params(
     key_check: tuple[Any, ...], record: tuple[Any, ...], request: _Funding
 ) -> tuple[Any, ...]:
-    """PG_API_FUND's arguments: the key check (its 7 values, all None when the caller's
+    """PG_API_FUND's arguments: the key check (its 6 values, all None when the caller's
     key was checked before), the idempotency record (principal, key, method, path, request
-    hash, response status), the ledger's decimals and the escrowd_fund_escrow call."""
-    return (*key_check, *record, *_SCALES, *_function_params(*request.call()[1:]))
+    hash, response status) and the escrowd_fund_escrow call."""
+    return (*key_check, *record, *_function_params(*request.call()[1:]))
 
 
 def api_funded(request: _Funding, outcome: str, detail: str | None) -> None:
@@ -712,7 +718,7 @@ def api_release_params(
 ) -> tuple[Any, ...]:
     """PG_API_SETTLE's arguments for a release, as api_fund_params'."""
     call = _settle_call(job_id, RELEASE, None, actor)[1:]
-    return (*key_check, *record, *_SCALES, *_function_params(*call))
+    return (*key_check, *record, *_function_params(*call))
 
 
 def api_released(job_id: str, outcome: str, detail: str | None, amounts: Sequence[Any]) -> None:

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import structlog
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from escrowd.config.errors import Conflict, EscrowdError, NotFound, Unauthorized, ValidationFailed
@@ -479,34 +479,41 @@ def fan_out(session: Session, limit: int) -> int:
     Disabled endpoints get deliveries too: they wait until the endpoint is re-enabled, so
     an endpoint that comes back misses nothing and stays in order."""
     assert limit >= 1
-    # SKIP LOCKED lets two daemons fan out different events; SQLite ignores it.
-    events = list(
-        session.scalars(
-            select(WebhookEvent)
-            .where(WebhookEvent.fanned_out.is_(False))
-            .order_by(WebhookEvent.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-    )
+    # SKIP LOCKED lets two daemons fan out different events; SQLite ignores it. Columns,
+    # not ORM objects, and one UPDATE for the batch: loading each event with its payload
+    # and flushing its flag one by one cost the jobs process ~100 us per escrow operation.
+    events = session.execute(
+        select(WebhookEvent.id, WebhookEvent.type, WebhookEvent.created_at)
+        .where(WebhookEvent.fanned_out.is_(False))
+        .order_by(WebhookEvent.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
     if not events:
         return 0
     endpoints = list_endpoints(session)
-    created = 0
-    for event in events:
-        for endpoint in endpoints:
-            if endpoint.created_at <= event.created_at and _matches(endpoint, event.type):
-                session.add(
-                    WebhookDelivery(
-                        endpoint_id=endpoint.id,
-                        event_id=event.id,
-                        status=DeliveryStatus.PENDING,
-                        attempts=0,
-                        next_attempt_at=event.created_at,
-                    )
-                )
-                created += 1
-        event.fanned_out = True
-    session.flush()
+    now = utcnow()
+    deliveries = [
+        {
+            "endpoint_id": endpoint.id,
+            "event_id": event_id,
+            "status": DeliveryStatus.PENDING.value,
+            "attempts": 0,
+            "next_attempt_at": created_at,
+            "created_at": now,
+        }
+        for event_id, event_type, created_at in events
+        for endpoint in endpoints
+        if endpoint.created_at <= created_at and _matches(endpoint, event_type)
+    ]
+    if deliveries:
+        session.execute(insert(WebhookDelivery), deliveries)
+    session.execute(
+        update(WebhookEvent)
+        .where(WebhookEvent.id.in_([event_id for event_id, _, _ in events]))
+        .values(fanned_out=True)
+        .execution_options(synchronize_session=False)
+    )
+    created = len(deliveries)
     log.debug("webhook_fan_out", events=len(events), deliveries=created)
     return len(events)
