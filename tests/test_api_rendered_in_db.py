@@ -1,6 +1,7 @@
-"""The responses PostgreSQL renders for the fast front's fund and release (migration 0017)
-are byte for byte what the API renders with its response models, for every escrow state,
-amounts at each scale and instants with and without microseconds."""
+"""What PostgreSQL renders is byte for byte what Python renders: the fast front's fund and
+release responses (migration 0017) as the API's response models write them, for every
+escrow state, amounts at each scale and instants with and without microseconds; and
+strings in audit details and event payloads as escrow/audit.canonical_json writes them."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from escrowd.daemon.api import _escrow_out
 from escrowd.daemon.api_schemas import EscrowOut
 from escrowd.escrow import service
 from escrowd.escrow.agent_cache import AgentCache
+from escrowd.escrow.audit import canonical_json
 from escrowd.escrow.money import format_amount
 from escrowd.models import Escrow
 from escrowd.models.db import make_session_factory
@@ -32,6 +34,23 @@ def test_amounts_are_formatted_as_the_api_formats_them(pg_engine: Engine, decima
             )
             assert rendered == f'"{format_amount(units, decimals)}"', (units, decimals)
         assert connection.scalar(text("SELECT escrowd_json_amount(NULL, 6)")) == "null"
+
+
+STRINGS = [
+    "",
+    "plain ascii 0123 ~",
+    'quote " and backslash \\ and slash /',
+    "tab\t newline\n return\r bell\x07 escape\x1b del\x7f",
+    "caf\u00e9 \u20ac \u4e2d\u6587",
+    "astral \U0001f600 and \U00010000",
+]
+
+
+@pytest.mark.parametrize("value", STRINGS)
+def test_strings_are_written_as_canonical_json_writes_them(pg_engine: Engine, value: str) -> None:
+    with pg_engine.connect() as connection:
+        rendered = connection.scalar(text("SELECT escrowd_json_text(:v)"), {"v": value})
+    assert rendered == canonical_json(value)
 
 
 def test_instants_are_written_as_pydantic_writes_them(pg_engine: Engine) -> None:

@@ -22,14 +22,12 @@ check` compares the column with the escrows (check `escrowed_totals`). The Pytho
 (SQLite, and expiry's refund on PostgreSQL) keeps it in escrow/service.py.
 """
 
-import importlib.util
-import re
 from collections.abc import Sequence
-from pathlib import Path
-from types import ModuleType
 
 import sqlalchemy as sa
 from alembic import op
+
+from escrowd.migrations import earlier
 
 revision: str = "0016"
 down_revision: str | None = "0015"
@@ -37,6 +35,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 OPEN = "('funded', 'expired')"
+_0004 = "0004_escrow_fewer_statements.py"
 
 # Each open escrow's amount on its buyer's available account for the escrow's asset.
 _BACKFILL = {
@@ -130,25 +129,6 @@ _SETTLE_EDITS = (
 )
 
 
-def _revision_0004() -> ModuleType:
-    path = Path(__file__).with_name("0004_escrow_fewer_statements.py")
-    spec = importlib.util.spec_from_file_location("escrowd_revision_0004", path)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _function(name: str) -> str:
-    """Revision 0004's CREATE FUNCTION statement of `name`, as CREATE OR REPLACE."""
-    functions: str = _revision_0004().FUNCTIONS
-    found = re.search(rf"CREATE FUNCTION {name}\(.*?\n\$\$;\n", functions, re.DOTALL)
-    if found is None:
-        raise RuntimeError(f"revision 0004 defines no {name}")
-    return found.group(0).replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
-
-
 def _edited(text: str, edits: tuple[tuple[str, str], ...]) -> str:
     for old, new in edits:
         if text.count(old) != 1:
@@ -167,8 +147,8 @@ def upgrade() -> None:
     op.drop_index("ix_escrows_open_by_buyer", table_name="escrows")
     if dialect == "postgresql":
         op.execute(_RELEASE_HOLD)
-        op.execute(_edited(_function("escrowd_fund_escrow"), _FUND_EDITS))
-        op.execute(_edited(_function("escrowd_settle_escrow"), _SETTLE_EDITS))
+        op.execute(_edited(earlier.function(_0004, "escrowd_fund_escrow"), _FUND_EDITS))
+        op.execute(_edited(earlier.function(_0004, "escrowd_settle_escrow"), _SETTLE_EDITS))
 
 
 def downgrade() -> None:
@@ -181,7 +161,7 @@ def downgrade() -> None:
         sqlite_where=sa.text(f"status IN {OPEN}"),
     )
     if op.get_bind().dialect.name == "postgresql":
-        op.execute(_function("escrowd_fund_escrow"))
-        op.execute(_function("escrowd_settle_escrow"))
+        op.execute(earlier.function(_0004, "escrowd_fund_escrow"))
+        op.execute(earlier.function(_0004, "escrowd_settle_escrow"))
         op.execute("DROP FUNCTION escrowd_release_hold(bigint, text, bigint, bigint)")
     op.drop_column("ledger_accounts", "escrowed")
