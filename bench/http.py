@@ -170,6 +170,15 @@ class Daemon:
         return pids
 
 
+def _python(src: Path | None) -> str:
+    """The interpreter of an escrowd: this one, or the baseline tree's own virtual
+    environment (`src`/.venv) when it has one. The baseline must import its own code: an
+    editable install of this tree would win over PYTHONPATH in this interpreter."""
+    if src is not None and (src / ".venv" / "bin" / "python").exists():
+        return str(src / ".venv" / "bin" / "python")
+    return sys.executable
+
+
 def _env(data_dir: Path, url: str, src: Path | None) -> dict[str, str]:
     """The environment of an escrowd command on `url`; `src`: the baseline's source tree,
     imported instead of this one."""
@@ -193,7 +202,7 @@ def _start_daemon(url: str, data_dir: Path, workers: int, src: Path | None) -> D
     log_path = data_dir / "daemon.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-c", ENTRY, *args],
+            [_python(src), "-c", ENTRY, *args],
             env=env,
             cwd=data_dir,
             stdout=subprocess.DEVNULL,
@@ -251,7 +260,7 @@ class Target:
             self.key = _seed(self.engine)
         else:
             seeded = subprocess.run(
-                [sys.executable, "-c", _SEED_ELSEWHERE, str(Path(__file__).resolve()), self.url],
+                [_python(src), "-c", _SEED_ELSEWHERE, str(Path(__file__).resolve()), self.url],
                 env=_env(self.data_dir, self.url, src),
                 cwd=self.data_dir,
                 capture_output=True,
@@ -423,7 +432,7 @@ def _funded_jobs(engine: Engine, path: Path) -> int:
 
 def _ledger_check(url: str, data_dir: Path, src: Path | None) -> tuple[int, str]:
     done = subprocess.run(
-        [sys.executable, "-c", ENTRY, "ledger", "check"],
+        [_python(src), "-c", ENTRY, "ledger", "check"],
         env=_env(data_dir, url, src),
         cwd=data_dir,
         capture_output=True,
@@ -466,7 +475,8 @@ def main() -> None:
         "--baseline-src",
         type=Path,
         help="a source tree of another escrowd (e.g. `git archive main`), measured the same "
-        "way after this one in every round, with its own database",
+        "way after this one in every round, with its own database; run with the tree's "
+        ".venv when it has one (`pip install -e .` there)",
     )
     args = parser.parse_args()
     for tool in ("wrk", "pgbench"):
