@@ -140,3 +140,65 @@ def test_a_failed_deferred_write_fails_the_transaction(pg_engine: Engine, then_r
     assert queued
     with Session(pg_engine) as session:
         assert session.scalar(select(func.count()).select_from(audit)) == 0
+
+
+@pytest.mark.parametrize("awkward", [False, True])
+def test_unnest_inserts_and_updates_store_each_value_as_given(
+    pg_engine: Engine, awkward: bool
+) -> None:
+    # Plain integers and strings go as array literals, the rest in binary: both forms, and
+    # a column of each kind mixed with quotes, backslashes and NULLs.
+    audit = AuditLog.metadata.tables[AuditLog.__tablename__]
+    texts = AWKWARD if awkward else ["plain", "with space", "{brace},comma", "NULL", ""]
+    rows = [
+        {
+            "stream": f"u-{awkward}-{n}",
+            "seq": n + 1,
+            "actor": text[:100],
+            "action": "unnest_test",
+            "asset": None if awkward and n % 2 else "USDC",
+            "amount": 2**62 + n,
+            "details": text,
+            "created_at": MOMENTS[n % 2],
+            "prev_hash": "0" * 64,
+            "row_hash": f"{n:064x}",
+        }
+        for n, text in enumerate(texts)
+    ]
+    with Session(pg_engine) as session, session.begin():
+        ids = bulk.insert_rows(
+            session, audit, rows, skip_conflicts_on=("stream", "seq"), returning=("id",)
+        )
+        # Already stored: skipped, not returned.
+        assert (
+            bulk.insert_rows(
+                session, audit, rows[:1], skip_conflicts_on=("stream", "seq"), returning=("id",)
+            )
+            == []
+        )
+    with Session(pg_engine) as session:
+        stored = session.execute(
+            select(*(audit.c[name] for name in rows[0]))
+            .where(audit.c.id.in_([i for (i,) in ids]))
+            .order_by(audit.c.id)
+        ).all()
+    assert [tuple(row) for row in stored] == [tuple(r.values()) for r in rows]
+    # Updates found by a text key, with awkward keys and values.
+    heads = AuditHead.metadata.tables[AuditHead.__tablename__]
+    head_rows = [
+        {"stream": f"h-{awkward}-{text}", "seq": 1, "row_hash": "0" * 64} for text in texts
+    ]
+    changes = [
+        {"stream": row["stream"], "seq": 100 + n, "row_hash": text[:64]}
+        for n, (row, text) in enumerate(zip(head_rows, reversed(texts), strict=True))
+    ]
+    with Session(pg_engine) as session, session.begin():
+        bulk.insert_rows(session, heads, head_rows)
+        bulk.update_rows(session, heads, changes, key="stream")
+    with Session(pg_engine) as session:
+        updated = session.execute(
+            select(heads.c.stream, heads.c.seq, heads.c.row_hash)
+            .where(heads.c.stream.in_([row["stream"] for row in head_rows]))
+            .order_by(heads.c.seq)
+        ).all()
+    assert [tuple(row) for row in updated] == [tuple(c.values()) for c in changes]
