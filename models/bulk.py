@@ -175,7 +175,6 @@ def _insert_unnest(
     same = [i > 0 and values.count(values[0]) == len(values) for i, values in enumerate(columns)]
     selected, arrays, aliases = [], [], []
     scalar_params: list[Any] = []
-    array_params: list[list[Any]] = []
     array_params: list[Any] = []
     for name, values, is_same in zip(names, columns, same, strict=True):
         sql_type = sql.SQL(table.c[name].type.compile(dialect=dialect))  # our own models
