@@ -43,7 +43,12 @@ function request()
     headers["Idempotency-Key"] = "fund-" .. job
     -- Workers in another order than buyers: a release credits its worker's account row,
     -- and one worker for every job would make all releases queue on that row.
-    local body = '{"job_id":"' .. job .. '","buyer":"buyer-' .. (n % buyers)
+    -- Each thread starts its turn of buyers at its own offset: threads counting in step
+    -- would fund the same buyer at the same instant (and their jobs, stored side by side,
+    -- would be released side by side), queueing on its account row far more often than
+    -- clients of many buyers do.
+    local buyer = (n + math.floor((tid - 1) * buyers / threads)) % buyers
+    local body = '{"job_id":"' .. job .. '","buyer":"buyer-' .. buyer
       .. '","worker":"worker-' .. ((n * 7 + tid) % buyers)
       .. '","asset":"USDC","amount":"0.01"}'
     return wrk.format("POST", "/v1/escrows", headers, body)
