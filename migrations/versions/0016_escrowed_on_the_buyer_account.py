@@ -16,6 +16,13 @@ and the HTTP benchmark's balances rate fell round after round as each round's fu
   worker's rows are locked lowest agent id first, as resolutions already did: two
   settlements between the same agents in opposite roles cannot deadlock.
 
+Agents' account rows are now updated by every fund and settlement of their escrows, 3 to 4
+times per operation in all: on PostgreSQL the table keeps 30 % of each page free
+(fillfactor 70) so that the new version of a row goes on its page (a HOT update, no new
+index entries). With full pages 32 % of its updates in the HTTP benchmark were not HOT and
+each left entries in both indexes behind; with fillfactor 70, 2 %. (Pages written before
+the upgrade stay full until rewritten.)
+
 Expiry (funded -> expired) leaves the sum alone: both states are open. Nothing reads
 ix_escrows_open_by_buyer any more, so it goes, and a fund writes one index entry fewer. `escrowd ledger
 check` compares the column with the escrows (check `escrowed_totals`). The Python path
@@ -146,6 +153,7 @@ def upgrade() -> None:
     op.execute(_BACKFILL[dialect])
     op.drop_index("ix_escrows_open_by_buyer", table_name="escrows")
     if dialect == "postgresql":
+        op.execute("ALTER TABLE ledger_accounts SET (fillfactor = 70)")
         op.execute(_RELEASE_HOLD)
         op.execute(_edited(earlier.function(_0004, "escrowd_fund_escrow"), _FUND_EDITS))
         op.execute(_edited(earlier.function(_0004, "escrowd_settle_escrow"), _SETTLE_EDITS))
@@ -164,4 +172,5 @@ def downgrade() -> None:
         op.execute(earlier.function(_0004, "escrowd_fund_escrow"))
         op.execute(earlier.function(_0004, "escrowd_settle_escrow"))
         op.execute("DROP FUNCTION escrowd_release_hold(bigint, text, bigint, bigint)")
+        op.execute("ALTER TABLE ledger_accounts RESET (fillfactor)")
     op.drop_column("ledger_accounts", "escrowed")
