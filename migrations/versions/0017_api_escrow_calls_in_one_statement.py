@@ -194,31 +194,11 @@ BEGIN
 END;
 $$;
 
-CREATE FUNCTION escrowd_api_fund_escrow(
-    p_key_prefix text, p_key_hash text, p_scopes text[], p_requests int, p_window_s int,
-    p_default_requests int, p_default_window_s int,
-    p_principal text, p_key text, p_method text, p_path text, p_request_hash text,
-    p_status int, p_symbols text[], p_scales int[],
+CREATE FUNCTION escrowd_api_fund_escrow({checked}
     p_job_id text, p_buyer_id bigint, p_worker_id bigint, p_asset text, p_amount bigint,
     p_fee_bps int, p_expires_at timestamptz, p_actor text, p_batch_id text,
     p_now timestamptz, p_now_text text, p_api_version text
-) RETURNS TABLE (
-    outcome text, detail text, body text, worker_amount bigint, fee_amount bigint,
-    refund_amount bigint, stored_hash text, stored_status int, stored_body text,
-    stored_method text, stored_path text
-)
-LANGUAGE plpgsql AS $$
-DECLARE
-    f record;
-BEGIN
-    IF NOT escrowd_api_key_holds(p_key_prefix, p_key_hash, p_scopes, p_requests, p_window_s,
-            p_default_requests, p_default_window_s) THEN
-        RETURN QUERY SELECT 'key_refused'::text, NULL::text, NULL::text, NULL::bigint,
-            NULL::bigint, NULL::bigint, NULL::text, NULL::int, NULL::text, NULL::text,
-            NULL::text;
-        RETURN;
-    END IF;
-    SELECT * INTO f FROM escrowd_fund_escrow(p_job_id, p_buyer_id, p_worker_id, p_asset,
+{answered}    SELECT * INTO f FROM escrowd_fund_escrow(p_job_id, p_buyer_id, p_worker_id, p_asset,
         p_amount, p_fee_bps, p_expires_at, p_actor, p_batch_id, p_now, p_now_text,
         p_api_version);
     RETURN QUERY SELECT * FROM escrowd_api_answer(f.outcome, f.detail, p_job_id, 'funded',
@@ -228,14 +208,26 @@ END;
 $$;
 
 -- A settlement (the API's release) the same way.
-CREATE FUNCTION escrowd_api_settle_escrow(
+CREATE FUNCTION escrowd_api_settle_escrow({checked}
+    p_job_id text, p_new_status text, p_allowed text[], p_worker_gross bigint, p_actor text,
+    p_batch_id text, p_now timestamptz, p_now_text text, p_api_version text
+{answered}    SELECT * INTO f FROM escrowd_settle_escrow(p_job_id, p_new_status, p_allowed,
+        p_worker_gross, p_actor, p_batch_id, p_now, p_now_text, p_api_version);
+    RETURN QUERY SELECT * FROM escrowd_api_answer(f.outcome, f.detail, p_job_id, 'settled',
+        p_symbols, p_scales, p_principal, p_key, p_method, p_path, p_request_hash, p_status,
+        p_now);
+END;
+$$;
+"""
+
+# Both API functions take the key check's and the record's arguments first, and do
+# nothing but answer `key_refused` when the key does not hold.
+_CHECKED = """
     p_key_prefix text, p_key_hash text, p_scopes text[], p_requests int, p_window_s int,
     p_default_requests int, p_default_window_s int,
     p_principal text, p_key text, p_method text, p_path text, p_request_hash text,
-    p_status int, p_symbols text[], p_scales int[],
-    p_job_id text, p_new_status text, p_allowed text[], p_worker_gross bigint, p_actor text,
-    p_batch_id text, p_now timestamptz, p_now_text text, p_api_version text
-) RETURNS TABLE (
+    p_status int, p_symbols text[], p_scales int[],"""
+_ANSWERED = """) RETURNS TABLE (
     outcome text, detail text, body text, worker_amount bigint, fee_amount bigint,
     refund_amount bigint, stored_hash text, stored_status int, stored_body text,
     stored_method text, stored_path text
@@ -251,14 +243,8 @@ BEGIN
             NULL::text;
         RETURN;
     END IF;
-    SELECT * INTO f FROM escrowd_settle_escrow(p_job_id, p_new_status, p_allowed,
-        p_worker_gross, p_actor, p_batch_id, p_now, p_now_text, p_api_version);
-    RETURN QUERY SELECT * FROM escrowd_api_answer(f.outcome, f.detail, p_job_id, 'settled',
-        p_symbols, p_scales, p_principal, p_key, p_method, p_path, p_request_hash, p_status,
-        p_now);
-END;
-$$;
 """
+FUNCTIONS = FUNCTIONS.replace("{checked}", _CHECKED).replace("{answered}", _ANSWERED)
 
 _0003 = "0003_escrow_hot_path.py"
 
