@@ -24,12 +24,11 @@ per-element casts (1,600 to 2,600 characters for kind, code and status); the sam
 three enum checks of the tables every escrow operation writes take that form here.
 """
 
-import importlib.util
 from collections.abc import Sequence
-from pathlib import Path
-from types import ModuleType
 
 from alembic import op
+
+from escrowd.migrations import earlier
 
 revision: str = "0004"
 down_revision: str | None = "0003"
@@ -392,15 +391,6 @@ $$;
 """
 
 
-def _revision_0003() -> ModuleType:
-    path = Path(__file__).with_name("0003_escrow_hot_path.py")
-    spec = importlib.util.spec_from_file_location("escrowd_revision_0003", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _replace_checks(compact: bool) -> None:
     for table, name, column, values in _ENUM_CHECKS:
         if compact:
@@ -429,7 +419,7 @@ def downgrade() -> None:
         op.execute(f"DROP FUNCTION {signature}")
     # Revision 0003's functions as it created them; the ones this revision kept are
     # dropped first so its script runs whole.
-    previous = _revision_0003()
+    previous = earlier.revision("0003_escrow_hot_path.py")
     for statement in previous.DROP_FUNCTIONS:
         op.execute(statement.replace("DROP FUNCTION ", "DROP FUNCTION IF EXISTS "))
     op.execute(previous.FUNCTIONS)

@@ -153,11 +153,7 @@ CREATE FUNCTION escrowd_api_answer(
     p_outcome text, p_detail text, p_job_id text, p_done text, p_symbols text[],
     p_scales int[], p_principal text, p_key text, p_method text, p_path text,
     p_request_hash text, p_status int, p_now timestamptz
-) RETURNS TABLE (
-    outcome text, detail text, body text, worker_amount bigint, fee_amount bigint,
-    refund_amount bigint, stored_hash text, stored_status int, stored_body text,
-    stored_method text, stored_path text
-)
+) {answer}
 LANGUAGE plpgsql AS $$
 DECLARE
     e escrows;
@@ -227,11 +223,7 @@ _CHECKED = """
     p_default_requests int, p_default_window_s int,
     p_principal text, p_key text, p_method text, p_path text, p_request_hash text,
     p_status int, p_symbols text[], p_scales int[],"""
-_ANSWERED = """) RETURNS TABLE (
-    outcome text, detail text, body text, worker_amount bigint, fee_amount bigint,
-    refund_amount bigint, stored_hash text, stored_status int, stored_body text,
-    stored_method text, stored_path text
-)
+_ANSWERED = """) {answer}
 LANGUAGE plpgsql AS $$
 DECLARE
     f record;
@@ -244,7 +236,17 @@ BEGIN
         RETURN;
     END IF;
 """
-FUNCTIONS = FUNCTIONS.replace("{checked}", _CHECKED).replace("{answered}", _ANSWERED)
+# The columns every API function answers with (escrowd_api_answer's).
+_ANSWER = """RETURNS TABLE (
+    outcome text, detail text, body text, worker_amount bigint, fee_amount bigint,
+    refund_amount bigint, stored_hash text, stored_status int, stored_body text,
+    stored_method text, stored_path text
+)"""
+FUNCTIONS = (
+    FUNCTIONS.replace("{checked}", _CHECKED)
+    .replace("{answered}", _ANSWERED)
+    .replace("{answer}", _ANSWER)
+)
 
 _0003 = "0003_escrow_hot_path.py"
 
