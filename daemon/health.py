@@ -192,11 +192,12 @@ class _StatusCounts(Collector):
             "escrowd_webhook_events_not_fanned_out",
             "Webhook events written but not yet turned into deliveries.",
         )
+        # Counted from the partial index of the backlog (migration 0018), not the outbox.
         unfanned.add_metric(
             [],
             int(
                 connection.execute(
-                    select(func.count()).where(WebhookEvent.fanned_out.is_(False))
+                    select(func.count()).where(~WebhookEvent.fanned_out)
                 ).scalar_one()
             ),
         )

@@ -14,6 +14,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -97,12 +98,22 @@ class WebhookEvent(Base):
     """The outbox: written in the same transaction as the change it reports."""
 
     __tablename__ = "webhook_events"
+    __table_args__ = (
+        # The fan-out's backlog only (migration 0018): an index of the flag left every
+        # event ever written in the fan-out's path.
+        Index(
+            "ix_webhook_events_to_fan_out",
+            "id",
+            postgresql_where=text("NOT fanned_out"),
+            sqlite_where=text("fanned_out = 0"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
     type: Mapped[str] = mapped_column(String(64))
     api_version: Mapped[str] = mapped_column(String(16))
     payload: Mapped[str] = mapped_column(Text)
-    fanned_out: Mapped[bool] = mapped_column(default=False, index=True)
+    fanned_out: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

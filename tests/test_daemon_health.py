@@ -334,7 +334,8 @@ def test_backlog_gauges_show_the_oldest_open_payout_deposit_and_webhook(
         )
         endpoint = WebhookEndpoint(url="https://example.test/hook", secret_ciphertext=b"x")
         event = WebhookEvent(type="deposit.seen", api_version="1", payload="{}", created_at=old)
-        s.add_all([endpoint, event])
+        done = WebhookEvent(type="deposit.seen", api_version="1", payload="{}", fanned_out=True)
+        s.add_all([endpoint, event, done])
         s.flush()
         s.add(WebhookDelivery(endpoint_id=endpoint.id, event_id=event.id, created_at=old))
     families = {
@@ -358,3 +359,4 @@ def test_backlog_gauges_show_the_oldest_open_payout_deposit_and_webhook(
     assert 595 < value("escrowd_deposits_pending_oldest_age_seconds", chain="base") < 700
     assert value("escrowd_webhook_backlog") == 1
     assert 595 < value("escrowd_webhook_backlog_oldest_age_seconds") < 700
+    assert value("escrowd_webhook_events_not_fanned_out") == 1

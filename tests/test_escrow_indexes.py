@@ -4,60 +4,17 @@ are captured and explained."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from escrowd.escrow import service
 from escrowd.models import Agent
 from escrowd.models.db import make_session_factory, statement_rows
 from tests.escrow_fixtures import seed_agents
-
-
-@contextmanager
-def _statements(engine: Engine, table: str) -> Iterator[list[tuple[str, Any]]]:
-    """The SELECTs on `table` run on `engine` inside the block, with their parameters."""
-    seen: list[tuple[str, Any]] = []
-
-    def record(_conn: Any, _cursor: Any, sql: str, params: Any, *_: Any) -> None:
-        if sql.lstrip().upper().startswith("SELECT") and f"FROM {table}" in sql:
-            seen.append((sql, params))
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
-
-
-def _plan(session: Session, sql: str, params: Any) -> str:
-    connection = session.connection()
-    driver = connection.connection.driver_connection
-    assert driver is not None
-    cursor = driver.cursor()
-    if connection.dialect.name == "postgresql":
-        # A handful of rows reads faster in a scan; the question is whether the index can
-        # serve the query at all (a condition it cannot prove leaves only the scan).
-        cursor.execute("SET LOCAL enable_seqscan = off")
-        cursor.execute(f"EXPLAIN {sql}", params)
-    else:
-        cursor.execute(f"EXPLAIN QUERY PLAN {sql}", params)
-    return "\n".join(str(row) for row in cursor.fetchall())
-
-
-def _explained(
-    engine: Engine, sessions: sessionmaker[Session], work: Callable[[Session], Any]
-) -> list[str]:
-    with _statements(engine, "escrows") as seen, sessions() as s, s.begin():
-        work(s)
-    assert seen, "the work ran no SELECT on escrows"
-    with sessions() as s, s.begin():
-        return [_plan(s, sql, params) for sql, params in seen]
+from tests.query_plans import explained, statements
 
 
 def test_balances_read_no_escrows_and_due_escrows_read_their_index(
@@ -86,7 +43,7 @@ def test_balances_read_no_escrows_and_due_escrows_read_their_index(
         )
         service.release_escrow(s, "j0")
 
-    with _statements(engine, "escrows") as seen, sessions() as s:
+    with statements(engine, "escrows") as seen, sessions() as s:
         balances = service.balances(s, s.get_one(Agent, ids["buyer"]))
     assert [(b.asset, b.escrowed_as_buyer) for b in balances] == [("USDC", 400)]
     assert seen == []
@@ -94,7 +51,7 @@ def test_balances_read_no_escrows_and_due_escrows_read_their_index(
     def expire_now(s: Session) -> None:
         assert service.expire_due_escrows(s, datetime.now(UTC)) == []
 
-    for plan in _explained(engine, sessions, expire_now):
+    for plan in explained(engine, sessions, "escrows", expire_now):
         assert "ix_escrows_due" in plan, plan
 
     with sessions() as s, s.begin():
