@@ -35,6 +35,7 @@ from escrowd.config.settings import EvmChainSettings, Settings, SolanaSettings
 from escrowd.daemon.progress import JobProgress, LagReading, LagTracker
 from escrowd.escrow import audit, payout_worker, service, subscriptions, sweeps
 from escrowd.escrow.deposits import LedgerDepositSink
+from escrowd.escrow.errors import CheckpointBusy
 from escrowd.escrow.reconcile import HotWallets, Report, reconcile_configured
 from escrowd.escrow.unsupported import UnsupportedDepositRecorder
 from escrowd.escrow.uow import in_transaction
@@ -537,9 +538,14 @@ def webhook_jobs(ctx: JobContext) -> list[Job]:
 
 def audit_checkpoint_jobs(ctx: JobContext) -> list[Job]:
     def run() -> object:
-        return in_transaction(
-            ctx.sessions, lambda session: audit.write_checkpoint(session, actor="scheduler")
-        )
+        try:
+            return in_transaction(
+                ctx.sessions, lambda session: audit.write_checkpoint(session, actor="scheduler")
+            )
+        except CheckpointBusy as exc:
+            # A long writer (a backfill window) was in flight: the next run anchors it.
+            log.warning("audit_checkpoint_deferred", reason=exc.message)
+            return None
 
     return [Job("audit_checkpoint", ctx.settings.daemon.audit_checkpoint_interval_s, run)]
 

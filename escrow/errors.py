@@ -10,12 +10,14 @@ from escrowd.config.errors import (
     IdempotencyConflict,
     InsufficientFunds,
     NotFound,
+    Unavailable,
     ValidationFailed,
 )
 
 __all__ = [
     "AgentNotFound",
     "AssetMismatch",
+    "CheckpointBusy",
     "DepositAgentMismatch",
     "DepositAmbiguous",
     "DepositNotFound",
@@ -112,3 +114,7 @@ class SubscriptionNotFound(NotFound):
 
 class SubscriptionConflict(Conflict):
     type = "subscription_conflict"
+
+
+class CheckpointBusy(Unavailable):
+    """Writers did not finish within an audit checkpoint's lock timeout."""

@@ -24,6 +24,8 @@ def _trail(session: Session) -> list[AuditLog]:
                 amount=100 + n,
                 details={"n": n},
             )
+    # A checkpoint anchors what writers committed (on PostgreSQL it waits for them).
+    session.commit()
     audit.write_checkpoint(session)
     audit.append(session, stream="escrow:job-a", actor="test", action="late", details={})
     session.commit()
