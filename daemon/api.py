@@ -19,8 +19,8 @@ import structlog
 from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy import Engine, String, cast, literal, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Engine, String, cast, literal, or_, select, true
+from sqlalchemy.orm import Session, aliased
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -621,7 +621,7 @@ def _network_routes(router: APIRouter) -> None:
 
 def _audit_streams_of_agent(agent_id: int) -> Any:
     """Audit streams that concern an agent: its escrows, deposits and payouts."""
-    escrows = select(literal("escrow:") + Escrow.job_id).where(
+    escrows = select((literal("escrow:") + Escrow.job_id).label("stream")).where(
         or_(Escrow.buyer_agent_id == agent_id, Escrow.worker_agent_id == agent_id)
     )
     deposits = select(
@@ -631,6 +631,28 @@ def _audit_streams_of_agent(agent_id: int) -> Any:
         Payout.agent_id == agent_id
     )
     return escrows.union_all(deposits, payouts)
+
+
+def _audit_rows_of_agent(
+    session: Session, agent_id: int, conditions: list[ColumnElement[bool]], limit: int
+) -> Sequence[AuditLog]:
+    """The first `limit` audit rows by id of the agent's streams that meet `conditions`."""
+    streams = _audit_streams_of_agent(agent_id).subquery()
+    if session.get_bind().dialect.name != "postgresql":
+        query = select(AuditLog).where(AuditLog.stream.in_(select(streams.c.stream)))
+        return session.scalars(query.where(*conditions).order_by(AuditLog.id).limit(limit)).all()
+    # Stream by stream through uq_audit_log_stream_seq, each one's first rows: given the
+    # streams as a set, PostgreSQL walked the primary key past everyone's history.
+    per_stream = (
+        select(AuditLog)
+        .where(AuditLog.stream == streams.c.stream, *conditions)
+        .order_by(AuditLog.id)
+        .limit(limit)
+        .lateral()
+    )
+    rows = aliased(AuditLog, per_stream)
+    query = select(rows).select_from(streams).join(per_stream, true())
+    return session.scalars(query.order_by(rows.id).limit(limit)).all()
 
 
 def _audit_routes(router: APIRouter, page_max: int) -> None:
@@ -649,17 +671,19 @@ def _audit_routes(router: APIRouter, page_max: int) -> None:
         every stream; filters given together must all hold."""
 
         def work(s: Session) -> AuditPage:
-            query = select(AuditLog).order_by(AuditLog.id).limit(limit)
+            conditions: list[ColumnElement[bool]] = []
             if stream is not None:
-                query = query.where(AuditLog.stream == stream)
+                conditions.append(AuditLog.stream == stream)
             if escrow is not None:
-                query = query.where(AuditLog.stream == f"escrow:{escrow}")
+                conditions.append(AuditLog.stream == f"escrow:{escrow}")
+            if cursor is not None:
+                conditions.append(AuditLog.id > cursor)
             if agent is not None:
                 owner = service.get_agent(s, agent)
-                query = query.where(AuditLog.stream.in_(_audit_streams_of_agent(owner.id)))
-            if cursor is not None:
-                query = query.where(AuditLog.id > cursor)
-            rows = s.scalars(query).all()
+                rows = _audit_rows_of_agent(s, owner.id, conditions, limit)
+            else:
+                query = select(AuditLog).where(*conditions).order_by(AuditLog.id).limit(limit)
+                rows = s.scalars(query).all()
             items = [
                 AuditRowOut(
                     id=row.id,

@@ -6,16 +6,20 @@ runs is healthy (within its lag threshold, not failing poll after poll, not sile
 no job has been failing every tick for longer than its threshold; otherwise 503 with a
 JSON body naming each problem. /metrics is the prometheus_client default registry (the
 pollers, deposits and webhooks modules register their own series there) plus, computed
-at scrape time, the readiness problems and the database's backlog: row counts by status,
-the age of the oldest payout in each open state, of the oldest pending deposit and of
-the oldest undelivered webhook.
+at scrape time, the readiness problems and the database's backlog: row counts by status
+(those of final states, which grow with history, refreshed every few minutes), the age of
+the oldest payout in each open state, of the oldest pending deposit and of the oldest
+undelivered webhook.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import structlog
 from fastapi import APIRouter, FastAPI, Response
@@ -23,12 +27,14 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, Row, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from escrowd.daemon.progress import JobProgress, LagTracker
+from escrowd.escrow.service import PAYOUT_FINAL_STATES
 from escrowd.migrations.runner import current_revision, head_revision
 from escrowd.models import (
+    Base,
     DeliveryStatus,
     Deposit,
     DepositStatus,
@@ -39,13 +45,19 @@ from escrowd.models import (
     WebhookEvent,
     utcnow,
 )
+from escrowd.models.chain import PENDING_DEPOSIT_SQL
+from escrowd.models.escrow import OPEN_ESCROW_SQL
 
 log = structlog.get_logger(__name__)
 
 
-# Payout states a payout leaves no more; every other state gets an age gauge, so a state
-# added later is watched without a change here.
-SETTLED_PAYOUT_STATES = frozenset({PayoutStatus.CONFIRMED.value, PayoutStatus.FAILED.value})
+# Every payout state but the final ones gets an age gauge, so a state added later is
+# watched without a change here.
+OPEN_PAYOUT_STATES = tuple(
+    status.value for status in PayoutStatus if status not in PAYOUT_FINAL_STATES
+)
+# How long the counts of rows in their final states are reused by later scrapes.
+SETTLED_COUNTS_MAX_AGE_S = 300.0
 
 
 class ReadinessProbe:
@@ -114,36 +126,100 @@ def _age_s(oldest: datetime | None, now: datetime) -> float:
     return 0.0 if oldest is None else max(0.0, (now - oldest).total_seconds())
 
 
-class _StatusCounts(Collector):
-    """Deposits, escrows and payouts by status, counted from the database at scrape time."""
+@dataclass(frozen=True)
+class _Counted:
+    name: str
+    doc: str
+    model: type[Base]
+    labels: tuple[str, ...]
+    # SQL text of the states rows leave (counted at every scrape through an index); the
+    # partial index of open escrows serves only this condition as written.
+    live: str
 
-    def __init__(self) -> None:
+
+def _listed(states: Iterable[str]) -> str:
+    return ", ".join(f"'{state}'" for state in states)
+
+
+_COUNTED = (
+    _Counted(
+        "escrowd_deposits",
+        "Deposits by chain and status: pending at scrape time; confirmed and orphaned "
+        f"refreshed every {SETTLED_COUNTS_MAX_AGE_S:.0f} s.",
+        Deposit,
+        ("chain", "status"),
+        PENDING_DEPOSIT_SQL,
+    ),
+    _Counted(
+        "escrowd_escrows",
+        "Escrows by status: funded and expired at scrape time; released, refunded and "
+        f"resolved refreshed every {SETTLED_COUNTS_MAX_AGE_S:.0f} s.",
+        Escrow,
+        ("status",),
+        OPEN_ESCROW_SQL,
+    ),
+    _Counted(
+        "escrowd_payouts",
+        "Payouts by chain and status: open states at scrape time; confirmed, failed and "
+        f"cancelled refreshed every {SETTLED_COUNTS_MAX_AGE_S:.0f} s.",
+        Payout,
+        ("chain", "status"),
+        f"status IN ({_listed(OPEN_PAYOUT_STATES)})",
+    ),
+)
+
+
+class _StatusCounts(Collector):
+    """Deposits, escrows and payouts by status, counted from the database: rows in a
+    state they can leave at every scrape, the settled history at most every
+    `settled_max_age_s` (counting it reads whole tables)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.engine: Engine | None = None
+        self.clock = clock
+        self.settled_max_age_s = SETTLED_COUNTS_MAX_AGE_S
+        # The settled counts, the engine they were read from and when (by `clock`).
+        self._settled: dict[str, list[Row[Any]]] = {}
+        self._settled_from: tuple[Engine, float] | None = None
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         engine = self.engine
         if engine is None:
             return
-        families = (
-            ("escrowd_deposits", "Deposits by chain and status.", Deposit, ["chain", "status"]),
-            ("escrowd_escrows", "Escrows by status.", Escrow, ["status"]),
-            ("escrowd_payouts", "Payouts by chain and status.", Payout, ["chain", "status"]),
-        )
         try:
             with engine.connect() as connection:
-                for name, doc, model, labels in families:
-                    columns = [getattr(model, label) for label in labels]
+                settled = self._settled_counts(engine, connection)
+                for counted in _COUNTED:
+                    columns = [getattr(counted.model, label) for label in counted.labels]
                     rows = connection.execute(
-                        select(*columns, func.count()).group_by(*columns)
+                        select(*columns, func.count()).where(text(counted.live)).group_by(*columns)
                     ).all()
-                    family = GaugeMetricFamily(name, doc, labels=labels)
-                    for row in rows:
+                    family = GaugeMetricFamily(counted.name, counted.doc, labels=counted.labels)
+                    for row in [*rows, *settled[counted.name]]:
                         family.add_metric([str(value) for value in row[:-1]], int(row[-1]))
                     yield family
                 yield from self._backlog(connection)
         except SQLAlchemyError as exc:
             # A scrape must not fail because the database is down; /readyz reports that.
             log.warning("metrics_db_unavailable", error=type(exc).__name__)
+
+    def _settled_counts(self, engine: Engine, connection: Connection) -> dict[str, list[Row[Any]]]:
+        now = self.clock()
+        read = self._settled_from
+        if read is not None and read[0] is engine and now - read[1] < self.settled_max_age_s:
+            return self._settled
+        counts: dict[str, list[Row[Any]]] = {}
+        for counted in _COUNTED:
+            columns = [getattr(counted.model, label) for label in counted.labels]
+            counts[counted.name] = list(
+                connection.execute(
+                    select(*columns, func.count())
+                    .where(text(f"NOT ({counted.live})"))
+                    .group_by(*columns)
+                )
+            )
+        self._settled, self._settled_from = counts, (engine, now)
+        return counts
 
     @staticmethod
     def _backlog(connection: Connection) -> Iterator[GaugeMetricFamily]:
@@ -155,7 +231,7 @@ class _StatusCounts(Collector):
         )
         for chain, status, oldest in connection.execute(
             select(Payout.chain, Payout.status, func.min(Payout.created_at))
-            .where(Payout.status.not_in(SETTLED_PAYOUT_STATES))
+            .where(Payout.status.in_(OPEN_PAYOUT_STATES))
             .group_by(Payout.chain, Payout.status)
         ):
             payouts.add_metric([chain, status], _age_s(oldest, now))

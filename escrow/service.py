@@ -47,7 +47,6 @@ from escrowd.models import (
     Asset,
     ChainCursor,
     Deposit,
-    DepositStatus,
     Escrow,
     EscrowStatus,
     LedgerAccount,
@@ -57,8 +56,9 @@ from escrowd.models import (
     TransferCode,
     utcnow,
 )
+from escrowd.models.chain import PENDING_DEPOSIT_SQL
 from escrowd.models.db import make_session_factory, prepared_rows, statement_rows
-from escrowd.models.escrow import DUE_ESCROW_SQL, OPEN_ESCROW_STATES
+from escrowd.models.escrow import DUE_ESCROW_SQL, HELD_BY_PAYOUT_SQL, OPEN_ESCROW_STATES
 from escrowd.models.registry import ledger_decimals
 
 log = structlog.get_logger(__name__)
@@ -163,7 +163,8 @@ def balances(session: Session, agent: Agent) -> list[AssetBalance]:
     """Per asset: what the agent can spend, what it has locked in open escrows, what is
     on its way in (pending deposits) and what is on its way out (open payouts)."""
     # Agent accounts are no-overdraft ones, whose row holds the balance and what the
-    # agent's open escrows hold.
+    # agent's open escrows hold. Deposits and payouts are read through partial indexes of
+    # the live ones, whose conditions the queries state as written (migration 0020).
     accounts = session.execute(
         select(
             LedgerAccount.asset,
@@ -179,18 +180,14 @@ def balances(session: Session, agent: Agent) -> list[AssetBalance]:
     pending = session.execute(
         select(Asset.symbol, Asset.decimals, Deposit.amount)
         .join(Asset, Asset.id == Deposit.asset_id)
-        .where(Deposit.agent_id == agent.id, Deposit.status == DepositStatus.PENDING.value)
+        .where(Deposit.agent_id == agent.id, text(PENDING_DEPOSIT_SQL))
     )
     outgoing = {
         symbol: int(total)
         for symbol, total in session.execute(
             select(Asset.symbol, func.sum(Payout.amount))
             .join(Asset, Asset.id == Payout.asset_id)
-            .where(
-                Payout.agent_id == agent.id,
-                Payout.reason != PayoutReason.SWEEP.value,
-                Payout.status.not_in([state.value for state in PAYOUT_FINAL_STATES]),
-            )
+            .where(Payout.agent_id == agent.id, text(HELD_BY_PAYOUT_SQL))
             .group_by(Asset.symbol)
         )
     }
@@ -226,7 +223,8 @@ def _assemble_balances(
 # `balances` of an agent named by its external id, as one statement (PostgreSQL): the
 # agent's marker row, then one row per available account (with what open escrows hold),
 # pending deposit and open payout sum. Agent accounts are no-overdraft ones, whose row
-# holds the balance. The states are those of `balances` (PAYOUT_FINAL_STATES, SWEEP);
+# holds the balance. The states are those of `balances` (PENDING_DEPOSIT_SQL,
+# HELD_BY_PAYOUT_SQL, the conditions of the partial indexes that serve them);
 # tests/test_api_fast.py compares both paths.
 PG_BALANCES = """
 WITH a AS (SELECT id FROM agents WHERE external_id = %s)

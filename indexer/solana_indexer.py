@@ -86,6 +86,7 @@ from escrowd.models import (
     Chain,
     ChainCursor,
     Deposit,
+    DepositAddress,
     DepositStatus,
     Payout,
     utcnow,
@@ -650,16 +651,22 @@ class SolanaPoller:
         self._set_behind(confirmed_slot, scanned_through)
 
     def _last_outflows(self, session: Session, wallets: list[str]) -> dict[str, datetime]:
-        """When a payout (a sweep) from each watched wallet last changed."""
+        """When a payout (a sweep) from each watched wallet (a deposit address of the
+        chain) last changed."""
         found: dict[str, datetime] = {}
+        # Each wallet's latest change alone, read from the end of its run in the index:
+        # a max() over the group read every payout of the batch's wallets.
+        latest = (
+            select(func.max(Payout.updated_at))
+            .where(Payout.chain == self.chain, Payout.source_address == DepositAddress.address)
+            .scalar_subquery()
+        )
         for start in range(0, len(wallets), 500):
             rows = session.execute(
-                select(Payout.source_address, func.max(Payout.updated_at))
-                .where(
-                    Payout.chain == self.chain,
-                    Payout.source_address.in_(wallets[start : start + 500]),
+                select(DepositAddress.address, latest).where(
+                    DepositAddress.chain == self.chain,
+                    DepositAddress.address.in_(wallets[start : start + 500]),
                 )
-                .group_by(Payout.source_address)
             )
             found.update((source, changed) for source, changed in rows if changed is not None)
         return found

@@ -31,6 +31,13 @@ OPEN_ESCROW_STATES = (EscrowStatus.FUNDED, EscrowStatus.EXPIRED)
 # bound parameter cannot prove an index condition).
 DUE_ESCROW_SQL = f"status = '{EscrowStatus.FUNDED}' AND expires_at IS NOT NULL"
 FUNDED_BY_DEPOSIT_SQL = "deposit_id IS NOT NULL"
+OPEN_ESCROW_SQL = f"status IN ('{EscrowStatus.FUNDED}', '{EscrowStatus.EXPIRED}')"
+# Payouts that hold an agent's funds: not sweeps, not in a final state (the states of
+# escrow.service.PAYOUT_FINAL_STATES).
+HELD_BY_PAYOUT_SQL = (
+    f"reason <> '{PayoutReason.SWEEP}' AND status NOT IN "
+    f"('{PayoutStatus.CONFIRMED}', '{PayoutStatus.FAILED}', '{PayoutStatus.CANCELLED}')"
+)
 
 
 class Escrow(Base):
@@ -58,6 +65,16 @@ class Escrow(Base):
             postgresql_where=text(FUNDED_BY_DEPOSIT_SQL),
             sqlite_where=text(FUNDED_BY_DEPOSIT_SQL),
         ),
+        # Open escrows only, counted at every /metrics scrape (migration 0020).
+        Index(
+            "ix_escrows_open",
+            "status",
+            postgresql_where=text(OPEN_ESCROW_SQL),
+            sqlite_where=text(OPEN_ESCROW_SQL),
+        ),
+        # An agent's escrows in either role (GET /v1/audit?agent=).
+        Index("ix_escrows_buyer_agent_id_id", "buyer_agent_id", "id"),
+        Index("ix_escrows_worker_agent_id_id", "worker_agent_id", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
@@ -93,6 +110,18 @@ class Payout(Base):
         Index("ix_payouts_status_chain", "status", "chain"),
         # An agent's withdrawals in id order (GET /v1/withdrawals?agent=).
         Index("ix_payouts_agent_id_id", "agent_id", "id"),
+        # A wallet's payouts, its latest change first (the Solana poller's last outflow of
+        # each wallet, create_sweep's earlier sweeps of an address; migration 0020).
+        Index(
+            "ix_payouts_chain_source_address_updated_at", "chain", "source_address", "updated_at"
+        ),
+        # What an agent's open payouts hold (balances), without its settled history.
+        Index(
+            "ix_payouts_held_by_agent",
+            "agent_id",
+            postgresql_where=text(HELD_BY_PAYOUT_SQL),
+            sqlite_where=text(HELD_BY_PAYOUT_SQL),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)

@@ -303,6 +303,8 @@ def test_backlog_gauges_show_the_oldest_open_payout_deposit_and_webhook(
             ("p2", "broadcast", recent),
             ("p3", "requested", recent),
             ("p4", "confirmed", old),
+            ("p5", "cancelled", old),
+            ("p6", "failed", old),
         ):
             s.add(
                 Payout(
@@ -354,7 +356,7 @@ def test_backlog_gauges_show_the_oldest_open_payout_deposit_and_webhook(
     assert not [
         x
         for x in families["escrowd_payouts_oldest_age_seconds"].samples
-        if x.labels["status"] == "confirmed"
+        if x.labels["status"] in ("confirmed", "cancelled", "failed")
     ]
     assert 595 < value("escrowd_deposits_pending_oldest_age_seconds", chain="base") < 700
     assert value("escrowd_webhook_backlog") == 1
