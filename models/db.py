@@ -44,7 +44,18 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
         )
         _configure_sqlite(engine)
         return engine
-    engine = create_engine(url, echo=echo, pool_size=pool_size, max_overflow=pool_size)
+    # escrowd's statements are short: JIT compilation (tens of milliseconds) never pays
+    # for itself, and a cost estimate on a table not analyzed yet can trigger it (a
+    # 2 ms audit read took 80 ms).
+    options = make_url(url).query.get("options")
+    no_jit = f"{options} -c jit=off" if isinstance(options, str) else "-c jit=off"
+    engine = create_engine(
+        url,
+        echo=echo,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        connect_args={"options": no_jit},
+    )
     _ping_idle_connections(engine)
     return engine
 
