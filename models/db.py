@@ -47,8 +47,8 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
     # escrowd's statements are short: JIT compilation (tens of milliseconds) never pays
     # for itself, and a cost estimate on a table not analyzed yet can trigger it (a
     # 2 ms audit read took 80 ms).
-    options = make_url(url).query.get("options")
-    no_jit = f"{options} -c jit=off" if isinstance(options, str) else "-c jit=off"
+    given = make_url(url).query.get("options", ())
+    no_jit = " ".join([*([given] if isinstance(given, str) else given), "-c jit=off"])
     engine = create_engine(
         url,
         echo=echo,
