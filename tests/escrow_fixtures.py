@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from escrowd.config.settings import EvmChainSettings, Settings
@@ -167,3 +167,15 @@ def apikey_cli(engine: Engine) -> typer.Typer:
         ctx.obj = State()
 
     return app
+
+
+def waiting_for_a_lock(engine: Engine) -> bool:
+    """Whether a session of the engine's database waits for a lock (PostgreSQL)."""
+    with engine.connect() as connection:
+        waiting = connection.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'"
+            )
+        )
+    return bool(waiting)

@@ -17,7 +17,7 @@ from escrowd.escrow import audit, service
 from escrowd.escrow.errors import CheckpointBusy
 from escrowd.models import Agent
 from escrowd.models.db import make_session_factory
-from tests.escrow_fixtures import ledger_clean, seed_agents
+from tests.escrow_fixtures import ledger_clean, seed_agents, waiting_for_a_lock
 from tests.log_capture import captured_logs
 
 pytestmark = pytest.mark.postgres
@@ -26,17 +26,6 @@ pytestmark = pytest.mark.postgres
 def _append(sessions: sessionmaker[Session], stream: str) -> None:
     with sessions() as s, s.begin():
         audit.append(s, stream=stream, actor="test", action="noted", details={})
-
-
-def _waiting_for_a_lock(engine: Engine) -> bool:
-    with engine.connect() as connection:
-        waiting = connection.scalar(
-            text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock'"
-            )
-        )
-    return bool(waiting)
 
 
 def _audit_ids_taken(engine: Engine) -> int:
@@ -107,9 +96,9 @@ def test_a_fund_numbers_its_audit_rows_only_once_it_holds_the_heads_lock(
         funding = threading.Thread(target=fund)
         funding.start()
         deadline = time.monotonic() + 10
-        while not _waiting_for_a_lock(pg_engine) and time.monotonic() < deadline:
+        while not waiting_for_a_lock(pg_engine) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert _waiting_for_a_lock(pg_engine)
+        assert waiting_for_a_lock(pg_engine)
         assert _audit_ids_taken(pg_engine) == taken
         checkpoint.rollback()
     funding.join(timeout=30)

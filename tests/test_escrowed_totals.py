@@ -19,7 +19,7 @@ from escrowd.migrations.runner import alembic_config, head_revision, upgrade_to_
 from escrowd.models import Agent, Escrow, LedgerAccount
 from escrowd.models.db import make_session_factory
 from escrowd.models.escrow import OPEN_ESCROW_STATES
-from tests.escrow_fixtures import ledger_clean, seed_agents
+from tests.escrow_fixtures import ledger_clean, seed_agents, waiting_for_a_lock
 
 
 def _recorded(sessions: sessionmaker[Session]) -> dict[str, int]:
@@ -190,17 +190,6 @@ def _lock_account(connection: Connection, agent_id: int, *, nowait: bool = False
     )
 
 
-def _waiting_for_a_lock(engine: Engine) -> bool:
-    with engine.connect() as connection:
-        waiting = connection.scalar(
-            text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock'"
-            )
-        )
-    return bool(waiting)
-
-
 @pytest.mark.postgres
 @pytest.mark.parametrize("buyer", ["ann", "bob"])
 def test_a_release_locks_the_lower_agent_ids_account_first(pg_engine: Engine, buyer: str) -> None:
@@ -236,9 +225,9 @@ def test_a_release_locks_the_lower_agent_ids_account_first(pg_engine: Engine, bu
         releasing = threading.Thread(target=release)
         releasing.start()
         deadline = time.monotonic() + 10
-        while not _waiting_for_a_lock(pg_engine) and time.monotonic() < deadline:
+        while not waiting_for_a_lock(pg_engine) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert _waiting_for_a_lock(pg_engine)
+        assert waiting_for_a_lock(pg_engine)
         with pg_engine.connect() as probe:
             _lock_account(probe, ids["bob"], nowait=True)
             probe.rollback()
