@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 
 import typer
@@ -169,13 +170,19 @@ def apikey_cli(engine: Engine) -> typer.Typer:
     return app
 
 
-def waiting_for_a_lock(engine: Engine) -> bool:
-    """Whether a session of the engine's database waits for a lock (PostgreSQL)."""
+def waiting_for_a_lock(engine: Engine, within_s: float = 10.0) -> bool:
+    """Whether a session of the engine's database comes to wait for a lock within
+    `within_s` (PostgreSQL)."""
+    deadline = time.monotonic() + within_s
     with engine.connect() as connection:
-        waiting = connection.scalar(
-            text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock'"
+        while True:
+            waiting = connection.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'"
+                )
             )
-        )
-    return bool(waiting)
+            connection.rollback()
+            if waiting or time.monotonic() > deadline:
+                return bool(waiting)
+            time.sleep(0.01)
