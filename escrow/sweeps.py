@@ -45,7 +45,7 @@ from datetime import datetime, timedelta
 import rlp
 import structlog
 from eth_utils.address import to_checksum_address
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from escrowd.config.settings import Settings
@@ -75,6 +75,7 @@ from escrowd.models import (
     PayoutTransaction,
     utcnow,
 )
+from escrowd.models.escrow import FAILED_SWEEP_SQL
 from escrowd.wallets.keystore import EvmKey, UnlockedKeystore
 
 log = structlog.get_logger(__name__)
@@ -93,6 +94,8 @@ GAS_MARGIN = 2
 # A Solana sweep that failed is not retried for this long, doubled per failure in a row.
 SOLANA_SWEEP_RETRY = timedelta(minutes=5)
 SOLANA_SWEEP_RETRY_MAX = timedelta(hours=6)
+# Addresses per IN list (far below SQLite's bound-parameter limit).
+_IN_BATCH = 500
 # Where a crash test may kill the EVM sweeper; each leaves different state stored.
 CRASH_POINTS = (
     "after_fund_sign",
@@ -294,18 +297,40 @@ _BACKOFF_LOGGED: set[tuple[str, str, int, int]] = set()
 
 def _after_failures(session: Session, chain: str) -> dict[tuple[str, int], tuple[datetime, int]]:
     """(source, asset id) whose latest sweeps failed: when the next may start, and how
-    many failed in a row."""
+    many failed in a row.
+
+    No wait is longer than SOLANA_SWEEP_RETRY_MAX, so only pairs with a sweep that failed
+    within it can still be waiting: their sweeps alone are read (failures are few), not
+    every sweep the chain ever made."""
+    failing = {
+        (source, asset_id)
+        for source, asset_id in session.execute(
+            select(Payout.source_address, Payout.asset_id).where(
+                text(FAILED_SWEEP_SQL),
+                Payout.chain == chain,
+                Payout.updated_at >= utcnow() - SOLANA_SWEEP_RETRY_MAX,
+            )
+        )
+    }
     failed: dict[tuple[str, int], tuple[int, datetime]] = {}
-    for row in session.execute(
-        select(Payout.source_address, Payout.asset_id, Payout.status, Payout.updated_at)
-        .where(Payout.chain == chain, Payout.reason == PayoutReason.SWEEP.value)
-        .order_by(Payout.id)
-    ):
-        key = (row.source_address, row.asset_id)
-        if row.status == PayoutStatus.FAILED.value:
-            failed[key] = (failed.get(key, (0, row.updated_at))[0] + 1, row.updated_at)
-        else:
-            failed.pop(key, None)
+    sources = sorted({source for source, _ in failing})
+    for start in range(0, len(sources), _IN_BATCH):
+        for row in session.execute(
+            select(Payout.source_address, Payout.asset_id, Payout.status, Payout.updated_at)
+            .where(
+                Payout.chain == chain,
+                Payout.source_address.in_(sources[start : start + _IN_BATCH]),
+                Payout.reason == PayoutReason.SWEEP.value,
+            )
+            .order_by(Payout.id)
+        ):
+            key = (row.source_address, row.asset_id)
+            if key not in failing:
+                continue
+            if row.status == PayoutStatus.FAILED.value:
+                failed[key] = (failed.get(key, (0, row.updated_at))[0] + 1, row.updated_at)
+            else:
+                failed.pop(key, None)
     return {
         key: (at + min(SOLANA_SWEEP_RETRY_MAX, SOLANA_SWEEP_RETRY * 2 ** (count - 1)), count)
         for key, (count, at) in failed.items()

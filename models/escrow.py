@@ -38,6 +38,7 @@ HELD_BY_PAYOUT_SQL = (
     f"reason <> '{PayoutReason.SWEEP}' AND status NOT IN "
     f"('{PayoutStatus.CONFIRMED}', '{PayoutStatus.FAILED}', '{PayoutStatus.CANCELLED}')"
 )
+FAILED_SWEEP_SQL = f"status = '{PayoutStatus.FAILED}' AND reason = '{PayoutReason.SWEEP}'"
 
 
 class Escrow(Base):
@@ -121,6 +122,15 @@ class Payout(Base):
             "agent_id",
             postgresql_where=text(HELD_BY_PAYOUT_SQL),
             sqlite_where=text(HELD_BY_PAYOUT_SQL),
+        ),
+        # Failed sweeps by when they failed: the Solana sweeps' backoff, without the
+        # chain's history of sweeps that went through.
+        Index(
+            "ix_payouts_failed_sweeps",
+            "chain",
+            "updated_at",
+            postgresql_where=text(FAILED_SWEEP_SQL),
+            sqlite_where=text(FAILED_SWEEP_SQL),
         ),
     )
 

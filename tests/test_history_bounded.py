@@ -279,3 +279,43 @@ def test_an_agents_audit_rows_are_read_stream_by_stream(
             assert "pk_audit_log" not in text, text
             assert "ix_escrows_buyer_agent_id_id" in text, text
             assert "ix_escrows_worker_agent_id_id" in text, text
+
+
+def test_sweep_backoff_reads_only_the_sweeps_of_recently_failed_addresses(
+    engine: Engine, sessions: sessionmaker[Session]
+) -> None:
+    """Only an address with a sweep failed within the longest wait can still be waiting:
+    its sweeps are read through the address index, the rest of the chain's are not."""
+    ids = _world(sessions)
+    now = utcnow()
+    with sessions() as s, s.begin():
+        asset = s.get_one(Asset, ids["asset"])
+        bob = ids["bob"]
+        s.add_all(
+            [
+                # wallet-alice's latest sweep failed, but longer ago than any wait.
+                _payout(asset, ids["alice"], "fa", reason="sweep", source_address="wallet-alice"),
+                _payout(asset, bob, "fb1", reason="sweep", source_address="wallet-bob"),
+                _payout(asset, bob, "fb2", reason="sweep", source_address="wallet-bob"),
+            ]
+        )
+        s.flush()
+        for key, ago in (
+            ("fa", timedelta(hours=7)),
+            ("fb1", timedelta(hours=1)),
+            ("fb2", timedelta()),
+        ):
+            s.execute(
+                Payout.__table__.update()
+                .where(Payout.idempotency_key == key)
+                .values(status="failed", updated_at=now - ago)
+            )
+    found: list[dict[tuple[str, int], tuple[object, int]]] = []
+    plans = explained(
+        engine, sessions, "payouts", lambda s: found.append(sweeps._after_failures(s, "solana"))
+    )
+    [(key, (until, failures))] = found[0].items()
+    assert key == ("wallet-bob", ids["asset"]) and failures == 2
+    assert until == now + 2 * sweeps.SOLANA_SWEEP_RETRY
+    _only_through(plans[:1], "ix_payouts_failed_sweeps")
+    _only_through(plans[1:], "ix_payouts_chain_source_address_updated_at")

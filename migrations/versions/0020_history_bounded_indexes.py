@@ -15,7 +15,10 @@ rows, unanalyzed (pages read, before -> after):
 - escrows (status) of open escrows: their count at each /metrics scrape, 2,941 -> 2;
 - deposits (agent_id) pending, payouts (agent_id) open and not sweeps: balances, 143 -> 13;
 - escrows (buyer_agent_id, id), (worker_agent_id, id): GET /v1/audit?agent=, with its
-  streams read one by one, 4,690 -> 1,385 (930 -> 2.2 ms).
+  streams read one by one, 4,690 -> 1,385 (930 -> 2.2 ms);
+- payouts (chain, updated_at) of failed sweeps: the Solana sweeps' backoff reads the sweeps
+  of addresses whose sweep failed lately, not every sweep of the chain: 3,010 -> 2 pages
+  (12.4 -> 0.03 ms, and 8,333 rows no longer handed to Python) with no recent failure.
 
 A partial index serves a query only when its condition appears in the query as written:
 the queries state these conditions as the same SQL text.
@@ -34,6 +37,7 @@ depends_on: str | Sequence[str] | None = None
 PENDING_DEPOSIT = "status = 'pending'"
 OPEN_ESCROW = "status IN ('funded', 'expired')"
 HELD_BY_PAYOUT = "reason <> 'sweep' AND status NOT IN ('confirmed', 'failed', 'cancelled')"
+FAILED_SWEEP = "status = 'failed' AND reason = 'sweep'"
 
 
 def upgrade() -> None:
@@ -47,6 +51,12 @@ def upgrade() -> None:
             ["agent_id"],
             postgresql_where=sa.text(HELD_BY_PAYOUT),
             sqlite_where=sa.text(HELD_BY_PAYOUT),
+        )
+        batch_op.create_index(
+            "ix_payouts_failed_sweeps",
+            ["chain", "updated_at"],
+            postgresql_where=sa.text(FAILED_SWEEP),
+            sqlite_where=sa.text(FAILED_SWEEP),
         )
     with op.batch_alter_table("deposits", schema=None) as batch_op:
         batch_op.create_index("ix_deposits_status_id", ["status", "id"])
@@ -76,5 +86,6 @@ def downgrade() -> None:
         batch_op.drop_index("ix_deposits_pending_by_agent")
         batch_op.drop_index("ix_deposits_status_id")
     with op.batch_alter_table("payouts", schema=None) as batch_op:
+        batch_op.drop_index("ix_payouts_failed_sweeps")
         batch_op.drop_index("ix_payouts_held_by_agent")
         batch_op.drop_index("ix_payouts_chain_source_address_updated_at")
