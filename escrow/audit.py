@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from escrowd.escrow.errors import CheckpointBusy
 from escrowd.models import AuditHead, AuditLog, bulk, utcnow
-from escrowd.models.db import driver_cursor
+from escrowd.models.db import IN_LIST_BATCH, driver_cursor
 
 GENESIS_HASH = "0" * 64
 CHECKPOINT_STREAM = "checkpoint"
@@ -35,8 +35,6 @@ _LOCK_NOT_AVAILABLE = "55P03"
 # What pg_export_snapshot returns: hexadecimal fields joined by dashes.
 _SNAPSHOT_ID = re.compile(r"[0-9A-F]+(-[0-9A-F]+)+")
 _VERIFY_BATCH_ROWS = 5_000
-# Keys per IN list on SQLite (its bound-parameter limit is far above this).
-_IN_BATCH = 500
 
 
 # json.dumps with these options builds this encoder on every call; one costs ~40% less.
@@ -306,10 +304,10 @@ def lock_heads(session: Session, streams: Sequence[str]) -> dict[str, tuple[int,
             return {stream: (int(seq), str(row_hash)) for stream, seq, row_hash in cursor}
     # SQLite: the transaction already holds the database's one write lock.
     found: dict[str, tuple[int, str]] = {}
-    for start in range(0, len(streams), _IN_BATCH):
+    for start in range(0, len(streams), IN_LIST_BATCH):
         for row in session.execute(
             select(AuditHead.stream, AuditHead.seq, AuditHead.row_hash).where(
-                AuditHead.stream.in_(streams[start : start + _IN_BATCH])
+                AuditHead.stream.in_(streams[start : start + IN_LIST_BATCH])
             )
         ):
             found[row.stream] = (int(row.seq), str(row.row_hash))

@@ -51,7 +51,7 @@ from escrowd.models import (
     bulk,
     utcnow,
 )
-from escrowd.models.db import driver_cursor
+from escrowd.models.db import IN_LIST_BATCH, driver_cursor
 from escrowd.models.registry import ledger_decimals
 
 log = structlog.get_logger(__name__)
@@ -73,8 +73,6 @@ DEPOSITS_UNCREDITED = Counter(
 
 # Agents' external ids remembered per sink: they never change once registered.
 _AGENT_NAMES_KEPT = 100_000
-# Deposit ids per IN list on SQLite.
-_IN_BATCH = 500
 _STANDING = (DepositCreditState.CREDITED.value, DepositCreditState.REVERSAL_SHORT.value)
 # Plain strings of the states a pass writes for every deposit (an enum's .value is a
 # property call each time).
@@ -261,12 +259,12 @@ def _generations(session: Session, deposit_ids: Sequence[int]) -> dict[int, int]
     """How many times each deposit was credited before."""
     counts: dict[int, int] = dict.fromkeys(deposit_ids, 0)
     refs = [str(deposit_id) for deposit_id in deposit_ids]
-    for start in range(0, len(refs), _IN_BATCH):
+    for start in range(0, len(refs), IN_LIST_BATCH):
         for ref_id, count in session.execute(
             select(LedgerTransfer.ref_id, func.count())
             .where(
                 LedgerTransfer.ref_type == "deposit",
-                LedgerTransfer.ref_id.in_(refs[start : start + _IN_BATCH]),
+                LedgerTransfer.ref_id.in_(refs[start : start + IN_LIST_BATCH]),
                 LedgerTransfer.code == TransferCode.DEPOSIT,
             )
             .group_by(LedgerTransfer.ref_id)
@@ -313,11 +311,11 @@ class LedgerDepositSink:
         if missing:
             if len(self._agent_names) + len(missing) > _AGENT_NAMES_KEPT:
                 self._agent_names.clear()
-            for start in range(0, len(missing), _IN_BATCH):
+            for start in range(0, len(missing), IN_LIST_BATCH):
                 self._agent_names.update(
                     session.execute(
                         select(Agent.id, Agent.external_id).where(
-                            Agent.id.in_(missing[start : start + _IN_BATCH])
+                            Agent.id.in_(missing[start : start + IN_LIST_BATCH])
                         )
                     ).all()
                 )
@@ -804,13 +802,13 @@ def _pending(session: Session, deposit_ids: Sequence[int]) -> list[_Row]:
     rows: list[_Row] = []
     table = Deposit.metadata.tables[Deposit.__tablename__]
     columns = [table.c[name] for name in _Row._fields]
-    for start in range(0, len(deposit_ids), _IN_BATCH):
+    for start in range(0, len(deposit_ids), IN_LIST_BATCH):
         rows.extend(
             _Row(*row)
             for row in session.execute(
                 select(*columns)
                 .where(
-                    Deposit.id.in_(deposit_ids[start : start + _IN_BATCH]),
+                    Deposit.id.in_(deposit_ids[start : start + IN_LIST_BATCH]),
                     Deposit.status == DepositStatus.PENDING,
                 )
                 .order_by(Deposit.id)

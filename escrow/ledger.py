@@ -52,7 +52,13 @@ from escrowd.models import (
     bulk,
 )
 from escrowd.models.base import utcnow
-from escrowd.models.db import driver_cursor, make_session_factory, prepared_rows, statement_rows
+from escrowd.models.db import (
+    IN_LIST_BATCH,
+    driver_cursor,
+    make_session_factory,
+    prepared_rows,
+    statement_rows,
+)
 from escrowd.models.escrow import OPEN_ESCROW_STATES
 
 # Kinds whose balance must never go below zero.
@@ -466,10 +472,6 @@ def _pg_posted(specs: Sequence[TransferSpec], rows: list[tuple[Any, ...]]) -> li
     return posted
 
 
-# Account ids per IN list when looking many up.
-_IN_BATCH = 500
-
-
 def account_ids(
     session: Session, kind: AccountKind, asset: str, owners: Sequence[str]
 ) -> dict[str, int]:
@@ -516,13 +518,13 @@ def _ids_by_owner(
             )
             return {str(owner): int(account_id) for owner, account_id in cursor}
     found: dict[str, int] = {}
-    for start in range(0, len(owners), _IN_BATCH):
+    for start in range(0, len(owners), IN_LIST_BATCH):
         found.update(
             session.execute(
                 select(LedgerAccount.owner, LedgerAccount.id).where(
                     LedgerAccount.kind == kind.value,
                     LedgerAccount.asset == asset,
-                    LedgerAccount.owner.in_(owners[start : start + _IN_BATCH]),
+                    LedgerAccount.owner.in_(owners[start : start + IN_LIST_BATCH]),
                 )
             ).all()
         )
@@ -639,10 +641,10 @@ def _accounts_by_id(session: Session, ids: Sequence[int]) -> dict[int, tuple[str
             )
             return {int(i): (str(asset), bool(flag)) for i, asset, flag in cursor}
     found: dict[int, tuple[str, bool]] = {}
-    for start in range(0, len(ids), _IN_BATCH):
+    for start in range(0, len(ids), IN_LIST_BATCH):
         for row in session.execute(
             select(LedgerAccount.id, LedgerAccount.asset, LedgerAccount.no_overdraft).where(
-                LedgerAccount.id.in_(ids[start : start + _IN_BATCH])
+                LedgerAccount.id.in_(ids[start : start + IN_LIST_BATCH])
             )
         ):
             found[row.id] = (row.asset, row.no_overdraft)

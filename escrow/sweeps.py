@@ -75,6 +75,7 @@ from escrowd.models import (
     PayoutTransaction,
     utcnow,
 )
+from escrowd.models.db import IN_LIST_BATCH
 from escrowd.models.escrow import FAILED_SWEEP_SQL
 from escrowd.wallets.keystore import EvmKey, UnlockedKeystore
 
@@ -94,8 +95,6 @@ GAS_MARGIN = 2
 # A Solana sweep that failed is not retried for this long, doubled per failure in a row.
 SOLANA_SWEEP_RETRY = timedelta(minutes=5)
 SOLANA_SWEEP_RETRY_MAX = timedelta(hours=6)
-# Addresses per IN list (far below SQLite's bound-parameter limit).
-_IN_BATCH = 500
 # Where a crash test may kill the EVM sweeper; each leaves different state stored.
 CRASH_POINTS = (
     "after_fund_sign",
@@ -314,12 +313,12 @@ def _after_failures(session: Session, chain: str) -> dict[tuple[str, int], tuple
     }
     failed: dict[tuple[str, int], tuple[int, datetime]] = {}
     sources = sorted({source for source, _ in failing})
-    for start in range(0, len(sources), _IN_BATCH):
+    for start in range(0, len(sources), IN_LIST_BATCH):
         for row in session.execute(
             select(Payout.source_address, Payout.asset_id, Payout.status, Payout.updated_at)
             .where(
                 Payout.chain == chain,
-                Payout.source_address.in_(sources[start : start + _IN_BATCH]),
+                Payout.source_address.in_(sources[start : start + IN_LIST_BATCH]),
                 Payout.reason == PayoutReason.SWEEP.value,
             )
             .order_by(Payout.id)

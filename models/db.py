@@ -27,6 +27,9 @@ from sqlalchemy.orm import Session, sessionmaker
 READ_ONLY_OPTION = "escrowd_read_only"
 # A pooled connection idle for longer than this is pinged before use.
 PING_AFTER_IDLE_S = 1.0
+# Keys per IN list when many rows are looked up by key (far below SQLite's bound-parameter
+# limit, and short enough for PostgreSQL to plan quickly).
+IN_LIST_BATCH = 500
 
 
 def is_sqlite(url: str) -> bool:
