@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -45,6 +45,7 @@ from escrowd.models import (
     WebhookEvent,
     utcnow,
 )
+from escrowd.models.base import check_in
 from escrowd.models.chain import PENDING_DEPOSIT_SQL
 from escrowd.models.escrow import OPEN_ESCROW_SQL
 
@@ -136,9 +137,11 @@ class _Counted:
     # partial index of open escrows serves only this condition as written.
     live: str
 
-
-def _listed(states: Iterable[str]) -> str:
-    return ", ".join(f"'{state}'" for state in states)
+    def count(self, connection: Connection, condition: str) -> list[Row[Any]]:
+        """Rows meeting `condition` (SQL text), counted by the labels."""
+        columns = [getattr(self.model, label) for label in self.labels]
+        query = select(*columns, func.count()).where(text(condition)).group_by(*columns)
+        return list(connection.execute(query))
 
 
 _COUNTED = (
@@ -164,7 +167,7 @@ _COUNTED = (
         f"cancelled refreshed every {SETTLED_COUNTS_MAX_AGE_S:.0f} s.",
         Payout,
         ("chain", "status"),
-        f"status IN ({_listed(OPEN_PAYOUT_STATES)})",
+        check_in("status", OPEN_PAYOUT_STATES),
     ),
 )
 
@@ -190,13 +193,11 @@ class _StatusCounts(Collector):
             with engine.connect() as connection:
                 settled = self._settled_counts(engine, connection)
                 for counted in _COUNTED:
-                    columns = [getattr(counted.model, label) for label in counted.labels]
-                    rows = connection.execute(
-                        select(*columns, func.count()).where(text(counted.live)).group_by(*columns)
-                    ).all()
+                    rows = counted.count(connection, counted.live)
                     family = GaugeMetricFamily(counted.name, counted.doc, labels=counted.labels)
                     for row in [*rows, *settled[counted.name]]:
-                        family.add_metric([str(value) for value in row[:-1]], int(row[-1]))
+                        *labels, count = tuple(row)
+                        family.add_metric([str(value) for value in labels], int(count))
                     yield family
                 yield from self._backlog(connection)
         except SQLAlchemyError as exc:
@@ -210,14 +211,7 @@ class _StatusCounts(Collector):
             return self._settled
         counts: dict[str, list[Row[Any]]] = {}
         for counted in _COUNTED:
-            columns = [getattr(counted.model, label) for label in counted.labels]
-            counts[counted.name] = list(
-                connection.execute(
-                    select(*columns, func.count())
-                    .where(text(f"NOT ({counted.live})"))
-                    .group_by(*columns)
-                )
-            )
+            counts[counted.name] = counted.count(connection, f"NOT ({counted.live})")
         self._settled, self._settled_from = counts, (engine, now)
         return counts
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -78,9 +79,10 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime(), int: BigInteger(), str: String()}
 
 
-def check_in(column: str, values: type[enum.StrEnum]) -> str:
-    """SQL for a CHECK that a status column holds one of an enum's values."""
-    allowed = ", ".join(f"'{member.value}'" for member in values)
+def check_in(column: str, values: Iterable[str]) -> str:
+    """SQL that a status column holds one of `values` (an enum's, for a CHECK, or some of
+    them, for a query a partial index serves): literals, not bound parameters."""
+    allowed = ", ".join(f"'{value}'" for value in values)
     return f"{column} IN ({allowed})"
 
 
