@@ -144,6 +144,11 @@ def _edited(text: str, edits: tuple[tuple[str, str], ...]) -> str:
     return text
 
 
+def fund_function() -> str:
+    """escrowd_fund_escrow as this revision writes it (revision 0019 edits it again)."""
+    return _edited(earlier.function(_0004, "escrowd_fund_escrow"), _FUND_EDITS)
+
+
 def upgrade() -> None:
     dialect = op.get_bind().dialect.name
     op.execute(
@@ -155,7 +160,7 @@ def upgrade() -> None:
     if dialect == "postgresql":
         op.execute("ALTER TABLE ledger_accounts SET (fillfactor = 70)")
         op.execute(_RELEASE_HOLD)
-        op.execute(_edited(earlier.function(_0004, "escrowd_fund_escrow"), _FUND_EDITS))
+        op.execute(fund_function())
         op.execute(_edited(earlier.function(_0004, "escrowd_settle_escrow"), _SETTLE_EDITS))
 
 

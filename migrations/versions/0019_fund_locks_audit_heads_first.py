@@ -37,10 +37,8 @@ _HEAD_FIRST = (
 
 
 def _fund_of_0016() -> str:
-    previous = earlier.revision("0016_escrowed_on_the_buyer_account.py")
-    fund = earlier.function("0004_escrow_fewer_statements.py", "escrowd_fund_escrow")
-    edited: str = previous._edited(fund, previous._FUND_EDITS)
-    return edited
+    written: str = earlier.revision("0016_escrowed_on_the_buyer_account.py").fund_function()
+    return written
 
 
 def upgrade() -> None:
