@@ -497,7 +497,8 @@ class FastFront:
         if isinstance(caller, ratelimit.KeyRead):
             statements.insert(0, (caller.sql, caller.params))
         try:
-            results = await statements_rows_async(self.state.engine, statements)
+            # The key read (when there is one) only reads: one transaction with the call.
+            results = await statements_rows_async(self.state.engine, statements, reads_first=True)
         except DBAPIError:
             # FastAPI's path runs it again with its retries; the key makes that safe, and
             # answers a key claimed meanwhile by another request.

@@ -261,12 +261,14 @@ def statements_rows(
 
 
 async def statements_rows_async(
-    engine: Engine, statements: list[tuple[str, tuple[Any, ...]]]
+    engine: Engine, statements: list[tuple[str, tuple[Any, ...]]], *, reads_first: bool = False
 ) -> list[list[tuple[Any, ...]]]:
     """`statements_rows` on the running event loop: it waits for the answers there, so the
     loop serves other requests meanwhile (the API's writes, whose commits wait for the
-    disk)."""
-    return await _connections_of(engine).rows_many_async(statements)
+    disk). `reads_first`: every statement but the last only reads (takes no lock), and all
+    run in one implicit transaction: one sync point, so the server answers them in one
+    message and the loop wakes once for them."""
+    return await _connections_of(engine).rows_many_async(statements, sync_each=not reads_first)
 
 
 def _connections_of(engine: Engine) -> _StatementConnections:
@@ -362,26 +364,34 @@ def _waited(pgconn: psycopg.pq.abc.PGconn, exchange: _Exchange) -> list[PGresult
 
 
 async def _awaited(pgconn: psycopg.pq.abc.PGconn, exchange: _Exchange) -> list[PGresult]:
-    """Drive an exchange on the running event loop."""
+    """Drive an exchange on the running event loop. The socket stays registered with the
+    loop for the whole exchange (for reading, or writing while libpq has more to send):
+    registering it anew for each wait cost two to four epoll_ctl calls a wait."""
     loop = asyncio.get_running_loop()
     fd = pgconn.socket
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    watching: bool | None = None  # what the loop watches the socket for: True writing
     try:
         while True:
             write = exchange.send(None)
-            ready: asyncio.Future[None] = loop.create_future()
-
-            def wake(ready: asyncio.Future[None] = ready) -> None:
-                if not ready.done():
-                    ready.set_result(None)
-
-            (loop.add_writer if write else loop.add_reader)(fd, wake)
-            try:
-                await ready
-            finally:
-                (loop.remove_writer if write else loop.remove_reader)(fd)
+            if write is not watching:
+                if watching is not None:
+                    (loop.remove_writer if watching else loop.remove_reader)(fd)
+                (loop.add_writer if write else loop.add_reader)(fd, wake)
+                watching = write
+            await ready
+            ready = loop.create_future()
     except StopIteration as done:
         results: list[PGresult] = done.value
         return results
+    finally:
+        if watching is not None:
+            (loop.remove_writer if watching else loop.remove_reader)(fd)
 
 
 def _checked(result: PGresult, connection: psycopg.Connection[Any]) -> PGresult:
@@ -498,13 +508,13 @@ class _StatementConnections:
         return cls._loaded(held, _waited(pgconn, exchange))
 
     async def rows_many_async(
-        self, statements: list[tuple[str, tuple[Any, ...]]]
+        self, statements: list[tuple[str, tuple[Any, ...]]], *, sync_each: bool
     ) -> list[list[tuple[Any, ...]]]:
-        """`rows_many` on the running event loop, a sync point after each statement."""
+        """`rows_many` on the running event loop."""
         with self._pipelining() as held:
             pgconn = held.connection.pgconn
-            _send(pgconn, self._steps(held, statements), sync_each=True)
-            exchange = _exchange(pgconn, len(statements), sync_each=True)
+            _send(pgconn, self._steps(held, statements), sync_each=sync_each)
+            exchange = _exchange(pgconn, len(statements), sync_each=sync_each)
             return self._loaded(held, await _awaited(pgconn, exchange))
 
     def _take(self) -> _Held:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -70,6 +72,41 @@ def test_statements_in_one_round_trip_each_in_its_own_transaction_and_failures_r
     # The next call (on the same idle list) works, with statements prepared before.
     assert models_db.statements_rows(pg_engine, [("SELECT %s::int + 1", (41,))]) == [[(42,)]]
     assert models_db.statement_rows(pg_engine, "SELECT %s::int + 1", (1,)) == [(2,)]
+
+
+@pytest.mark.postgres
+def test_awaited_statements_share_a_transaction_only_when_asked_and_leave_the_loop_clean(
+    pg_engine: Engine,
+) -> None:
+    """On the event loop: a sync point after each statement, or one for a read followed by
+    a write; answers larger than a socket buffer (several waits) arrive whole, a failure
+    raises, and the connection's socket is no longer watched by the loop afterwards."""
+    xid = ("SELECT txid_current() + %s::int", (0,))
+
+    async def exchanges() -> None:
+        loop = asyncio.get_running_loop()
+        one, two = await models_db.statements_rows_async(pg_engine, [xid, xid])
+        assert one != two
+        one, two = await models_db.statements_rows_async(pg_engine, [xid, xid], reads_first=True)
+        assert one == two
+        [big] = await models_db.statements_rows_async(
+            pg_engine, [("SELECT repeat('x', %s::int)", (8_000_000,))]
+        )
+        assert big == [("x" * 8_000_000,)]
+        with pytest.raises(DBAPIError, match="division by zero"):
+            await models_db.statements_rows_async(
+                pg_engine,
+                [("SELECT %s::int", (1,)), ("SELECT 1 / %s::int", (0,))],
+                reads_first=True,
+            )
+        # Nothing of this module is left registered on the loop's selector.
+        selector = getattr(loop, "_selector")
+        assert selector is not None and len(selector.get_map()) == 1  # the loop's self-pipe
+        assert await models_db.statements_rows_async(pg_engine, [("SELECT %s::int", (7,))]) == [
+            [(7,)]
+        ]
+
+    asyncio.run(exchanges())
 
 
 @pytest.mark.postgres
