@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -60,3 +62,33 @@ def test_tracebacks_are_text_in_json(
         assert text.startswith("Traceback (most recent call last):")
         assert "ValueError: bad block" in text
         assert "traceback object" not in json.dumps(line)
+
+
+class _Writes(io.StringIO):
+    """A stream that remembers each write() call's text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return super().write(text)
+
+
+def test_each_line_is_one_write_so_processes_sharing_a_pipe_never_split_lines(
+    restore_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API workers and the jobs process write to one stderr pipe (systemd's journal):
+    a line written in two calls (its text, then the newline) can have another process's
+    line land between them."""
+    stream = _Writes()
+    monkeypatch.setattr(sys, "stderr", stream)
+    configure_logging(fmt="json", level="info")
+    log = structlog.get_logger("escrowd.test")
+    log.info("escrow_released", job_id="job-1")
+    log.warning("deposit_not_fully_credited", tx_hash="0xab")
+    assert len(stream.calls) == 2
+    for call in stream.calls:
+        assert call.endswith("\n") and call.count("\n") == 1
+        json.loads(call)
