@@ -202,3 +202,25 @@ def test_unnest_inserts_and_updates_store_each_value_as_given(
             .order_by(heads.c.seq)
         ).all()
     assert [tuple(row) for row in updated] == [tuple(c.values()) for c in changes]
+
+
+@pytest.mark.postgres
+def test_array_arguments_reach_the_server_as_given(pg_engine: Engine) -> None:
+    """Keys looked up by array (audit heads, accounts): as one literal when nothing needs
+    escaping, else as a list; either way the server sees the values given."""
+    texts = [
+        ["deposit:base:1", "deposit:base:2", "a,b", "{x}", "sp ace", "é"],
+        ['quo"te', "back\\slash", "plain"],
+        ["deposit:base:1", None],
+        [],
+    ]
+    numbers: list[list[int | None]] = [[1, 2, 3], [2**62, -5, 0], [7, None]]
+    with pg_engine.connect() as conn:
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        for values in texts:
+            row = cursor.execute("SELECT %s::text[]", [bulk.array_arg(values)]).fetchone()
+            assert row is not None and row[0] == values
+        for ints in numbers:
+            row = cursor.execute("SELECT %s::bigint[]", [bulk.array_arg(ints)]).fetchone()
+            assert row is not None and row[0] == ints
+    assert bulk.array_arg(["a", "b"]) == '{"a","b"}' and bulk.array_arg([1, 2]) == "{1,2}"

@@ -77,8 +77,24 @@ def fixed_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def _reset_uuids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch ids numbered in the order made, by either path (uuid4 one at a time, or the
+    set-based path's ids drawn together)."""
     numbers = itertools.count(1)
     monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(int=next(numbers)))
+    monkeypatch.setattr(
+        ledger, "_random_uuids", lambda count: [str(uuid.uuid4()) for _ in range(count)]
+    )
+
+
+def test_set_based_batch_ids_are_distinct_version_4_uuids() -> None:
+    ids = ledger._random_uuids(20_000)
+    assert len(set(ids)) == len(ids)
+    for text_id in ids:
+        parsed = uuid.UUID(text_id)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text_id)
+    # Every digit but the version and variant bits is drawn: all 16 values appear.
+    assert {text_id[0] for text_id in ids} == set("0123456789abcdef")
+    assert {text_id[19] for text_id in ids} == set("89ab")
 
 
 def _found(watched: Watched, asset_id: int, n: int, amount: int, block: int) -> FoundDeposit:
