@@ -12,13 +12,14 @@ from sqlalchemy import Engine, text
 
 from escrowd.daemon.api import _escrow_out
 from escrowd.daemon.api_schemas import EscrowOut
-from escrowd.escrow import service
+from escrowd.escrow import deposit_funding, service
 from escrowd.escrow.agent_cache import AgentCache
 from escrowd.escrow.audit import canonical_json
 from escrowd.escrow.money import format_amount
 from escrowd.models import Escrow
 from escrowd.models.db import make_session_factory
-from tests.escrow_fixtures import seed_agents
+from tests.escrow_fixtures import CHAIN, seed_agents
+from tests.test_deposit_funding import add_deposit, tx
 
 pytestmark = pytest.mark.postgres
 
@@ -95,11 +96,27 @@ def test_escrows_in_every_state_render_as_the_api_renders_them(pg_engine: Engine
         service.release_escrow(s, "plain")
         service.refund_escrow(s, "refund")
         service.resolve_escrow(s, "split", 4_000_001)
+    add_deposit(sessions, "ann", tx(7), 3_000_001)
+    with sessions() as s, s.begin():
+        deposit_funding.fund_escrow_from_deposit(
+            s,
+            job_id="deposit",
+            deposit=deposit_funding.DepositRef(CHAIN, tx(7)),
+            worker=service.get_agent(s, "bob"),
+            fee_bps=250,
+        )
+        service.release_escrow(s, "deposit")
     with sessions() as s:
-        for escrow in s.query(Escrow).order_by(Escrow.id):
+        escrows = list(s.query(Escrow).order_by(Escrow.id))
+        assert [e.deposit_id is not None for e in escrows].count(True) == 1
+        for escrow in escrows:
             expected = _escrow_out(s, escrow, AgentCache()).model_dump_json()
             rendered = s.scalar(
-                text("SELECT escrowd_escrow_body(e, 6) FROM escrows e WHERE e.job_id = :j"),
+                text(
+                    "SELECT escrowd_escrow_json(e, b.external_id, w.external_id, 6) "
+                    "FROM escrows e JOIN agents b ON b.id = e.buyer_agent_id "
+                    "JOIN agents w ON w.id = e.worker_agent_id WHERE e.job_id = :j"
+                ),
                 {"j": escrow.job_id},
             )
             assert rendered == expected, escrow.job_id

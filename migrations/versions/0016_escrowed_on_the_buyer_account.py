@@ -149,6 +149,11 @@ def fund_function() -> str:
     return _edited(earlier.function(_0004, "escrowd_fund_escrow"), _FUND_EDITS)
 
 
+def settle_function() -> str:
+    """escrowd_settle_escrow as this revision writes it (revision 0021 edits it again)."""
+    return _edited(earlier.function(_0004, "escrowd_settle_escrow"), _SETTLE_EDITS)
+
+
 def upgrade() -> None:
     dialect = op.get_bind().dialect.name
     op.execute(
@@ -161,7 +166,7 @@ def upgrade() -> None:
         op.execute("ALTER TABLE ledger_accounts SET (fillfactor = 70)")
         op.execute(_RELEASE_HOLD)
         op.execute(fund_function())
-        op.execute(_edited(earlier.function(_0004, "escrowd_settle_escrow"), _SETTLE_EDITS))
+        op.execute(settle_function())
 
 
 def downgrade() -> None:

@@ -41,13 +41,18 @@ def _fund_of_0016() -> str:
     return written
 
 
-def upgrade() -> None:
-    if op.get_bind().dialect.name != "postgresql":
-        return
+def fund_function() -> str:
+    """escrowd_fund_escrow as this revision writes it (revision 0021 edits it again)."""
     fund = _fund_of_0016()
     if fund.count(_HEAD) != 1 or fund.count(_ROWS) != 1:
         raise RuntimeError("escrowd_fund_escrow is not as revision 0016 wrote it")
-    op.execute(fund.replace(_HEAD, "").replace(_ROWS, _HEAD_FIRST + _ROWS))
+    return fund.replace(_HEAD, "").replace(_ROWS, _HEAD_FIRST + _ROWS)
+
+
+def upgrade() -> None:
+    if op.get_bind().dialect.name != "postgresql":
+        return
+    op.execute(fund_function())
 
 
 def downgrade() -> None:
