@@ -9,15 +9,21 @@ per request. pgbench calling escrowd_api_settle_escrow directly, 16 clients, bus
 machine per call, alternating: 1,047 us mean; 874 us with the re-read of the escrow and its
 rendering left out (5 pairs). Single client, a fresh transaction per call: the rendering
 took 48 us, of which 19 us were the lookup of the parties' names and most of the rest the
-executable form of the expression (a node per function call or operator, built again in
-every transaction: ~36 concatenations and ~25 calls per amount).
+executable form of the expression, built again in every transaction (a step per function
+call or operator: ~36 concatenations, ~25 steps per amount).
 
 So:
-- escrowd_fund_escrow and escrowd_settle_escrow return the row they wrote and the parties'
-  names as well, read by the one statement that already read them for the event;
-- escrowd_api_answer renders from those, without reading the escrow again;
-- the rendering is one format() call (escrowd_escrow_json, inlined), and an amount is a
-  product with 10 ^ -decimals, its trailing zeros trimmed (7 steps instead of ~25).
+- escrowd_fund_escrow and escrowd_settle_escrow also return the row they wrote and the
+  parties' names, read by the statement that already read them for the event;
+- the API functions render from those, without reading the escrow again, in their own
+  body (escrowd_api_answer, a set-returning function called per request, goes);
+- the rendering is one format() call (escrowd_escrow_json, inlined), and an amount is the
+  product with 10 ^ -decimals, its trailing zeros trimmed (7 steps instead of ~25);
+- a settlement updates the buyer's and the worker's accounts and looks up the fee account
+  in its own body, where escrowd_release_hold, escrowd_credit_agent and escrowd_account were
+  a PL/pgSQL call each (escrowd_account with a SET clause to save and restore). The last two
+  stay for an account that is not there yet; escrowd_release_hold had no other caller and
+  goes.
 
 The bytes are the same (tests/test_api_rendered_in_db.py compares them with the API's
 response models); escrowd_escrow_body, which looked the names up itself, goes.
@@ -43,13 +49,10 @@ _FUND = (
     " timestamptz, text, text)"
 )
 _SETTLE = "escrowd_settle_escrow(text, text, text[], bigint, text, text, timestamptz, text, text)"
+_RELEASE_HOLD = "escrowd_release_hold(bigint, text, bigint, bigint)"
 _ANSWER_BEFORE = (
     "escrowd_api_answer(text, text, text, text, text[], int[], text, text, text, text, text,"
     " int, timestamptz)"
-)
-_ANSWER_NOW = (
-    "escrowd_api_answer(text, text, text, escrows, text, text, text[], int[], text, text, text,"
-    " text, text, int, timestamptz)"
 )
 
 # (what the function had, what it has now) in both escrow functions.
@@ -62,6 +65,62 @@ _RETURNED = (
     ("    e escrows;\n", "    e escrows;\n    v_buyer text;\n    v_worker text;\n"),
 )
 _REFUSED = ("NULL::json", "NULL::json, NULL::escrows, NULL::text, NULL::text")
+
+# The buyer's leg of a settlement, as escrowd_release_hold did it; written twice, as before.
+_HOLD = """        UPDATE ledger_accounts a SET escrowed = a.escrowed - e.amount,
+            credits_posted = a.credits_posted + e.refund_amount
+        WHERE a.kind = 'agent_available' AND a.owner = e.buyer_agent_id::text
+          AND a.asset = e.asset
+        RETURNING a.id INTO v_buyer_account;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'agent % has no % account holding its escrow', e.buyer_agent_id,
+                e.asset;
+        END IF;
+"""
+_HELD = """        v_buyer_account := escrowd_release_hold(e.buyer_agent_id, e.asset, e.amount,
+            e.refund_amount);
+"""
+# A settlement's account updates in its own body instead of a call each: a PL/pgSQL call
+# (and escrowd_account's SET clause) costs more than its one statement. The functions stay
+# for the rare case (an account to create) and the other callers.
+_INLINED = (
+    (
+        "    IF e.buyer_agent_id < e.worker_agent_id OR e.worker_amount = 0 THEN\n" + _HELD,
+        "    IF e.buyer_agent_id < e.worker_agent_id OR e.worker_amount = 0 THEN\n" + _HOLD,
+    ),
+    (
+        "    IF v_buyer_account IS NULL THEN\n" + _HELD,
+        "    IF v_buyer_account IS NULL THEN\n" + _HOLD,
+    ),
+    (
+        """        v_credits := v_credits || escrowd_credit_agent(e.worker_agent_id, e.asset,
+            e.worker_amount, p_now);
+""",
+        """        UPDATE ledger_accounts a SET credits_posted = a.credits_posted + e.worker_amount
+        WHERE a.kind = 'agent_available' AND a.owner = e.worker_agent_id::text
+          AND a.asset = e.asset
+        RETURNING a.id INTO v_credit;
+        IF NOT FOUND THEN
+            v_credit := escrowd_credit_agent(e.worker_agent_id, e.asset, e.worker_amount,
+                p_now);
+        END IF;
+        v_credits := v_credits || v_credit;
+""",
+    ),
+    (
+        """        v_credits := v_credits
+            || escrowd_account('platform_fees', 'platform', e.asset, false, p_now);
+""",
+        """        SELECT a.id INTO v_credit FROM ledger_accounts a
+        WHERE a.kind = 'platform_fees' AND a.owner = 'platform' AND a.asset = e.asset;
+        IF NOT FOUND THEN
+            v_credit := escrowd_account('platform_fees', 'platform', e.asset, false, p_now);
+        END IF;
+        v_credits := v_credits || v_credit;
+""",
+    ),
+    ("    v_buyer_account bigint;\n", "    v_buyer_account bigint;\n    v_credit bigint;\n"),
+)
 
 # The event's INSERT reads the parties' names for its payload; it keeps them for the answer.
 _NAMED = """    WITH names AS (
@@ -158,52 +217,6 @@ LANGUAGE sql STABLE AS $$
         escrowd_json_time(e.created_at),
         CASE WHEN e.deposit_id IS NULL THEN 'null' ELSE escrowd_escrow_deposit(e) END)
 $$;
-
--- What an operation's outcome answers: done (p_done), the response rendered from the row
--- it wrote (e) stored under the key; refused, the key's stored record if it has one, else
--- the refusal. p_symbols, p_scales: each ledger asset's decimals.
-CREATE FUNCTION escrowd_api_answer(
-    p_outcome text, p_detail text, p_done text, e escrows, p_buyer text, p_worker text,
-    p_symbols text[], p_scales int[], p_principal text, p_key text, p_method text,
-    p_path text, p_request_hash text, p_status int, p_now timestamptz
-) RETURNS TABLE (
-    outcome text, detail text, body text, worker_amount bigint, fee_amount bigint,
-    refund_amount bigint, stored_hash text, stored_status int, stored_body text,
-    stored_method text, stored_path text
-)
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_body text;
-    v_claim bigint;
-BEGIN
-    IF p_outcome <> p_done THEN
-        RETURN QUERY
-            SELECT 'stored'::text, NULL::text, NULL::text, NULL::bigint, NULL::bigint,
-                   NULL::bigint, k.request_hash::text, k.response_status, k.response_body,
-                   k.method::text, k.path::text
-            FROM idempotency_keys k WHERE k.principal = p_principal AND k.key = p_key;
-        IF NOT FOUND THEN
-            RETURN QUERY SELECT p_outcome, p_detail, NULL::text, NULL::bigint, NULL::bigint,
-                NULL::bigint, NULL::text, NULL::int, NULL::text, NULL::text, NULL::text;
-        END IF;
-        RETURN;
-    END IF;
-    v_body := escrowd_escrow_json(e, p_buyer, p_worker,
-        p_scales[array_position(p_symbols, e.asset::text)]);
-    INSERT INTO idempotency_keys
-        (principal, key, method, path, request_hash, response_status, response_body, created_at)
-    VALUES (p_principal, p_key, p_method, left(p_path, 500), p_request_hash, p_status, v_body,
-        p_now)
-    ON CONFLICT (principal, key) DO NOTHING
-    RETURNING id INTO v_claim;
-    IF v_claim IS NULL THEN
-        RAISE EXCEPTION 'Idempotency-Key % was claimed by another request', p_key
-            USING ERRCODE = 'unique_violation';
-    END IF;
-    RETURN QUERY SELECT p_outcome, NULL::text, v_body, e.worker_amount, e.fee_amount,
-        e.refund_amount, NULL::text, NULL::int, NULL::text, NULL::text, NULL::text;
-END;
-$$;
 """
 
 
@@ -221,18 +234,54 @@ def _returning_names(function: str, event: tuple[str, str], refusals: int) -> st
     return _edited(function, (*_RETURNED, event)).replace(*_REFUSED)
 
 
-def _api_call(name: str, done: str) -> str:
-    """An API function of revision 0017, passing the written row and names on."""
+# What an API function answers once its operation ran (f: the operation's outcome): done,
+# the response rendered from the row it wrote stored under the key; refused, the key's
+# stored record if it has one, else the refusal. In the function's own body: a call of a
+# set-returning function costs a scan of its result besides the call.
+_ANSWER = """    IF f.outcome <> '{done}' THEN
+        RETURN QUERY
+            SELECT 'stored'::text, NULL::text, NULL::text, NULL::bigint, NULL::bigint,
+                   NULL::bigint, k.request_hash::text, k.response_status, k.response_body,
+                   k.method::text, k.path::text
+            FROM idempotency_keys k WHERE k.principal = p_principal AND k.key = p_key;
+        IF NOT FOUND THEN
+            RETURN QUERY SELECT f.outcome, f.detail, NULL::text, NULL::bigint, NULL::bigint,
+                NULL::bigint, NULL::text, NULL::int, NULL::text, NULL::text, NULL::text;
+        END IF;
+        RETURN;
+    END IF;
+    e := f.escrow_row;
+    v_body := escrowd_escrow_json(e, f.buyer_external_id, f.worker_external_id,
+        p_scales[array_position(p_symbols, e.asset::text)]);
+    INSERT INTO idempotency_keys
+        (principal, key, method, path, request_hash, response_status, response_body, created_at)
+    VALUES (p_principal, p_key, p_method, left(p_path, 500), p_request_hash, p_status, v_body,
+        p_now)
+    ON CONFLICT (principal, key) DO NOTHING
+    RETURNING id INTO v_claim;
+    IF v_claim IS NULL THEN
+        RAISE EXCEPTION 'Idempotency-Key % was claimed by another request', p_key
+            USING ERRCODE = 'unique_violation';
+    END IF;
+    RETURN QUERY SELECT f.outcome, NULL::text, v_body, e.worker_amount, e.fee_amount,
+        e.refund_amount, NULL::text, NULL::int, NULL::text, NULL::text, NULL::text;
+"""
+
+# Where revision 0017's API functions called escrowd_api_answer.
+_ANSWER_CALL = """    RETURN QUERY SELECT * FROM escrowd_api_answer(f.outcome, f.detail, p_job_id, '{done}',
+        p_symbols, p_scales, p_principal, p_key, p_method, p_path, p_request_hash, p_status,
+        p_now);
+"""
+
+
+def _api_function(name: str, done: str) -> str:
+    """An API function of revision 0017 answering in its own body."""
+    declared = "    f record;\n"
     return _edited(
         earlier.function(_0017, name),
         (
-            (
-                f"f.detail, p_job_id, '{done}',\n        p_symbols, p_scales, p_principal, p_key,"
-                " p_method, p_path, p_request_hash, p_status,\n        p_now);\n",
-                f"f.detail, '{done}',\n        f.escrow_row, f.buyer_external_id,"
-                " f.worker_external_id, p_symbols, p_scales, p_principal,\n"
-                "        p_key, p_method, p_path, p_request_hash, p_status, p_now);\n",
-            ),
+            (declared, declared + "    e escrows;\n    v_body text;\n    v_claim bigint;\n"),
+            (_ANSWER_CALL.replace("{done}", done), _ANSWER.replace("{done}", done)),
         ),
     )
 
@@ -241,17 +290,20 @@ def upgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
     fund = _returning_names(earlier.revision(_0019).fund_function(), _FUND_EVENT, 2)
-    settle = _returning_names(earlier.revision(_0016).settle_function(), _SETTLE_EVENT, 3)
+    settle = _edited(
+        _returning_names(earlier.revision(_0016).settle_function(), _SETTLE_EVENT, 3), _INLINED
+    )
     # What they return changes, which CREATE OR REPLACE cannot do.
     op.execute(f"DROP FUNCTION {_FUND}")
     op.execute(f"DROP FUNCTION {_SETTLE}")
-    op.execute(f"DROP FUNCTION {_ANSWER_BEFORE}")
     op.execute(fund)
     op.execute(settle)
     op.execute(FUNCTIONS)
-    op.execute(_api_call("escrowd_api_fund_escrow", "funded"))
-    op.execute(_api_call("escrowd_api_settle_escrow", "settled"))
+    op.execute(_api_function("escrowd_api_fund_escrow", "funded"))
+    op.execute(_api_function("escrowd_api_settle_escrow", "settled"))
+    op.execute(f"DROP FUNCTION {_ANSWER_BEFORE}")
     op.execute("DROP FUNCTION escrowd_escrow_body(escrows, int)")
+    op.execute(f"DROP FUNCTION {_RELEASE_HOLD}")
 
 
 def downgrade() -> None:
@@ -259,9 +311,9 @@ def downgrade() -> None:
         return
     op.execute(f"DROP FUNCTION {_FUND}")
     op.execute(f"DROP FUNCTION {_SETTLE}")
-    op.execute(f"DROP FUNCTION {_ANSWER_NOW}")
     op.execute("DROP FUNCTION escrowd_escrow_json(escrows, text, text, int)")
     op.execute("DROP FUNCTION escrowd_escrow_deposit(escrows)")
+    op.execute(earlier.function(_0016, "escrowd_release_hold", "_RELEASE_HOLD"))
     op.execute(earlier.revision(_0019).fund_function())
     op.execute(earlier.revision(_0016).settle_function())
     for name in (
