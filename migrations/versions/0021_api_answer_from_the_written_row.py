@@ -234,44 +234,39 @@ def _returning_names(function: str, event: tuple[str, str], refusals: int) -> st
     return _edited(function, (*_RETURNED, event)).replace(*_REFUSED)
 
 
-# What an API function answers once its operation ran (f: the operation's outcome): done,
-# the response rendered from the row it wrote stored under the key; refused, the key's
-# stored record if it has one, else the refusal. In the function's own body: a call of a
-# set-returning function costs a scan of its result besides the call.
-_ANSWER = """    IF f.outcome <> '{done}' THEN
-        RETURN QUERY
-            SELECT 'stored'::text, NULL::text, NULL::text, NULL::bigint, NULL::bigint,
-                   NULL::bigint, k.request_hash::text, k.response_status, k.response_body,
-                   k.method::text, k.path::text
-            FROM idempotency_keys k WHERE k.principal = p_principal AND k.key = p_key;
-        IF NOT FOUND THEN
-            RETURN QUERY SELECT f.outcome, f.detail, NULL::text, NULL::bigint, NULL::bigint,
-                NULL::bigint, NULL::text, NULL::int, NULL::text, NULL::text, NULL::text;
-        END IF;
-        RETURN;
-    END IF;
-    e := f.escrow_row;
-    v_body := escrowd_escrow_json(e, f.buyer_external_id, f.worker_external_id,
-        p_scales[array_position(p_symbols, e.asset::text)]);
-    INSERT INTO idempotency_keys
-        (principal, key, method, path, request_hash, response_status, response_body, created_at)
-    VALUES (p_principal, p_key, p_method, left(p_path, 500), p_request_hash, p_status, v_body,
-        p_now)
-    ON CONFLICT (principal, key) DO NOTHING
-    RETURNING id INTO v_claim;
-    IF v_claim IS NULL THEN
-        RAISE EXCEPTION 'Idempotency-Key % was claimed by another request', p_key
-            USING ERRCODE = 'unique_violation';
-    END IF;
-    RETURN QUERY SELECT f.outcome, NULL::text, v_body, e.worker_amount, e.fee_amount,
-        e.refund_amount, NULL::text, NULL::int, NULL::text, NULL::text, NULL::text;
-"""
+# What an API function answers once its operation ran (f: the operation's outcome), as
+# revision 0017's escrowd_api_answer did it, in the API function's own body (a call of a
+# set-returning function costs a scan of its result besides the call), from the row and
+# names the operation returned.
+_ANSWER_EDITS = (
+    ("    IF p_outcome <> p_done THEN\n", "    IF f.outcome <> '{done}' THEN\n"),
+    ("RETURN QUERY SELECT p_outcome, p_detail,", "RETURN QUERY SELECT f.outcome, f.detail,"),
+    (
+        "    -- The row this transaction just wrote.\n"
+        "    SELECT x.* INTO e FROM escrows x WHERE x.job_id = p_job_id;\n"
+        "    v_body := escrowd_escrow_body(e, p_scales[array_position(p_symbols, e.asset::text)]);\n",
+        "    e := f.escrow_row;\n"
+        "    v_body := escrowd_escrow_json(e, f.buyer_external_id, f.worker_external_id,\n"
+        "        p_scales[array_position(p_symbols, e.asset::text)]);\n",
+    ),
+    (
+        "RETURN QUERY SELECT p_outcome, NULL::text, v_body,",
+        "RETURN QUERY SELECT f.outcome, NULL::text, v_body,",
+    ),
+)
 
 # Where revision 0017's API functions called escrowd_api_answer.
 _ANSWER_CALL = """    RETURN QUERY SELECT * FROM escrowd_api_answer(f.outcome, f.detail, p_job_id, '{done}',
         p_symbols, p_scales, p_principal, p_key, p_method, p_path, p_request_hash, p_status,
         p_now);
 """
+
+
+def _answer() -> str:
+    """The statements of revision 0017's escrowd_api_answer, edited as above."""
+    function = earlier.function(_0017, "escrowd_api_answer")
+    body = function[function.index("BEGIN\n") + len("BEGIN\n") : function.index("END;\n$$;")]
+    return _edited(body, _ANSWER_EDITS)
 
 
 def _api_function(name: str, done: str) -> str:
@@ -281,7 +276,7 @@ def _api_function(name: str, done: str) -> str:
         earlier.function(_0017, name),
         (
             (declared, declared + "    e escrows;\n    v_body text;\n    v_claim bigint;\n"),
-            (_ANSWER_CALL.replace("{done}", done), _ANSWER.replace("{done}", done)),
+            (_ANSWER_CALL.replace("{done}", done), _answer().replace("{done}", done)),
         ),
     )
 
