@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import structlog
@@ -68,6 +69,17 @@ class CountingSink:
 
     def confirmed(self, session: Session, deposit: Deposit) -> None:
         raise AssertionError("the counting run does not confirm")
+
+    def final_columns(
+        self, session: Session, deposits: Sequence[tuple[int, int]]
+    ) -> list[dict[str, Any]]:
+        raise AssertionError("the counting run stores nothing final")
+
+    def credited_new(self, session: Session, deposits: Sequence[StoredDeposit]) -> int:
+        # Handed every batch of new deposits, none of them final in a scan.
+        if deposits:
+            raise AssertionError("the counting run stores nothing final")
+        return 0
 
     def confirmed_many(self, session: Session, deposits: Sequence[Finalized]) -> int:
         raise AssertionError("the counting run does not confirm")
