@@ -7,6 +7,7 @@ from datetime import datetime
 from sqlalchemy import (
     CheckConstraint,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     String,
@@ -66,6 +67,8 @@ class DepositAddress(Base):
         CheckConstraint("derivation_index >= 0", name="derivation_index_nonnegative"),
         # The indexers' incremental refresh: new addresses of one chain by id.
         Index("ix_deposit_addresses_chain_id", "chain", "id"),
+        # What a deposit's (address, agent) foreign key refers to (migration 0022).
+        Index("uq_deposit_addresses_id_agent_id", "id", "agent_id", unique=True),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
@@ -108,6 +111,12 @@ class Deposit(Base):
         CheckConstraint(
             "credited_base_units >= 0 AND dust_base_units >= 0", name="credit_amounts_valid"
         ),
+        # The address exists and belongs to the deposit's agent (which exists through the
+        # address's own key): one check per stored deposit where two checked less.
+        ForeignKeyConstraint(
+            ["deposit_address_id", "agent_id"],
+            ["deposit_addresses.id", "deposit_addresses.agent_id"],
+        ),
         Index("ix_deposits_chain_status_block", "chain", "status", "block_number"),
         Index("ix_deposits_agent_id_id", "agent_id", "id"),
         # Deposits of one status by id (GET /v1/deposits?status=, the oldest pending one in
@@ -129,8 +138,9 @@ class Deposit(Base):
     # EVM log index; Solana balance-change index within the transaction.
     log_index: Mapped[int] = mapped_column(Integer)
     asset_id: Mapped[int] = mapped_column(ForeignKey("assets.id"))
-    agent_id: Mapped[int] = mapped_column(ForeignKey("agents.id"))
-    deposit_address_id: Mapped[int] = mapped_column(ForeignKey("deposit_addresses.id"))
+    # The type of the keys they refer to (INTEGER on SQLite); the foreign key is the pair's.
+    agent_id: Mapped[int] = mapped_column(BigIntPK)
+    deposit_address_id: Mapped[int] = mapped_column(BigIntPK)
     from_address: Mapped[str | None] = mapped_column(String(64))
     amount: Mapped[int] = mapped_column(Uint256())
     block_number: Mapped[int]

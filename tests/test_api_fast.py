@@ -148,6 +148,11 @@ def test_balances_answers_match(
 
     # The deposit page, with the parameters the front takes and ones it hands on.
     with pg_sessions() as s, s.begin():
+        bob_address = DepositAddress(
+            agent_id=ids["bob"], chain="evm", address="0x" + "ce" * 20, derivation_index=1
+        )
+        s.add(bob_address)
+        s.flush()
         for n in range(2, 7):
             s.add(
                 Deposit(
@@ -156,7 +161,7 @@ def test_balances_answers_match(
                     log_index=n,
                     asset_id=usdc_id,
                     agent_id=ids["alice" if n < 5 else "bob"],
-                    deposit_address_id=address.id,
+                    deposit_address_id=address.id if n < 5 else bob_address.id,
                     amount=10**30 + n,
                     block_number=7 + n,
                     block_hash="0x" + "02" * 32,
