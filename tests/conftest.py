@@ -112,6 +112,24 @@ def engine(db_url: str) -> Iterator[Engine]:
     eng.dispose()
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """An empty database (no migrations run), once on SQLite and once on PostgreSQL: for
+    tests that migrate to an older revision, add rows, then upgrade."""
+    if request.param == "sqlite":
+        engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+        yield engine
+        engine.dispose()
+        return
+    require_postgres()
+    name = f"escrowd_test_{uuid.uuid4().hex[:12]}"
+    _admin(f'CREATE DATABASE "{name}"')
+    engine = make_engine(f"{PG_URL_BASE}/{name}")
+    yield engine
+    engine.dispose()
+    _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture
 def pg_engine(pg_url: str) -> Iterator[Engine]:
     eng = make_engine(pg_url, pool_size=20)

@@ -5,36 +5,14 @@ from, or stops naming the rows that break the rule."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 from alembic import command
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import IntegrityError
 
 from escrowd.migrations.runner import alembic_config, current_revision, upgrade_to_head
-from escrowd.models.db import make_engine
-from tests.conftest import PG_URL_BASE, _admin, require_postgres
 
 T = "2026-01-01T00:00:00+00:00"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
-        yield engine
-        engine.dispose()
-        return
-    require_postgres()
-    name = f"escrowd_test_{uuid.uuid4().hex[:12]}"
-    _admin(f'CREATE DATABASE "{name}"')
-    engine = make_engine(f"{PG_URL_BASE}/{name}")
-    yield engine
-    engine.dispose()
-    _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _upgrade_to(engine: Engine, revision: str) -> None:
@@ -85,6 +63,18 @@ def _deposit(conn: Connection, deposit_id: int, agent_id: int, address_id: int) 
     )
 
 
+def _escrow_funded_from(conn: Connection, deposit_id: int) -> None:
+    """Escrow 1, agent 1 paying agent 2, funded from the deposit."""
+    conn.execute(
+        text(
+            "INSERT INTO escrows (id, job_id, buyer_agent_id, worker_agent_id, asset, amount, "
+            "fee_bps, status, deposit_id, created_at, updated_at) "
+            "VALUES (1, 'job-1', 1, 2, 'USDC', 5000000, 0, 'funded', :d, :t, :t)"
+        ),
+        {"d": deposit_id, "t": T},
+    )
+
+
 def test_a_deposit_into_another_agents_address_is_refused(engine: Engine) -> None:
     with engine.begin() as conn:
         _two_agents(conn)
@@ -104,14 +94,7 @@ def test_upgrade_keeps_deposits_and_the_escrows_funded_from_them(empty_engine: E
         _two_agents(conn)
         _deposit(conn, 1, 1, 1)
         _deposit(conn, 2, 2, 2)
-        conn.execute(
-            text(
-                "INSERT INTO escrows (id, job_id, buyer_agent_id, worker_agent_id, asset, amount, "
-                "fee_bps, status, deposit_id, created_at, updated_at) "
-                "VALUES (1, 'job-1', 1, 2, 'USDC', 5000000, 0, 'funded', 1, :t, :t)"
-            ),
-            {"t": T},
-        )
+        _escrow_funded_from(conn, 1)
     upgrade_to_head(empty_engine)
     with empty_engine.connect() as conn:
         deposits = conn.execute(
@@ -142,14 +125,7 @@ def test_downgrade_and_upgrade_again_keep_the_rows(empty_engine: Engine) -> None
     with empty_engine.begin() as conn:
         _two_agents(conn)
         _deposit(conn, 1, 1, 1)
-        conn.execute(
-            text(
-                "INSERT INTO escrows (id, job_id, buyer_agent_id, worker_agent_id, asset, amount, "
-                "fee_bps, status, deposit_id, created_at, updated_at) "
-                "VALUES (1, 'job-1', 1, 2, 'USDC', 5000000, 0, 'funded', 1, :t, :t)"
-            ),
-            {"t": T},
-        )
+        _escrow_funded_from(conn, 1)
     config = alembic_config(empty_engine)
     with empty_engine.begin() as connection:
         config.attributes["connection"] = connection

@@ -3,35 +3,12 @@ state its old flags imply; afterwards amounts past BIGINT are stored exactly."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 from alembic import command
 from sqlalchemy import Engine, select, text
 
 from escrowd.migrations.runner import alembic_config, upgrade_to_head
 from escrowd.models import Deposit
-from escrowd.models.db import make_engine, make_session_factory
-from tests.conftest import PG_URL_BASE, _admin, require_postgres
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
-        yield engine
-        engine.dispose()
-        return
-    require_postgres()
-    name = f"escrowd_test_{uuid.uuid4().hex[:12]}"
-    _admin(f'CREATE DATABASE "{name}"')
-    engine = make_engine(f"{PG_URL_BASE}/{name}")
-    yield engine
-    engine.dispose()
-    _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
+from escrowd.models.db import make_session_factory
 
 # (status, credited, reversed) -> (credit_state, credited_base_units) after the upgrade.
 CASES = {
