@@ -25,9 +25,10 @@ no installed escrowd pays (ethereum-etl, pip-installed, starts from bytecode too
 
 Where the time goes, per escrowd run: start-up + exit (process wall outside the command's
 own scan and confirmation timings), the scan (which credits final deposits in-window when
-the escrowd has that), the final confirmation pass, the process's CPU, and the CPU of the
-PostgreSQL backends serving it (sampled from /proc); then the fetch + decode + filter of
-the same windows alone, in the benchmark's process.
+the escrowd has that), the final confirmation pass, the process's CPU, the CPU of the
+PostgreSQL backends serving it (sampled from /proc), of the anvil node, and of the whole
+machine (how much of its cores the run kept busy); then the fetch + decode + filter of the
+same windows alone, in the benchmark's process.
 
 Needs anvil (`npm ci`) and PostgreSQL (ESCROWD_TEST_PG_URL / ESCROWD_TEST_PG_DSN as in the
 tests). Run it as a module: bench/escrow.py would shadow the escrow package as a script.
@@ -174,6 +175,9 @@ class EscrowdRun:
     # CPU of the escrowd process, and of the PostgreSQL backends serving it.
     client_cpu_s: float
     pg_cpu_s: float
+    # CPU of the anvil node, and of the whole machine (every process), over the run.
+    anvil_cpu_s: float
+    machine_busy_s: float
 
     @property
     def outside_s(self) -> float:
@@ -219,6 +223,20 @@ class BackendCpu:
         return sum(self._ticks.values()) / os.sysconf("SC_CLK_TCK")
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU of a process so far (proc(5) stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU time every core of the machine spent outside idle and I/O wait, so far."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 # Run by the escrowd's own interpreter. compile_dir skips symlinked folders (the
 # repository's escrowd/ links its parts), so each part is compiled where it really is;
 # imports through the link find the same __pycache__.
@@ -238,7 +256,13 @@ def byte_compile(escrowd: Path) -> None:
 
 
 def escrowd_backfill(
-    url: str, history: History, template: str, workdir: Path, escrowd: Path = ESCROWD
+    url: str,
+    history: History,
+    template: str,
+    workdir: Path,
+    escrowd: Path = ESCROWD,
+    *,
+    anvil_pid: int,
 ) -> EscrowdRun:
     name = f"bench_{uuid.uuid4().hex[:10]}"
     admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
@@ -267,11 +291,14 @@ def escrowd_backfill(
         command += ["--from", str(history.first), "--to", str(history.last)]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         with BackendCpu(name) as backends:
+            anvil_before, busy_before = process_cpu_s(anvil_pid), machine_busy_s()
             started = time.perf_counter()
             proc = subprocess.run(
                 command, capture_output=True, text=True, timeout=1800, check=False
             )
             wall_s = time.perf_counter() - started
+            anvil_cpu_s = process_cpu_s(anvil_pid) - anvil_before
+            busy_s = machine_busy_s() - busy_before
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         client_cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -282,7 +309,14 @@ def escrowd_backfill(
         assert scanned is not None, proc.stderr[-2000:]
         check_books(config, database_url, history)
         return EscrowdRun(
-            wall_s, float(scanned.group(1)), credit_s, credited, client_cpu_s, backends.seconds
+            wall_s,
+            float(scanned.group(1)),
+            credit_s,
+            credited,
+            client_cpu_s,
+            backends.seconds,
+            anvil_cpu_s,
+            busy_s,
         )
     finally:
         admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -449,7 +483,13 @@ def _escrowd_cell(run: EscrowdRun, n: int) -> str:
 
 
 def run_backfill(
-    url: str, history: History, rounds: int, etl_venv: Path, baseline: Path | None
+    url: str,
+    history: History,
+    rounds: int,
+    etl_venv: Path,
+    baseline: Path | None,
+    *,
+    anvil_pid: int,
 ) -> None:
     """Each round: this escrowd, `baseline` (another checkout's escrowd, e.g. main's),
     ethereum-etl and the raw scan, in an order reversed every other round."""
@@ -470,9 +510,9 @@ def run_backfill(
         # One untimed run of each escrowd first: the first backfill after the chain was built
         # ran slower than the next one whichever escrowd it was (anvil and PostgreSQL
         # caches warming up).
-        escrowd_backfill(url, history, template, workdir)
+        escrowd_backfill(url, history, template, workdir, anvil_pid=anvil_pid)
         if baseline is not None:
-            escrowd_backfill(url, history, template, workdir, baseline)
+            escrowd_backfill(url, history, template, workdir, baseline, anvil_pid=anvil_pid)
         walls: dict[str, list[float]] = {"escrowd": [], "baseline": [], "etl": [], "raw": []}
         splits: list[tuple[str, EscrowdRun]] = []
         for number in range(1, rounds + 1):
@@ -482,14 +522,16 @@ def run_backfill(
             got: dict[str, EscrowdRun | float | str] = {}
             for step in order:
                 if step == "escrowd":
-                    ours = escrowd_backfill(url, history, template, workdir)
+                    ours = escrowd_backfill(url, history, template, workdir, anvil_pid=anvil_pid)
                     splits.append(("escrowd", ours))
                     got[step] = ours
                 elif step == "baseline":
                     if baseline is None:
                         got[step] = "no --baseline"
                         continue
-                    theirs = escrowd_backfill(url, history, template, workdir, baseline)
+                    theirs = escrowd_backfill(
+                        url, history, template, workdir, baseline, anvil_pid=anvil_pid
+                    )
                     splits.append(("baseline", theirs))
                     got[step] = theirs
                 elif step == "etl":
@@ -518,16 +560,20 @@ def run_backfill(
                 f"{base.wall_s / run.wall_s:.2f}x faster" if isinstance(base, EscrowdRun) else "-"
             )
             print(" | ".join(cells) + " |", flush=True)
+        cores = os.cpu_count() or 1
         print(
             "\n| run | process wall | start-up + exit | scan + record (+ credit in-window) | "
-            "final confirmation pass | escrowd CPU | PostgreSQL backends' CPU |\n"
-            "|---|---:|---:|---:|---:|---:|---:|"
+            "final confirmation pass | escrowd CPU | PostgreSQL backends' CPU | anvil CPU | "
+            f"machine busy (of {cores} cores) |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         )
         for label, split in splits:
             print(
                 f"| {label} | {split.wall_s:.2f} s | {split.outside_s:.2f} s | "
                 f"{split.scan_s:.2f} s | {split.credit_s:.2f} s ({split.credited:,} deposits) | "
-                f"{split.client_cpu_s:.2f} s | {split.pg_cpu_s:.2f} s |"
+                f"{split.client_cpu_s:.2f} s | {split.pg_cpu_s:.2f} s | "
+                f"{split.anvil_cpu_s:.2f} s | {split.machine_busy_s:.2f} s, "
+                f"{split.machine_busy_s / (cores * split.wall_s):.0%} |"
             )
         fetch_s = [fetch_decode(url, history) for _ in range(rounds)]
         print(
@@ -578,7 +624,9 @@ def main() -> None:
                 f"chain built: {history.transfers} transfers in blocks "
                 f"[{history.first}, {history.last}] in {time.perf_counter() - started:.1f}s"
             )
-            run_backfill(anvil.url, history, args.rounds, args.etl, args.baseline)
+            run_backfill(
+                anvil.url, history, args.rounds, args.etl, args.baseline, anvil_pid=anvil.pid
+            )
         else:
             token = build_chain(anvil.url, 0, 1).token
             refresh_s, poll_s, rss = poll_cost(anvil.url, token, args.watched)

@@ -95,6 +95,13 @@ class AnvilProcess:
         self._last_stderr = ""
 
     @property
+    def pid(self) -> int:
+        """The anvil process's id (benchmarks read its CPU time)."""
+        if self._proc is None:
+            raise AnvilError("anvil is not running; use AnvilProcess as a context manager")
+        return self._proc.pid
+
+    @property
     def url(self) -> str:
         if self._proc is None:
             raise AnvilError("anvil is not running; use AnvilProcess as a context manager")
