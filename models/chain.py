@@ -112,7 +112,8 @@ class Deposit(Base):
             "credited_base_units >= 0 AND dust_base_units >= 0", name="credit_amounts_valid"
         ),
         # The address exists and belongs to the deposit's agent (which exists through the
-        # address's own key): one check per stored deposit where two checked less.
+        # address's own key): one check per stored deposit, where a key on each column took
+        # two and let the pair disagree.
         ForeignKeyConstraint(
             ["deposit_address_id", "agent_id"],
             ["deposit_addresses.id", "deposit_addresses.agent_id"],

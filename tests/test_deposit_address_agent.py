@@ -10,6 +10,7 @@ from alembic import command
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import IntegrityError
 
+from escrowd.config.errors import Conflict
 from escrowd.migrations.runner import alembic_config, current_revision, upgrade_to_head
 
 T = "2026-01-01T00:00:00+00:00"
@@ -115,7 +116,7 @@ def test_upgrade_stops_at_a_deposit_whose_agent_is_not_its_addresses(
         _two_agents(conn)
         _deposit(conn, 1, 1, 1)
         _deposit(conn, 2, 1, 2)
-    with pytest.raises(RuntimeError, match=r"deposit 2 \(agent 1, address of agent 2\)"):
+    with pytest.raises(Conflict, match=r"deposit 2 \(agent 1, address of agent 2\)"):
         upgrade_to_head(empty_engine)
     assert current_revision(empty_engine) == "0021"
 

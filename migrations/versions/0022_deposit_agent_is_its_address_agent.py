@@ -16,9 +16,9 @@ crediting 25,000 deposits on PostgreSQL, same database with one constraint set t
 other, 4 alternating pairs: process wall 3.25-3.39 s -> 3.10-3.19 s, PostgreSQL CPU
 1.40-1.56 s -> 1.32-1.35 s.
 
-Existing rows are checked first; the upgrade stops naming the deposits whose agent is not
-their address's (none can have been written by escrowd's indexers, which take both from the
-same address row).
+Existing rows are checked first; the upgrade stops (`escrowd migrate` exits 1) naming the
+deposits whose agent is not their address's (none can have been written by escrowd's
+indexers, which take both from the same address row).
 """
 
 from collections.abc import Iterator, Sequence
@@ -26,6 +26,8 @@ from contextlib import contextmanager
 
 import sqlalchemy as sa
 from alembic import op
+
+from escrowd.config.errors import Conflict
 
 revision: str = "0022"
 down_revision: str | None = "0021"
@@ -49,7 +51,7 @@ def upgrade() -> None:
         listed = ", ".join(
             f"deposit {d} (agent {agent}, address of agent {owner})" for d, agent, owner in wrong
         )
-        raise RuntimeError(
+        raise Conflict(
             f"deposits whose agent is not their deposit address's agent: {listed}; correct "
             "them before upgrading"
         )
