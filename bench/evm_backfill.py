@@ -3,9 +3,13 @@ deposits credited, beside ethereum-etl's `export_token_transfers` and a raw `eth
 scan over the same anvil blocks in the same run; and poll cost with 1,000 vs 1,000,000
 watched addresses.
 
-    python -m bench.evm_backfill [--part backfill|poll] [--transfers 50000] [--blocks 250]
+    python -m bench.evm_backfill [--part backfill|credit|poll] [--transfers 50000] [--blocks 250]
                                  [--rounds 3] [--etl /tmp/etl-venv39]
                                  [--baseline /path/to/main/.venv/bin/escrowd]
+
+Credit part: the same history recorded pending (`--no-confirm`, untimed), then the
+confirmation pass the daemon runs, timed as it reports itself, crediting every deposit:
+crediting alone, on a fresh database copy each round.
 
 Backfill part: anvil gets `--transfers` USDC Transfer logs over `--blocks` blocks, half of
 them to 1,000 deposit addresses (1,000 agents, written straight into the database), and 12
@@ -263,7 +267,12 @@ def escrowd_backfill(
     escrowd: Path = ESCROWD,
     *,
     anvil_pid: int,
+    recorded_first: bool = False,
 ) -> EscrowdRun:
+    """One timed `escrowd backfill evm` over the history on a fresh copy of `template`.
+    `recorded_first`: the range is scanned with `--no-confirm` first (untimed), so the timed
+    run scans nothing new and its confirmation pass, the daemon's confirmation step, credits
+    every deposit: crediting alone."""
     name = f"bench_{uuid.uuid4().hex[:10]}"
     admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
     database_url = f"{PG_URL_BASE}/{name}"
@@ -289,6 +298,10 @@ def escrowd_backfill(
     try:
         command = [str(escrowd), "--config", str(config), "backfill", "evm", "--chain", CHAIN]
         command += ["--from", str(history.first), "--to", str(history.last)]
+        if recorded_first:
+            subprocess.run(
+                [*command, "--no-confirm"], capture_output=True, timeout=1800, check=True
+            )
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         with BackendCpu(name) as backends:
             anvil_before, busy_before = process_cpu_s(anvil_pid), machine_busy_s()
@@ -599,9 +612,36 @@ def run_backfill(
         admin(f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
 
 
+def run_credit(url: str, history: History, rounds: int, *, anvil_pid: int) -> None:
+    """Crediting alone: each round records the range pending, then times the confirmation
+    pass that credits every deposit (on a fresh database copy)."""
+    template = make_template()
+    try:
+        seed_addresses(template, history.watched)
+        workdir = Path(f"/tmp/bench-backfill-{uuid.uuid4().hex[:8]}")
+        workdir.mkdir()
+        byte_compile(ESCROWD)
+        print(
+            "| round | deposits credited | confirmation pass | deposits/s | process wall | "
+            "PostgreSQL backends' CPU |\n|---:|---:|---:|---:|---:|---:|"
+        )
+        for number in range(1, rounds + 1):
+            run = escrowd_backfill(
+                url, history, template, workdir, anvil_pid=anvil_pid, recorded_first=True
+            )
+            assert run.credited == history.transfers // 2, run
+            print(
+                f"| {number} | {run.credited:,} | {run.credit_s:.2f} s | "
+                f"{run.credited / run.credit_s:,.0f} | {run.wall_s:.2f} s | {run.pg_cpu_s:.2f} s |",
+                flush=True,
+            )
+    finally:
+        admin(f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["backfill", "poll"], default="backfill")
+    parser.add_argument("--part", choices=["backfill", "credit", "poll"], default="backfill")
     parser.add_argument("--transfers", type=int, default=50_000)
     parser.add_argument("--blocks", type=int, default=250)
     parser.add_argument("--rounds", type=int, default=3)
@@ -617,16 +657,19 @@ def main() -> None:
     )
     args = parser.parse_args()
     with AnvilProcess(extra_args=["--gas-limit", "30000000"]) as anvil:
-        if args.part == "backfill":
+        if args.part in ("backfill", "credit"):
             started = time.perf_counter()
             history = build_chain(anvil.url, args.transfers, args.blocks)
             print(
                 f"chain built: {history.transfers} transfers in blocks "
                 f"[{history.first}, {history.last}] in {time.perf_counter() - started:.1f}s"
             )
-            run_backfill(
-                anvil.url, history, args.rounds, args.etl, args.baseline, anvil_pid=anvil.pid
-            )
+            if args.part == "credit":
+                run_credit(anvil.url, history, args.rounds, anvil_pid=anvil.pid)
+            else:
+                run_backfill(
+                    anvil.url, history, args.rounds, args.etl, args.baseline, anvil_pid=anvil.pid
+                )
         else:
             token = build_chain(anvil.url, 0, 1).token
             refresh_s, poll_s, rss = poll_cost(anvil.url, token, args.watched)
