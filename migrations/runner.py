@@ -22,10 +22,23 @@ def alembic_config(engine: Engine | None = None) -> Config:
 
 
 def upgrade_to_head(engine: Engine) -> None:
+    upgrade_to(engine, "head")
+
+
+def upgrade_to(engine: Engine, revision: str) -> None:
+    """Upgrade `engine`'s database to `revision`, in one transaction on its own connection."""
     config = alembic_config(engine)
     with engine.begin() as connection:
         config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        command.upgrade(config, revision)
+
+
+def downgrade_to(engine: Engine, revision: str) -> None:
+    """Downgrade `engine`'s database to `revision`, in one transaction."""
+    config = alembic_config(engine)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, revision)
 
 
 def head_revision() -> str:

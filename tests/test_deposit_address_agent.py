@@ -6,21 +6,13 @@ from, or stops naming the rows that break the rule."""
 from __future__ import annotations
 
 import pytest
-from alembic import command
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import IntegrityError
 
 from escrowd.config.errors import Conflict
-from escrowd.migrations.runner import alembic_config, current_revision, upgrade_to_head
+from escrowd.migrations.runner import current_revision, downgrade_to, upgrade_to, upgrade_to_head
 
 T = "2026-01-01T00:00:00+00:00"
-
-
-def _upgrade_to(engine: Engine, revision: str) -> None:
-    config = alembic_config(engine)
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, revision)
 
 
 def _two_agents(conn: Connection) -> None:
@@ -90,7 +82,7 @@ def test_a_deposit_into_another_agents_address_is_refused(engine: Engine) -> Non
 
 
 def test_upgrade_keeps_deposits_and_the_escrows_funded_from_them(empty_engine: Engine) -> None:
-    _upgrade_to(empty_engine, "0021")
+    upgrade_to(empty_engine, "0021")
     with empty_engine.begin() as conn:
         _two_agents(conn)
         _deposit(conn, 1, 1, 1)
@@ -111,7 +103,7 @@ def test_upgrade_keeps_deposits_and_the_escrows_funded_from_them(empty_engine: E
 def test_upgrade_stops_at_a_deposit_whose_agent_is_not_its_addresses(
     empty_engine: Engine,
 ) -> None:
-    _upgrade_to(empty_engine, "0021")
+    upgrade_to(empty_engine, "0021")
     with empty_engine.begin() as conn:
         _two_agents(conn)
         _deposit(conn, 1, 1, 1)
@@ -127,10 +119,7 @@ def test_downgrade_and_upgrade_again_keep_the_rows(empty_engine: Engine) -> None
         _two_agents(conn)
         _deposit(conn, 1, 1, 1)
         _escrow_funded_from(conn, 1)
-    config = alembic_config(empty_engine)
-    with empty_engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.downgrade(config, "0021")
+    downgrade_to(empty_engine, "0021")
     assert current_revision(empty_engine) == "0021"
     upgrade_to_head(empty_engine)
     with empty_engine.connect() as conn:

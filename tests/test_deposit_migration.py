@@ -3,10 +3,9 @@ state its old flags imply; afterwards amounts past BIGINT are stored exactly."""
 
 from __future__ import annotations
 
-from alembic import command
 from sqlalchemy import Engine, select, text
 
-from escrowd.migrations.runner import alembic_config, upgrade_to_head
+from escrowd.migrations.runner import upgrade_to, upgrade_to_head
 from escrowd.models import Deposit
 from escrowd.models.db import make_session_factory
 
@@ -23,10 +22,7 @@ CASES = {
 def test_existing_deposits_keep_their_amounts_and_get_their_credit_state(
     empty_engine: Engine,
 ) -> None:
-    config = alembic_config(empty_engine)
-    with empty_engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0005")
+    upgrade_to(empty_engine, "0005")
     with empty_engine.begin() as conn:
         conn.execute(
             text("INSERT INTO agents (id, external_id, created_at) VALUES (1, 'a', :t)"),

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from alembic import command
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from escrowd.escrow.errors import EscrowConflict, InsufficientFunds
 from escrowd.escrow.interface import EscrowService
-from escrowd.migrations.runner import alembic_config, current_revision, head_revision
+from escrowd.migrations.runner import current_revision, downgrade_to, head_revision, upgrade_to
 from escrowd.models.db import make_session_factory
 from tests.escrow_fixtures import (
     PLATFORM,
@@ -140,20 +139,13 @@ def _constraint(sessions: sessionmaker[Session], name: str) -> str:
     return definition
 
 
-def _migrate(engine: Engine, target: str, *, down: bool) -> None:
-    config = alembic_config(engine)
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        (command.downgrade if down else command.upgrade)(config, target)
-
-
 @pytest.mark.postgres
 def test_downgrade_to_0003_and_back(pg_engine: Engine, tmp_path: Path) -> None:
     svc = _service(pg_engine, tmp_path, "buyer", "worker")
     sessions = make_session_factory(pg_engine)
     assert "ANY ('{" in _constraint(sessions, "ck_escrows_status_valid")
 
-    _migrate(pg_engine, "0003", down=True)
+    downgrade_to(pg_engine, "0003")
 
     assert current_revision(pg_engine) == "0003"
     assert "ARRAY[" in _constraint(sessions, "ck_escrows_status_valid")
@@ -161,7 +153,7 @@ def test_downgrade_to_0003_and_back(pg_engine: Engine, tmp_path: Path) -> None:
     svc.fund_escrow(job_id="old", buyer="buyer", worker="worker", asset="USDC", amount=1_000)
     assert svc.release_escrow("old").worker_amount_base_units == 975
 
-    _migrate(pg_engine, "head", down=False)
+    upgrade_to(pg_engine, "head")
 
     assert current_revision(pg_engine) == head_revision()
     assert "ANY ('{" in _constraint(sessions, "ck_escrows_status_valid")

@@ -8,13 +8,12 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from alembic import command
 from sqlalchemy import Connection, Engine, String, cast, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from escrowd.escrow import ledger, service
 from escrowd.escrow.errors import EscrowConflict, InsufficientFunds
-from escrowd.migrations.runner import alembic_config, head_revision, upgrade_to_head
+from escrowd.migrations.runner import downgrade_to, head_revision, upgrade_to_head
 from escrowd.models import Agent, Escrow, LedgerAccount
 from escrowd.models.db import make_session_factory
 from escrowd.models.escrow import OPEN_ESCROW_STATES
@@ -165,10 +164,7 @@ def test_upgrading_a_database_with_open_escrows_fills_their_totals(
                 fee_bps=0,
             )
         service.release_escrow(s, "j0")
-    config = alembic_config(engine)
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.downgrade(config, "0015")
+    downgrade_to(engine, "0015")
     upgrade_to_head(engine)
     with engine.connect() as connection:
         assert connection.scalar(text("SELECT version_num FROM alembic_version")) == (
