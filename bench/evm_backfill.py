@@ -216,21 +216,24 @@ class BackendCpu:
                 ).fetchall()
                 for (pid,) in pids:
                     try:
-                        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                        self._ticks[pid] = cpu_ticks(pid)
                     except OSError:
                         continue
-                    # utime and stime, fields 14 and 15 of proc(5)
-                    self._ticks[pid] = int(fields[11]) + int(fields[12])
 
     @property
     def seconds(self) -> float:
         return sum(self._ticks.values()) / os.sysconf("SC_CLK_TCK")
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU of a process so far (proc(5) stat fields 14 and 15)."""
+def cpu_ticks(pid: int) -> int:
+    """User + system CPU of a process so far, in clock ticks (utime and stime, fields 14
+    and 15 of proc(5))."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) + int(fields[12])
+
+
+def process_cpu_s(pid: int) -> float:
+    return cpu_ticks(pid) / os.sysconf("SC_CLK_TCK")
 
 
 def machine_busy_s() -> float:
