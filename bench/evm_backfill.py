@@ -32,7 +32,10 @@ own scan and confirmation timings), the scan (which credits final deposits in-wi
 the escrowd has that), the final confirmation pass, the process's CPU, the CPU of the
 PostgreSQL backends serving it (sampled from /proc), of the anvil node, and of the whole
 machine (how much of its cores the run kept busy); then the fetch + decode + filter of the
-same windows alone, in the benchmark's process.
+same windows alone, in the benchmark's process. And PostgreSQL's part alone: the rows the
+first (untimed) escrowd run wrote, loaded by COPY into a fresh database copy in one
+transaction on one connection, each round: with the run's start-up, the least wall time any
+client writing those rows on one connection could take.
 
 Needs anvil (`npm ci`) and PostgreSQL (ESCROWD_TEST_PG_URL / ESCROWD_TEST_PG_DSN as in the
 tests). Run it as a module: bench/escrow.py would shadow the escrow package as a script.
@@ -51,6 +54,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import requests
@@ -271,11 +275,12 @@ def escrowd_backfill(
     *,
     anvil_pid: int,
     recorded_first: bool = False,
+    written: dict[str, bytes] | None = None,
 ) -> EscrowdRun:
     """One timed `escrowd backfill evm` over the history on a fresh copy of `template`.
     `recorded_first`: the range is scanned with `--no-confirm` first (untimed), so the timed
     run scans nothing new and its confirmation pass, the daemon's confirmation step, credits
-    every deposit: crediting alone."""
+    every deposit: crediting alone. `written` gets the rows the run wrote (`dump_rows`)."""
     name = f"bench_{uuid.uuid4().hex[:10]}"
     admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
     database_url = f"{PG_URL_BASE}/{name}"
@@ -324,6 +329,8 @@ def escrowd_backfill(
         scanned = re.search(r"new deposits in ([0-9.]+)s", proc.stderr)
         assert scanned is not None, proc.stderr[-2000:]
         check_books(config, database_url, history)
+        if written is not None:
+            written.update(dump_rows(name))
         return EscrowdRun(
             wall_s,
             float(scanned.group(1)),
@@ -336,6 +343,71 @@ def escrowd_backfill(
         )
     finally:
         admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# What a backfill writes, in the order it writes it; the rows these refer to first (the
+# asset and the accounts, registered at start-up: not timed).
+REFERRED = ("assets", "ledger_accounts")
+WRITTEN = ("deposits", "audit_log", "audit_heads", "webhook_events", "ledger_transfers")
+
+
+def _dsn(database: str) -> str:
+    return psycopg.conninfo.make_conninfo(PG_ADMIN_DSN, dbname=database)
+
+
+def dump_rows(database: str) -> dict[str, bytes]:
+    """Every row of the REFERRED and WRITTEN tables of `database`, in COPY's text form."""
+    out: dict[str, bytes] = {}
+    with psycopg.connect(_dsn(database)) as conn:
+        for table in (*REFERRED, *WRITTEN):
+            with conn.cursor() as cursor, cursor.copy(f'COPY "{table}" TO STDOUT') as copy:
+                out[table] = b"".join(bytes(block) for block in copy)
+    return out
+
+
+def database_alone(template: str, written: dict[str, bytes]) -> tuple[float, float]:
+    """PostgreSQL's part alone: the rows one escrowd run wrote, loaded into a fresh copy of
+    `template` by COPY in one transaction on one connection, no client work between the
+    tables. (wall seconds, the backend's CPU seconds): what one connection's writes cost
+    the server however the client builds them."""
+    name = f"bench_{uuid.uuid4().hex[:10]}"
+    admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        with psycopg.connect(_dsn(name)) as conn:
+            with conn.transaction():
+                for table in REFERRED:
+                    with conn.cursor() as cursor, cursor.copy(f'COPY "{table}" FROM STDIN') as copy:
+                        copy.write(written[table])
+            backend = conn.info.backend_pid
+            cpu_before = process_cpu_s(backend)
+            started = time.perf_counter()
+            with conn.transaction():
+                for table in WRITTEN:
+                    with conn.cursor() as cursor, cursor.copy(f'COPY "{table}" FROM STDIN') as copy:
+                        copy.write(written[table])
+            wall_s = time.perf_counter() - started
+            return wall_s, process_cpu_s(backend) - cpu_before
+    finally:
+        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def without_first_sightings(written: dict[str, bytes]) -> dict[str, bytes]:
+    """`written` less the rows that record a deposit as seen before it is credited (its
+    deposit_seen audit row and deposit.pending event): what a run would write if a deposit
+    credited in the window it is found got only its crediting rows."""
+
+    def keep(table: str, line: bytes) -> bool:
+        fields = line.split(b"\t", 2)
+        if table == "audit_log":  # id, stream, ...
+            return not fields[1].startswith(b"deposits-seen:")
+        if table == "webhook_events":  # id, type, ...
+            return fields[1] != b"deposit.pending"
+        return True
+
+    return {
+        table: b"".join(line for line in data.splitlines(keepends=True) if keep(table, line))
+        for table, data in written.items()
+    }
 
 
 def check_books(config: Path, database_url: str, history: History) -> None:
@@ -352,7 +424,7 @@ def check_books(config: Path, database_url: str, history: History) -> None:
     engine = make_engine(database_url)
     try:
         with engine.connect() as conn:
-            balances = dict(
+            balances: dict[str, int] = dict(
                 conn.execute(
                     text(
                         "SELECT a.address, l.credits_posted - l.debits_posted "
@@ -396,7 +468,7 @@ def raw_get_logs(url: str, history: History) -> float:
     with requests.Session() as http:
         for start in range(history.first, history.last + 1, 2_000):
             end = min(history.last, start + 1_999)
-            body = {
+            body: dict[str, Any] = {
                 "jsonrpc": "2.0",
                 "id": 1,
                 "method": "eth_getLogs",
@@ -526,10 +598,14 @@ def run_backfill(
         # One untimed run of each escrowd first: the first backfill after the chain was built
         # ran slower than the next one whichever escrowd it was (anvil and PostgreSQL
         # caches warming up).
-        escrowd_backfill(url, history, template, workdir, anvil_pid=anvil_pid)
+        written: dict[str, bytes] = {}
+        escrowd_backfill(url, history, template, workdir, anvil_pid=anvil_pid, written=written)
         if baseline is not None:
             escrowd_backfill(url, history, template, workdir, baseline, anvil_pid=anvil_pid)
         walls: dict[str, list[float]] = {"escrowd": [], "baseline": [], "etl": [], "raw": []}
+        alone: list[tuple[float, float]] = []
+        crediting_rows_only = without_first_sightings(written)
+        alone_crediting: list[tuple[float, float]] = []
         splits: list[tuple[str, EscrowdRun]] = []
         for number in range(1, rounds + 1):
             order = ["escrowd", "baseline", "etl", "raw"]
@@ -552,6 +628,8 @@ def run_backfill(
                     got[step] = theirs
                 elif step == "etl":
                     got[step] = etl_export(etl_venv, url, history)
+                    alone.append(database_alone(template, written))
+                    alone_crediting.append(database_alone(template, crediting_rows_only))
                 else:
                     got[step] = raw_get_logs(url, history)
             run, base, etl, raw = got["escrowd"], got["baseline"], got["etl"], got["raw"]
@@ -596,6 +674,32 @@ def run_backfill(
             f"\nfetch + decode + filter alone, in one process (escrowd's source and windows): "
             f"{min(fetch_s):.2f}-{max(fetch_s):.2f} s"
         )
+        rows = {table: written[table].count(b"\n") for table in WRITTEN}
+        fewer = {table: crediting_rows_only[table].count(b"\n") for table in WRITTEN}
+        own_runs = [split for label, split in splits if label == "escrowd"]
+        print(
+            "\nPostgreSQL alone, the rows of one run ("
+            + ", ".join(f"{table} {count:,}" for table, count in rows.items())
+            + ") by COPY in one transaction on one connection: "
+            + ", ".join(f"{wall:.2f} s ({cpu:.2f} s CPU)" for wall, cpu in alone)
+            + ". Lower bound on one connection, start-up + that: "
+            + ", ".join(
+                f"{run.outside_s + wall:.2f} s ({(run.outside_s + wall) / run.wall_s:.0%} of "
+                f"the run's {run.wall_s:.2f} s)"
+                for run, (wall, _) in zip(own_runs, alone, strict=True)
+            )
+            + f". Without the first-sighting rows (audit_log {fewer['audit_log']:,}, "
+            + f"webhook_events {fewer['webhook_events']:,}): "
+            + ", ".join(f"{wall:.2f} s ({cpu:.2f} s CPU)" for wall, cpu in alone_crediting)
+        )
+        if len(walls["etl"]) == rounds:
+            # #18's targets as wall time: >= 5x ethereum-etl's rate, >= 30 % of raw's.
+            pairs = zip(walls["etl"], walls["raw"], strict=True)
+            allowed = [min(etl / 5, raw / 0.30) for etl, raw in pairs]
+            print(
+                "Wall time the targets allow per round (the smaller of ethereum-etl / 5 and "
+                "raw / 0.30): " + ", ".join(f"{a:.2f} s" for a in allowed)
+            )
 
         def ratio(a: str, b: str) -> str:
             if not walls[a] or not walls[b]:
