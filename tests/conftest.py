@@ -10,6 +10,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -60,6 +61,19 @@ def _admin(sql: str) -> None:
         conn.execute(sql.encode())
 
 
+@contextmanager
+def scratch_database(template: str | None = None) -> Iterator[str]:
+    """A new PostgreSQL database, a copy of `template` when given: its URL, and the database
+    dropped afterwards."""
+    name = f"escrowd_test_{uuid.uuid4().hex[:12]}"
+    copy_of = f' TEMPLATE "{template}"' if template is not None else ""
+    _admin(f'CREATE DATABASE "{name}"{copy_of}')
+    try:
+        yield f"{PG_URL_BASE}/{name}"
+    finally:
+        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session")
 def pg_template() -> Iterator[str]:
     require_postgres()
@@ -75,10 +89,8 @@ def pg_template() -> Iterator[str]:
 @pytest.fixture
 def pg_url(pg_template: str) -> Iterator[str]:
     """A fresh, migrated PostgreSQL database for this test only; dropped afterwards."""
-    name = f"escrowd_test_{uuid.uuid4().hex[:12]}"
-    _admin(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
-    yield f"{PG_URL_BASE}/{name}"
-    _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(pg_template) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -122,12 +134,10 @@ def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Eng
         engine.dispose()
         return
     require_postgres()
-    name = f"escrowd_test_{uuid.uuid4().hex[:12]}"
-    _admin(f'CREATE DATABASE "{name}"')
-    engine = make_engine(f"{PG_URL_BASE}/{name}")
-    yield engine
-    engine.dispose()
-    _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database() as url:
+        engine = make_engine(url)
+        yield engine
+        engine.dispose()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,7 +36,7 @@ from escrowd.models import (
     PayoutReason,
 )
 from escrowd.models.db import make_engine, make_session_factory
-from tests.conftest import PG_URL_BASE, _admin
+from tests.conftest import _admin, scratch_database
 from tests.escrow_fixtures import ledger_clean, make_key, make_settings, seed_agents
 
 pytestmark = pytest.mark.postgres
@@ -215,12 +214,10 @@ _INSTANT = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)
 @pytest.fixture
 def twin_engine(pg_template: str) -> Iterator[Engine]:
     """A second database made like pg_url's, for the app without the front."""
-    name = f"escrowd_test_{uuid.uuid4().hex[:12]}"
-    _admin(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
-    engine = make_engine(f"{PG_URL_BASE}/{name}")
-    yield engine
-    engine.dispose()
-    _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(pg_template) as url:
+        engine = make_engine(url)
+        yield engine
+        engine.dispose()
 
 
 def _seed_twins(engines: tuple[Engine, Engine]) -> dict[str, str]:

@@ -38,7 +38,7 @@ from escrowd.models import (
 )
 from escrowd.models.db import make_engine, make_session_factory
 from escrowd.models.registry import ensure_asset
-from tests.conftest import PG_URL_BASE, _admin
+from tests.conftest import scratch_database
 
 FROZEN = datetime(2026, 11, 24, 12, 0, 0, 123456, tzinfo=UTC)
 AGENTS = 5
@@ -57,14 +57,8 @@ def twin_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[
         yield urls[0], urls[1]
         return
     template_name: str = request.getfixturevalue("pg_template")
-    names = [f"escrowd_test_{uuid.uuid4().hex[:12]}" for _ in range(2)]
-    for name in names:
-        _admin(f'CREATE DATABASE "{name}" TEMPLATE "{template_name}"')
-    try:
-        yield f"{PG_URL_BASE}/{names[0]}", f"{PG_URL_BASE}/{names[1]}"
-    finally:
-        for name in names:
-            _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(template_name) as one, scratch_database(template_name) as other:
+        yield one, other
 
 
 @pytest.fixture
