@@ -372,19 +372,20 @@ def database_alone(template: str, written: dict[str, bytes]) -> tuple[float, flo
     the server however the client builds them."""
     name = f"bench_{uuid.uuid4().hex[:10]}"
     admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+
+    def load(conn: psycopg.Connection[Any], tables: tuple[str, ...]) -> None:
+        with conn.transaction():
+            for table in tables:
+                with conn.cursor() as cursor, cursor.copy(f'COPY "{table}" FROM STDIN') as copy:
+                    copy.write(written[table])
+
     try:
         with psycopg.connect(_dsn(name)) as conn:
-            with conn.transaction():
-                for table in REFERRED:
-                    with conn.cursor() as cursor, cursor.copy(f'COPY "{table}" FROM STDIN') as copy:
-                        copy.write(written[table])
+            load(conn, REFERRED)
             backend = conn.info.backend_pid
             cpu_before = process_cpu_s(backend)
             started = time.perf_counter()
-            with conn.transaction():
-                for table in WRITTEN:
-                    with conn.cursor() as cursor, cursor.copy(f'COPY "{table}" FROM STDIN') as copy:
-                        copy.write(written[table])
+            load(conn, WRITTEN)
             wall_s = time.perf_counter() - started
             return wall_s, process_cpu_s(backend) - cpu_before
     finally:
